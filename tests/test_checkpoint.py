@@ -1,0 +1,338 @@
+"""Tests for jaxmath.checkpoint: exact round trips, retention, resume, sharding and damaged checkpoints."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxmath.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    TrainState,
+    load_pytree,
+    restore_or_none,
+    save_pytree,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bits(x) -> np.ndarray:
+    """Raw bytes of an array, so bf16 and NaN payloads compare exactly."""
+    return np.ascontiguousarray(np.asarray(x)).view(np.uint8)
+
+
+def assert_trees_bit_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        assert np.asarray(x).shape == np.asarray(y).shape
+        np.testing.assert_array_equal(_bits(x), _bits(y))
+
+
+def _params():
+    key_w, key_b = jax.random.split(jax.random.key(0))
+    return {
+        "embed": jax.random.normal(key_w, (4, 8), jnp.bfloat16),
+        "layers": {"w": jax.random.normal(key_b, (8, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)},
+    }
+
+
+def _train_state(step: int = 7, params=None) -> TrainState:
+    """A state after `step` adamw updates, so mu, nu and count are all non-trivial."""
+    params = _params() if params is None else params
+    optimizer = optax.adamw(1e-2)
+    opt_state = optimizer.init(params)
+    for i in range(2):
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1 * (i + 1)), params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=step,
+        data_cursor={"epoch": 1, "index": 37, "order_seed": 5},
+        rng_key=jax.random.fold_in(jax.random.key(42), step),
+        config={"lr": 0.01, "model": {"name": "tiny", "layers": 2}, "lora": None},
+    )
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        assert manager.save(state.step, state)
+        restored = manager.restore(target=state)
+    assert_trees_bit_equal(restored.params, state.params)
+    assert restored.params["embed"].dtype == jnp.bfloat16
+    # Structure check covers the namedtuple types; the count must survive to keep bias correction.
+    assert_trees_bit_equal(restored.opt_state, state.opt_state)
+    assert type(restored.opt_state[0]) is type(state.opt_state[0])
+    assert int(restored.opt_state[0].count) == 2
+    assert jax.dtypes.issubdtype(restored.rng_key.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng_key), jax.random.key_data(state.rng_key))
+    assert restored.step == 7
+    assert restored.data_cursor == {"epoch": 1, "index": 37, "order_seed": 5}
+    assert restored.config == state.config
+    # The config is also plain JSON on disk for people.
+    assert '"layers": 2' in (tmp_path / "7" / "config" / "config.json").read_text()
+
+
+def test_raw_uint32_key_and_no_target(tmp_path):
+    state = _train_state()
+    raw_key = jax.random.PRNGKey(9)
+    state = TrainState(**{**state.__dict__, "rng_key": raw_key})
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(state.step, state)
+        restored = manager.restore()
+    assert restored.rng_key.dtype == jnp.uint32
+    np.testing.assert_array_equal(restored.rng_key, raw_key)
+    # Without a target: host numpy in plain containers, same bits.
+    assert isinstance(restored.params["embed"], np.ndarray)
+    assert_trees_bit_equal(restored.params, state.params)
+    np.testing.assert_array_equal(restored.opt_state[0]["count"], 2)
+    np.testing.assert_array_equal(_bits(restored.opt_state[0]["mu"]["embed"]), _bits(state.opt_state[0].mu["embed"]))
+
+
+def test_nnx_state_params_round_trip(tmp_path):
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    params = nnx.state(model, nnx.Param)
+    state = _train_state(step=3, params=params)
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(3, state)
+        abstract_params = nnx.state(
+            nnx.eval_shape(lambda: nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(5)), nnx.Linear(4, 2, rngs=nnx.Rngs(6)))),
+            nnx.Param,
+        )
+        target = TrainState(**{**state.__dict__, "params": abstract_params})
+        restored = manager.restore(target=target)
+    assert isinstance(restored.params, nnx.State)
+    assert_trees_bit_equal(nnx.to_pure_dict(restored.params), nnx.to_pure_dict(state.params))
+    assert_trees_bit_equal(restored.opt_state, state.opt_state)
+    # The abstract target itself is left abstract.
+    assert isinstance(jax.tree.leaves(abstract_params)[0], jax.ShapeDtypeStruct)
+    # The restored State plugs back into a model.
+    fresh = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(8)), nnx.Linear(4, 2, rngs=nnx.Rngs(9)))
+    nnx.update(fresh, restored.params)
+    x = jnp.ones((1, 3))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    np.testing.assert_array_equal(fresh(x), nnx.merge(graphdef, state.params, rest)(x))
+
+
+def test_resume_continues_exactly(tmp_path):
+    """N steps, save, restore, N more steps == 2N steps in one go (params, opt state and key)."""
+    optimizer = optax.adamw(3e-2, weight_decay=0.1)
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    y = x @ jnp.arange(4.0)
+
+    @jax.jit
+    def train_step(params, opt_state, key):
+        key, noise_key = jax.random.split(key)
+        noisy_x = x + 0.01 * jax.random.normal(noise_key, x.shape)
+        grads = jax.grad(lambda p: jnp.mean((noisy_x @ p["w"] - y) ** 2))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, key
+
+    def run(state, steps):
+        params, opt_state, key = state.params, state.opt_state, state.rng_key
+        for _ in range(steps):
+            params, opt_state, key = train_step(params, opt_state, key)
+        return TrainState(params, opt_state, state.step + steps, {"index": state.step + steps}, key, {})
+
+    params = {"w": jnp.zeros((4,))}
+    start = TrainState(params, optimizer.init(params), 0, {"index": 0}, jax.random.key(0), {})
+    straight = run(start, 6)
+    with CheckpointManager(tmp_path) as manager:
+        half = run(start, 3)
+        manager.save(half.step, half)
+    resumed = restore_or_none(tmp_path, target=start)
+    assert resumed.step == 3 and resumed.data_cursor == {"index": 3}
+    finished = run(resumed, 3)
+    assert_trees_bit_equal(finished.params, straight.params)
+    assert_trees_bit_equal(finished.opt_state, straight.opt_state)
+    np.testing.assert_array_equal(jax.random.key_data(finished.rng_key), jax.random.key_data(straight.rng_key))
+
+
+def test_keep_last_removes_old_steps(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path, keep_last=2) as manager:
+        for step in (10, 20, 30, 40):
+            assert manager.save(step, TrainState(**{**state.__dict__, "step": step}))
+        assert manager.all_steps() == [30, 40]
+        assert manager.latest_step() == 40
+        # A step that exists is not saved twice.
+        assert not manager.save(40, TrainState(**{**state.__dict__, "step": 40}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["30", "40"]
+    with pytest.raises(ValueError, match="same step"):
+        CheckpointManager(tmp_path).save(50, state)
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+@pytest.mark.parametrize("mode, expected_best", [("max", 20), ("min", 30)])
+def test_keep_best_keeps_best_by_metric(tmp_path, mode, expected_best):
+    state = _train_state()
+    accuracies = {10: 0.5, 20: 0.9, 30: 0.1, 40: float("nan"), 50: 0.6, 60: 0.7}
+    with CheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="eval_accuracy", best_mode=mode) as manager:
+        for step, accuracy in accuracies.items():
+            manager.save(step, TrainState(**{**state.__dict__, "step": step}), metrics={"eval_accuracy": accuracy})
+        assert manager.all_steps() == [expected_best, 60]
+        assert manager.best_step() == expected_best
+        assert manager.metrics(60) == {"eval_accuracy": 0.7}
+    # A new manager on the same directory sees the same ranking (metrics are on disk).
+    manager = CheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="eval_accuracy", best_mode=mode)
+    assert manager.best_step() == expected_best
+    assert manager.restore(expected_best, target=state).step == expected_best
+    manager.close()
+
+
+def test_nan_metric_is_stored_as_null_and_never_best(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path, keep_last=5, best_metric="reward") as manager:
+        manager.save(1, TrainState(**{**state.__dict__, "step": 1}), metrics={"reward": 0.2})
+        manager.save(2, TrainState(**{**state.__dict__, "step": 2}), metrics={"reward": float("inf")})
+        assert manager.metrics(2) == {"reward": None}
+        assert manager.best_step() == 1
+
+
+def test_latest_and_restore_or_none(tmp_path):
+    assert restore_or_none(tmp_path / "missing", target=None) is None
+    assert restore_or_none(tmp_path, target=None) is None
+    state = _train_state()
+    with CheckpointManager(tmp_path, async_save=True) as manager:
+        for step in (1, 2):
+            manager.save(step, TrainState(**{**state.__dict__, "step": step, "data_cursor": {"index": step}}))
+        manager.wait_until_finished()
+        assert manager.restore(target=state).step == 2
+        assert manager.restore(1, target=state).data_cursor == {"index": 1}
+        with pytest.raises(CheckpointError, match="no checkpoint at .*5"):
+            manager.restore(5, target=state)
+    resumed = restore_or_none(tmp_path, target=state)
+    assert resumed.step == 2
+    assert_trees_bit_equal(resumed.params, state.params)
+
+
+def test_interrupted_save_never_becomes_latest(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(7, state)
+    # What a save killed mid-write leaves behind: orbax's tmp directory for a later step.
+    bogus = tmp_path / "8.orbax-checkpoint-tmp-1700000000"
+    (bogus / "params").mkdir(parents=True)
+    (bogus / "params" / "garbage").write_bytes(b"\x00" * 10)
+    manager = CheckpointManager(tmp_path)
+    assert manager.all_steps() == [7]
+    assert manager.latest_step() == 7
+    assert restore_or_none(tmp_path, target=state).step == 7
+    manager.close()
+
+
+def test_partial_checkpoint_error_names_directory(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(5, TrainState(**{**state.__dict__, "step": 5}))
+        manager.save(7, state)
+    step_dir = tmp_path / "7"
+    shutil.rmtree(step_dir / "opt_state")
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        manager.restore(target=state)
+    message = str(info.value)
+    assert str(step_dir) in message and "opt_state" in message
+    assert "Delete" in message and "[5]" in message
+    # The earlier step still restores, as the message says.
+    assert manager.restore(5, target=state).step == 5
+    manager.close()
+
+
+def test_truncated_file_error_names_directory(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(7, state)
+    data_files = [p for p in (tmp_path / "7" / "params").rglob("*") if p.is_file() and p.stat().st_size > 64]
+    assert data_files
+    for path in data_files:
+        path.write_bytes(path.read_bytes()[:16])
+    with CheckpointManager(tmp_path) as manager, pytest.raises(CheckpointError) as info:
+        manager.restore(target=state)
+    assert str(tmp_path / "7") in str(info.value)
+    assert "partial or corrupt" in str(info.value)
+
+
+def test_save_and_load_pytree(tmp_path):
+    params = _params()
+    save_pytree(tmp_path / "params", params)
+    assert_trees_bit_equal(load_pytree(tmp_path / "params", target=params), params)
+    plain = load_pytree(tmp_path / "params")
+    assert isinstance(plain["embed"], np.ndarray)
+    assert_trees_bit_equal(plain, params)
+    abstract = jax.eval_shape(lambda: params)
+    restored = load_pytree(tmp_path / "params", target=abstract)
+    assert isinstance(restored["embed"], jax.Array) and restored["embed"].dtype == jnp.bfloat16
+    with pytest.raises(CheckpointError, match="no pytree checkpoint"):
+        load_pytree(tmp_path / "nope")
+
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import sys, jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jaxmath.checkpoint import CheckpointManager, TrainState
+    assert jax.device_count() == 8, jax.devices()
+    directory = sys.argv[1]
+    save_mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+    w = jax.device_put(jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16), NamedSharding(save_mesh, P("fsdp", None)))
+    e = jax.device_put(jnp.arange(16 * 8, dtype=jnp.bfloat16).reshape(16, 8), NamedSharding(save_mesh, P(None, "fsdp")))
+    params = {"w": w, "e": e}
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(params)
+    state = TrainState(params, opt_state, 4, {"index": 4}, jax.random.key(1), {})
+    with CheckpointManager(directory) as manager:
+        manager.save(4, state)
+    # Restore onto a different layout: a 2x4 mesh, sharded along other axes.
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tp"))
+    shardings = {"w": NamedSharding(mesh, P("tp", "data")), "e": NamedSharding(mesh, P("data", None))}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in params.items()}
+    abstract_opt = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+        opt_state)
+    target = TrainState(abstract, abstract_opt, 0, {}, jax.random.key(0), {})
+    with CheckpointManager(directory) as manager:
+        restored = manager.restore(target=target)
+    for k in params:
+        assert restored.params[k].sharding == shardings[k], (k, restored.params[k].sharding)
+        np.testing.assert_array_equal(np.asarray(restored.params[k]), np.asarray(params[k]))
+    mu = restored.opt_state[0].mu["w"]
+    assert mu.sharding == NamedSharding(mesh, P()), mu.sharding
+    assert restored.step == 4
+    print("SHARDED_OK", len(restored.params["w"].addressable_shards))
+    """
+)
+
+
+def test_restore_keeps_target_sharding_on_8_devices(tmp_path):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / "ckpt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "SHARDED_OK 8" in result.stdout
