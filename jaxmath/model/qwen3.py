@@ -1,0 +1,391 @@
+"""The dense Qwen3 family as Flax NNX modules: forward, prefill and one-token decode.
+
+Read top to bottom: numerics helpers (RMSNorm, RoPE), the projection with optional LoRA, attention,
+MLP, the decoder layer, the model, the KV cache. Details that break ports, all matched against HF
+`Qwen3ForCausalLM` in tests/test_model.py:
+
+- q and k are RMS-normalised per head *before* RoPE;
+- `head_dim` is its own field (Qwen3-4B: 128, not hidden / heads = 80);
+- grouped-query attention (num_kv_heads < num_heads), SwiGLU MLP, no biases;
+- embeddings tied to the LM head for 0.6B-4B, untied for 8B and larger.
+
+Layers are stacked (every layer parameter has a leading `layers` axis) and run under `lax.scan`, so
+compile time does not grow with depth. Compute runs in `config.dtype` (bf16 by default); norms,
+RoPE, softmax and logits accumulate in float32. Model code has no training logic: the logprob
+head lives in `jaxmath.model.head`, the sampler in `jaxmath.rollout`.
+
+Einsum letters: b batch, t time (query), s key slot, d embed, n heads, k kv heads, h head_dim,
+f ffw, v vocab, r LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmath.model.config import Qwen3Config
+from jaxmath.model.sharding import constrain
+
+F32 = jnp.float32
+
+
+class LoRAParam(nnx.Variable):
+    """LoRA adapter weights: their own variable type, so the optimizer, checkpoints and the weight
+    sync select them by type (`nnx.split(model, LoRAParam, ...)`), and the reference policy is the
+    same model with adapters switched off."""
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+
+
+# --- numerics ------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, *, axis_name: str, stack: tuple[int, ...] = (), param_dtype: Any = F32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones(stack + (dim,), param_dtype), axes=("layers",) * len(stack) + (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.value.astype(F32)).astype(x.dtype)
+
+
+def rope_inv_freq(config: Qwen3Config) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [head_dim // 2] and the cos/sin scale, following HF's rope types
+    (default, linear, dynamic at its base length, yarn)."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = config.rope_scaling_dict
+    kind = scaling.get("rope_type", "default")
+    if kind in ("default", "dynamic"):
+        # dynamic NTK only changes frequencies beyond max_position_embeddings; the study stays below.
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "yarn":
+        factor = scaling["factor"]
+        original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        beta_fast = scaling.get("beta_fast") or 32
+        beta_slow = scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        return inv_freq.astype(np.float32), float(attention_factor)
+    raise ValueError(f"rope_type {kind!r} is not supported; use default, linear, dynamic or yarn")
+
+
+def rope_cos_sin(positions: jax.Array, config: Qwen3Config) -> tuple[jax.Array, jax.Array]:
+    """positions [b, t] int -> cos, sin [b, t, head_dim] float32 (halves concatenated, as in HF)."""
+    inv_freq, scale = rope_inv_freq(config)
+    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [b, t, heads, h]; rotate-half convention of HF Qwen3 (not interleaved)."""
+    x32 = x.astype(F32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# --- layers --------------------------------------------------------------------------------------
+
+
+class Dense(nnx.Module):
+    """A bias-free projection `einsum(equation, x, kernel)` with an optional LoRA adapter.
+
+    The kernel's first `num_in` dims contract with the input, the rest are output dims. LoRA adds
+    `(x @ A) @ B * alpha / rank` with A [in..., r] and B [r, out...]; `jaxmath.model.lora` attaches it.
+    """
+
+    def __init__(self, equation: str, shape: tuple[int, ...], axes: tuple[str, ...], num_in: int, *,
+                 rngs: nnx.Rngs, stack: tuple[int, ...], param_dtype: Any):
+        self.equation = equation
+        self.num_in = num_in
+        self.kernel = nnx.Param(_normal(rngs, stack + shape, param_dtype), axes=("layers",) * len(stack) + axes)
+        self.lora_a: LoRAParam | None = None
+        self.lora_b: LoRAParam | None = None
+        self.lora_scale = 0.0
+
+    def lora_equations(self) -> tuple[str, str]:
+        lhs, rest = self.equation.split(",")
+        kernel, out = rest.split("->")
+        k_in, k_out = kernel[: self.num_in], kernel[self.num_in:]
+        prefix = out[: len(out) - len(k_out)]
+        return f"{lhs},{k_in}r->{prefix}r", f"{prefix}r,r{k_out}->{out}"
+
+    def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
+        y = jnp.einsum(self.equation, x, self.kernel.value.astype(x.dtype))
+        if lora and self.lora_a is not None:
+            eq_a, eq_b = self.lora_equations()
+            low = jnp.einsum(eq_a, x, self.lora_a.value.astype(x.dtype))
+            y = y + self.lora_scale * jnp.einsum(eq_b, low, self.lora_b.value.astype(x.dtype))
+        return y
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, stack: tuple[int, ...]):
+        c = config
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        kw = dict(rngs=rngs, stack=stack, param_dtype=c.param_dtype)
+        self.q_proj = Dense("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), 1, **kw)
+        self.k_proj = Dense("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, **kw)
+        self.v_proj = Dense("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, **kw)
+        self.o_proj = Dense("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), 2, **kw)
+        self.q_norm = RMSNorm(h, c.rms_norm_eps, axis_name="head_dim", stack=stack, param_dtype=c.param_dtype)
+        self.k_norm = RMSNorm(h, c.rms_norm_eps, axis_name="head_dim", stack=stack, param_dtype=c.param_dtype)
+        self.scale = h ** -0.5
+        self.implementation = c.attention_impl
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, lora: bool) -> tuple[jax.Array, ...]:
+        q = apply_rope(self.q_norm(self.q_proj(x, lora)), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x, lora)), cos, sin)
+        v = self.v_proj(x, lora)
+        return (constrain(q, ("batch", "seq", "heads", "head_dim")),
+                constrain(k, ("batch", "seq", "kv_heads", "head_dim")),
+                constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, lora: bool) -> jax.Array:
+        """q [b, t, n, h], k/v [b, s, k, h], mask [b, 1, t, s] bool -> [b, t, d]."""
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.implementation)
+        return self.o_proj(out, lora)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, stack: tuple[int, ...]):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(rngs=rngs, stack=stack, param_dtype=config.param_dtype)
+        self.gate_proj = Dense("btd,df->btf", (d, f), ("embed", "ffw"), 1, **kw)
+        self.up_proj = Dense("btd,df->btf", (d, f), ("embed", "ffw"), 1, **kw)
+        self.down_proj = Dense("btf,fd->btd", (f, d), ("ffw", "embed"), 1, **kw)
+
+    def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)
+        return self.down_proj(constrain(hidden, ("batch", "seq", "ffw")), lora)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks with residuals. Built with `stack=(num_layers,)` its
+    parameters carry a leading layers axis; `nnx.merge` of one slice gives a single layer."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        c = config
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, axis_name="embed", stack=stack,
+                                  param_dtype=c.param_dtype)
+        self.attn = Attention(c, rngs=rngs, stack=stack)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, axis_name="embed", stack=stack,
+                                      param_dtype=c.param_dtype)
+        self.mlp = MLP(c, rngs=rngs, stack=stack)
+
+    def __call__(self, h, cos, sin, mask, lora: bool = True):
+        q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
+        h = h + self.attn.attend(q, k, v, mask, lora)
+        return h + self.mlp(self.post_attn_norm(h), lora)
+
+    def decode(self, h, cos, sin, mask, k_cache, v_cache, layer_idx, write_index, lora: bool = True):
+        """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, s, k, h]
+        at slot `write_index` and attends over the whole cache."""
+        q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
+        start = (layer_idx, 0, write_index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+        h = h + self.attn.attend(q, k_cache[layer_idx].astype(q.dtype), v_cache[layer_idx].astype(q.dtype), mask, lora)
+        return h + self.mlp(self.post_attn_norm(h), lora), k_cache, v_cache
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences written slot by slot.
+
+    k, v:    [layers, batch, max_len, kv_heads, head_dim]
+    valid:   [batch, max_len] bool, slots holding a real token (left padding stays False)
+    lengths: [batch] int32, real tokens so far = the next RoPE position of each row
+    index:   [] int32, the next slot to write (shared by all rows)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def nbytes_for(config: Qwen3Config, batch: int, max_len: int, dtype: Any = None) -> int:
+        itemsize = jnp.dtype(dtype or config.dtype).itemsize
+        return 2 * config.num_layers * batch * max_len * config.num_kv_heads * config.head_dim * itemsize
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """[b, t] segment ids -> positions that restart at 0 where the segment id changes."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal attention within each segment; segment 0 is padding. [b, t] -> [b, 1, t, t] bool.
+    A padding query attends to itself only, so its (ignored) output stays finite."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids != 0)[:, None, :]
+    return ((same & real & causal) | jnp.eye(t, dtype=bool))[:, None]
+
+
+class Qwen3(nnx.Module):
+    """A Qwen3 causal LM. `model(input_ids)` returns float32 logits [batch, seq, vocab]."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), c.param_dtype), axes=("vocab", "embed"))
+        self.layers = DecoderLayer(c, rngs=rngs, stack=(c.num_layers,))
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, axis_name="embed", param_dtype=c.param_dtype)
+        self.lm_head = None if c.tie_word_embeddings else nnx.Param(
+            _normal(rngs, (c.vocab_size, c.hidden_size), c.param_dtype), axes=("vocab", "embed"))
+
+    @property
+    def head_weight(self) -> jax.Array:
+        """The LM head [vocab, embed] (the embedding itself when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head).value
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed.value, input_ids, axis=0).astype(self.config.dtype)
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def _scan_layers(self, body, carry, extra_xs=None, remat: bool = False):
+        graphdef, state = nnx.split(self.layers)
+
+        def step(carry, xs):
+            layer_state, extra = xs
+            return body(nnx.merge(graphdef, layer_state), carry, extra), None
+
+        if remat and self.config.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.config.remat == "dots"
+                      else jax.checkpoint_policies.nothing_saveable)
+            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+        carry, _ = jax.lax.scan(step, carry, (state, extra_xs))
+        return carry
+
+    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, lora: bool = True, remat: bool = False) -> jax.Array:
+        """Final-normed hidden states [batch, seq, embed] in the compute dtype.
+
+        segment_ids [b, t] int: tokens attend causally within their own segment; 0 marks padding.
+        Packed documents use 1, 2, 3, ...; a left- or right-padded batch uses its 0/1 attention mask.
+        positions [b, t] int default to restarting at 0 in each segment.
+        """
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        cos, sin = rope_cos_sin(positions, self.config)
+        mask = segment_mask(segment_ids)
+        h = self._scan_layers(lambda layer, h, _: layer(h, cos, sin, mask, lora), self.embed_tokens(input_ids),
+                              remat=remat)
+        return self.final_norm(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training
+        use `jaxmath.model.head.token_logprobs`, which never does for a whole batch."""
+        return jnp.einsum("...d,vd->...v", hidden, self.head_weight.astype(hidden.dtype), preferred_element_type=F32)
+
+    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 lora: bool = True) -> jax.Array:
+        """Logits [batch, seq, vocab] float32. `attention_mask` (HF style, 1 = real token) is the
+        same as `segment_ids` with one segment; pass `positions` to match HF's arange positions."""
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = attention_mask.astype(jnp.int32)
+        return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids, lora=lora))
+
+    # --- KV-cache path: prefill and decode share one function --------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or c.dtype
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
+                       lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    def forward_with_cache(self, tokens: jax.Array, token_valid: jax.Array, cache: KVCache,
+                           lora: bool = True) -> tuple[jax.Array, KVCache]:
+        """Run `tokens` [b, t] through the model, appending them to `cache` at slots index..index+t.
+
+        token_valid [b, t] bool marks real tokens (False = left padding of a prompt). Prefill is a call
+        with the padded prompt; decode is a call with t = 1. Returns final-normed hidden [b, t, d].
+        """
+        b, t = tokens.shape
+        valid_i = token_valid.astype(jnp.int32)
+        positions = jnp.maximum(cache.lengths[:, None] + jnp.cumsum(valid_i, axis=1) - 1, 0)
+        cos, sin = rope_cos_sin(positions, self.config)
+        slots = cache.index + jnp.arange(t, dtype=jnp.int32)
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+        key_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
+        mask = valid[:, None, :] & (key_slot[None, None, :] <= slots[None, :, None])
+        mask = (mask | (key_slot[None, None, :] == slots[None, :, None]))[:, None]  # [b, 1, t, s]
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+
+        def body(layer, carry, layer_idx):
+            h, k_cache, v_cache = carry
+            return layer.decode(h, cos, sin, mask, k_cache, v_cache, layer_idx, cache.index, lora)
+
+        h, k, v = self._scan_layers(body, (self.embed_tokens(tokens), cache.k, cache.v), layer_ids)
+        new_cache = KVCache(k=k, v=v, valid=valid, lengths=cache.lengths + valid_i.sum(axis=1),
+                            index=cache.index + t)
+        return self.final_norm(h), new_cache
+
+
+# --- construction ----------------------------------------------------------------------------------
+
+
+def init_model(config: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Qwen3:
+    """A randomly initialised model, built shapes-first: `nnx.eval_shape` gives the abstract state,
+    then initialisation runs under jit with output shardings, so no device ever holds an unsharded copy."""
+    from jaxmath.model.sharding import make_mesh, state_shardings
+
+    abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+
+    @functools.partial(jax.jit, out_shardings=state_shardings(abstract_state, mesh))
+    def init():
+        return nnx.split(Qwen3(config, rngs=nnx.Rngs(seed)))[1]
+
+    return nnx.merge(graphdef, init())
