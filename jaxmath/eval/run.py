@@ -201,9 +201,11 @@ def score(examples: Sequence[datasets.Example], completions: Sequence[Sequence[s
         return reward.equivalent(a, b, timeout=cfg.timeout)
 
     num_samples = len(completions[0]) if completions else 1
-    labels = [metrics.group_answers(row, equivalent) if num_samples > 1 else [0 if a is not None else None
-                                                                           for a in row]
-              for row in tqdm(extracted, desc="vote", unit="problem", disable=not cfg.progress or num_samples == 1)]
+    if num_samples == 1:  # nothing to vote on: the single answer is the majority
+        labels = [[None if answer is None else 0 for answer in row] for row in extracted]
+    else:
+        labels = [metrics.group_answers(row, equivalent)
+                  for row in tqdm(extracted, desc="vote", unit="problem", disable=not cfg.progress)]
     summary = metrics.summarize(correct, labels, ks or metrics.default_ks(num_samples))
     summary["parse_failures"] = sum(answer is None for row in extracted for answer in row)
     records = []
