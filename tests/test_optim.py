@@ -1,0 +1,158 @@
+"""Schedules, global-norm clipping and the float32 master copy for bf16 parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmath.optim import (
+    Fp32MasterState,
+    OptimizerConfig,
+    clip_by_global_norm,
+    global_norm,
+    lr_at,
+    make_optimizer,
+    make_schedule,
+)
+
+
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        # steps:            0    5    10   60    110  200
+        ("constant", [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("warmup_constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [1.0, 1 - 0.9 * 5 / 110, 1 - 0.9 * 10 / 110, 1 - 0.9 * 60 / 110, 0.1, 0.1]),
+        ("warmup_linear", [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]),
+        # Halfway through the decay the cosine is at the midpoint of peak and end.
+        ("cosine", [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]),
+    ],
+)
+def test_schedule_values(schedule, expected):
+    cfg = OptimizerConfig(2e-5, schedule, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
+    got = [lr_at(cfg, step) for step in (0, 5, 10, 60, 110, 200)]
+    np.testing.assert_allclose(got, [2e-5 * e for e in expected], rtol=1e-5, atol=1e-12)
+
+
+def test_cosine_shape_between_points():
+    cfg = OptimizerConfig(1.0, "cosine", warmup_steps=0, total_steps=100, end_lr_ratio=0.0)
+    schedule = make_schedule(cfg)
+    for step in (0, 25, 75, 100):
+        np.testing.assert_allclose(schedule(step), 0.5 * (1 + np.cos(np.pi * step / 100)), atol=1e-6)
+
+
+def test_study_sft_schedule_linear_to_zero():
+    # Table 2: lr 2e-4 decaying linearly to 0 over 238 steps.
+    cfg = OptimizerConfig(2e-4, "linear", total_steps=238, b2=0.95)
+    assert lr_at(cfg, 0) == pytest.approx(2e-4)
+    assert lr_at(cfg, 119) == pytest.approx(1e-4)
+    assert lr_at(cfg, 238) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule="linear", total_steps=0), "total_steps"),
+        (dict(schedule="cosine", warmup_steps=10, total_steps=10), "total_steps"),
+        (dict(schedule="exponential"), "schedule must be"),
+        (dict(end_lr_ratio=1.5), "end_lr_ratio"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    ],
+)
+def test_config_rejects_nonsense(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(1e-5, **kwargs)
+
+
+def test_global_norm_float32_over_bf16():
+    tree = {"a": jnp.ones((10_000,), jnp.bfloat16), "b": [jnp.full((3,), 2.0, jnp.float32)]}
+    norm = global_norm(tree)
+    assert norm.dtype == jnp.float32
+    np.testing.assert_allclose(norm, np.sqrt(10_000 + 12), rtol=1e-6)
+
+
+def test_clip_by_global_norm_scales_only_above_threshold():
+    clip = clip_by_global_norm(1.0)
+    big = {"a": jnp.array([6.0, 0.0]), "b": jnp.array([[8.0]], jnp.bfloat16)}
+    out, _ = clip.update(big, clip.init(big))
+    np.testing.assert_allclose(out["a"], [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(out["b"].astype(jnp.float32), [[0.8]], rtol=1e-2)
+    assert out["b"].dtype == jnp.bfloat16
+    small = {"a": jnp.array([0.3, 0.4])}
+    out, _ = clip.update(small, clip.init(small))
+    np.testing.assert_array_equal(out["a"], small["a"])
+
+
+def test_optimizer_clips_before_adam():
+    # With eps far above |g|, Adam's first update is -lr * g / eps: linear in g, so the clipping
+    # in front of it is visible (with a small eps Adam would normalize it away).
+    params = {"w": jnp.zeros(2)}
+    grads = {"w": jnp.array([3.0, 4.0])}  # norm 5
+    updates = {}
+    for max_grad_norm in (1.0, 0.0):
+        opt = make_optimizer(OptimizerConfig(1.0, eps=1e3, max_grad_norm=max_grad_norm))
+        updates[max_grad_norm], _ = opt.update(grads, opt.init(params), params)
+    np.testing.assert_allclose(updates[0.0]["w"], -np.array([3.0, 4.0]) / (1e3 + 5 * np.array([0.6, 0.8])), rtol=1e-5)
+    np.testing.assert_allclose(updates[1.0]["w"], -np.array([0.6, 0.8]) / (1e3 + np.array([0.6, 0.8])), rtol=1e-5)
+
+
+def test_optimizer_follows_schedule():
+    # Adam's first update has magnitude ~lr per coordinate; with warmup the first one is zero.
+    cfg = OptimizerConfig(1e-2, "warmup_constant", warmup_steps=2, total_steps=10)
+    opt = make_optimizer(cfg)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    moves = []
+    for _ in range(3):
+        updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+        params = optax.apply_updates(params, updates)
+        moves.append(float(-updates["w"][0]))
+    np.testing.assert_allclose(moves, [lr_at(cfg, s) for s in range(3)], rtol=1e-4)
+    assert moves[0] == 0.0 and moves[1] == pytest.approx(5e-3, rel=1e-4)
+
+
+def _train(cfg, params, steps):
+    """Minimizes sum((p - target)^2) where the target is far away, so the gradient keeps its sign
+    and every Adam step moves each weight by about lr."""
+    opt = make_optimizer(cfg)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: jnp.sum((p.astype(jnp.float32) - 100.0) ** 2))(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+def test_master_fp32_moves_bf16_params_that_plain_bf16_cannot():
+    # bf16 spacing is 2^-7 = 0.0078 on [1, 2) and 0.25 on [32, 64): lr = 1e-3 per step is below
+    # half a spacing, so a bf16 parameter updated in place never changes.
+    start = jnp.array([1.0, 1.5, 40.0], jnp.bfloat16)
+    steps = 64
+    base = dict(learning_rate=1e-3, max_grad_norm=0.0)
+    plain, _ = _train(OptimizerConfig(**base), start, steps)
+    np.testing.assert_array_equal(plain, start)
+
+    master, state = _train(OptimizerConfig(**base, master_fp32=True), start, steps)
+    reference, _ = _train(OptimizerConfig(**base), start.astype(jnp.float32), steps)
+    assert master.dtype == jnp.bfloat16
+    assert isinstance(state, Fp32MasterState) and state.master.dtype == jnp.float32
+    # The master follows the float32 run (not exactly: gradients are taken at the bf16 weights, so
+    # Adam sees slightly different values); the bf16 params are that master rounded to bf16.
+    np.testing.assert_allclose(state.master, reference, rtol=1e-4)
+    np.testing.assert_array_equal(master, state.master.astype(jnp.bfloat16))
+    # Moved by ~0.064: past one spacing for the first two weights, not yet for the third.
+    assert float(master[0]) > 1.0 and float(master[1]) > 1.5
+    assert float(master[2]) == 40.0
+    np.testing.assert_allclose(master.astype(jnp.float32), reference, atol=0.125)
+
+
+def test_master_fp32_optimizer_state_is_float32():
+    params = {"w": jnp.ones((4, 4), jnp.bfloat16), "b": jnp.zeros((4,), jnp.bfloat16)}
+    state = make_optimizer(OptimizerConfig(1e-4, master_fp32=True)).init(params)
+    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(state))
