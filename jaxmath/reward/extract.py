@@ -164,6 +164,7 @@ _NUM = r"(?:(?<=^)|(?<=[\s=:$€£(]))(?P<n>-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:[.,]\
 _ENV_OR_NUM = f"(?:{_ENV}|{_NUM})"
 _MATH_ENVIRONMENT = re.compile(_ENV, re.DOTALL)
 _ANCHORED_NUMBER = re.compile(_NUM)
+_JOINER = re.compile(r"\s*(?:,?\s*and|,?\s*or|,)\s*")
 _MARKERS = [
     re.compile(rf"(?i:final answer is):?\s*{_ENV_OR_NUM}\.?\s?I hope", re.DOTALL),
     re.compile(rf"(?i:final answer.{{0,100}}?)\s+is:?\s*{_ENV_OR_NUM}", re.DOTALL),
@@ -195,6 +196,11 @@ def answer_candidates(text: str) -> list[str]:
     """
     boxed = extract_boxed_group(text)
     if boxed is not None:
+        # "The final answer is X. I hope it is correct." after the last box overrides it (a model
+        # that boxed an intermediate result and then stated its answer).
+        finals = list(_MARKERS[0].finditer(text))
+        if finals and finals[-1].start() > _box_spans(text)[-1][1]:
+            return [_found(finals[-1])]
         return [boxed]
     for marker in _MARKERS:
         matches = list(marker.finditer(text))
@@ -203,14 +209,24 @@ def answer_candidates(text: str) -> list[str]:
     stripped = text.strip()
     if _MATH_ENVIRONMENT.fullmatch(stripped):
         return [_found(_MATH_ENVIRONMENT.fullmatch(stripped))]
-    candidates = []
-    if len(stripped) <= 80:
-        candidates.append(stripped)
-    else:
-        environments = list(_MATH_ENVIRONMENT.finditer(text))
-        if environments:
-            candidates.append(_found(environments[-1]))
-    number = last_number(text)
-    if number is not None and number not in candidates:
-        candidates.append(number)
+    # Otherwise the rightmost math environment (with any joined to it) or number, as math-verify.
+    found = []  # (end position, answer)
+    environments = list(_MATH_ENVIRONMENT.finditer(text))
+    if environments:
+        # `$1$, $2$ and $3$` is one answer: environments joined by commas, "and" or "or".
+        group = [environments[-1]]
+        for previous in reversed(environments[:-1]):
+            if not _JOINER.fullmatch(text[previous.end():group[-1].start()]):
+                break
+            group.append(previous)
+        found.append((environments[-1].end(), ", ".join(_found(match) for match in reversed(group))))
+    numbers = list(_ANCHORED_NUMBER.finditer(text))
+    # A short text with math delimiters but no well-formed environment (`$ \n 9 \n $`) is malformed;
+    # digits in it are not taken as the answer.
+    delimited = text.count("$") >= 2 or "\\(" in text or "\\[" in text
+    if numbers and not (len(stripped) <= 80 and delimited and not environments):
+        found.append((numbers[-1].end(), _found(numbers[-1])))
+    candidates = [answer for _, answer in sorted(found, key=lambda item: -item[0])]
+    if not environments and len(stripped) <= 80:
+        candidates.insert(0, stripped)
     return candidates or [stripped]

@@ -36,17 +36,21 @@ MAX_ANSWER_CHARS = 2_000
 _TIMEOUT_MARGIN_S = 0.0
 
 
-def _prepare(answer: str):
-    """Tree for one candidate answer, or None when it is too large to grade."""
+def _prepare(answer: str, keep_names: bool = False, plain: bool = False):
+    """Tree for one candidate answer, or None when it is too large to grade.
+
+    `plain`: the text it came from has no LaTeX, so `1,22` may be a decimal comma.
+    """
     if len(answer) > MAX_ANSWER_CHARS:
         return None
-    plain = not re.search(r"[\\${}]", answer)
-    text = clean(answer)
-    if plain and re.fullmatch(r"-?\d+,\d+", text):
-        head, tail = text.split(",")
-        if len(tail) != 3 or head.lstrip("-") == "0" or len(head.lstrip("-")) > 3:
-            text = head + "." + tail
-    return parse(text)
+    stripped = answer.strip()
+    if plain and re.fullmatch(r"-?\d+,\d+", stripped):
+        # Plain text `1,22`, `0,111`, `1000,99`: a decimal comma unless it groups thousands.
+        head, tail = stripped.split(",")
+        head_digits = head.lstrip("-")
+        if head_digits == "0" or len(tail) == 2 or (len(head_digits) > 3 and len(tail) != 3):
+            stripped = head + "." + tail
+    return parse(clean(stripped), keep_names=keep_names)
 
 
 def _word(text: str) -> str | None:
@@ -72,6 +76,9 @@ def fast_leaf_equal(pred: str, gold: str) -> bool | None:
     """Cheap comparison of two leaf strings: True, False, or None when sympy must decide."""
     if pred == gold:
         return True
+    if ":" in pred and ":" in gold:
+        # Ratios and clock times (`12:00`) compare as written.
+        return pred.replace(" ", "") == gold.replace(" ", "")
     a, b = parse_number(pred), parse_number(gold)
     if a is not None and b is not None:
         return numbers_equal(a, b)
@@ -82,6 +89,9 @@ def fast_leaf_equal(pred: str, gold: str) -> bool | None:
         # Single letters: answer choices (`(C)` vs `C`); `e` the constant equals `e`.
         return word_a == word_b
     if (a is not None and word_b is not None) or (b is not None and word_a is not None):
+        return False
+    # A number against a bare token of letters and digits (`AZYUK2A`, `2x`): never equal.
+    if (a is not None and re.fullmatch(r"[a-zA-Z0-9.]+", gold)) or (b is not None and re.fullmatch(r"[a-zA-Z0-9.]+", pred)):
         return False
     return None
 
@@ -112,11 +122,19 @@ def _compare_both_ways(pred, gold, leaf_equal, relation_equal, symmetric: bool):
     return verdict
 
 
+def _is_plain(text: str) -> bool:
+    return "\\" not in text and text.count("$") < 2
+
+
 def _pairs(pred_text: str, gold_text: str):
     if len(pred_text) > MAX_TEXT_CHARS or len(gold_text) > MAX_TEXT_CHARS:
         return []
-    golds = [tree for tree in map(_prepare, answer_candidates(gold_text)[:1]) if tree is not None]
-    preds = [tree for tree in map(_prepare, answer_candidates(pred_text)) if tree is not None]
+    golds = [_prepare(candidate, plain=_is_plain(gold_text)) for candidate in answer_candidates(gold_text)[:1]]
+    golds = [tree for tree in golds if tree is not None]
+    # An equation gold (`2x+4y-3=0`) is compared with the pred's equation, `y = ...` included.
+    keep_names = any(isinstance(gold, Relation) for gold in golds)
+    preds = [_prepare(candidate, keep_names, _is_plain(pred_text)) for candidate in answer_candidates(pred_text)]
+    preds = [tree for tree in preds if tree is not None]
     return [(p, g) for p in preds for g in golds]
 
 

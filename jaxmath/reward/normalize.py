@@ -14,7 +14,7 @@ from fractions import Fraction
 
 _DELIMITERS = re.compile(r"^(?:\$\$|\$|\\\[|\\\()\s*|\s*(?:\$\$|\$|\\\]|\\\))$")
 _SIZE_COMMANDS = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![a-zA-Z])\s*\.?")
-_SPACING = re.compile(r"\\(?:[,;:! ]|quad|qquad|displaystyle|textstyle|scriptstyle|limits|nolimits)(?![a-zA-Z])|~")
+_SPACING = re.compile(r"(?<!\\)\\(?:[,;:! ]|quad|qquad|displaystyle|textstyle|scriptstyle|limits|nolimits)(?![a-zA-Z])|~")
 _FRAC_VARIANTS = re.compile(r"\\[dtc]frac(?![a-zA-Z])")
 _TEXT_COMMANDS = re.compile(r"\\(?:text(?:normal|bf|it|rm|sf|tt)?|mbox|mathrm|mathbf|mathit|mathsf|mathtt|operatorname|textup|hbox)\s*\{([^{}]*)\}")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}|°|\\degree(?![a-zA-Z])|\\circ(?![a-zA-Z])")
@@ -62,6 +62,11 @@ def clean(answer: str) -> str:
     """
     text = strip_delimiters(answer)
     text = text.replace("\n", " ").replace("\t", " ")
+    # `12,\! 345` groups thousands; handled before `\!` becomes a space.
+    text = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!)\s*(?=\d{3})", "", text)
+    if "matrix" not in text and "array" not in text:
+        # Solutions stored with doubled backslashes: `\\frac` -> `\frac`.
+        text = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", text)
     text = _SIZE_COMMANDS.sub("", text)
     text = _SPACING.sub(" ", text)
     text = _FRAC_VARIANTS.sub(r"\\frac", text)
@@ -94,13 +99,14 @@ def clean(answer: str) -> str:
         text = stripped
     text = text.strip().rstrip(".").strip()
     text = _GROUPED_SPACE.sub("", text)
+    # 7,425,000 is one number, not a list (latex2sympy's and math-verify's reading too); `32, 349`
+    # with a space is a list.
+    if _THOUSANDS.match(text.lstrip("-")):
+        text = text.replace(",", "")
     # Spaces matter only between words (`\text{The midpoints form ...}`).
     text = re.sub(r"(?<![a-zA-Z])\s+|\s+(?![a-zA-Z])", "", text)
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r",(?:\s*,)+", ",", text).strip(", ")
-    # 7,425,000 is one number, not a list (latex2sympy's and math-verify's reading too).
-    if _THOUSANDS.match(text.lstrip("-")):
-        text = text.replace(",", "")
     return text
 
 

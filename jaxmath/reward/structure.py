@@ -89,7 +89,7 @@ def _expand_pm(text: str) -> list[str] | None:
     return [plus.lstrip("+"), minus]
 
 
-def parse(text: str, depth: int = 0) -> Node:
+def parse(text: str, depth: int = 0, keep_names: bool = False) -> Node:
     """Tree for a cleaned answer string. Inputs are bounded by the caller (size, nesting)."""
     text = text.strip()
     if depth > MAX_DEPTH:
@@ -105,7 +105,7 @@ def parse(text: str, depth: int = 0) -> Node:
         return Matrix(cells)
     parts = split_top_level(text, ",;")
     if len(parts) > 1 and brackets_balanced(text):
-        items = tuple(parse(part, depth + 1) for part in parts[:MAX_ITEMS] if part)
+        items = tuple(parse(part, depth + 1, keep_names) for part in parts[:MAX_ITEMS] if part)
         return _flatten_bare(items)
     if "\\cup" in text:
         pieces = text.split("\\cup")
@@ -117,7 +117,8 @@ def parse(text: str, depth: int = 0) -> Node:
         if len(inner) == 1:
             if brackets == "{}":
                 return Items((parse(inner[0], depth + 1),), False, "{}")
-            if brackets == "()":
+            if brackets == "()" or (brackets == "[]" and inner[0].startswith("\\begin")):
+                # `(x)` is x; `\left[\begin{array}...\right]` is the matrix inside.
                 return parse(inner[0], depth + 1)
         elif brackets == "{}":
             return Items(tuple(parse(item, depth + 1) for item in inner[:MAX_ITEMS]), False, "{}")
@@ -139,7 +140,10 @@ def parse(text: str, depth: int = 0) -> Node:
         expressions = tuple(piece.strip() for piece in pieces[0::2])
         ops = tuple(pieces[1::2])
         if all(op == "=" for op in ops):
-            if len(expressions) > 2 or is_name(expressions[0]):
+            # `x = 5+5 = 10` and `\frac12 = 0.5` keep the last part; `x = 3` its value.
+            left = expressions[0]
+            numeric_left = not re.search(r"[a-zA-Z]", left.replace("\\frac", "")) and re.search(r"[-+*/^]|\\frac", left.lstrip("-"))
+            if len(expressions) > 2 or numeric_left or (is_name(expressions[0]) and not keep_names):
                 return parse(expressions[-1], depth + 1)
         if all(expressions):
             return Relation(expressions, ops)
@@ -147,13 +151,12 @@ def parse(text: str, depth: int = 0) -> Node:
 
 
 def _flatten_bare(items: tuple) -> Items:
-    # "1, 2 and 3" with one part itself a bare list: one flat unordered list.
+    # "1, 2 and 3" with one part itself a bare list: one flat unordered list, repeats counted once.
     flat = []
     for item in items:
-        if isinstance(item, Items) and item.brackets == "":
-            flat.extend(item.items)
-        else:
-            flat.append(item)
+        for element in (item.items if isinstance(item, Items) and item.brackets == "" else (item,)):
+            if element not in flat:
+                flat.append(element)
     return Items(tuple(flat), False, "")
 
 

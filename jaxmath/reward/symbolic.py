@@ -13,10 +13,13 @@ are capped before parsing: length, brace nesting, digit runs, numeric exponents 
 
 from __future__ import annotations
 
+import random
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 import sympy
+from sympy.core.function import AppliedUndef
 from latex2sympy2_extended import latex2sympy2 as _l2s
 from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 from latex2sympy2_extended.math_normalization import NormalizationConfig
@@ -45,6 +48,7 @@ _NORMALIZATION = NormalizationConfig(basic_latex=True, units=True, malformed_ope
 _CONVERSION = ConversionConfig(interpret_as_mixed_fractions=True, interpret_simple_eq_as_assignment=False)
 
 
+@lru_cache(maxsize=4096)
 def to_sympy(latex: str):
     """sympy object for a LaTeX expression, or None when it does not parse or exceeds the caps."""
     if not within_caps(latex):
@@ -80,9 +84,40 @@ def numbers_close(a: complex, b: complex, decimals: int | None) -> bool:
     return False
 
 
+def _probe(expr, points: int = 3) -> bool | None:
+    """Evaluates `expr` at random points: False when clearly nonzero somewhere, True when ~0 at all,
+    None when it cannot be evaluated. Cheap next to `simplify`, and settles most unequal pairs."""
+    symbols = sorted(expr.free_symbols, key=str)
+    rng = random.Random(0)
+    evaluated = 0
+    for _ in range(points):
+        values = {symbol: sympy.Rational(rng.randint(11, 97), rng.randint(7, 13)) for symbol in symbols}
+        try:
+            value = complex(expr.xreplace(values).evalf(20))
+        except Exception:
+            continue
+        if value != value:  # NaN
+            continue
+        evaluated += 1
+        if abs(value) > 1e-8:
+            return False
+    return True if evaluated == points else None
+
+
 def _is_zero(expr) -> bool:
     try:
         if expr == 0:
+            return True
+        probe = _probe(expr)
+        if probe is False:
+            return False
+        if sympy.expand(expr) == 0 or sympy.cancel(sympy.together(expr)) == 0:
+            return True
+        if expr.atoms(AppliedUndef):
+            # f(x) - f(y): unknown functions have no values to probe and nothing to simplify.
+            return False
+        if probe is True and not expr.atoms(sympy.Function, sympy.Sum, sympy.Integral, sympy.Derivative):
+            # Rational expressions (polynomials, roots of rationals) agreeing at three random points.
             return True
         simplified = sympy.simplify(expr)
         if simplified == 0:
@@ -163,6 +198,18 @@ def relations_equal(pred: Relation, gold: Relation) -> bool:
     try:
         if _is_zero(d_gold):
             return _is_zero(d_pred)
+        # The ratio must be one constant: values at random points that differ settle it cheaply.
+        symbols = sorted(d_pred.free_symbols | d_gold.free_symbols, key=str)
+        rng = random.Random(1)
+        samples = []
+        for _ in range(3):
+            values = {symbol: sympy.Rational(rng.randint(11, 97), rng.randint(7, 13)) for symbol in symbols}
+            try:
+                samples.append(complex((d_pred / d_gold).xreplace(values).evalf(20)))
+            except Exception:
+                break
+        if len(samples) == 3 and max(abs(a - samples[0]) for a in samples) > 1e-8 * max(1.0, abs(samples[0])):
+            return False
         ratio = sympy.simplify(d_pred / d_gold)
         if not ratio.is_number or ratio == 0:
             return False
