@@ -72,6 +72,16 @@ def _to_savable(tree: Any) -> Any:
     return tree
 
 
+# Orbax refuses a pytree without leaves ("Found empty item"), which is what a stateless optimizer
+# (optax.sgd without momentum, set_to_zero) gives; a placeholder leaf keeps every item directory
+# present, so the completeness check stays uniform.
+_EMPTY_PLACEHOLDER = {"__empty_pytree__": np.zeros((), np.int8)}
+
+
+def _is_empty(tree: Any) -> bool:
+    return not jax.tree.leaves(tree)
+
+
 def _from_savable(restored: Any, target: Any) -> Any:
     """Puts restored pure arrays back into the container type of `target`."""
     if isinstance(target, nnx.State):
@@ -206,11 +216,16 @@ class CheckpointManager:
             "data_cursor": state.data_cursor,
             "rng_impl": str(jax.random.key_impl(key)) if _is_typed_key(key) else None,
             "params_container": "nnx.State" if isinstance(state.params, nnx.State) else "pytree",
+            "empty_items": [name for name in ("params", "opt_state") if _is_empty(getattr(state, name))],
+        }
+        trees = {
+            name: _EMPTY_PLACEHOLDER if name in meta["empty_items"] else _to_savable(getattr(state, name))
+            for name in ("params", "opt_state")
         }
         key_data = jax.random.key_data(key) if _is_typed_key(key) else key
         args = ocp.args.Composite(
-            params=ocp.args.PyTreeSave(_to_savable(state.params)),
-            opt_state=ocp.args.PyTreeSave(_to_savable(state.opt_state)),
+            params=ocp.args.PyTreeSave(trees["params"]),
+            opt_state=ocp.args.PyTreeSave(trees["opt_state"]),
             rng=ocp.args.PyTreeSave({"key_data": key_data}),
             meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(state.config),
@@ -238,8 +253,11 @@ class CheckpointManager:
     # -- listing ----------------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        """Completed steps on disk, ascending."""
-        self._manager.reload()
+        """Saved steps, ascending (with async_save, including one still being written).
+
+        Orbax's cached list, not a fresh directory scan: re-reading the directory during an async
+        save would drop the in-flight step from orbax's bookkeeping.
+        """
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
@@ -251,16 +269,12 @@ class CheckpointManager:
         """The step with the best `metrics[best_metric]`; the latest step if no metric is tracked."""
         if self.best_metric is None:
             return self.latest_step()
-        self._manager.reload()
         return self._manager.best_step()
 
     def metrics(self, step: int) -> dict | None:
-        """The metrics saved with `step`, or None."""
-        self._manager.reload()
-        for info in self._manager._checkpoints:  # noqa: SLF001 (orbax exposes no public getter)
-            if info.step == step:
-                return dict(info.metrics) if info.metrics is not None else None
-        return None
+        """The metrics saved with `step` (NaN/inf as None), or None if none were given."""
+        metrics = self._manager.metadata(step).metrics
+        return dict(metrics) if metrics else None
 
     # -- restoring --------------------------------------------------------------------------------
 
@@ -301,6 +315,8 @@ class CheckpointManager:
         With target=None, arrays come back as host numpy arrays in nested dicts/lists (optax
           namedtuples become dicts), the typed key as a jax key; useful for inspection.
         """
+        # An async save of the step we are about to read may still be in flight.
+        self._manager.wait_until_finished()
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -315,12 +331,15 @@ class CheckpointManager:
                 f"checkpoint {path} has format_version {meta.get('format_version')}, this jaxmath "
                 f"reads {FORMAT_VERSION}; restore it with the jaxmath version that wrote it"
             )
+        empty_items = set(meta.get("empty_items", []))
         if target is not None:
             array_args = {
-                "params": self._pytree_restore(_to_savable(target.params)),
-                "opt_state": self._pytree_restore(_to_savable(target.opt_state)),
-                "rng": self._pytree_restore({"key_data": _key_data_target(target.rng_key)}),
+                name: self._pytree_restore(
+                    _EMPTY_PLACEHOLDER if name in empty_items else _to_savable(getattr(target, name))
+                )
+                for name in ("params", "opt_state")
             }
+            array_args["rng"] = self._pytree_restore({"key_data": _key_data_target(target.rng_key)})
         else:
             item_meta = self._manager.item_metadata(step)
             array_args = {
@@ -342,10 +361,16 @@ class CheckpointManager:
             key = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"])
         else:
             key = key_data
-        params, opt_state = restored.params, restored.opt_state
-        if target is not None:
-            params = _from_savable(params, target.params)
-            opt_state = _from_savable(opt_state, target.opt_state)
+        trees = {}
+        for name in ("params", "opt_state"):
+            if name in empty_items:
+                # Nothing was stored: the target's (leafless) tree is the value; without one, None.
+                trees[name] = getattr(target, name) if target is not None else None
+            elif target is not None:
+                trees[name] = _from_savable(getattr(restored, name), getattr(target, name))
+            else:
+                trees[name] = getattr(restored, name)
+        params, opt_state = trees["params"], trees["opt_state"]
         return TrainState(
             params=params,
             opt_state=opt_state,

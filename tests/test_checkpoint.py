@@ -1,5 +1,6 @@
 """Tests for jaxmath.checkpoint: exact round trips, retention, resume, sharding and damaged checkpoints."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -91,7 +92,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_raw_uint32_key_and_no_target(tmp_path):
     state = _train_state()
     raw_key = jax.random.PRNGKey(9)
-    state = TrainState(**{**state.__dict__, "rng_key": raw_key})
+    state = dataclasses.replace(state, rng_key=raw_key)
     with CheckpointManager(tmp_path) as manager:
         manager.save(state.step, state)
         restored = manager.restore()
@@ -114,7 +115,7 @@ def test_nnx_state_params_round_trip(tmp_path):
             nnx.eval_shape(lambda: nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(5)), nnx.Linear(4, 2, rngs=nnx.Rngs(6)))),
             nnx.Param,
         )
-        target = TrainState(**{**state.__dict__, "params": abstract_params})
+        target = dataclasses.replace(state, params=abstract_params)
         restored = manager.restore(target=target)
     assert isinstance(restored.params, nnx.State)
     assert_trees_bit_equal(nnx.to_pure_dict(restored.params), nnx.to_pure_dict(state.params))
@@ -127,6 +128,18 @@ def test_nnx_state_params_round_trip(tmp_path):
     x = jnp.ones((1, 3))
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     np.testing.assert_array_equal(fresh(x), nnx.merge(graphdef, state.params, rest)(x))
+
+
+@pytest.mark.parametrize("opt_state", [(), optax.sgd(0.1).init({"w": jnp.ones(2)})])
+def test_leafless_optimizer_state(tmp_path, opt_state):
+    """Stateless optimizers give trees without arrays, which orbax alone refuses to save."""
+    state = TrainState(_params(), opt_state, 2, {"index": 2}, jax.random.key(0), {})
+    with CheckpointManager(tmp_path) as manager:
+        assert manager.save(2, state)
+        restored = manager.restore(target=state)
+        assert manager.restore().opt_state is None
+    assert restored.opt_state == opt_state
+    assert_trees_bit_equal(restored.params, state.params)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -167,11 +180,11 @@ def test_keep_last_removes_old_steps(tmp_path):
     state = _train_state()
     with CheckpointManager(tmp_path, keep_last=2) as manager:
         for step in (10, 20, 30, 40):
-            assert manager.save(step, TrainState(**{**state.__dict__, "step": step}))
+            assert manager.save(step, dataclasses.replace(state, step=step))
         assert manager.all_steps() == [30, 40]
         assert manager.latest_step() == 40
         # A step that exists is not saved twice.
-        assert not manager.save(40, TrainState(**{**state.__dict__, "step": 40}))
+        assert not manager.save(40, dataclasses.replace(state, step=40))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["30", "40"]
     with pytest.raises(ValueError, match="same step"):
         CheckpointManager(tmp_path).save(50, state)
@@ -185,7 +198,7 @@ def test_keep_best_keeps_best_by_metric(tmp_path, mode, expected_best):
     accuracies = {10: 0.5, 20: 0.9, 30: 0.1, 40: float("nan"), 50: 0.6, 60: 0.7}
     with CheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="eval_accuracy", best_mode=mode) as manager:
         for step, accuracy in accuracies.items():
-            manager.save(step, TrainState(**{**state.__dict__, "step": step}), metrics={"eval_accuracy": accuracy})
+            manager.save(step, dataclasses.replace(state, step=step), metrics={"eval_accuracy": accuracy})
         assert manager.all_steps() == [expected_best, 60]
         assert manager.best_step() == expected_best
         assert manager.metrics(60) == {"eval_accuracy": 0.7}
@@ -199,8 +212,8 @@ def test_keep_best_keeps_best_by_metric(tmp_path, mode, expected_best):
 def test_nan_metric_is_stored_as_null_and_never_best(tmp_path):
     state = _train_state()
     with CheckpointManager(tmp_path, keep_last=5, best_metric="reward") as manager:
-        manager.save(1, TrainState(**{**state.__dict__, "step": 1}), metrics={"reward": 0.2})
-        manager.save(2, TrainState(**{**state.__dict__, "step": 2}), metrics={"reward": float("inf")})
+        manager.save(1, dataclasses.replace(state, step=1), metrics={"reward": 0.2})
+        manager.save(2, dataclasses.replace(state, step=2), metrics={"reward": float("inf")})
         assert manager.metrics(2) == {"reward": None}
         assert manager.best_step() == 1
 
@@ -212,7 +225,8 @@ def test_latest_and_restore_or_none(tmp_path):
     with CheckpointManager(tmp_path, async_save=True) as manager:
         for step in (1, 2):
             manager.save(step, TrainState(**{**state.__dict__, "step": step, "data_cursor": {"index": step}}))
-        manager.wait_until_finished()
+        # No explicit wait: restore itself waits for the in-flight async save of step 2.
+        assert manager.latest_step() == 2
         assert manager.restore(target=state).step == 2
         assert manager.restore(1, target=state).data_cursor == {"index": 1}
         with pytest.raises(CheckpointError, match="no checkpoint at .*5"):
@@ -240,7 +254,7 @@ def test_interrupted_save_never_becomes_latest(tmp_path):
 def test_partial_checkpoint_error_names_directory(tmp_path):
     state = _train_state()
     with CheckpointManager(tmp_path) as manager:
-        manager.save(5, TrainState(**{**state.__dict__, "step": 5}))
+        manager.save(5, dataclasses.replace(state, step=5))
         manager.save(7, state)
     step_dir = tmp_path / "7"
     shutil.rmtree(step_dir / "opt_state")
