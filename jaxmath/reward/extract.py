@@ -221,10 +221,12 @@ def answer_candidates(text: str) -> list[str]:
             group.append(previous)
         found.append((environments[-1].end(), ", ".join(_found(match) for match in reversed(group))))
     numbers = list(_ANCHORED_NUMBER.finditer(text))
-    # A short text with math delimiters but no well-formed environment (`$ \n 9 \n $`) is malformed;
-    # digits in it are not taken as the answer.
+    # A short answer that is math, not prose (`\pm 2021`), or has delimiters but no well-formed
+    # environment (`$ \n 9 \n $`), is graded as written: a number inside it is not the answer.
     delimited = text.count("$") >= 2 or "\\(" in text or "\\[" in text
-    if numbers and not (len(stripped) <= 80 and delimited and not environments):
+    short_math = len(stripped) <= 80 and not environments and (
+        delimited or not re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", stripped))
+    if numbers and not short_math:
         found.append((numbers[-1].end(), _found(numbers[-1])))
     candidates = [answer for _, answer in sorted(found, key=lambda item: -item[0])]
     if not environments and len(stripped) <= 80:

@@ -36,21 +36,30 @@ MAX_ANSWER_CHARS = 2_000
 _TIMEOUT_MARGIN_S = 0.0
 
 
-def _prepare(answer: str, keep_names: bool = False, plain: bool = False):
-    """Tree for one candidate answer, or None when it is too large to grade.
+def _prepare(answer: str, keep_names: bool = False, plain: bool = False) -> list:
+    """Trees for one candidate answer: none when it is too large to grade, two when it is ambiguous.
 
-    `plain`: the text it came from has no LaTeX, so `1,22` may be a decimal comma.
+    `plain`: the text it came from has no LaTeX, so `1,22` may be a decimal comma; such an answer
+    gets both readings (the number 1.22 and the list 1, 22) and matches if either does.
     """
     if len(answer) > MAX_ANSWER_CHARS:
-        return None
+        return []
     stripped = answer.strip()
+    trees = [parse(clean(stripped), keep_names=keep_names)]
     if plain and re.fullmatch(r"-?\d+,\d+", stripped):
-        # Plain text `1,22`, `0,111`, `1000,99`: a decimal comma unless it groups thousands.
         head, tail = stripped.split(",")
-        head_digits = head.lstrip("-")
-        if head_digits == "0" or len(tail) == 2 or (len(head_digits) > 3 and len(tail) != 3):
-            stripped = head + "." + tail
-    return parse(clean(stripped), keep_names=keep_names)
+        if len(tail) != 3 or head.lstrip("-") == "0":
+            trees.append(parse(clean(head + "." + tail), keep_names=keep_names))
+    return trees
+
+
+def _gold_candidates(gold_text: str) -> list[str]:
+    """A short gold without a box is an answer as written, its `$` delimiters dropped
+    (`$1$ and $2$`, OlympiadBench's `$221,$8$`); a longer one is a solution to extract from."""
+    stripped = gold_text.strip()
+    if "\\boxed" not in stripped and "\\fbox" not in stripped and len(stripped) <= 120 and "$" in stripped:
+        return [stripped.replace("\\$", "").replace("$", "")]
+    return answer_candidates(gold_text)[:1]
 
 
 def _word(text: str) -> str | None:
@@ -129,12 +138,11 @@ def _is_plain(text: str) -> bool:
 def _pairs(pred_text: str, gold_text: str):
     if len(pred_text) > MAX_TEXT_CHARS or len(gold_text) > MAX_TEXT_CHARS:
         return []
-    golds = [_prepare(candidate, plain=_is_plain(gold_text)) for candidate in answer_candidates(gold_text)[:1]]
-    golds = [tree for tree in golds if tree is not None]
+    golds = [tree for candidate in _gold_candidates(gold_text) for tree in _prepare(candidate, plain=_is_plain(gold_text))]
     # An equation gold (`2x+4y-3=0`) is compared with the pred's equation, `y = ...` included.
     keep_names = any(isinstance(gold, Relation) for gold in golds)
-    preds = [_prepare(candidate, keep_names, _is_plain(pred_text)) for candidate in answer_candidates(pred_text)]
-    preds = [tree for tree in preds if tree is not None]
+    plain = _is_plain(pred_text)
+    preds = [tree for candidate in answer_candidates(pred_text) for tree in _prepare(candidate, keep_names, plain)]
     return [(p, g) for p in preds for g in golds]
 
 

@@ -251,6 +251,9 @@ def compare(pred: Node, gold: Node, leaf_equal: LeafEqual, relation_equal=None) 
         return _unordered(pred.items, gold.items, leaf_equal, relation_equal)
     if isinstance(pred, Items) and len(pred.items) == 1 and not pred.ordered:
         return compare(pred.items[0], gold, leaf_equal, relation_equal)
+    if isinstance(pred, Items) and pred.brackets == "" and not isinstance(gold, Items):
+        # The same answer stated twice (`\boxed{15\frac{39}{40}}, or \boxed{\frac{639}{40}}`).
+        return _all(compare(item, gold, leaf_equal, relation_equal) for item in pred.items)
     if isinstance(gold, Items) and len(gold.items) == 1 and not gold.ordered:
         return compare(pred, gold.items[0], leaf_equal, relation_equal)
     if isinstance(pred, Union) and isinstance(gold, Union):

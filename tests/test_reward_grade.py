@@ -1,0 +1,134 @@
+"""Grader tests: a table of forms, peers' suite (shared dev cases), dataset golds, extraction."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxmath.reward import equivalent, extract_answer, extract_boxed, grade
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEV_CASES = SHARED / "grader_dev_cases.jsonl"
+DATA = SHARED / "data"
+
+# (pred, gold, expected): one or more rows per form the issue lists.
+TABLE = [
+    # integers with separators, decimals
+    ("7,425,000", "7425000", True), ("1\\,000", "1000", True), ("14{,}916", "14916", True),
+    ("11,\\!111", "11111", True), ("1000.0", "1000", True), (".5", "0.5", True), ("0.50", "\\frac12", True),
+    ("1001", "1000", False), ("32, 349", "32349", False),
+    # fractions and mixed numbers
+    ("\\frac{1}{2}", "1/2", True), ("\\dfrac{3}{4}", "0.75", True), ("\\tfrac{2}{4}", "\\frac12", True),
+    ("-\\frac{10}{9}", "-10/9", True), ("2\\frac{1}{2}", "\\frac{5}{2}", True), ("\\frac{1}{3}", "\\frac{2}{3}", False),
+    # percentages, scientific notation
+    ("28\\%", "28", True), ("28 percent", "28\\%", True), ("1.5\\times10^{3}", "1500", True), ("2e3", "2000", True),
+    # roots, pi, degrees, text and units, dollar signs, spacing
+    ("\\sqrt{117}", "3\\sqrt{13}", True), ("\\sqrt3", "\\sqrt{3}", True), ("\\frac{9}{4}\\pi", "\\frac{9\\pi}{4}", True),
+    ("2\\pi", "\\pi", False), ("90^\\circ", "90", True), ("90^{\\circ}", "90", True),
+    ("125\\text{ miles}", "125", True), ("15\\mbox{ cm}^2", "15", True), ("\\$18", "18", True),
+    ("\\text{Evelyn}", "Evelyn", True), ("\\text{(C)}", "C", True), ("\\text{B}", "C", False),
+    ("\\left( \\frac{1}{3} \\right)", "1/3", True), ("1\\!000", "1000", True),
+    # tuples, intervals, sets, unordered lists
+    ("(1, 4.5)", "(1,\\frac{9}{2})", True), ("(2, 1)", "(1, 2)", False), ("[0,1)", "[0,1)", True),
+    ("(0,1)", "[0,1)", False), ("[-1, -\\tfrac12) \\cup (0, 1)", "[-1,-\\frac{1}{2})\\cup(0,1)", True),
+    ("\\{3, 1, 2\\}", "\\{1,2,3\\}", True), ("2, 1", "1, 2", True), ("1, 2", "1, 2, 3", False),
+    ("x \\in [-2,7]", "[-2, 7]", True), ("(0,1)", "0<x<1", True),
+    # matrices
+    ("\\begin{pmatrix}1 & 2\\\\3 & 4\\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", True),
+    ("\\begin{pmatrix}1 & 2\\\\3 & 5\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+    # equations against values, relations
+    ("x=3", "3", True), ("k = \\frac{1}{3}", "1/3", True), ("3", "x=3", True), ("11a+c", "7 = 11a+c", False),
+    ("y=-\\frac{1}{2}x+\\frac{3}{4}", "2x+4y-3=0", True), ("-x > -1", "x < 1", True), ("x > -1", "x < 1", False),
+    # symbolic expressions
+    ("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}", True), ("\\sec^2 y", "\\tan^2 y + 1", True),
+    ("x^2+2x+1", "(x+1)^2", True), ("x^2+1", "(x+1)^2", False),
+    # plus-minus, multiple answers
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}", True), ("\\pm 2021", "2021", False),
+    ("-2, 1", "1 \\text{ and } -2", True),
+    # completions
+    ("so the answer is $\\boxed{\\frac{14}{3}}$.", "\\frac{14}{3}", True),
+    ("\\boxed{1} and \\boxed{2}", "\\{1,2\\}", True),
+    ("Final Answer: The final answer is $28 \\%$. I hope it is correct.", "28", True),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", TABLE)
+def test_table(pred, gold, expected):
+    assert grade(pred, gold) is expected
+
+
+def test_extract_boxed():
+    assert extract_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{3}") == "3"
+    assert extract_boxed("so \\boxed{\\frac{a}{b^{2}}}.") == "\\frac{a}{b^{2}}"
+    assert extract_boxed("\\fbox{7}") == "7"
+    assert extract_boxed("answer \\boxed 5.") == "5"
+    assert extract_boxed("no box here") is None
+    assert extract_boxed("truncated \\boxed{12") == "12"
+
+
+def test_extract_answer_fallbacks():
+    gsm = "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
+    assert extract_answer(gsm) is None
+    assert extract_answer(gsm, fallback="gsm8k") == "18"
+    assert extract_answer("It costs 1,200 dollars in total.", fallback="gsm8k") == "1200"
+    assert extract_answer("So the answer is $\\frac{1}{2}$.", fallback="answer_is") == "\\frac{1}{2}"
+    assert extract_answer("The answer is 42. Done", fallback="answer_is") == "42"
+    assert extract_answer("\\boxed{3} and #### 4", fallback="gsm8k") == "3"
+    with pytest.raises(ValueError):
+        extract_answer("x", fallback="unknown")
+
+
+def test_untrusted_text_is_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    payloads = [
+        f"\\boxed{{__import__('os').system('touch {marker}')}}",
+        f"__import__('os').system('touch {marker}')",
+        f"\\boxed{{x = exec(\"open('{marker}','w')\")}}",
+    ]
+    for payload in payloads:
+        assert grade(payload, "0") is False
+        equivalent(payload, payload)
+    assert not marker.exists()
+
+
+def _dev_cases():
+    if not DEV_CASES.exists():
+        pytest.skip(f"{DEV_CASES} absent: math-verify's suite is shared at ../shared/ next to the repo")
+    with open(DEV_CASES) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_dev_cases_accuracy():
+    cases = _dev_cases()
+    wrong = [case["id"] for case in cases if grade(case["pred"], case["gold"]) != case["expected"]]
+    accuracy = 1 - len(wrong) / len(cases)
+    assert accuracy >= 0.97, f"accuracy {accuracy:.3f}; wrong ids: {wrong}"
+
+
+def _jsonl(name: str) -> list[dict]:
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_math500_golds_and_reference_solutions():
+    rows = _jsonl("math500.jsonl")
+    assert len(rows) == 500
+    not_self = [row["id"] for row in rows if not equivalent(row["answer"], row["answer"])]
+    assert not_self == []
+    not_graded = [row["id"] for row in rows if not grade(row["solution"], row["answer"])]
+    assert not_graded == []
+
+
+def test_olympiadbench_golds_against_themselves():
+    rows = _jsonl("olympiadbench_numerical.jsonl")
+    failed = [row["id"] for row in rows if not grade(f"\\boxed{{{row['answer']}}}", row["answer"])]
+    assert failed == []
+
+
+def test_gsm8k_and_aime_integers():
+    rows = _jsonl("gsm8k_test.jsonl")[:200] + _jsonl("aime2024.jsonl")
+    assert all(grade(f"The answer is \\boxed{{{row['answer']}}}.", row["answer"]) for row in rows)
+    assert not any(grade(f"\\boxed{{{int(float(row['answer'])) + 1}}}", row["answer"]) for row in rows)
