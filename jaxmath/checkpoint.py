@@ -102,9 +102,16 @@ def _key_data_target(key: Any) -> Any:
         return key
     if isinstance(key, jax.Array):
         return jax.random.key_data(key)
-    # Abstract typed key: same sharding, one trailing data axis that the sharding does not split.
+    # Abstract typed key: the data has one more (trailing, unsplit) axis than the key, so a
+    # NamedSharding gets a None appended; other shardings fall back to the default device.
     data = jax.eval_shape(jax.random.key_data, key)
-    return jax.ShapeDtypeStruct(data.shape, data.dtype)
+    sharding = getattr(key, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (data.ndim - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        sharding = None
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
 
 
 def _restore_args_for(target: Any) -> Any:

@@ -310,7 +310,8 @@ _SHARDED_SCRIPT = textwrap.dedent(
     params = {"w": w, "e": e}
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(params)
-    state = TrainState(params, opt_state, 4, {"index": 4}, jax.random.key(1), {})
+    keys = jax.random.split(jax.random.key(1), 8)
+    state = TrainState(params, opt_state, 4, {"index": 4}, keys, {})
     with CheckpointManager(directory) as manager:
         manager.save(4, state)
     # Restore onto a different layout: a 2x4 mesh, sharded along other axes.
@@ -320,7 +321,10 @@ _SHARDED_SCRIPT = textwrap.dedent(
     abstract_opt = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
         opt_state)
-    target = TrainState(abstract, abstract_opt, 0, {}, jax.random.key(0), {})
+    key_shape = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 8))
+    key_sharding = NamedSharding(mesh, P(("data", "tp")))
+    abstract_key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=key_sharding)
+    target = TrainState(abstract, abstract_opt, 0, {}, abstract_key, {})
     with CheckpointManager(directory) as manager:
         restored = manager.restore(target=target)
     for k in params:
@@ -329,6 +333,9 @@ _SHARDED_SCRIPT = textwrap.dedent(
     mu = restored.opt_state[0].mu["w"]
     assert mu.sharding == NamedSharding(mesh, P()), mu.sharding
     assert restored.step == 4
+    # A per-device batch of typed keys keeps its sharding too.
+    assert restored.rng_key.sharding == key_sharding, restored.rng_key.sharding
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng_key), jax.random.key_data(keys))
     print("SHARDED_OK", len(restored.params["w"].addressable_shards))
     """
 )
