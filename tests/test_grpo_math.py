@@ -34,7 +34,9 @@ def test_advantages_hand_computed():
     pop = np.sqrt(0.25 * 0.75)
     centered = np.array([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, -0.75, 0.25])
     np.testing.assert_allclose(group_advantages(rewards, 4, std="sample"), centered / (0.5 + 1e-4), rtol=1e-6)
-    np.testing.assert_allclose(group_advantages(rewards, 4, std="population"), centered / (pop + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(
+        group_advantages(rewards, 4, std="population"), centered / (pop + 1e-4), rtol=1e-6
+    )
     np.testing.assert_allclose(group_advantages(rewards, 4, scale="none"), centered, rtol=1e-6)
     # The default is TRL's sample std.
     np.testing.assert_array_equal(group_advantages(rewards, 4), group_advantages(rewards, 4, std="sample"))
@@ -249,14 +251,17 @@ def test_clipping_stops_gradient_only_on_the_clipped_side():
     mask = np.ones_like(lp, bool)
 
     def loss_fn(lp):
-        return policy_loss(lp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss_agg="token_mean", is_level="token")
+        return policy_loss(
+            lp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss_agg="token_mean", is_level="token"
+        )
 
     grad = np.asarray(jax.grad(lambda x: loss_fn(x)[0])(lp))[:, 0]
     assert grad[0] == 0.0 and grad[2] == 0.0
     # d/dlp of -ratio * A / n_tokens = -ratio * A / 5
     np.testing.assert_allclose(grad[[1, 3, 4]], [-1.1 / 5, 1.5 / 5, -0.5 / 5], rtol=1e-6)
     out = finalize(loss_fn(lp)[1])
-    np.testing.assert_allclose([out["clip_frac_high"], out["clip_frac_low"], out["clip_frac"]], [0.2, 0.2, 0.4])
+    clip_fracs = [out["clip_frac_high"], out["clip_frac_low"], out["clip_frac"]]
+    np.testing.assert_allclose(clip_fracs, [0.2, 0.2, 0.4])
 
 
 def test_sequence_level_clips_whole_rows():
@@ -279,7 +284,10 @@ def test_sequence_level_clips_whole_rows():
 def test_beta_without_reference_is_an_error():
     lp, old, adv, mask, _, _ = _batch()
     with pytest.raises(ValueError, match="ref_logprobs"):
-        policy_loss(lp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss_agg="token_mean", is_level="token", beta=0.1)
+        policy_loss(
+            lp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss_agg="token_mean", is_level="token",
+            beta=0.1,
+        )
 
 
 def test_normalizer_must_match_aggregation():
@@ -311,8 +319,11 @@ def _toy_problem(seed=0):
 
     # The sampling policy and the reference differ from the current one, so ratios leave the clip
     # range and the KL is nonzero.
-    old, _ = logprobs_and_entropy(weights + rng.normal(0, 0.4, weights.shape).astype(np.float32), features, targets)
-    ref, _ = logprobs_and_entropy(weights + rng.normal(0, 0.4, weights.shape).astype(np.float32), features, targets)
+    def perturbed():
+        return weights + rng.normal(0, 0.4, weights.shape).astype(np.float32)
+
+    old, _ = logprobs_and_entropy(perturbed(), features, targets)
+    ref, _ = logprobs_and_entropy(perturbed(), features, targets)
     data = dict(
         x=features, t=targets, old=np.asarray(old), ref=np.asarray(ref), mask=mask,
         adv=rng.normal(0, 1, ROWS).astype(np.float32),
@@ -357,7 +368,9 @@ def test_accumulated_micro_batches_equal_one_batch(loss_agg, is_level):
         combined = finalize(metrics)
         assert combined.keys() == full.keys()
         for name in full:
-            np.testing.assert_allclose(combined[name], full[name], rtol=1e-6, atol=1e-6, err_msg=f"{name} k={k}")
+            np.testing.assert_allclose(
+                combined[name], full[name], rtol=1e-6, atol=1e-6, err_msg=f"{name} k={k}"
+            )
 
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
@@ -379,7 +392,9 @@ def test_metrics_combine_inside_scan():
     @jax.jit
     def accumulate(w, stacked):
         def body(carry, micro):
-            grad, metrics = _grads_and_metrics(w, micro, logprobs_and_entropy, "token_mean", "token", normalizer)
+            grad, metrics = _grads_and_metrics(
+                w, micro, logprobs_and_entropy, "token_mean", "token", normalizer
+            )
             grad_sum, metrics_sum = carry
             return (grad_sum + grad, combine(metrics_sum, metrics)), None
 

@@ -302,7 +302,9 @@ def policy_loss(
     if is_level not in IS_LEVELS:
         raise ValueError(f"is_level must be one of {IS_LEVELS}, got {is_level!r}")
     if isinstance(beta, (int, float)) and beta != 0.0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs (the policy with LoRA adapters off, or the initial weights)")
+        raise ValueError(
+            "beta > 0 needs ref_logprobs (the policy with LoRA adapters off, or the initial weights)"
+        )
     if normalizer is None:
         normalizer = loss_normalizer(mask, loss_agg)
     elif normalizer.loss_agg != loss_agg:
