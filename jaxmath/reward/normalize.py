@@ -272,6 +272,9 @@ def within_caps(latex: str) -> bool:
     for match in re.finditer(r"(\d+)\s*!", latex):
         if int(match.group(1)) > MAX_FACTORIAL:
             return False
+    for match in re.finditer(r"\\[dt]?binom\s*\{\s*(\d+)", latex):
+        if int(match.group(1)) > MAX_FACTORIAL:
+            return False
     if "!" in latex and re.search(r"\)\s*!|\}\s*!", latex):
         return False
     return True

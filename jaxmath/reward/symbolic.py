@@ -13,6 +13,7 @@ are capped before parsing: length, brace nesting, digit runs, numeric exponents 
 
 from __future__ import annotations
 
+import cmath
 import random
 import re
 from fractions import Fraction
@@ -77,6 +78,9 @@ def _decimals(text: str) -> int | None:
 
 def numbers_close(a: complex, b: complex, decimals: int | None) -> bool:
     """Equal to 1e-9 relative, or, for a written decimal of 2+ places, equal after rounding to it."""
+    if not (cmath.isfinite(a) and cmath.isfinite(b)):
+        # Values beyond float range (a huge binomial) are never taken as equal to anything.
+        return False
     if abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b)):
         return True
     if decimals is not None and decimals >= 2:
