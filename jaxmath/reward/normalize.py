@@ -77,6 +77,8 @@ def clean(answer: str) -> str:
     text = text.replace("²", "^2").replace("³", "^3")
     # "1, 2 and 3", "1 or 2": list separators, turned into commas while spaces still mark words.
     text = re.sub(r"(?:,\s*)?(?<![a-zA-Z\\])\b(?:and|or)\b(?![a-zA-Z])\s*", ", ", text)
+    # `W(x)=1orW(x)=-1`: a run-together "or" between a value and the next assignment.
+    text = re.sub(r"(?<=[\d)}])(?:and|or)(?=[A-Z\\(])", ", ", text)
     text = _PERCENT.sub("", text)
     text = _CURRENCY.sub("", text)
     text = _BRACED_COMMA.sub("", text)

@@ -161,6 +161,10 @@ def leaf_equal(pred: str, gold: str) -> bool:
         return False
     if isinstance(a, sympy.Eq) or isinstance(b, sympy.Eq):
         return False
+    # `A + B`, `A B` of explicit matrices parse as unevaluated matrix expressions.
+    a, b = (x.doit() if isinstance(x, sympy.MatrixExpr) else x for x in (a, b))
+    if isinstance(a, sympy.MatrixBase) != isinstance(b, sympy.MatrixBase):
+        return False
     decimals = _decimals(pred)
     gold_decimals = _decimals(gold)
     if decimals is None or (gold_decimals is not None and gold_decimals < decimals):
