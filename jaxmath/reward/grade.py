@@ -29,11 +29,10 @@ import re
 from jaxmath.reward import pool
 from jaxmath.reward.extract import answer_candidates
 from jaxmath.reward.normalize import clean, parse_number, within_caps
-from jaxmath.reward.structure import Items, Leaf, Relation, compare, parse
+from jaxmath.reward.structure import Relation, compare, parse
 
 MAX_TEXT_CHARS = 200_000
 MAX_ANSWER_CHARS = 2_000
-_TIMEOUT_MARGIN_S = 0.0
 
 
 def _prepare(answer: str, keep_names: bool = False, plain: bool = False) -> list:
