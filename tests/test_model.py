@@ -150,11 +150,11 @@ def test_qwen3_4b_shapes_without_allocating():
     state = nnx.state(abstract)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     assert total == 4_022_468_096 == cfg.num_params()
-    assert state["embed"].value.shape == (151936, 2560)
-    assert state["layers"]["attn"]["q_proj"]["kernel"].value.shape == (36, 2560, 32, 128)
-    assert state["layers"]["attn"]["k_proj"]["kernel"].value.shape == (36, 2560, 8, 128)
-    assert state["layers"]["attn"]["o_proj"]["kernel"].value.shape == (36, 32, 128, 2560)
-    assert state["layers"]["mlp"]["down_proj"]["kernel"].value.shape == (36, 9728, 2560)
+    assert state["embed"].get_value().shape == (151936, 2560)
+    assert state["layers"]["attn"]["q_proj"]["kernel"].get_value().shape == (36, 2560, 32, 128)
+    assert state["layers"]["attn"]["k_proj"]["kernel"].get_value().shape == (36, 2560, 8, 128)
+    assert state["layers"]["attn"]["o_proj"]["kernel"].get_value().shape == (36, 32, 128, 2560)
+    assert state["layers"]["mlp"]["down_proj"]["kernel"].get_value().shape == (36, 9728, 2560)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state))
     assert jm.preset("qwen3-8b").num_params() == 8_190_735_360
 
@@ -251,7 +251,7 @@ def test_sharded_forward_matches_one_device(tmp_path):
         for fsdp, tp in ((4, 2), (8, 1), (2, 4)):
             mesh = sharding.make_mesh(fsdp=fsdp, tp=tp)
             model = jm.from_pretrained({d!r}, dtype=jnp.float32, mesh=mesh)
-            kernel = model.layers.mlp.gate_proj.kernel.value
+            kernel = model.layers.mlp.gate_proj.kernel.get_value()
             assert len(kernel.sharding.device_set) == 8, kernel.sharding
             with sharding.use_mesh(mesh):
                 out = nnx.jit(lambda m, x: m(x))(model, ids)
@@ -271,6 +271,6 @@ def test_init_model_is_sharded_at_creation():
         pytest.skip("needs 8 (fake) devices")
     mesh = sharding.make_mesh(fsdp=4, tp=2)
     model = jm.init_model(jm.preset("tiny", vocab_size=256, dtype=jnp.float32, param_dtype=jnp.float32), mesh=mesh)
-    spec = model.layers.attn.q_proj.kernel.value.sharding.spec
+    spec = model.layers.attn.q_proj.kernel.get_value().sharding.spec
     assert tuple(spec) == (None, "fsdp", "tp", None)
-    assert tuple(model.embed.value.sharding.spec) == ("tp", "fsdp")
+    assert tuple(model.embed.get_value().sharding.spec) == ("tp", "fsdp")

@@ -230,7 +230,7 @@ def load_state(path: str, config: Qwen3Config, abstract_state: nnx.State,
     used: set[str] = set()
     for spec in weight_table(config):
         var = _get(abstract_state, spec.path)
-        target = var.value
+        target = var.get_value()
         dtype = np.dtype(target.dtype)
         if spec.stacked:
             host = np.empty(target.shape, dtype)
@@ -241,7 +241,7 @@ def load_state(path: str, config: Qwen3Config, abstract_state: nnx.State,
         else:
             host = _convert(reader, spec.hf_name, spec, target.shape, dtype)
             used.add(spec.hf_name)
-        var.value = jax.device_put(host, variable_sharding(var, mesh))
+        var.set_value(jax.device_put(host, variable_sharding(var, mesh)))
         del host
     extra = sorted(set(reader.where) - used - {"lm_head.weight"})
     if extra:
@@ -280,7 +280,7 @@ def hf_tensors(state: nnx.State, config: Qwen3Config, dtype: Any = None) -> Iter
     """(HF name, numpy array in HF layout) for every weight, one layer slice at a time."""
     np_dtype = np.dtype(dtype) if dtype is not None else None
     for spec in weight_table(config):
-        value = _get(state, spec.path).value
+        value = _get(state, spec.path).get_value()
         if spec.stacked:
             for i in range(config.num_layers):
                 x = np.asarray(jax.device_get(value[i]))

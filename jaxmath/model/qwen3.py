@@ -59,7 +59,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(F32)).astype(x.dtype)
+        return (y * self.scale.get_value().astype(F32)).astype(x.dtype)
 
 
 def rope_inv_freq(config: Qwen3Config) -> tuple[np.ndarray, float]:
@@ -130,8 +130,9 @@ class Dense(nnx.Module):
         self.equation = equation
         self.num_in = num_in
         self.kernel = nnx.Param(_normal(rngs, stack + shape, param_dtype), axes=("layers",) * len(stack) + axes)
-        self.lora_a: LoRAParam | None = None
-        self.lora_b: LoRAParam | None = None
+        # Declared as data (not static) so adapters can be attached later by jaxmath.model.lora.
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
 
     def lora_equations(self) -> tuple[str, str]:
@@ -142,11 +143,11 @@ class Dense(nnx.Module):
         return f"{lhs},{k_in}r->{prefix}r", f"{prefix}r,r{k_out}->{out}"
 
     def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
-        y = jnp.einsum(self.equation, x, self.kernel.value.astype(x.dtype))
+        y = jnp.einsum(self.equation, x, self.kernel.get_value().astype(x.dtype))
         if lora and self.lora_a is not None:
             eq_a, eq_b = self.lora_equations()
-            low = jnp.einsum(eq_a, x, self.lora_a.value.astype(x.dtype))
-            y = y + self.lora_scale * jnp.einsum(eq_b, low, self.lora_b.value.astype(x.dtype))
+            low = jnp.einsum(eq_a, x, self.lora_a.get_value().astype(x.dtype))
+            y = y + self.lora_scale * jnp.einsum(eq_b, low, self.lora_b.get_value().astype(x.dtype))
         return y
 
 
@@ -283,10 +284,10 @@ class Qwen3(nnx.Module):
     @property
     def head_weight(self) -> jax.Array:
         """The LM head [vocab, embed] (the embedding itself when tied)."""
-        return (self.embed if self.lm_head is None else self.lm_head).value
+        return (self.embed if self.lm_head is None else self.lm_head).get_value()
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed.value, input_ids, axis=0).astype(self.config.dtype)
+        x = jnp.take(self.embed.get_value(), input_ids, axis=0).astype(self.config.dtype)
         return constrain(x, ("batch", "seq", "embed"))
 
     def _scan_layers(self, body, carry, extra_xs=None, remat: bool = False):

@@ -112,7 +112,7 @@ def _is_var(x: Any) -> bool:
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
     axes = var.get_metadata().get("axes")
-    return NamedSharding(mesh, logical_to_spec(axes, mesh, var.value.shape))
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, var.get_value().shape))
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
@@ -123,5 +123,5 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 def shard_state(state: Any, mesh: Mesh) -> Any:
     """Place every variable of `state` on `mesh` according to its logical axes."""
-    return jax.tree.map(lambda v: v.replace(jax.device_put(v.value, variable_sharding(v, mesh))) if _is_var(v)
+    return jax.tree.map(lambda v: v.replace(jax.device_put(v.get_value(), variable_sharding(v, mesh))) if _is_var(v)
                         else v, state, is_leaf=_is_var)

@@ -1,0 +1,117 @@
+"""LoRA adapters on the Qwen3 projections, as their own NNX variable type (`LoRAParam`).
+
+`apply_lora` attaches A [in..., rank] and B [rank, out...] to every projection whose name matches
+`targets` (default: all seven attention and MLP projections). B starts at zero, so the adapted
+model equals the base model until the first update; A follows PEFT's default (Kaiming-uniform,
+bound 1 / sqrt(fan_in)). The update is scaled by alpha / rank.
+
+Training selects adapters by type: `nnx.split(model, LoRAParam, ...)` gives the trainable state
+without copying the base weights, and `model(..., lora=False)` is the reference policy.
+Merging (`merge_lora`) folds B @ A into the kernels for export or for fast generation.
+
+Qwen3-4B with rank 64 on all seven projections has 132,120,576 adapter parameters (3.3%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmath.model.qwen3 import Dense, LoRAParam, Qwen3
+
+DEFAULT_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """rank 0 disables LoRA (full-parameter training). The study does not state alpha; 2 x rank
+    (scale 2) is the common choice with rank 64 and is the default here."""
+
+    rank: int = 64
+    alpha: float = 128.0
+    targets: str = DEFAULT_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora rank must be >= 0, got {self.rank}")
+        if self.dropout != 0.0:
+            raise ValueError("LoRA dropout is not supported (the study uses 0); set lora.dropout=0")
+        re.compile(self.targets)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def projections(model: nnx.Module) -> Iterator[tuple[str, Dense]]:
+    """(dotted path, module) of every Dense projection, e.g. ("layers.attn.q_proj", Dense)."""
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Dense):
+            yield ".".join(str(p) for p in path), module
+
+
+def apply_lora(model: Qwen3, config: LoRAConfig, *, seed: int = 0) -> int:
+    """Attach fresh adapters in place; returns the number of adapter parameters."""
+    if not config.enabled:
+        return 0
+    pattern = re.compile(config.targets)
+    key = jax.random.key(seed)
+    stack = (model.config.num_layers,)
+    count = 0
+    for i, (path, dense) in enumerate(projections(model)):
+        if not pattern.search(path):
+            continue
+        kernel = dense.kernel.get_value()
+        axes = dense.kernel.get_metadata()["axes"]
+        in_shape, out_shape = kernel.shape[1:1 + dense.num_in], kernel.shape[1 + dense.num_in:]
+        in_axes, out_axes = axes[1:1 + dense.num_in], axes[1 + dense.num_in:]
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(jax.random.fold_in(key, i), stack + in_shape + (config.rank,), jnp.float32,
+                               -bound, bound).astype(kernel.dtype)
+        dense.lora_a = LoRAParam(a, axes=("layers",) + in_axes + ("lora_rank",))
+        dense.lora_b = LoRAParam(jnp.zeros(stack + (config.rank,) + out_shape, kernel.dtype),
+                                 axes=("layers", "lora_rank") + out_axes)
+        dense.lora_scale = config.scale
+        count += a.size + dense.lora_b.get_value().size
+    if count == 0:
+        raise ValueError(f"lora.targets {config.targets!r} matched no projection; names are e.g. "
+                         f"{[p for p, _ in projections(model)][:3]}")
+    return count
+
+
+def lora_delta(dense: Dense) -> jax.Array:
+    """scale * A @ B in the kernel's layout [layers, in..., out...], float32."""
+    a = dense.lora_a.get_value().astype(jnp.float32)
+    b = dense.lora_b.get_value().astype(jnp.float32)
+    return dense.lora_scale * jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
+
+
+def merge_lora(model: Qwen3) -> int:
+    """Fold every adapter into its kernel (in float32, then the kernel's dtype) and remove it.
+    Returns the number of projections merged."""
+    merged = 0
+    for _, dense in projections(model):
+        if dense.lora_a is None:
+            continue
+        kernel = dense.kernel.get_value()
+        dense.kernel.set_value((kernel.astype(jnp.float32) + lora_delta(dense)).astype(kernel.dtype))
+        dense.lora_a = None
+        dense.lora_b = None
+        dense.lora_scale = 0.0
+        merged += 1
+    return merged
+
+
+def has_lora(model: Qwen3) -> bool:
+    return any(dense.lora_a is not None for _, dense in projections(model))

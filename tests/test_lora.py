@@ -1,0 +1,64 @@
+"""LoRA adapters: zero at init, the reference policy is adapters-off, merging is exact, 4B count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxmath.model as jm
+from jaxmath.model import lora
+
+
+def _model():
+    return jm.init_model(jm.preset("tiny", vocab_size=300, dtype=jnp.float32, param_dtype=jnp.float32), seed=0)
+
+
+def test_fresh_adapters_leave_the_model_unchanged_and_merge_exactly():
+    model = _model()
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 300, (2, 7)))
+    base = np.asarray(model(ids))
+    n = lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
+    assert n == sum(x.size for x in jax.tree.leaves(nnx.state(model, jm.LoRAParam)))
+    np.testing.assert_array_equal(np.asarray(model(ids)), base)
+    for i, (_, dense) in enumerate(lora.projections(model)):
+        dense.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(i), dense.lora_b.get_value().shape))
+    adapted = np.asarray(model(ids))
+    assert np.abs(adapted - base).max() > 1e-2
+    np.testing.assert_array_equal(np.asarray(model(ids, lora=False)), base)  # reference policy, no copy
+    assert lora.merge_lora(model) == 7 and not lora.has_lora(model)
+    np.testing.assert_allclose(np.asarray(model(ids)), adapted, atol=1e-5)
+
+
+def test_targets_select_projections_and_bad_targets_fail():
+    model = _model()
+    lora.apply_lora(model, lora.LoRAConfig(rank=2, alpha=2, targets=r"(q_proj|v_proj)$"))
+    with_adapters = sorted(p for p, d in lora.projections(model) if d.lora_a is not None)
+    assert with_adapters == ["layers.attn.q_proj", "layers.attn.v_proj"]
+    with pytest.raises(ValueError, match="matched no projection"):
+        lora.apply_lora(_model(), lora.LoRAConfig(rank=2, targets="nonexistent"))
+
+
+def test_split_by_type_gives_only_adapters_and_gradients_flow_to_them():
+    model = _model()
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
+    graphdef, adapters, base = nnx.split(model, jm.LoRAParam, ...)
+    assert all(isinstance(v, jm.LoRAParam) for v in jax.tree.leaves(adapters, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 300, (2, 5)))
+
+    def loss(adapters):
+        return nnx.merge(graphdef, adapters, base)(ids).mean()
+
+    grads = jax.grad(loss)(adapters)
+    b_grads = [g for p, g in jax.tree_util.tree_leaves_with_path(grads) if "lora_b" in jax.tree_util.keystr(p)]
+    assert b_grads and all(float(jnp.abs(g).max()) > 0 for g in b_grads)
+
+
+def test_qwen3_4b_rank64_adapter_count():
+    def build():
+        model = jm.Qwen3(jm.preset("qwen3-4b"), rngs=nnx.Rngs(0))
+        lora.apply_lora(model, lora.LoRAConfig(rank=64))
+        return model
+
+    adapters = nnx.state(nnx.eval_shape(build), jm.LoRAParam)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters)) == 132_120_576
