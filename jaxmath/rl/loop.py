@@ -1,0 +1,313 @@
+"""The GRPO host loop: sample, reward, advantage, step, sync, log, save. One readable function.
+
+Where it departs from the study (TRL GRPOTrainer / tinker-cookbook):
+- the trainer's logprobs are always compared with the rollout engine's and the difference is
+  logged (`mismatch/*`); TRL only does so in recent versions and only with vLLM;
+- one optimizer update per batch of rollouts by default (`num_iterations`), with an "old policy"
+  logprob pass only when more than one update reuses the rollouts or importance correction asks;
+- groups whose rewards all match are counted every step, and optionally replaced by informative
+  groups from an oversampled batch at a static shape (DAPO's dynamic sampling);
+- a checkpoint holds everything the run needs (trainable params, optimizer, step, data cursor,
+  PRNG key, config), so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from jaxmath import checkpoint as ckpt_lib
+from jaxmath import metrics as metrics_lib
+from jaxmath import optim
+from jaxmath.data.datasets import Example
+from jaxmath.model import lora as lora_lib
+from jaxmath.model.qwen3 import Qwen3
+from jaxmath.reward import extract_answer, grade_batch
+from jaxmath.rl import grpo
+from jaxmath.rl import step as step_lib
+from jaxmath.rollout.mismatch import logprob_mismatch
+from jaxmath.rollout.types import FINISH_LENGTH, RolloutEngine, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """The run: how many steps, how much sampling, and what to watch.
+
+    steps:                 optimizer steps (one batch of rollouts each, times num_iterations updates)
+    prompts_per_step:      groups per step; rows = prompts_per_step * num_generations
+    num_generations:       K, completions per prompt
+    num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
+    filter_groups:         replace zero-variance groups with informative ones from `oversample` x
+                           prompts_per_step sampled prompts (shapes stay static)
+    tis_cap:               > 0 enables truncated importance sampling against the engine's logprobs
+    early_stop_reward:     stop when reward_mean stays >= this for `early_stop_patience` steps (0: off)
+    early_stop_grad_norm:  stop when grad_norm stays <= this for `early_stop_patience` steps (0: off)
+    """
+
+    steps: int = 100
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    max_prompt_tokens: int = 1024
+    max_completion_tokens: int = 2048
+    temperature: float = 1.0
+    num_iterations: int = 1
+    adv_scale: str = "group_std"
+    adv_std: str = "sample"
+    adv_eps: float = 1e-4
+    filter_groups: bool = False
+    oversample: float = 1.5
+    tis_cap: float = 0.0
+    reward_workers: int = 0
+    reward_timeout: float = 1.0
+    answer_fallback: str = ""  # "" = \boxed{} only, as in the study
+    prompt_bucket: int = 64
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    keep_best: int = 0
+    eval_every: int = 0
+    plot_every: int = 10
+    early_stop_reward: float = 0.0
+    early_stop_grad_norm: float = 0.0
+    early_stop_patience: int = 3
+    warn_truncation: float = 0.5
+    warn_zero_std: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: GRPO's advantages compare completions of a prompt")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.filter_groups and self.oversample < 1.0:
+            raise ValueError("filter_groups needs oversample >= 1.0 (prompts sampled per group kept)")
+
+    @property
+    def prompts_sampled(self) -> int:
+        return math.ceil(self.prompts_per_step * self.oversample) if self.filter_groups else self.prompts_per_step
+
+
+class PromptIterator:
+    """Batches of examples in a seeded order per epoch; its cursor makes resumption exact."""
+
+    def __init__(self, examples: Sequence[Example], seed: int, cursor: dict | None = None):
+        if not examples:
+            raise ValueError("the training set is empty; check data.dir and the training data name")
+        self.examples = list(examples)
+        self.seed = seed
+        self.epoch = int((cursor or {}).get("epoch", 0))
+        self.index = int((cursor or {}).get("index", 0))
+
+    @property
+    def cursor(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def next(self, n: int) -> list[Example]:
+        out = []
+        order = self._order()
+        while len(out) < n:
+            if self.index >= len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order()
+            out.append(self.examples[order[self.index]])
+            self.index += 1
+        return out
+
+
+def _rollout_seed(key: jax.Array) -> tuple[jax.Array, int]:
+    key, sub = jax.random.split(key)
+    return key, int(jax.random.randint(sub, (), 0, 2 ** 31 - 1))
+
+
+def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequence[Example]], list[list[int]]],
+          decode: Callable[[Sequence[int]], str], cfg: GRPOConfig, loss_cfg: step_lib.LossConfig,
+          optim_cfg: optim.OptimizerConfig, lora_cfg: lora_lib.LoRAConfig, workdir: str,
+          engine: RolloutEngine, stop_token_ids: Sequence[int] = (),
+          evaluate: Callable[[Qwen3, int], dict[str, float]] | None = None,
+          run_config: dict | None = None) -> dict[str, Any]:
+    """Train `model` in place with GRPO; returns the last step's metrics plus `stopped_early`.
+
+    encode: examples -> prompt token ids (chat template, few-shot prefix); decode: ids -> text.
+    engine: generates rollouts; it must offer `update_weights(model)` (called after every update).
+    evaluate: (model, step) -> metrics such as {"eval_accuracy": ...}, every `cfg.eval_every` steps.
+    """
+    if lora_cfg.enabled and not lora_lib.has_lora(model):
+        count = lora_lib.apply_lora(model, lora_cfg, seed=cfg.seed)
+        logging.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.targets, count)
+    graphdef, trainable, frozen = step_lib.split_trainable(model)
+    optimizer = optim.make_optimizer(optim_cfg)
+    opt_state = optimizer.init(trainable)
+    key = jax.random.key(cfg.seed)
+    manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
+                                         keep_best=cfg.keep_best,
+                                         best_metric="eval_accuracy" if cfg.keep_best else None)
+    start_step, cursor = 0, None
+    if manager.latest_step() is not None:
+        target = ckpt_lib.TrainState(trainable, opt_state, 0, {}, key, {})
+        state = manager.restore(target=target)
+        trainable, opt_state, start_step, cursor, key = (state.params, state.opt_state, state.step,
+                                                         state.data_cursor, state.rng_key)
+        logging.info("resumed from %s at step %d", manager.directory, start_step)
+    data = PromptIterator(examples, cfg.seed, cursor)
+    on_policy = cfg.num_iterations == 1 and cfg.tis_cap == 0.0
+    train_step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=on_policy, tis_cap=cfg.tis_cap)
+    logprob_fn = step_lib.make_logprob_fn(graphdef, loss_cfg)
+    fallback = cfg.answer_fallback or None
+    engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
+    timer = metrics_lib.PhaseTimer()
+    last: dict[str, Any] = {}
+    streak = {"reward": 0, "grad": 0}
+    stopped_early = ""
+    bar = metrics_lib.progress(cfg.steps, desc="grpo")
+    bar.update(start_step)
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            key, seed = _rollout_seed(key)
+            batch_examples = data.next(cfg.prompts_sampled)
+            prompt_ids = encode(batch_examples)
+            params = SamplingParams(max_new_tokens=cfg.max_completion_tokens, num_samples=cfg.num_generations,
+                                    temperature=cfg.temperature, seed=seed, stop_token_ids=tuple(stop_token_ids))
+            with timer.phase("rollout"):
+                rollout = engine.generate(prompt_ids, params)
+            texts = [decode(ids) for ids in rollout.completion_token_lists()]
+            golds = [batch_examples[i].answer for i in rollout.prompt_index]
+            with timer.phase("reward"):
+                answers = [extract_answer(t, fallback) for t in texts]
+                correct = grade_batch([(a if a is not None else "", g) for a, g in zip(answers, golds)],
+                                      workers=cfg.reward_workers, timeout=cfg.reward_timeout)
+            rewards = np.asarray([1.0 if (a is not None and c) else 0.0 for a, c in zip(answers, correct)], np.float32)
+            all_stats = {k: float(v) for k, v in grpo.group_stats(rewards, cfg.num_generations).items()}
+            rows = np.arange(rewards.shape[0])
+            informative = int(round(all_stats["frac_mixed"] * cfg.prompts_sampled))
+            if cfg.filter_groups:
+                rows, informative = grpo.select_groups(rewards, cfg.num_generations, cfg.prompts_per_step,
+                                                       np.random.default_rng(seed))
+                rollout = _select_rows(rollout, rows)
+                rewards = rewards[rows]
+            advantages = np.asarray(grpo.group_advantages(rewards, cfg.num_generations, scale=cfg.adv_scale,
+                                                          std=cfg.adv_std, eps=cfg.adv_eps))
+            prompt_len = step_lib.bucket(max(len(p) for p in rollout.prompt_ids), cfg.prompt_bucket)
+            batch = step_lib.build_batch(rollout, prompt_len, advantages)
+            device_batch = jax.tree.map(jnp.asarray, batch)
+            completion_len = batch.completion_len
+            if not on_policy or loss_cfg.beta > 0:
+                with timer.phase("logprob"):
+                    if not on_policy:
+                        device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
+                                                               device_batch.valid, completion_len)
+                    if loss_cfg.beta > 0:
+                        if not lora_cfg.enabled:
+                            raise ValueError("a KL term (rl.beta > 0) needs LoRA: the reference policy is the "
+                                             "base model with adapters off; full-parameter KL is not supported")
+                        device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
+                                                               device_batch.valid, completion_len, lora=False)
+                    jax.block_until_ready(device_batch.old_logprobs)
+            with timer.phase("train"):
+                for _ in range(cfg.num_iterations):
+                    trainable, opt_state, step_metrics, trainer_logprobs = train_step(
+                        trainable, frozen, opt_state, device_batch)
+                step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            with timer.phase("sync"):
+                engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+            phases = timer.pop()
+            lengths = rollout.completion_lengths
+            tokens = int(lengths.sum())
+            m: dict[str, Any] = {
+                **step_metrics, **all_stats, **phases,
+                **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
+                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "informative_groups": informative,
+                "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+                "truncation_rate": float((rollout.finish_reason == FINISH_LENGTH).mean()),
+                "parse_failure_rate": float(np.mean([a is None for a in answers])),
+                "lr": optim.lr_at(optim_cfg, step),
+                "tokens_per_s/rollout": tokens / max(phases.get("time/rollout", 0.0), 1e-9),
+                "tokens_per_s/train": tokens * cfg.num_iterations / max(phases.get("time/train", 0.0), 1e-9),
+                "epoch": data.epoch,
+            }
+            step_no = step + 1
+            if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or step_no == cfg.steps):
+                with timer.phase("eval"):
+                    m.update(evaluate(nnx.merge(graphdef, trainable, frozen), step_no))
+                m.update(timer.pop())
+            m["step_seconds"] = time.perf_counter() - t0
+            writer.write(step_no, m)
+            last = m
+            _warn(m, cfg, step_no)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}")
+            logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
+                                                            "completion_len_mean", "mismatch/abs_mean"),
+                                              seconds_key="step_seconds"))
+            if step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
+                _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
+            if cfg.plot_every and step_no % cfg.plot_every == 0:
+                metrics_lib.plot_metrics(workdir)
+            stopped_early = _early_stop(m, cfg, streak)
+            if stopped_early:
+                logging.warning("stopping early at step %d: %s", step_no, stopped_early)
+                _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
+                break
+    finally:
+        bar.close()
+        writer.close()
+        manager.wait_until_finished()
+        manager.close()
+    nnx.update(model, nnx.merge(graphdef, trainable, frozen))
+    metrics_lib.plot_metrics(workdir)
+    return {**last, "stopped_early": stopped_early}
+
+
+def _select_rows(rollout, rows: np.ndarray):
+    """The rollout restricted to `rows` (whole groups), with prompts renumbered."""
+    groups = rollout.prompt_index[rows]
+    kept = list(dict.fromkeys(int(g) for g in groups))
+    remap = {g: i for i, g in enumerate(kept)}
+    return dataclasses.replace(
+        rollout, prompt_ids=[rollout.prompt_ids[g] for g in kept], completion_ids=rollout.completion_ids[rows],
+        logprobs=rollout.logprobs[rows], completion_mask=rollout.completion_mask[rows],
+        finish_reason=rollout.finish_reason[rows],
+        prompt_index=np.asarray([remap[int(g)] for g in groups], np.int32))
+
+
+def _save(manager, step, trainable, opt_state, data, key, run_config, m) -> None:
+    state = ckpt_lib.TrainState(trainable, opt_state, step, data.cursor, key, run_config or {})
+    metrics = {k: v for k, v in m.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+    manager.save(step, state, metrics=metrics, force=True)
+
+
+def _warn(m: dict, cfg: GRPOConfig, step: int) -> None:
+    if m["truncation_rate"] > cfg.warn_truncation:
+        logging.warning("step %d: %.0f%% of completions hit max_completion_tokens=%d and mostly score 0 "
+                        "(trl#5697); raise rl.max_completion_tokens", step, 100 * m["truncation_rate"],
+                        cfg.max_completion_tokens)
+    if m["frac_zero_std"] > cfg.warn_zero_std:
+        logging.warning("step %d: %.0f%% of groups have identical rewards and teach nothing; consider "
+                        "rl.filter_groups=True or a data mix closer to the model's level", step,
+                        100 * m["frac_zero_std"])
+
+
+def _early_stop(m: dict, cfg: GRPOConfig, streak: dict) -> str:
+    if cfg.early_stop_reward > 0:
+        streak["reward"] = streak["reward"] + 1 if m["reward_mean"] >= cfg.early_stop_reward else 0
+        if streak["reward"] >= cfg.early_stop_patience:
+            return f"reward_mean >= {cfg.early_stop_reward} for {cfg.early_stop_patience} steps"
+    if cfg.early_stop_grad_norm > 0:
+        streak["grad"] = streak["grad"] + 1 if m["grad_norm"] <= cfg.early_stop_grad_norm else 0
+        if streak["grad"] >= cfg.early_stop_patience:
+            return f"grad_norm <= {cfg.early_stop_grad_norm} for {cfg.early_stop_patience} steps"
+    return ""

@@ -1,0 +1,228 @@
+"""The jitted GRPO step and the logprob pass: the model meets `jaxmath.rl.grpo`'s pure math.
+
+A batch is `rows = num_prompts * num_generations` sequences laid out as
+`[left-padded prompt (P) | completion (T)]`. The policy's logprob of completion token j comes from
+the hidden state at position P - 1 + j, computed by the chunked LM head (`token_logprobs`), so no
+[rows, T, vocab] float32 tensor exists for the batch.
+
+The step splits the rows into micro-batches inside one jit (`lax.scan`), sums each micro-batch's
+share of the loss and gradient (shares normalized by whole-batch counts, see `grpo`), applies the
+optax update, and donates the trainable state and optimizer state it replaces.
+
+On-policy shortcut: with one policy iteration per batch and no importance correction, the old
+policy *is* the current one, so `old_logprobs = stop_gradient(logprobs)` inside the step (TRL does
+the same) and no separate logprob pass runs; the logprobs are still returned, so the mismatch with
+the rollout engine's logprobs is measured every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxmath.model.head import token_logprobs
+from jaxmath.model.qwen3 import LoRAParam, Qwen3
+from jaxmath.rl import grpo
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The GRPO objective. Defaults follow the study (TRL's GRPO loss, KL beta 0, eps 0.2)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    loss_agg: str = "seq_mean_token_mean"
+    is_level: str = "token"
+    temperature: float = 1.0  # the sampling temperature: logprobs are of softmax(logits / T)
+    max_completion_tokens: int = 0  # Dr. GRPO's constant normalizer (0: the batch's T)
+    micro_batch_rows: int = 0  # rows per micro-batch (0: the whole batch at once)
+    logprob_chunk: int = 1024  # token positions per LM-head chunk
+    with_entropy: bool = True
+
+    def __post_init__(self):
+        if self.loss_agg not in grpo.LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {grpo.LOSS_AGGS}, got {self.loss_agg!r}")
+        if self.is_level not in grpo.IS_LEVELS:
+            raise ValueError(f"is_level must be one of {grpo.IS_LEVELS}, got {self.is_level!r}")
+        if self.temperature <= 0:
+            raise ValueError("training needs temperature > 0 (greedy rollouts have no policy gradient)")
+
+
+@dataclasses.dataclass
+class Batch:
+    """One GRPO batch as host or device arrays.
+
+    tokens:          [rows, P + T] int32, left-padded prompts then right-padded completions
+    valid:           [rows, P + T] bool, real tokens (prompt tokens and generated tokens)
+    completion_mask: [rows, T] bool, tokens that carry loss
+    advantages:      [rows] float32
+    old_logprobs:    [rows, T] float32, log pi_old (zeros when the on-policy shortcut applies)
+    engine_logprobs: [rows, T] float32, the rollout engine's logprobs (for mismatch and TIS)
+    ref_logprobs:    [rows, T] float32 or None, the reference policy's (KL term)
+    """
+
+    tokens: Any
+    valid: Any
+    completion_mask: Any
+    advantages: Any
+    old_logprobs: Any
+    engine_logprobs: Any
+    ref_logprobs: Any = None
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_mask.shape[1]
+
+
+jax.tree_util.register_dataclass(
+    Batch, data_fields=["tokens", "valid", "completion_mask", "advantages", "old_logprobs", "engine_logprobs",
+                        "ref_logprobs"], meta_fields=[])
+
+
+def split_trainable(model: Qwen3) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable, frozen): LoRA adapters when the model has them, else every nnx.Param."""
+    has_lora = bool(jax.tree.leaves(nnx.state(model, LoRAParam)))
+    return nnx.split(model, LoRAParam if has_lora else nnx.Param, ...)
+
+
+def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *,
+                        temperature: float, chunk: int, with_entropy: bool, lora: bool = True,
+                        remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Logprobs [rows, T] and entropy [rows, T] of the completion tokens under the model."""
+    segment_ids = valid.astype(jnp.int32)
+    hidden = model.hidden_states(tokens[:, :-1], segment_ids=segment_ids[:, :-1], lora=lora, remat=remat)
+    prompt_len = tokens.shape[1] - completion_len
+    hidden = hidden[:, prompt_len - 1:]
+    return token_logprobs(hidden, model.head_weight, tokens[:, prompt_len:], temperature=temperature,
+                          chunk_size=chunk, with_entropy=with_entropy)
+
+
+def _micro_batches(tree: Any, rows: int, micro: int) -> Any:
+    """Reshape every [rows, ...] leaf to [rows / micro, micro, ...]."""
+    if rows % micro:
+        raise ValueError(f"batch rows {rows} must be a multiple of micro_batch_rows {micro}")
+    return jax.tree.map(lambda x: x.reshape((rows // micro, micro) + x.shape[1:]), tree)
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, cfg: LossConfig) -> Callable:
+    """Jitted (trainable, frozen, tokens, valid, completion_len, lora) -> logprobs [rows, T]: the
+    'old policy' pass when num_iterations > 1 or importance correction needs it, and the reference
+    policy pass (lora=False) for a KL term."""
+
+    @functools.partial(jax.jit, static_argnames=("completion_len", "lora"))
+    def logprobs_fn(trainable, frozen, tokens, valid, completion_len: int, lora: bool = True):
+        model = nnx.merge(graphdef, trainable, frozen)
+        rows = tokens.shape[0]
+        micro = cfg.micro_batch_rows or rows
+        mb = _micro_batches((tokens, valid), rows, micro)
+
+        def one(xs):
+            return completion_logprobs(model, xs[0], xs[1], completion_len, temperature=cfg.temperature,
+                                       chunk=cfg.logprob_chunk, with_entropy=False, lora=lora)[0]
+
+        return jax.lax.map(one, mb).reshape(rows, completion_len)
+
+    return logprobs_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: LossConfig, *,
+                    on_policy: bool, tis_cap: float = 0.0) -> Callable:
+    """Jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics, logprobs).
+
+    on_policy: old_logprobs = stop_gradient(current logprobs) (the batch's old_logprobs are ignored).
+    tis_cap > 0: truncated importance sampling weights min(exp(old - engine), tis_cap) per token.
+    metrics: float32 scalars (loss, clip fractions, ratio stats, KL, entropy, grad_norm, ...).
+    logprobs: [rows, T] float32, the trainer's logprobs before the update (for mismatch logging).
+    """
+
+    def micro_loss(trainable, frozen, mb: Batch, normalizer: grpo.Normalizer):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logprobs, entropy = completion_logprobs(
+            model, mb.tokens, mb.valid, mb.completion_mask.shape[1], temperature=cfg.temperature,
+            chunk=cfg.logprob_chunk, with_entropy=cfg.with_entropy, remat=True)
+        old = jax.lax.stop_gradient(logprobs) if on_policy else mb.old_logprobs
+        tis = None
+        if tis_cap > 0:
+            tis = jnp.minimum(jnp.exp(jnp.where(mb.completion_mask, old - mb.engine_logprobs, 0.0)), tis_cap)
+        loss, metrics = grpo.policy_loss(
+            logprobs, old, mb.advantages, mb.completion_mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            loss_agg=cfg.loss_agg, is_level=cfg.is_level, beta=cfg.beta, ref_logprobs=mb.ref_logprobs,
+            normalizer=normalizer, tis_weights=tis, entropy=entropy if cfg.with_entropy else None)
+        return loss, (metrics, logprobs)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def train_step(trainable, frozen, opt_state, batch: Batch):
+        rows, completion_len = batch.completion_mask.shape
+        normalizer = grpo.loss_normalizer(batch.completion_mask, cfg.loss_agg,
+                                          cfg.max_completion_tokens or completion_len)
+        micro = cfg.micro_batch_rows or rows
+        micro_batches = _micro_batches(batch, rows, micro)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        (_, (metric_shapes, _)), _ = jax.eval_shape(grad_fn, trainable, frozen, first, normalizer)
+        zero_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+
+        def accumulate(carry, mb):
+            grads, metrics = carry
+            (_, (m, logprobs)), g = grad_fn(trainable, frozen, mb, normalizer)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, grpo.combine(metrics, m)), logprobs
+
+        (grads, metrics), logprobs = jax.lax.scan(
+            accumulate, (zero_grads, _zero_like_metrics(metric_shapes)), micro_batches)
+        grad_norm = optax.global_norm(grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        out = grpo.finalize(metrics)
+        out["grad_norm"] = grad_norm
+        out["update_norm"] = optax.global_norm(updates)
+        return trainable, opt_state, out, logprobs.reshape(rows, completion_len)
+
+    return train_step
+
+
+def _zero_like_metrics(metrics: dict[str, grpo.Accumulated]) -> dict[str, grpo.Accumulated]:
+    """Identity elements of `grpo.combine` for each metric's reduction."""
+    identity = {"mean": 0.0, "sum": 0.0, "min": jnp.inf, "max": -jnp.inf}
+    return {k: grpo.Accumulated(jnp.full(m.value.shape, identity[m.reduce], jnp.float32),
+                                jnp.zeros(m.count.shape, jnp.float32), m.reduce) for k, m in metrics.items()}
+
+
+def build_batch(rollout, prompt_len: int, advantages: np.ndarray, old_logprobs: np.ndarray | None = None,
+                ref_logprobs: np.ndarray | None = None, pad_id: int = 0) -> Batch:
+    """Host arrays of a `Batch` from a `Rollout` (rows grouped by prompt).
+
+    prompt_len: the padded prompt width P (>= the longest prompt; a bucket keeps shapes static).
+    """
+    rows, completion_len = rollout.completion_ids.shape
+    tokens = np.full((rows, prompt_len + completion_len), pad_id, np.int32)
+    valid = np.zeros((rows, prompt_len + completion_len), bool)
+    for row in range(rows):
+        prompt = rollout.prompt_ids[int(rollout.prompt_index[row])]
+        if len(prompt) > prompt_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the padded width {prompt_len}")
+        tokens[row, prompt_len - len(prompt):prompt_len] = prompt
+        valid[row, prompt_len - len(prompt):prompt_len] = True
+    mask = np.asarray(rollout.completion_mask, bool)
+    tokens[:, prompt_len:] = np.where(mask, rollout.completion_ids, pad_id)
+    valid[:, prompt_len:] = mask
+    engine = np.where(mask, rollout.logprobs, 0.0).astype(np.float32)
+    return Batch(tokens=tokens, valid=valid, completion_mask=mask,
+                 advantages=np.asarray(advantages, np.float32),
+                 old_logprobs=engine if old_logprobs is None else np.asarray(old_logprobs, np.float32),
+                 engine_logprobs=engine, ref_logprobs=ref_logprobs)
+
+
+def bucket(length: int, multiple: int = 64) -> int:
+    """Round a prompt width up so jitted shapes repeat across steps."""
+    return max(multiple, -(-length // multiple) * multiple)
