@@ -267,7 +267,7 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
         writer.close()
         manager.wait_until_finished()
         manager.close()
-    nnx.update(model, nnx.merge(graphdef, trainable, frozen))
+    nnx.update(model, trainable)
     metrics_lib.plot_metrics(workdir)
     return {**last, "stopped_early": stopped_early}
 
