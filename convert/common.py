@@ -197,7 +197,8 @@ def load_converted(path: Path) -> Qwen3:
     try:
         state = load_pytree(path / PARAMS_DIR, target=abstract_state)
     except CheckpointError as e:
-        raise ConvertError(f"{path / PARAMS_DIR} does not hold the parameters {MODEL_CONFIG_FILE} describes: {e}") from e
+        raise ConvertError(
+            f"{path / PARAMS_DIR} does not hold the parameters {MODEL_CONFIG_FILE} describes: {e}") from e
     return nnx.merge(graphdef, state)
 
 
