@@ -94,3 +94,18 @@ def test_trainable_split_is_lora_only_when_adapters_exist():
     assert leaves and all(isinstance(v, jm.LoRAParam) for v in leaves)
     _, trainable, frozen = step_lib.split_trainable(_model(with_lora=False))
     assert sum(x.size for x in jax.tree.leaves(trainable)) == jm.preset("tiny", vocab_size=128).num_params()
+
+
+def test_a_step_moves_probability_toward_rewarded_completions():
+    rollout = _rollout(seed=4)
+    advantages = np.array([1, -1, 1, -1, 1, -1, 1, -1], np.float32)
+    batch = jax.tree.map(jnp.asarray, step_lib.build_batch(rollout, prompt_len=8, advantages=advantages))
+    model = _model(with_lora=False)
+    graphdef, trainable, frozen = step_lib.split_trainable(model)
+    opt = optax.sgd(0.05)  # small enough that the first-order effect dominates
+    train_step = step_lib.make_train_step(graphdef, opt, step_lib.LossConfig(), on_policy=True)
+    trainable, opt_state, _, before = train_step(trainable, frozen, opt.init(trainable), batch)
+    _, _, _, after = train_step(trainable, frozen, opt_state, batch)
+    mask = np.asarray(batch.completion_mask)
+    change = ((np.asarray(after) - np.asarray(before)) * mask).sum(1)
+    assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), change
