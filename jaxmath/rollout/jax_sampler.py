@@ -1,0 +1,473 @@
+"""The in-process JAX rollout engine: token ids in, completions and their logprobs out.
+
+For a batch of prompts and K samples each, `JaxSampler.generate`
+
+1. splits the request into sub-batches of at most `max_batch_rows` rows (a prompt's K samples stay
+   together) and refuses up front, naming the knobs to turn, a sub-batch whose KV cache and logits
+   do not fit the memory budget;
+2. left-pads each sub-batch to a prompt-length bucket (powers of two by default), so shapes and
+   compiles are reused across calls;
+3. prefills each prompt once and `jnp.repeat`s its KV cache to its K sample rows;
+4. decodes under one jitted `lax.while_loop` that exits as soon as every row has finished, with the
+   KV cache donated.
+
+Sampling is fused with the LM head, vocabulary chunk by vocabulary chunk (`vocab_chunk`): a chunk's
+logits are drawn by inverse CDF with one uniform, and the chunks are combined by weighted reservoir
+sampling with a second uniform, so the draw is exact, the full [rows, 151,936] logits never exist and
+no per-vocabulary-entry random numbers are made (`jax.random.categorical` over the full vocabulary
+costs more than the LM head on a CPU). The sampled token's logprob comes out of the same pass:
+under softmax(logits / T) for T > 0, under the untempered softmax for greedy (T == 0). Top-k and
+top-p (for evaluation only) take a full-vocabulary path, and their logprobs are those of the
+truncated, renormalised distribution actually sampled from, which is biased for GRPO ratios.
+
+Randomness is per row: row (prompt i of the call, sample j) uses
+`fold_in(fold_in(key(seed), i), j)`, and step t folds in t, so a row's completion does not depend
+on how the request was split or on which other prompts came with it.
+
+A stop token (`SamplingParams.stop_token_ids`; `stop_tokens_for(config)` gives the model's eos) is
+part of the completion and of its mask; after it a row emits pad id 0 with mask False. Passing no
+stop ids generates exactly max_new_tokens per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmath.model.config import Qwen3Config, dtype_from_name
+from jaxmath.model.lora import has_lora, merge_lora
+from jaxmath.model.qwen3 import KVCache, Qwen3
+from jaxmath.model.sharding import use_mesh
+from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
+
+F32 = jnp.float32
+PAD_ID = 0
+LORA_MODES = ("merge", "on_the_fly", "auto")
+# Within a vocabulary chunk the inverse CDF runs in two levels (groups of this many tokens, then
+# tokens in the chosen group), so both cumulative sums are short.
+_GROUP = 64
+# Stop ids are passed as a fixed-size array (padded with -1) so their number does not recompile.
+_STOP_SLOTS = 8
+
+
+class SamplerMemoryError(ValueError):
+    """A generate request whose KV cache and working memory do not fit the budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How the JAX sampler batches, buckets and sizes its work.
+
+    prompt_buckets:      allowed padded prompt lengths, ascending; empty means powers of two from
+                         `min_bucket` (a longer prompt takes the next power of two)
+    min_bucket:          the smallest power-of-two bucket
+    max_batch_rows:      rows (prompts x samples) decoded together; larger requests are split
+    cache_dtype:         KV cache dtype ("float32", "bfloat16"); "" uses the model's compute dtype
+    memory_budget_bytes: bytes a sub-batch's KV cache and logits may take; 0 = free device memory
+                         when the device reports it, else 90% of available host RAM
+    lora_mode:           "merge" folds adapters into a copy of the kernels at `update_weights`,
+                         "on_the_fly" applies them at every step, "auto" = merge (measured faster,
+                         docs/BENCHMARKS.md)
+    vocab_chunk:         vocabulary rows per fused head+sampling step; 0 = the whole vocabulary
+    """
+
+    prompt_buckets: tuple[int, ...] = ()
+    min_bucket: int = 16
+    max_batch_rows: int = 256
+    cache_dtype: str = ""
+    memory_budget_bytes: int = 0
+    lora_mode: str = "auto"
+    vocab_chunk: int = 2048
+
+    def __post_init__(self):
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"sampler.lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
+        if self.max_batch_rows < 1 or self.min_bucket < 1 or self.vocab_chunk < 0 or self.memory_budget_bytes < 0:
+            raise ValueError("sampler.max_batch_rows and min_bucket must be >= 1, vocab_chunk and "
+                             "memory_budget_bytes >= 0")
+        if list(self.prompt_buckets) != sorted(set(self.prompt_buckets)) or any(b < 1 for b in self.prompt_buckets):
+            raise ValueError(f"sampler.prompt_buckets must be strictly ascending positive lengths, "
+                             f"got {self.prompt_buckets}")
+        if self.cache_dtype:
+            dtype_from_name(self.cache_dtype)
+
+
+def stop_tokens_for(model_config: Qwen3Config) -> tuple[int, ...]:
+    """The model's own end-of-sequence ids (config.json `eos_token_id`), for SamplingParams.stop_token_ids."""
+    return model_config.stop_token_ids
+
+
+# --- sampling: pure functions of logits or of hidden states ----------------------------------------
+
+
+def _pad_to_groups(logits: jax.Array) -> jax.Array:
+    pad = -logits.shape[-1] % _GROUP
+    return jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else logits
+
+
+def inverse_cdf(logits: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draw one index per row from softmax(logits) with one uniform per row.
+
+    logits: [rows, n] float32 (-inf for excluded entries; at least one finite per row)
+    u:      [rows] float32 in [0, 1)
+    returns index [rows] int32, row max [rows], sum of exp(logits - max) [rows]
+
+    Two levels (group sums, then tokens in the chosen group) keep the cumulative sums short. Rounding
+    can only move the draw to a neighbouring entry of nonzero probability, never onto a zero one.
+    """
+    rows, n = logits.shape
+    logits = _pad_to_groups(logits)
+    groups = logits.shape[1] // _GROUP
+    row_max = jnp.max(logits, axis=-1)
+    weights = jnp.exp(logits - row_max[:, None]).reshape(rows, groups, _GROUP)
+    group_sums = jnp.sum(weights, axis=-1)
+    group_cdf = jnp.cumsum(group_sums, axis=-1)
+    total = group_cdf[:, -1]
+    target = jnp.minimum(u * total, jnp.nextafter(total, 0.0))
+    group = jnp.minimum(jnp.sum(group_cdf <= target[:, None], axis=-1), groups - 1)
+    before = jnp.take_along_axis(group_cdf - group_sums, group[:, None], axis=1)[:, 0]
+    in_group = jnp.take_along_axis(weights, group[:, None, None], axis=1)[:, 0]  # [rows, _GROUP]
+    within_cdf = jnp.cumsum(in_group, axis=-1)
+    last_nonzero = _GROUP - 1 - jnp.argmax(in_group[:, ::-1] > 0, axis=-1)
+    offset = jnp.minimum(jnp.sum(within_cdf <= (target - before)[:, None], axis=-1), last_nonzero)
+    return (group * _GROUP + offset).astype(jnp.int32), row_max, total
+
+
+def truncate_logits(logits: jax.Array, top_k: int, top_p: jax.Array | float) -> jax.Array:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits [rows, vocab]."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    ordered = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
+    threshold = jnp.take_along_axis(ordered, keep[:, None] - 1, axis=1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_full(hidden: jax.Array, head: jax.Array, u: jax.Array, inv_temperature: jax.Array, *,
+                greedy: bool, top_k: int = 0, top_p: jax.Array | float = 1.0,
+                truncate: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sample from the whole vocabulary at once (needed for top-k / top-p).
+
+    hidden [rows, d], head [vocab, d], u [rows] -> token [rows] int32, logprob [rows] float32.
+    """
+    logits = jnp.einsum("bd,vd->bv", hidden, head.astype(hidden.dtype), preferred_element_type=F32)
+    if greedy:
+        token, row_max = first_argmax(logits)
+        # The picked logit is the maximum, so its logprob is -log sum exp(logits - max).
+        return token, -jnp.log(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1))
+    logits = logits * inv_temperature
+    if truncate:
+        logits = truncate_logits(logits, top_k, top_p)
+    token, row_max, total = inverse_cdf(logits, u)
+    return token, _picked(logits, token) - row_max - jnp.log(total)
+
+
+def _picked(logits: jax.Array, token: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0]
+
+
+def first_argmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(first index of the row maximum [rows] int32, the maximum [rows]) of logits [rows, n].
+
+    Two plain reductions instead of `jnp.argmax`, whose (value, index) reduction XLA's CPU backend
+    does not vectorise: greedy decoding ran at half the speed of sampling with it."""
+    row_max = jnp.max(logits, axis=-1)
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == row_max[:, None], ids, logits.shape[-1]), axis=-1), row_max
+
+
+def chunk_head(head: jax.Array, vocab_chunk: int) -> jax.Array:
+    """[vocab, d] -> [chunks, chunk, d], zero-padded; padded rows are masked by vocabulary id."""
+    vocab, d = head.shape
+    chunk = min(vocab_chunk or vocab, vocab)
+    pad = -vocab % chunk
+    return jnp.pad(head, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+
+
+def sample_chunked(hidden: jax.Array, head_chunks: jax.Array, vocab_size: int, u: jax.Array,
+                   inv_temperature: jax.Array, *, greedy: bool) -> tuple[jax.Array, jax.Array]:
+    """LM head fused with exact sampling, one vocabulary chunk at a time.
+
+    hidden [rows, d], head_chunks [chunks, chunk, d], u [rows, chunks, 2] float32 uniforms
+    returns token [rows] int32 and its logprob [rows] float32 (tempered; untempered when greedy)
+
+    Each chunk draws a candidate by inverse CDF (u[..., 0]); the running candidate is replaced with
+    probability chunk mass / mass so far (u[..., 1]), which is weighted reservoir sampling of size
+    one: token v ends up chosen with probability exp(l_v) / sum exp(l). Greedy keeps the first
+    maximum, like argmax.
+    """
+    rows = hidden.shape[0]
+    chunks, chunk, _ = head_chunks.shape
+    scale = jnp.ones((), F32) if greedy else inv_temperature.astype(F32)
+
+    def step(carry, xs):
+        run_max, run_sum, token, token_logit = carry
+        weights, index, uc = xs
+        logits = jnp.einsum("bd,vd->bv", hidden, weights.astype(hidden.dtype), preferred_element_type=F32) * scale
+        ids = index * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        logits = jnp.where(ids[None, :] < vocab_size, logits, -jnp.inf)
+        if greedy:
+            local, chunk_max = first_argmax(logits)
+            chunk_sum = jnp.sum(jnp.exp(logits - chunk_max[:, None]), axis=-1)
+        else:
+            local, chunk_max, chunk_sum = inverse_cdf(logits, uc[:, 0])
+        new_max = jnp.maximum(run_max, chunk_max)
+        chunk_mass = chunk_sum * jnp.exp(chunk_max - new_max)
+        new_sum = run_sum * jnp.exp(run_max - new_max) + chunk_mass
+        take = chunk_max > run_max if greedy else uc[:, 1] * new_sum < chunk_mass
+        token = jnp.where(take, index * chunk + local, token)
+        token_logit = jnp.where(take, _picked(logits, local), token_logit)
+        return (new_max, new_sum, token, token_logit), None
+
+    init = (jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32), jnp.zeros((rows,), jnp.int32),
+            jnp.zeros((rows,), F32))
+    xs = (head_chunks, jnp.arange(chunks, dtype=jnp.int32), jnp.moveaxis(u, 1, 0))
+    (run_max, run_sum, token, token_logit), _ = jax.lax.scan(step, init, xs)
+    return token, token_logit - run_max - jnp.log(run_sum)
+
+
+def row_keys(seed: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> jax.Array:
+    """[rows] keys from (seed, prompt index within the call, sample index)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(
+        jnp.asarray(prompt_index, jnp.uint32), jnp.asarray(sample_index, jnp.uint32))
+
+
+# --- the jitted steps -----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_len", "cache_dtype"))
+def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_len: int, cache_dtype: Any):
+    """tokens/token_valid [prompts, bucket] left-padded -> (last hidden [rows, d], cache of rows),
+    rows = prompts * num_samples in prompt-major order."""
+    model = nnx.merge(graphdef, state)
+    with jax.named_scope("prefill"):
+        cache = model.init_cache(tokens.shape[0], cache_len, cache_dtype)
+        hidden, cache = model.forward_with_cache(tokens, token_valid, cache)
+    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    # Each prompt is prefilled once; its K sample rows share copies of its cache.
+    cache = KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
+                    valid=repeat(cache.valid), lengths=repeat(cache.lengths), index=cache.index)
+    return repeat(hidden[:, -1]), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",),
+                   static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "truncate", "vocab_chunk"))
+def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperature, top_p, *,
+            max_new_tokens: int, greedy: bool, top_k: int, truncate: bool, vocab_chunk: int):
+    """Sample up to max_new_tokens per row under a while_loop that exits when every row has finished.
+
+    hidden [rows, d] (the state after the prompt), keys [rows] PRNG keys, live [rows] bool (False for
+    padding rows), stop_ids [_STOP_SLOTS] int32 (-1 unused). Returns tokens, logprobs, mask
+    [rows, max_new_tokens], stopped [rows] bool, the number of steps run and the final cache.
+    """
+    model = nnx.merge(graphdef, state)
+    rows = hidden.shape[0]
+    head = model.head_weight
+    vocab = head.shape[0]
+    fused = not (truncate or vocab_chunk == 0)
+    head_chunks = chunk_head(head, vocab_chunk) if fused else head
+    draws = (head_chunks.shape[0], 2) if fused else (1,)
+
+    def cond(carry):
+        step, finished = carry[0], carry[1]
+        return (step < max_new_tokens) & ~jnp.all(finished)
+
+    def body(carry):
+        step, finished, stopped, hidden, cache, tokens, logprobs, mask = carry
+        with jax.named_scope("sample"):
+            u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), draws, F32))(keys)
+            if fused:
+                token, logprob = sample_chunked(hidden, head_chunks, vocab, u, inv_temperature, greedy=greedy)
+            else:
+                token, logprob = sample_full(hidden, head_chunks, u[:, 0], inv_temperature, greedy=greedy,
+                                             top_k=top_k, top_p=top_p, truncate=truncate)
+        active = ~finished
+        token = jnp.where(active, token, PAD_ID)
+        column = (0, step)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], column)
+        logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(active, logprob, 0.0)[:, None], column)
+        mask = jax.lax.dynamic_update_slice(mask, active[:, None], column)
+        hit = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        with jax.named_scope("decode_step"):
+            new_hidden, cache = model.forward_with_cache(token[:, None], jnp.ones((rows, 1), bool), cache)
+        return (step + 1, finished | hit, stopped | hit, new_hidden[:, 0], cache, tokens, logprobs, mask)
+
+    init = (jnp.zeros((), jnp.int32), ~live, jnp.zeros((rows,), bool), hidden, cache,
+            jnp.zeros((rows, max_new_tokens), jnp.int32), jnp.zeros((rows, max_new_tokens), F32),
+            jnp.zeros((rows, max_new_tokens), bool))
+    step, _, stopped, _, cache, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
+    # Returning the cache lets XLA alias it to the donated input, so the loop updates it in place.
+    return tokens, logprobs, mask, stopped, step, cache
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+def _available_bytes(mesh: jax.sharding.Mesh | None) -> int:
+    device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return int(0.9 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # the platform cannot tell; the allocator will
+
+
+class JaxSampler:
+    """A RolloutEngine running the model in this process.
+
+        sampler = JaxSampler(model, SamplerConfig(max_batch_rows=256))
+        rollout = sampler.generate(prompt_ids, SamplingParams(max_new_tokens=512, num_samples=8,
+                                                              stop_token_ids=stop_tokens_for(model.config)))
+        sampler.update_weights(trained_model)   # after each optimizer step
+
+    `last_stats` holds, after each generate, the decode steps run per sub-batch and the seconds spent.
+    """
+
+    def __init__(self, model: Qwen3, config: SamplerConfig = SamplerConfig(), *, mesh: jax.sharding.Mesh | None = None):
+        self.config = config
+        self.mesh = mesh
+        self.last_stats: dict[str, Any] = {}
+        self.update_weights(model)
+
+    @property
+    def model_config(self) -> Qwen3Config:
+        return self._model_config
+
+    def update_weights(self, model: Qwen3) -> None:
+        """Generate with `model`'s current weights from now on. LoRA adapters are merged into a copy
+        of the kernels ("merge"/"auto"; the trainer's model is untouched) or applied at every step."""
+        self._model_config = model.config
+        graphdef, state = nnx.split(model)
+        if has_lora(model) and self.config.lora_mode in ("merge", "auto"):
+            # A fresh module over the same arrays: merging replaces its kernels, not the trainer's.
+            copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+            merge_lora(copy)
+            graphdef, state = nnx.split(copy)
+        self._graphdef, self._state = graphdef, state
+
+    # --- planning -------------------------------------------------------------------------------
+
+    def bucket_for(self, length: int) -> int:
+        """The padded prompt length used for a sub-batch whose longest prompt has `length` tokens."""
+        buckets = self.config.prompt_buckets
+        if buckets:
+            for b in buckets:
+                if b >= length:
+                    return b
+            raise ValueError(f"a prompt has {length} tokens, more than the largest sampler.prompt_buckets "
+                             f"entry {buckets[-1]}; add a larger bucket or shorten the prompt")
+        return max(self.config.min_bucket, 1 << max(0, (length - 1).bit_length()))
+
+    def bytes_needed(self, prompts: int, num_samples: int, cache_len: int, *, full_vocab: bool = False) -> int:
+        """Peak bytes of one sub-batch beyond the weights: the prompts' cache, its K-fold copy, and
+        the logits working set of one sampling step."""
+        c = self._model_config
+        rows = prompts * num_samples
+        cache = KVCache.nbytes_for(c, prompts + rows, cache_len, self._cache_dtype())
+        width = c.vocab_size if full_vocab else min(self.config.vocab_chunk or c.vocab_size, c.vocab_size)
+        # logits, their exponentials and (for top-p) a sorted copy, float32
+        logits = rows * width * 4 * (4 if full_vocab else 2)
+        prompt_logits = prompts * cache_len * c.hidden_size * 4 * 4  # prefill activations, roughly
+        return cache + logits + prompt_logits
+
+    def _cache_dtype(self):
+        return dtype_from_name(self.config.cache_dtype) if self.config.cache_dtype else self._model_config.dtype
+
+    def _check_memory(self, prompts: int, num_samples: int, cache_len: int, full_vocab: bool) -> None:
+        need = self.bytes_needed(prompts, num_samples, cache_len, full_vocab=full_vocab)
+        budget = self.config.memory_budget_bytes or _available_bytes(self.mesh)
+        if need > budget:
+            rows = prompts * num_samples
+            raise SamplerMemoryError(
+                f"generation of {rows} rows x {cache_len} cache slots needs about {need / 2**30:.2f} GiB "
+                f"(KV cache {KVCache.nbytes_for(self._model_config, rows, cache_len, self._cache_dtype()) / 2**30:.2f} "
+                f"GiB) but the budget is {budget / 2**30:.2f} GiB; lower max_new_tokens or num_samples, "
+                f"set sampler.max_batch_rows below {rows}, use sampler.cache_dtype=bfloat16, or raise "
+                f"sampler.memory_budget_bytes")
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+        """Sample `params.num_samples` completions per prompt; rows grouped by prompt (see Rollout)."""
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (got an empty prompt)")
+        k = params.num_samples
+        if k > self.config.max_batch_rows:
+            raise ValueError(f"num_samples={k} exceeds sampler.max_batch_rows={self.config.max_batch_rows}; "
+                             "a prompt's samples share one prefill, so raise max_batch_rows to at least num_samples")
+        if len(params.stop_token_ids) > _STOP_SLOTS:
+            raise ValueError(f"at most {_STOP_SLOTS} stop token ids are supported, got {len(params.stop_token_ids)}")
+        per_batch = max(1, self.config.max_batch_rows // k)
+        n = params.max_new_tokens
+        longest = max(len(p) for p in prompts)
+        limit = self._model_config.max_position_embeddings
+        if longest + n > limit:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({n}) exceeds the model's "
+                             f"max_position_embeddings {limit}; shorten the prompt or lower max_new_tokens")
+        truncate = params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
+        # Plan and check every sub-batch before running any, so a request fails before any work.
+        plans = []
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start:start + per_batch]
+            padded = min(per_batch, 1 << (len(chunk) - 1).bit_length())
+            bucket = self.bucket_for(max(len(p) for p in chunk))
+            self._check_memory(padded, k, bucket + n, truncate or self.config.vocab_chunk == 0)
+            plans.append((start, chunk, padded, bucket))
+        outputs, steps = [], []
+        began = time.perf_counter()
+        with use_mesh(self.mesh):
+            for start, chunk, padded, bucket in plans:
+                result = self._generate_batch(start, chunk, padded, bucket, params, truncate)
+                outputs.append(result[:4])
+                steps.append(result[4])
+        tokens, logprobs, mask, stopped = (np.concatenate(parts) for parts in zip(*outputs))
+        self.last_stats = {"decode_steps": steps, "seconds": time.perf_counter() - began,
+                           "sub_batches": len(plans)}
+        return Rollout(prompt_ids=prompts, completion_ids=tokens, logprobs=logprobs, completion_mask=mask,
+                       finish_reason=np.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(np.int8),
+                       prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), k))
+
+    def _generate_batch(self, start: int, chunk: list[list[int]], padded: int, bucket: int,
+                        params: SamplingParams, truncate: bool):
+        k, n = params.num_samples, params.max_new_tokens
+        tokens = np.full((padded, bucket), PAD_ID, np.int32)
+        valid = np.zeros((padded, bucket), bool)
+        for i, p in enumerate(chunk):
+            tokens[i, bucket - len(p):] = p
+            valid[i, bucket - len(p):] = True
+        valid[len(chunk):, -1] = True  # padding prompts: one pad token, so their rows stay finite
+        hidden, cache = _prefill(self._graphdef, self._state, tokens, valid, num_samples=k, cache_len=bucket + n,
+                                 cache_dtype=self._cache_dtype())
+        rows = padded * k
+        prompt_index = start + np.arange(rows) // k
+        keys = row_keys(params.seed, prompt_index, np.arange(rows) % k)
+        live = np.arange(rows) < len(chunk) * k
+        stop_ids = np.full((_STOP_SLOTS,), -1, np.int32)
+        stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
+        greedy = params.temperature == 0
+        out = _decode(self._graphdef, self._state, cache, hidden, keys, live, stop_ids,
+                      np.float32(0.0 if greedy else 1.0 / params.temperature), np.float32(params.top_p),
+                      max_new_tokens=n, greedy=greedy, top_k=params.top_k if truncate else 0,
+                      truncate=truncate, vocab_chunk=self.config.vocab_chunk)
+        tokens_out, logprobs, mask, stopped, steps = jax.device_get(out[:5])
+        del out
+        used = len(chunk) * k
+        return tokens_out[:used], logprobs[:used], mask[:used], stopped[:used], int(steps)
