@@ -67,6 +67,7 @@ class SFTConfig:
     export:           at the end, merge LoRA and write an HF-format model to <workdir>/export
     train_files:      JSONL files of traces for `python -m jaxmath.main` (relative to data.dir); rows
                       hold `messages`, or `problem` with `trace` (jaxmath.distill output) or `traces`
+    train_sources:    keep only rows whose `source` is listed (empty: all rows)
     max_trace_chars:  drop traces at least this long (0 keeps all; the study filtered OpenR1 at 4,000)
     """
 
@@ -97,6 +98,7 @@ class SFTConfig:
     remat: bool = True
     export: bool = True
     train_files: tuple[str, ...] = ()
+    train_sources: tuple[str, ...] = ()
     max_trace_chars: int = 0
 
     def __post_init__(self):

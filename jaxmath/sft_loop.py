@@ -16,6 +16,7 @@ and with `export` an HF-format model in export/ (LoRA merged, tokenizer saved) t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -36,13 +37,15 @@ from jaxmath.sft import SFTConfig, TokenizedExample
 
 
 def load_sft_examples(paths: Sequence[str | os.PathLike], tokenizer: Any, *, max_trace_chars: int = 0,
-                      enable_thinking: bool = False) -> list[TokenizedExample]:
+                      sources: Sequence[str] = (), enable_thinking: bool = False) -> list[TokenizedExample]:
     """Chat-formatted, tokenized documents from JSONL trace files.
 
     A row holds `messages` (a chat, used as is), or `problem` plus `trace` (one assistant answer,
     e.g. jaxmath.distill's output; rows with `correct: false` are skipped) or `traces` (a list, one
     document each, e.g. OpenR1 rows). Problems get the same user turn as evaluation
     (`jaxmath.data.prompts.build_messages`: the problem, then the \\boxed{} instruction).
+    sources: keep only rows whose `source` field is listed (empty: all); max_trace_chars > 0 drops
+    traces at least that long.
     """
     from jaxmath.data.prompts import build_messages
 
@@ -56,6 +59,8 @@ def load_sft_examples(paths: Sequence[str | os.PathLike], tokenizer: Any, *, max
                 if not line.strip():
                     continue
                 row = json.loads(line)
+                if sources and row.get("source") not in sources:
+                    continue
                 if "messages" in row:
                     chats = [row["messages"]]
                 elif "problem" in row and ("trace" in row or "traces" in row):
@@ -151,10 +156,8 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     except ValueError as e:
         raise ValueError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
                          f"{cfg.batch_size}); {e}. Lower sft.warmup_steps or raise steps/epochs") from e
-    optimizer = make_optimizer(opt_cfg)
-    opt_state = optimizer.init(trainable)
-    step_fn = sft.make_sft_step(graphdef, optimizer, chunk_size=cfg.chunk_size, remat=cfg.remat)
-    eval_step = sft.make_eval_step(graphdef, chunk_size=cfg.chunk_size)
+    optimizer, step_fn, eval_step = _compiled_steps(graphdef, opt_cfg, cfg.chunk_size, cfg.remat)
+    opt_state = _init_opt_state(optimizer, trainable)
     shard = _sharder(mesh)
 
     manager = CheckpointManager(workdir / "checkpoints", keep_last=max(cfg.keep_last, 1))
@@ -172,7 +175,8 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     last: dict[str, float] = {}
     throughput = []
     end = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
-    with MetricsWriter(workdir, tensorboard=False, resume_step=start) as writer:
+    # Records are numbered by updates done (1..), so the checkpoint at `start` covers records <= start.
+    with MetricsWriter(workdir, tensorboard=False, resume_step=start + 1) as writer:
         bar = progress(end - start, desc="sft")
         for step in range(start, end):
             arrays = sft.pack_examples(examples, cfg.max_seq_len, batches[step], num_rows=cfg.batch_size)
@@ -218,6 +222,31 @@ def export(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: Any = None)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_steps(graphdef, opt_cfg, chunk_size: int, remat: bool):
+    """(optimizer, step, eval_step) shared by runs with the same model structure and optimizer, so a
+    second run_sft in one process (a resumed run, a sweep, the demo) reuses the compiled step."""
+    optimizer = make_optimizer(opt_cfg)
+    return (optimizer, sft.make_sft_step(graphdef, optimizer, chunk_size=chunk_size, remat=remat),
+            sft.make_eval_step(graphdef, chunk_size=chunk_size))
+
+
+def _init_opt_state(optimizer, trainable):
+    """optimizer.init with every leaf on the params' mesh: counters created off-mesh have another
+    type than the ones the step returns, and the second step would compile again."""
+    opt_state = jax.jit(optimizer.init)(trainable)
+    shardings = [x.sharding for x in jax.tree.leaves(trainable)]
+    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
+    if mesh is None:
+        return opt_state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        return x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, opt_state)
 
 
 def _sharder(mesh: jax.sharding.Mesh | None):
