@@ -56,7 +56,8 @@ def get_config(arg: str = "a") -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"
     config.model.param_dtype = ""
     config.model.remat = "full"
-    config.model.attention_impl = ""
+    # cuDNN attention: 1.5x the SFT step of XLA's on an H200 (docs/BENCHMARKS.md); "" or "xla" on a CPU.
+    config.model.attention_impl = "cudnn"
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = "runs/distill"  # where the trace files are

@@ -47,6 +47,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                                       "on CPU, the compute dtype otherwise)")
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA adapters only (alpha = 2 * rank)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    p.add_argument("--attention_impl", default="", help="'' lets JAX choose; 'xla' or 'cudnn'")
     p.add_argument("--chunk_size", type=int, default=1024, help="token positions per LM-head chunk")
     p.add_argument("--peak_flops", type=float, default=989e12, help="device peak FLOP/s for MFU")
     p.add_argument("--skip_hf", action="store_true", help="time jaxmath only")
@@ -81,9 +82,11 @@ def _jax_side(args: argparse.Namespace):
     param_dtype = dtype_from_name(args.param_dtype) if args.param_dtype else (
         jnp.float32 if args.lora_rank == 0 and args.dtype == "float32" else dtype)
     if args.model:
-        model = from_pretrained(args.model, dtype=dtype, param_dtype=param_dtype, remat=args.remat)
+        model = from_pretrained(args.model, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
+                                attention_impl=args.attention_impl or None)
     elif args.preset and args.random_weights:
-        model = init_model(preset(args.preset, dtype=dtype, param_dtype=param_dtype, remat=args.remat))
+        model = init_model(preset(args.preset, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
+                                  attention_impl=args.attention_impl or None))
     else:
         raise SystemExit("pass --model=DIR, or --preset=NAME --random_weights")
     lora_params = apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)) \
@@ -149,6 +152,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": args.model or args.preset, "batch": args.batch, "micro_batch": args.micro_batch or args.batch,
         "seq": args.seq, "dtype": args.dtype, "lora_rank": args.lora_rank, "remat": args.remat,
+        "attention_impl": args.attention_impl or "auto",
         "trainable_params": int(trainable), "compile_s": round(compile_s, 2), "loss": loss,
         "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count()}
 
