@@ -1,0 +1,277 @@
+"""The JAX sampler: greedy equals HF generate, logprobs equal teacher forcing, seeds, sampling
+frequencies, stop tokens and early exit, buckets, the memory check, donation, LoRA modes, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+import jaxmath.model as jm
+from jaxmath.model.lora import LoRAConfig, apply_lora, has_lora, projections
+from jaxmath.rollout import jax_sampler
+from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig, SamplerMemoryError
+from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from tests.hf_models import make_hf_model
+
+VOCAB = 512
+# Prompts of different lengths in one batch: 3 prompts are padded to 4, all in the 16-token bucket.
+PROMPTS = [[5, 17, 301, 44, 9], [120, 7, 7, 88, 400, 31, 2, 250, 19, 3, 61], [77, 12, 450]]
+# Most tests share these, so they share compiled programs (8 rows x 32 tokens, or 2 rows x 32).
+NEW, K = 32, 2
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("sampler_model"))
+    return d, make_hf_model(d, vocab_size=VOCAB, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(hf_pair):
+    return jm.from_pretrained(hf_pair[0], dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    # A small vocab_chunk so the fused path crosses several chunks (512 / 128).
+    return JaxSampler(model, SamplerConfig(vocab_chunk=128))
+
+
+def _teacher_forced_logits(model, rollout):
+    """Logits [rows, NEW, vocab] float64 of a forward pass over prompt + completion, one batch."""
+    width = max(map(len, PROMPTS)) + NEW
+    ids = np.zeros((rollout.num_rows, width), np.int32)
+    for row in range(rollout.num_rows):
+        seq = PROMPTS[rollout.prompt_index[row]] + rollout.completion_ids[row].tolist()
+        ids[row, width - len(seq):] = seq
+    mask = np.zeros_like(ids)
+    for row in range(rollout.num_rows):
+        mask[row, width - len(PROMPTS[rollout.prompt_index[row]]) - NEW:] = 1
+    out = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+    return out[:, width - NEW - 1:-1]
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, attention_mask=mask)
+
+
+def _log_softmax(logits):
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_greedy_matches_hf_generate_batched(hf_pair, sampler):
+    import torch
+
+    _, hf = hf_pair
+    width = max(map(len, PROMPTS))
+    ids = np.zeros((len(PROMPTS), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[:, width:].numpy()
+    rollout = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=0.0))
+    assert out.shape == (3, NEW) and len(set(out[:, 0])) > 1
+    np.testing.assert_array_equal(rollout.completion_ids[::K], out)
+    np.testing.assert_array_equal(rollout.completion_ids[1::K], out)
+    assert rollout.completion_mask.all() and (rollout.finish_reason == FINISH_LENGTH).all()
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (0.7, 0), (1.3, 0), (1.0, 20)])
+def test_logprobs_match_teacher_forcing(model, sampler, temperature, top_k):
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=temperature, top_k=top_k, seed=4)
+    rollout = sampler.generate(PROMPTS, params)
+    logits = _teacher_forced_logits(model, rollout)
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k:
+        # Under top-k the logprob is that of the renormalised top-k distribution.
+        kth = np.sort(logits, -1)[..., -top_k][..., None]
+        logits = np.where(logits >= kth, logits, -np.inf)
+    expected = np.take_along_axis(_log_softmax(logits), rollout.completion_ids[..., None], -1)[..., 0]
+    assert np.isfinite(expected).all(), "a token was sampled outside the top k"
+    np.testing.assert_allclose(rollout.logprobs, expected, atol=1e-4)
+
+
+def test_seeded_reproducible_and_independent_of_batching(model, sampler):
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0, seed=11)
+    first = sampler.generate(PROMPTS, params)
+    again = sampler.generate(PROMPTS, params)
+    np.testing.assert_array_equal(first.completion_ids, again.completion_ids)
+    np.testing.assert_array_equal(first.logprobs, again.logprobs)
+    for i in range(len(PROMPTS)):  # the samples of one prompt differ from each other
+        assert (first.completion_ids[K * i] != first.completion_ids[K * i + 1]).any()
+    other_seed = sampler.generate(PROMPTS, dataclasses.replace(params, seed=12))
+    assert (other_seed.completion_ids != first.completion_ids).any()
+    # Split into sub-batches of one prompt each, the rows are the same (keys follow the prompt index).
+    split = JaxSampler(model, SamplerConfig(vocab_chunk=128, max_batch_rows=K)).generate(PROMPTS, params)
+    assert split.num_rows == first.num_rows
+    np.testing.assert_array_equal(split.completion_ids, first.completion_ids)
+    np.testing.assert_allclose(split.logprobs, first.logprobs, atol=1e-5)
+
+
+def _chi_square_p(counts, probs):
+    keep = probs > 0
+    return stats.chisquare(counts[keep], counts.sum() * probs[keep] / probs[keep].sum()).pvalue
+
+
+@pytest.mark.parametrize("chunk", [0, 128])
+def test_sampling_frequencies_match_softmax(chunk):
+    """100,000 draws over a 300-token vocabulary (not a multiple of the chunk or group size). Fixed
+    seeds; the test passes when Pearson's chi-square p-value is above 1e-3 for the right distribution
+    and below 1e-6 for the same logits at a 10% different temperature (so it can tell them apart)."""
+    vocab, dim, rows, temperature = 300, 16, 100_000, 0.8
+    key = jax.random.key(0)
+    head = jax.random.normal(key, (vocab, dim), jnp.float32)
+    hidden = jnp.broadcast_to(0.6 * jax.random.normal(jax.random.fold_in(key, 1), (1, dim)), (rows, dim))
+    inv_t = jnp.float32(1 / temperature)
+    if chunk:
+        chunks = jax_sampler.chunk_head(head, chunk)
+        u = jax.random.uniform(jax.random.fold_in(key, 2), (rows, chunks.shape[0], 2))
+        draw = jax.jit(lambda h, u: jax_sampler.sample_chunked(h, chunks, vocab, u, inv_t, greedy=False))
+    else:
+        u = jax.random.uniform(jax.random.fold_in(key, 2), (rows,))
+        draw = jax.jit(lambda h, u: jax_sampler.sample_full(h, head, u, inv_t, greedy=False))
+    tokens, logprobs = draw(hidden, u)
+    logits = np.asarray(hidden[0] @ head.T, np.float64)
+    probs = np.exp(logits / temperature - np.logaddexp.reduce(logits / temperature))
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    assert counts.size == vocab
+    assert _chi_square_p(counts, probs) > 1e-3
+    wrong = np.exp(logits / (1.1 * temperature) - np.logaddexp.reduce(logits / (1.1 * temperature)))
+    assert _chi_square_p(counts, wrong) < 1e-6
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(probs[np.asarray(tokens)]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_model_sampling_frequencies_and_top_k(model):
+    """First-token frequencies of 4,096 samples of one prompt follow the model's softmax at T=1.5
+    (chi-square p > 1e-3 over the tokens with expected count >= 5, the rest pooled); top-k=5 never
+    leaves the five most likely tokens."""
+    prompt = PROMPTS[0]
+    logits = np.asarray(model(jnp.asarray([prompt])))[0, -1].astype(np.float64) / 1.5
+    probs = np.exp(logits - np.logaddexp.reduce(logits))
+    big = JaxSampler(model, SamplerConfig(vocab_chunk=128, max_batch_rows=4096))
+    rollout = big.generate([prompt], SamplingParams(max_new_tokens=1, num_samples=4096, temperature=1.5, seed=5))
+    counts = np.bincount(rollout.completion_ids[:, 0], minlength=VOCAB).astype(float)
+    common = probs * 4096 >= 5
+    pooled_counts = np.append(counts[common], counts[~common].sum())
+    pooled_probs = np.append(probs[common], probs[~common].sum())
+    assert _chi_square_p(pooled_counts, pooled_probs) > 1e-3
+    top = big.generate([prompt], SamplingParams(max_new_tokens=1, num_samples=512, temperature=1.5, top_k=5))
+    assert set(top.completion_ids[:, 0]) <= set(np.argsort(-logits)[:5])
+
+
+def test_stop_tokens_end_rows_and_loop_exits_early(sampler):
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0, seed=7)
+    free = sampler.generate(PROMPTS, params).completion_ids
+    stops = tuple(sorted({int(row[5]) for row in free}))  # every row meets a stop id by position 5
+    rollout = sampler.generate(PROMPTS, dataclasses.replace(params, stop_token_ids=stops))
+    ends = [int(np.flatnonzero(np.isin(row, stops))[0]) for row in free]
+    assert max(ends) <= 5
+    for row, end in enumerate(ends):
+        # Same tokens up to and including the stop token, then pad 0 with mask and logprob off.
+        np.testing.assert_array_equal(rollout.completion_ids[row, :end + 1], free[row, :end + 1])
+        assert (rollout.completion_ids[row, end + 1:] == 0).all() and (rollout.logprobs[row, end + 1:] == 0).all()
+        assert rollout.completion_mask[row, :end + 1].all() and not rollout.completion_mask[row, end + 1:].any()
+        assert rollout.completion_token_lists()[row][-1] in stops
+    assert (rollout.finish_reason == FINISH_STOP).all()
+    assert sampler.last_stats["decode_steps"] == [max(ends) + 1]  # the while_loop stopped there
+
+
+def test_buckets_reuse_compiles_and_long_prompts_refused(model):
+    sampler = JaxSampler(model, SamplerConfig(vocab_chunk=128, prompt_buckets=(8, 16)))
+    assert [sampler.bucket_for(n) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0)
+    sampler.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9]], params)
+    compiled = jax_sampler._decode._cache_size()
+    sampler.generate([[9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]], params)  # another length, same bucket
+    assert jax_sampler._decode._cache_size() == compiled
+    with pytest.raises(ValueError, match="prompt_buckets"):
+        sampler.generate([list(range(1, 20))], params)
+    assert JaxSampler(model).bucket_for(17) == 32  # default: powers of two
+
+
+def test_memory_check_refuses_up_front(model):
+    small = JaxSampler(model, SamplerConfig(memory_budget_bytes=10_000_000, max_batch_rows=1024))
+    params = SamplingParams(max_new_tokens=400, num_samples=64, temperature=1.0)
+    before = jax_sampler._prefill._cache_size()
+    with pytest.raises(SamplerMemoryError, match="max_new_tokens.*max_batch_rows"):
+        small.generate([[1, 2, 3]] * 16, params)
+    assert jax_sampler._prefill._cache_size() == before  # refused before compiling anything
+    assert small.bytes_needed(16, 64, 416) > 1.9 * small.bytes_needed(8, 64, 416)
+    # The same kind of request runs once the budget covers it.
+    need = JaxSampler(model, SamplerConfig(vocab_chunk=128)).bytes_needed(4, K, 16 + NEW)
+    roomy = JaxSampler(model, SamplerConfig(memory_budget_bytes=need, vocab_chunk=128))
+    assert roomy.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, num_samples=K)).num_rows == 3 * K
+    with pytest.raises(SamplerMemoryError):
+        JaxSampler(model, SamplerConfig(memory_budget_bytes=need - 1, vocab_chunk=128)).generate(
+            PROMPTS, SamplingParams(max_new_tokens=NEW, num_samples=K))
+
+
+def test_kv_cache_is_donated(model):
+    graphdef, state = nnx.split(model)
+    tokens = np.zeros((1, 16), np.int32)
+    tokens[0, -3:] = [5, 6, 7]
+    hidden, cache = jax_sampler._prefill(graphdef, state, tokens, tokens > 0, num_samples=K, cache_len=16 + NEW,
+                                         cache_dtype=jnp.float32)
+    keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K))
+    out = jax_sampler._decode(graphdef, state, cache, hidden, keys, np.ones(K, bool), np.full(8, -1, np.int32),
+                              np.float32(1.0), np.float32(1.0), max_new_tokens=NEW, greedy=False, top_k=0,
+                              truncate=False, vocab_chunk=128)
+    assert int(out[4]) == NEW
+    assert cache.k.is_deleted() and cache.v.is_deleted()
+
+
+def test_lora_merge_and_on_the_fly_agree_and_follow_updates(hf_pair):
+    trainer = jm.from_pretrained(hf_pair[0], dtype=jnp.float32)
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=0.0)
+    base = JaxSampler(trainer, SamplerConfig(vocab_chunk=128)).generate(PROMPTS, params)
+    apply_lora(trainer, LoRAConfig(rank=4, alpha=8.0), seed=1)
+    for i, (_, dense) in enumerate(projections(trainer)):
+        b = dense.lora_b.get_value()
+        dense.lora_b.set_value(0.3 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    merged = JaxSampler(trainer, SamplerConfig(vocab_chunk=128, lora_mode="merge"))
+    assert has_lora(trainer)  # merging worked on a copy, the trainer keeps its adapters
+    on_the_fly = JaxSampler(trainer, SamplerConfig(vocab_chunk=128, lora_mode="on_the_fly"))
+    out_merged, out_fly = merged.generate(PROMPTS, params), on_the_fly.generate(PROMPTS, params)
+    np.testing.assert_array_equal(out_merged.completion_ids, out_fly.completion_ids)
+    np.testing.assert_allclose(out_merged.logprobs, out_fly.logprobs, atol=1e-4)
+    assert (out_merged.completion_ids != base.completion_ids).any()
+    # After the optimizer zeroes the adapters, update_weights brings the base model back.
+    for _, dense in projections(trainer):
+        dense.lora_b.set_value(jnp.zeros_like(dense.lora_b.get_value()))
+    merged.update_weights(trainer)
+    np.testing.assert_array_equal(merged.generate(PROMPTS, params).completion_ids, base.completion_ids)
+
+
+@pytest.mark.slow
+def test_sharded_batch_matches_single_device(hf_pair, sampler):
+    from jaxmath.model import sharding
+
+    mesh = sharding.make_mesh(data=2, tp=2)
+    sharded_model = jm.from_pretrained(hf_pair[0], dtype=jnp.float32, mesh=mesh)
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0, seed=3)
+    out = JaxSampler(sharded_model, SamplerConfig(vocab_chunk=128), mesh=mesh).generate(PROMPTS, params)
+    ref = sampler.generate(PROMPTS, params)
+    np.testing.assert_array_equal(out.completion_ids, ref.completion_ids)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+
+
+def test_requests_the_engine_must_refuse(sampler):
+    with pytest.raises(ValueError, match="empty prompt"):
+        sampler.generate([[1, 2], []], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        sampler.generate([[1, 2]], SamplingParams(max_new_tokens=2, num_samples=1000))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        sampler.generate([[1, 2]], SamplingParams(max_new_tokens=600))
+    with pytest.raises(ValueError, match="lora_mode"):
+        SamplerConfig(lora_mode="fast")
+    assert jax_sampler.stop_tokens_for(jm.preset("tiny")) == (151645,)
