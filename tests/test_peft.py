@@ -96,3 +96,36 @@ def test_peft_loads_the_adapter_and_matches_jaxmath(tmp_path):
     without = np.asarray(model(jnp.asarray(ids), lora=False))
     assert np.abs(ours - without).max() > 1e-2
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_adapter_only_cli_exports_a_runs_adapters(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from jaxmath.checkpoint import CheckpointManager, TrainState
+
+    model = _adapted()
+    run_dir = tmp_path / "run"
+    state = TrainState(params=nnx.state(model, jm.LoRAParam), opt_state={}, step=3, data_cursor={"index": 3},
+                       rng_key=jax.random.key(0), config={"model": {"path": "/models/base"},
+                                                          "lora": {"rank": 4, "alpha": 8.0}})
+    with CheckpointManager(run_dir) as manager:
+        manager.save(3, state)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "convert.jax_to_hf", f"--ckpt={run_dir}",
+                           f"--out={tmp_path / 'cli'}", "--adapter_only"], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 3
+    peft.save_peft_adapter(model, str(tmp_path / "direct"), "/models/base")
+    config_cli, tensors_cli = peft.read_peft_adapter(str(tmp_path / "cli"))
+    config_direct, tensors_direct = peft.read_peft_adapter(str(tmp_path / "direct"))
+    assert config_cli == config_direct and tensors_cli.keys() == tensors_direct.keys()
+    for name in tensors_cli:
+        np.testing.assert_array_equal(tensors_cli[name], tensors_direct[name])
+    both = subprocess.run([sys.executable, "-m", "convert.jax_to_hf", f"--ckpt={run_dir}", f"--out={tmp_path / 'x'}",
+                           "--adapter_only", "--merge_lora"], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu"), timeout=300)
+    assert both.returncode == 1 and "exclude each other" in both.stderr
