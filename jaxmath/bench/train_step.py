@@ -121,7 +121,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     if not args.skip_hf:
         import torch
 
-        hf_step = _hf_step(args, np.asarray(ids))
+        hf_step = _hf_step(args, np.array(ids))  # a writable copy; torch warns on read-only buffers
         start = time.perf_counter()
         result["hf_loss"] = hf_step()  # warm-up, like jaxmath's first run
         result["hf_first_step_s"] = round(time.perf_counter() - start, 2)
