@@ -5,6 +5,7 @@
     grade(completion_or_answer, gold)       bool, bounded in time, never evaluates model text
     equivalent(a, b)                        symmetric version, for majority-vote grouping
     grade_batch(pairs, workers=N)           in order, on N worker processes
+    correctness_rewards(texts, golds)       the study's binary reward (boxed answer equivalent to gold)
 
 Conventions are listed in `jaxmath.reward.grade`'s docstring and docs/GRADER.md.
 """
@@ -12,5 +13,7 @@ Conventions are listed in `jaxmath.reward.grade`'s docstring and docs/GRADER.md.
 from jaxmath.reward.extract import extract_answer, extract_boxed
 from jaxmath.reward.grade import equivalent, grade, grade_batch
 from jaxmath.reward.pool import shutdown, warmup
+from jaxmath.reward.score import correctness_rewards
 
-__all__ = ["extract_boxed", "extract_answer", "grade", "equivalent", "grade_batch", "warmup", "shutdown"]
+__all__ = ["extract_boxed", "extract_answer", "grade", "equivalent", "grade_batch", "correctness_rewards", "warmup",
+           "shutdown"]
