@@ -1,6 +1,7 @@
-"""The embedded default: a tiny Qwen3 trained from scratch on seeded two-digit additions with a
-built-in character tokenizer. A short SFT warm-up, then GRPO with the `\\boxed{}` reward, then a table
-of held-out greedy accuracy after each phase. Runs on a laptop CPU in minutes; nothing is downloaded.
+"""The embedded default: a tiny Qwen3 trained from scratch on seeded additions (12+5=) with a built-in
+character tokenizer. An SFT warm-up on a flawed teacher (it boxes only 30% of its answers), then
+GRPO with the `\\boxed{}` reward, then a table of held-out greedy accuracy after each phase. Runs on a
+laptop CPU in minutes; nothing is downloaded.
 
     python -m jaxmath.main --config=configs/demo.py --workdir=runs/demo
     python -m jaxmath.main --config=configs/demo.py --config.steps=3 --workdir=/tmp/demo_smoke   # ~1 minute
@@ -27,6 +28,8 @@ def get_config():
 
     c.demo = ml_collections.ConfigDict()
     c.demo.digits = 2
+    c.demo.second_digits = 1
+    c.demo.boxed_fraction = 0.3  # the flawed teacher boxes 30% of its answers
     c.demo.num_eval = 200
     c.demo.hidden_size = 128
     c.demo.intermediate_size = 384
@@ -34,7 +37,7 @@ def get_config():
     c.demo.num_heads = 4
     c.demo.num_kv_heads = 2
     c.demo.head_dim = 32
-    c.demo.sft_steps = 300
+    c.demo.sft_steps = 200
     c.demo.min_sft_steps = 20
     c.demo.default_steps = 60
     c.demo.sft_batch_size = 64
@@ -57,7 +60,7 @@ def get_config():
     c.loss.logprob_chunk = 256
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 3e-4
+    c.optimizer.learning_rate = 1e-4
     c.optimizer.schedule = "constant"
     c.optimizer.max_grad_norm = 1.0
     c.lock()

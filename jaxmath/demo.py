@@ -1,8 +1,9 @@
 """The embedded demo: a tiny Qwen3 learns seeded arithmetic from scratch on a CPU in minutes.
 
-1. a short SFT warm-up teaches the answer format (`\\boxed{47}` then the stop token) and some
-   arithmetic; 2. GRPO with the same `\\boxed{}` reward the real runs use improves it; greedy
-   accuracy on held-out problems is measured after each phase and printed as a small table.
+1. a short SFT warm-up on a flawed teacher's answers (boxed only some of the time, see
+   `jaxmath.data.demo_task`) teaches arithmetic and the teacher's habits; 2. GRPO with the same
+   `\\boxed{}` reward the real runs use optimizes what is actually checked; greedy accuracy on
+   held-out problems is measured after each phase and printed as a small table.
 Nothing is downloaded: the tokenizer is character-level (`jaxmath.data.demo_task`).
 """
 
@@ -23,7 +24,7 @@ from jaxmath.data import demo_task
 from jaxmath.model import init_model
 from jaxmath.model.config import Qwen3Config
 from jaxmath.model.lora import LoRAConfig
-from jaxmath.reward import grade_batch
+from jaxmath.reward import correctness_rewards
 from jaxmath.rl import loop as rl_loop
 from jaxmath.rl import step as step_lib
 from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
@@ -38,6 +39,8 @@ class DemoConfig:
     so a 3-step smoke run finishes in about a minute."""
 
     digits: int = 2
+    second_digits: int = 1
+    boxed_fraction: float = 0.3
     num_eval: int = 200
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -66,7 +69,7 @@ def greedy_accuracy(engine: JaxSampler, tokenizer: demo_task.CharTokenizer, exam
                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                              stop_token_ids=(demo_task.EOS,)))
     texts = [tokenizer.decode(ids) for ids in rollout.completion_token_lists()]
-    return float(np.mean(grade_batch([(t, e.answer) for t, e in zip(texts, examples)])))
+    return float(np.mean(correctness_rewards(texts, [e.answer for e in examples])[0]))
 
 
 def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.LossConfig,
@@ -76,11 +79,12 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
 
     start = time.perf_counter()
     tokenizer = demo_task.CharTokenizer()
-    train, held_out = demo_task.ArithmeticTask(digits=cfg.digits, seed=seed).split(cfg.num_eval)
+    train, held_out = demo_task.ArithmeticTask(digits=cfg.digits, second_digits=cfg.second_digits, seed=seed).split(cfg.num_eval)
     model = init_model(model_config(cfg, tokenizer.vocab_size), seed=seed, mesh=mesh)
 
     sft_steps = max(cfg.min_sft_steps, round(cfg.sft_steps * grpo_cfg.steps / cfg.default_steps))
-    sft_examples = [TokenizedExample(*demo_task.sft_example(tokenizer, e)) for e in train]
+    sft_examples = [TokenizedExample(*demo_task.sft_example(
+        tokenizer, e, boxed=demo_task.teacher_boxes(e, cfg.boxed_fraction, seed))) for e in train]
     sft_cfg = SFTConfig(batch_size=cfg.sft_batch_size, max_seq_len=32, steps=sft_steps, seed=seed,
                         learning_rate=cfg.sft_learning_rate, schedule="warmup_linear", warmup_steps=10,
                         b1=0.9, b2=0.95, lora=LoRAConfig(rank=0), export=False, remat=False, chunk_size=256,

@@ -2,13 +2,18 @@
 character-level tokenizer, so the whole pipeline (SFT warm-up, GRPO, evaluation) runs on a CPU in
 minutes with nothing downloaded.
 
-A problem reads `12+35=` and its answer is `47`; a completion is `\\boxed{47}` followed by the stop
-token. The reward is the same `\\boxed{}` grader the real runs use.
+A problem reads `12+5=` and its answer is `17`. The reward, as in the real runs, is 1 only for a
+correct answer inside `\\boxed{}`. The warm-up "teacher" is deliberately flawed the way real teacher
+traces are: it writes `\\boxed{17}` only for a `boxed_fraction` of problems and a bare ` 17` for the
+rest (the leading space makes "box or not" one decision at the first token, as a habit would be). SFT imitates the teacher, flaw included, so its greedy answers are mostly unboxed and score 0;
+GRPO optimizes the verifiable reward itself and learns to box. That is the study's finding in
+miniature: imitation inherits the teacher's habits, RL with a checkable reward does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -47,18 +52,19 @@ class CharTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticTask:
-    """Additions of `digits`-digit numbers (and subtractions with a non-negative result when
-    `with_subtraction`), split into disjoint train and held-out sets by a seeded permutation."""
+    """Additions a + b with `digits`-digit a and `second_digits`-digit b (and subtractions with a
+    non-negative result when `with_subtraction`), split into disjoint train and held-out sets by a
+    seeded permutation."""
 
     digits: int = 2
+    second_digits: int = 1
     with_subtraction: bool = False
     seed: int = 0
 
     def all_problems(self) -> list[Example]:
-        hi = 10 ** self.digits
         out = []
-        for a in range(hi):
-            for b in range(hi):
+        for a in range(10 ** self.digits):
+            for b in range(10 ** self.second_digits):
                 out.append(Example(id=f"{a}+{b}", problem=f"{a}+{b}=", answer=str(a + b), meta={}))
                 if self.with_subtraction and a >= b:
                     out.append(Example(id=f"{a}-{b}", problem=f"{a}-{b}=", answer=str(a - b), meta={}))
@@ -77,8 +83,15 @@ def completion_text(answer: str) -> str:
     return f"\\boxed{{{answer}}}"
 
 
-def sft_example(tokenizer: CharTokenizer, example: Example) -> tuple[list[int], list[bool]]:
-    """(input_ids, loss_mask) for supervised warm-up: loss on the completion and its stop token."""
+def teacher_boxes(example: Example, boxed_fraction: float, seed: int = 0) -> bool:
+    """Whether the flawed teacher boxes this problem's answer (a fixed, seeded choice per problem)."""
+    # crc32, not hash(): Python salts str hashes per process, and the choice must repeat across runs
+    return np.random.default_rng([seed, zlib.crc32(example.id.encode())]).random() < boxed_fraction
+
+
+def sft_example(tokenizer: CharTokenizer, example: Example, boxed: bool = True) -> tuple[list[int], list[bool]]:
+    """(input_ids, loss_mask) for supervised warm-up: loss on the completion and its stop token.
+    `boxed=False` writes the teacher's bare answer (` 17`) instead of `\\boxed{17}`."""
     prompt = tokenizer.encode(example.problem)
-    completion = tokenizer.encode(completion_text(example.answer)) + [EOS]
+    completion = tokenizer.encode(completion_text(example.answer) if boxed else " " + example.answer) + [EOS]
     return prompt + completion, [False] * len(prompt) + [True] * len(completion)
