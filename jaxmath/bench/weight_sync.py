@@ -1,0 +1,112 @@
+"""`python -m jaxmath.bench weight_sync --model=DIR [--lora_rank=64] [--jax_side_only]`: seconds per
+weight sync from the JAX trainer to vLLM.
+
+Full: every weight in HF layout, streamed into vLLM's in-place reload (`--method=load_weights`) or
+through a safetensors file in /dev/shm (`--method=file`). LoRA (`--lora_rank=R`): adapters on all
+seven projections written in PEFT format and loaded under a new adapter id. The model is loaded
+from DIR (HF format) into JAX; one warm-up sync (compiles the layout conversions, first adapter load),
+then `--repeats` timed syncs with the weights changed before each, reporting the median.
+
+`--jax_side_only` (GPU sessions, where no vLLM is installed): gathering, layout conversion and
+DLPack handover to torch only, no engine; for LoRA, the PEFT export. The JSON last line carries
+`sync_seconds` (and `gather_seconds`, the JAX side, in both modes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+
+def _perturb(model, step: int) -> None:
+    """A tiny change to every trainable array, so each sync carries new values (not cached)."""
+    import jax
+    from flax import nnx
+
+    from jaxmath.model.lora import has_lora
+    from jaxmath.model.qwen3 import LoRAParam
+
+    kind = LoRAParam if has_lora(model) else nnx.Param
+    state = nnx.state(model, kind)
+    nnx.update(model, jax.tree.map(lambda x: x + jax.numpy.asarray(1e-3 * step, x.dtype), state))
+
+
+def _jax_side(model, method: str, lora: bool, workdir: str) -> float:
+    import torch
+
+    from jaxmath.model.peft import save_peft_adapter
+    from jaxmath.rollout import weight_sync
+
+    if lora:
+        save_peft_adapter(model, os.path.join(workdir, "adapter"))
+        return 0.0
+    if method == "file":
+        weight_sync.write_weights_file(model, os.path.join(workdir, "weights.safetensors"))
+        return 0.0
+    touched = 0
+    for bucket in weight_sync.torch_buckets(model):
+        for _, tensor in bucket:
+            touched += tensor.numel()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return float(touched)
+
+
+def main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="python -m jaxmath.bench weight_sync")
+    p.add_argument("--model", required=True, help="HF-format Qwen3 directory (e.g. from make_bench_model.py)")
+    p.add_argument("--lora_rank", type=int, default=0, help="sync LoRA adapters of this rank instead of full weights")
+    p.add_argument("--method", default="load_weights", choices=["load_weights", "file"], help="full-weight path")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--jax_side_only", action="store_true", help="no vLLM: gather + handover (or PEFT export) only")
+    p.add_argument("--shm_dir", default="/dev/shm")
+    a = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmath.model import hf_io, lora
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
+    model = hf_io.from_pretrained(a.model, dtype=dtype)
+    if a.lora_rank:
+        lora.apply_lora(model, lora.LoRAConfig(rank=a.lora_rank, alpha=2.0 * a.lora_rank))
+    workdir = os.path.join(a.shm_dir, f"jaxmath-bench-sync-{os.getpid()}")
+    os.makedirs(workdir, exist_ok=True)
+    engine = None
+    if not a.jax_side_only:
+        from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+        engine = VLLMEngine(VLLMConfig(model_path=a.model, dtype=a.dtype, max_model_len=512,
+                                       enable_lora=bool(a.lora_rank), max_lora_rank=max(a.lora_rank, 8),
+                                       sync_method=a.method, shm_dir=a.shm_dir))
+    seconds, gather = [], []
+    for step in range(a.repeats + 1):
+        _perturb(model, step + 1)
+        jax.block_until_ready(jax.tree.leaves(model))
+        start = time.perf_counter()
+        if engine is None:
+            _jax_side(model, a.method, bool(a.lora_rank), workdir)
+            elapsed = time.perf_counter() - start
+            g = elapsed
+        else:
+            metrics = engine.update_weights(model)
+            elapsed, g = metrics["sync/seconds"], metrics["sync/gather_seconds"]
+        if step:  # the first sync compiles the conversions and loads the first adapter
+            seconds.append(elapsed)
+            gather.append(g)
+    nbytes = engine.last_sync.bytes if engine is not None else None
+    if engine is not None:
+        engine.close()
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {"bench": "weight_sync", "model": a.model, "lora_rank": a.lora_rank,
+            "method": "lora" if a.lora_rank else a.method, "dtype": a.dtype, "jax_side_only": a.jax_side_only,
+            "device": str(jax.devices()[0].device_kind), "num_params": model.config.num_params(),
+            "repeats": a.repeats, "sync_bytes": nbytes, "all_seconds": [round(s, 4) for s in seconds],
+            "gather_seconds": round(statistics.median(gather), 4),
+            "sync_seconds": round(statistics.median(seconds), 4)}

@@ -1,0 +1,172 @@
+"""Handing the trainer's weights to a rollout engine after each optimizer step (JAX side).
+
+Three ways, fastest first; `jaxmath.rollout.vllm_engine` picks one:
+
+- in memory: every weight in HF name and layout, converted on the device it lives on (one jitted
+  transpose per stacked parameter, not per layer), gathered to one device when sharded, and handed
+  to torch through DLPack, so no host copy is made when trainer and engine share a process; the
+  tensors are grouped into buckets of about `bucket_bytes` so the engine's `load_weights` runs a
+  few times per sync, never once per parameter (OpenRLHF#647, verl#496);
+- LoRA: only the adapters, written in PEFT format (`jaxmath.model.peft`) for the engine's own LoRA
+  support;
+- file: one safetensors file in shared memory (/dev/shm), which any engine on the host can read,
+  in-process or not. The fallback that always works.
+
+Names and layouts come from `jaxmath.model.hf_io.weight_table`, the same table `convert/` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmath.model import hf_io
+from jaxmath.model.config import Qwen3Config
+from jaxmath.model.lora import has_lora
+from jaxmath.model.qwen3 import Qwen3
+
+
+@dataclasses.dataclass
+class SyncRecord:
+    """What one sync cost; `as_metrics()` goes into the step's metrics log.
+
+    method:  "load_weights" | "lora" | "file"
+    seconds: wall time of the whole sync; gather_seconds the JAX side (layout, gather, handover)
+    """
+
+    method: str
+    seconds: float = 0.0
+    gather_seconds: float = 0.0
+    bytes: int = 0
+    tensors: int = 0
+    buckets: int = 0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"sync/seconds": self.seconds, "sync/gather_seconds": self.gather_seconds,
+                "sync/bytes": float(self.bytes), "sync/buckets": float(self.buckets)}
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@functools.partial(jax.jit, static_argnames=("num_in", "stacked", "dtype"))
+def _hf_layout(x: jax.Array, *, num_in: int | None, stacked: bool, dtype: Any) -> jax.Array:
+    """jaxmath layout -> HF layout on device: [layers?, in..., out...] -> [layers?, out, in]."""
+    x = x.astype(dtype)
+    if num_in is None:
+        return x
+    lead = x.shape[:1] if stacked else ()
+    body = x.shape[len(lead):]
+    n_in = math.prod(body[:num_in])
+    x = x.reshape(lead + (n_in, -1))
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _one_device(x: jax.Array) -> jax.Array:
+    """Gather a sharded array onto its first device (DLPack hands over single-device buffers only)."""
+    devices = x.sharding.device_set
+    if len(devices) == 1:
+        return x
+    target = min(devices, key=lambda d: d.id)
+    return jax.device_put(x, jax.sharding.SingleDeviceSharding(target))
+
+
+def hf_device_arrays(model: Qwen3, dtype: Any = None) -> Iterator[tuple[str, jax.Array]]:
+    """(HF name, jax.Array in HF layout on one device) for every base weight of `model`.
+
+    The LoRA adapters are not folded in: a model with adapters syncs them through PEFT, or is merged
+    (`jaxmath.model.lora.merge_lora`) first. Stacked parameters are converted whole and sliced per
+    layer afterwards, so a sync dispatches one conversion per table entry.
+    """
+    config: Qwen3Config = model.config
+    state = nnx.state(model)
+    target = jnp.dtype(dtype) if dtype is not None else None
+    for spec in hf_io.weight_table(config):
+        value = _get(state, spec.path).get_value()
+        hf = _one_device(_hf_layout(value, num_in=spec.num_in, stacked=spec.stacked, dtype=target or value.dtype))
+        if spec.stacked:
+            for i in range(config.num_layers):
+                yield spec.hf_name.format(i), hf[i]
+        else:
+            yield spec.hf_name, hf
+
+
+def to_torch(x: jax.Array):
+    """A torch tensor sharing `x`'s buffer through DLPack (no copy), or a host copy where the platform
+    cannot share (then torch gets a numpy-backed tensor)."""
+    import torch
+
+    try:
+        return torch.from_dlpack(x)
+    except (RuntimeError, TypeError, BufferError):
+        return torch.from_numpy(np.asarray(jax.device_get(x)))
+
+
+def torch_buckets(model: Qwen3, dtype: Any = None, bucket_bytes: int = 256 << 20,
+                  record: SyncRecord | None = None) -> Iterator[list[tuple[str, Any]]]:
+    """Lists of (HF name, torch tensor) of about `bucket_bytes` each, for the engine's load_weights.
+
+    A tensor larger than a bucket gets a bucket to itself. `record` (when given) accumulates the
+    bytes, tensors, buckets and the time spent on the JAX side (conversion, gather, handover).
+    """
+    bucket: list[tuple[str, Any]] = []
+    size = 0
+    start = time.perf_counter()
+    for name, x in hf_device_arrays(model, dtype):
+        tensor = to_torch(x)
+        nbytes = tensor.element_size() * tensor.numel()
+        if bucket and size + nbytes > bucket_bytes:
+            if record is not None:
+                record.gather_seconds += time.perf_counter() - start
+                record.buckets += 1
+            yield bucket
+            start = time.perf_counter()
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+        if record is not None:
+            record.bytes += nbytes
+            record.tensors += 1
+    if bucket:
+        if record is not None:
+            record.gather_seconds += time.perf_counter() - start
+            record.buckets += 1
+        yield bucket
+
+
+def write_weights_file(model: Qwen3, path: str, dtype: Any = None, record: SyncRecord | None = None) -> str:
+    """All base weights in HF names and layout as one safetensors file at `path` (the fallback sync).
+
+    Put it under /dev/shm so the write and the engine's read stay in memory.
+    """
+    start = time.perf_counter()
+    np_dtype = np.dtype(dtype) if dtype is not None else None
+    tensors = {}
+    for name, x in hf_device_arrays(model, dtype):
+        arr = np.asarray(jax.device_get(x))
+        tensors[name] = arr if np_dtype is None else arr.astype(np_dtype)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    hf_io.write_safetensors(path, tensors)
+    if record is not None:
+        record.gather_seconds += time.perf_counter() - start
+        record.bytes += sum(a.nbytes for a in tensors.values())
+        record.tensors += len(tensors)
+        record.buckets += 1
+    return path
+
+
+def uses_lora(model: Qwen3) -> bool:
+    """True when `model` carries adapters, so a LoRA sync (adapters only) applies."""
+    return has_lora(model)
