@@ -39,6 +39,7 @@ from flax import nnx
 
 from jaxmath.model.head import token_logprobs
 from jaxmath.model.lora import LoRAConfig
+from jaxmath.model import sharding
 from jaxmath.optim import OptimizerConfig, global_norm
 
 F32 = jnp.float32
@@ -329,6 +330,7 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         grad_norm = global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = sharding.constrain_state((trainable, opt_state))  # outputs keep input shardings
         return trainable, opt_state, {"loss": nll_sum * scale, "grad_norm": grad_norm, "loss_tokens": count}
 
     return jax.jit(step, donate_argnums=(0, 2))

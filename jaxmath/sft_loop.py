@@ -32,6 +32,7 @@ from jaxmath import sft
 from jaxmath.checkpoint import CheckpointManager, TrainState
 from jaxmath.metrics import MetricsWriter, log_line, progress
 from jaxmath.model import lora as lora_lib
+from jaxmath.model import sharding
 from jaxmath.optim import lr_at, make_optimizer
 from jaxmath.sft import SFTConfig, TokenizedExample
 
@@ -151,6 +152,8 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     if use_lora and not lora_lib.has_lora(model):
         lora_lib.apply_lora(model, cfg.lora, seed=cfg.seed)
     graphdef, trainable, frozen = sft.split_trainable(model, use_lora)
+    if mesh is not None:
+        trainable = sharding.shard_state(trainable, mesh)  # fresh LoRA adapters start on one device
     try:
         opt_cfg = cfg.optimizer_config(total_steps)
     except ValueError as e:
@@ -182,8 +185,9 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
             arrays = sft.pack_examples(examples, cfg.max_seq_len, batches[step], num_rows=cfg.batch_size)
             real_tokens = int((arrays["segment_ids"] > 0).sum())
             t0 = time.perf_counter()
-            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state,
-                                                    shard(sft.stack_micro(arrays, cfg.accum_steps), micro=True))
+            with sharding.use_mesh(mesh):  # activation constraints apply when the step is traced
+                trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state,
+                                                        shard(sft.stack_micro(arrays, cfg.accum_steps), micro=True))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - t0
             last = {**metrics, "lr": lr_at(opt_cfg, step), "epoch": epochs[step], "step_seconds": seconds,
@@ -234,30 +238,18 @@ def _compiled_steps(graphdef, opt_cfg, chunk_size: int, remat: bool):
 
 
 def _init_opt_state(optimizer, trainable):
-    """optimizer.init with every leaf on the params' mesh: counters created off-mesh have another
-    type than the ones the step returns, and the second step would compile again."""
-    opt_state = jax.jit(optimizer.init)(trainable)
-    shardings = [x.sharding for x in jax.tree.leaves(trainable)]
-    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
-    if mesh is None:
-        return opt_state
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(x):
-        return x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated)
-
-    return jax.tree.map(place, opt_state)
+    """optimizer.init with every leaf on the params' mesh: moments sharded like their parameters
+    (a plain jit puts them on one device), counters replicated, so the second step does not
+    compile again."""
+    return sharding.init_optimizer_state(optimizer, trainable)
 
 
 def _sharder(mesh: jax.sharding.Mesh | None):
     """Puts host batches on the mesh, rows split over the batch axes (identity without a mesh)."""
     if mesh is None:
         return lambda arrays, micro=False: arrays
-    from jaxmath.model.sharding import logical_to_spec
 
     def shard(arrays: dict[str, np.ndarray], micro: bool = False) -> dict[str, jax.Array]:
-        axes = (None, "batch", "seq") if micro else ("batch", "seq")
-        sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(axes, mesh))
-        return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
+        return sharding.shard_batch(arrays, mesh, batch_dim=1 if micro else 0)
 
     return shard

@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -30,6 +29,7 @@ from jaxmath import metrics as metrics_lib
 from jaxmath import optim
 from jaxmath.data.datasets import Example
 from jaxmath.model import lora as lora_lib
+from jaxmath.model import sharding
 from jaxmath.model.qwen3 import Qwen3
 from jaxmath.reward import extract_answer, grade_batch
 from jaxmath.rl import grpo
@@ -147,7 +147,11 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
         logging.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.targets, count)
     graphdef, trainable, frozen = step_lib.split_trainable(model)
     optimizer = optim.make_optimizer(optim_cfg)
-    opt_state = optimizer.init(trainable)
+    # The mesh the model was placed on; fresh LoRA adapters are created on one device, so place them too.
+    mesh = sharding.mesh_of(frozen)
+    if mesh is not None:
+        trainable = sharding.shard_state(trainable, mesh)
+    opt_state = sharding.init_optimizer_state(optimizer, trainable, mesh)
     key = jax.random.key(cfg.seed)
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
                                          keep_best=cfg.keep_best,
@@ -202,10 +206,10 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                                                           std=cfg.adv_std, eps=cfg.adv_eps))
             prompt_len = step_lib.bucket(max(len(p) for p in rollout.prompt_ids), cfg.prompt_bucket)
             batch = step_lib.build_batch(rollout, prompt_len, advantages)
-            device_batch = jax.tree.map(jnp.asarray, batch)
+            device_batch = sharding.shard_batch(batch, mesh)
             completion_len = batch.completion_len
             if not on_policy or loss_cfg.beta > 0:
-                with timer.phase("logprob"):
+                with timer.phase("logprob"), sharding.use_mesh(mesh):
                     if not on_policy:
                         device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len)
@@ -216,7 +220,7 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                         device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len, lora=False)
                     jax.block_until_ready(device_batch.old_logprobs)
-            with timer.phase("train"):
+            with timer.phase("train"), sharding.use_mesh(mesh):
                 for _ in range(cfg.num_iterations):
                     trainable, opt_state, step_metrics, trainer_logprobs = train_step(
                         trainable, frozen, opt_state, device_batch)

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxmath.model.head import token_logprobs
 from jaxmath.model.qwen3 import LoRAParam, Qwen3
+from jaxmath.model import sharding
 from jaxmath.rl import grpo
 
 
@@ -183,6 +184,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = sharding.constrain_state((trainable, opt_state))  # outputs keep input shardings
         out = grpo.finalize(metrics)
         out["grad_norm"] = grad_norm
         out["update_norm"] = optax.global_norm(updates)
