@@ -230,6 +230,10 @@ class CheckpointManager:
             for name in ("params", "opt_state")
         }
         key_data = jax.random.key_data(key) if _is_typed_key(key) else key
+        if jax.process_count() > 1 and getattr(key_data, "is_fully_addressable", False):
+            # A key made on one host's device is not a global array; every process holds the same
+            # key, so orbax writes it from the primary host as a numpy array.
+            key_data = np.asarray(key_data)
         args = ocp.args.Composite(
             params=ocp.args.PyTreeSave(trees["params"]),
             opt_state=ocp.args.PyTreeSave(trees["opt_state"]),

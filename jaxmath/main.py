@@ -255,6 +255,10 @@ def main(argv: list[str]) -> None:
     mode = cfg.get("mode")
     if mode not in MODES:
         raise app.UsageError(f"config.mode {mode!r} is not one of {sorted(MODES)}")
+    # A multi-host job joins here, before any jax device is touched (one process: a no-op).
+    from jaxmath.distributed import initialize_from_env
+
+    initialize_from_env()
     workdir = _workdir(cfg)
     logging.info("jaxmath %s: workdir %s", mode, workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
