@@ -33,6 +33,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.path = ""  # HF-format model folder (config.json, safetensors, tokenizer files)
+    config.model.preset = ""
+    config.model.dtype = "bfloat16"  # float32 for exact comparisons on a CPU
+    config.model.param_dtype = ""
+    config.model.remat = "none"
+    config.model.attention_impl = ""
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
+    config.mesh.tp = 1
+
+    config.sampler = ml_collections.ConfigDict()
+    config.sampler.max_batch_rows = 256
+    config.sampler.cache_dtype = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = "data"
