@@ -1,5 +1,6 @@
 """`python -m jaxmath.bench weight_sync --model=DIR [--lora_rank=64] [--jax_side_only]`: seconds per
-weight sync from the JAX trainer to vLLM.
+weight sync from the JAX trainer to vLLM. On a GPU without vLLM:
+`python -m jaxmath.bench weight_sync --preset=qwen3-4b --jax_side_only [--lora_rank=64]`.
 
 Full: every weight in HF layout, streamed into vLLM's in-place reload (`--method=load_weights`) or
 through a safetensors file in /dev/shm (`--method=file`). LoRA (`--lora_rank=R`): adapters on all
@@ -56,7 +57,9 @@ def _jax_side(model, method: str, lora: bool, workdir: str) -> float:
 
 def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m jaxmath.bench weight_sync")
-    p.add_argument("--model", required=True, help="HF-format Qwen3 directory (e.g. from make_bench_model.py)")
+    p.add_argument("--model", default="", help="HF-format Qwen3 directory (e.g. from make_bench_model.py)")
+    p.add_argument("--preset", default="", help="instead of --model: a random model of this preset (e.g. qwen3-4b), "
+                   "built on the device; --jax_side_only only, since vLLM needs a directory")
     p.add_argument("--lora_rank", type=int, default=0, help="sync LoRA adapters of this rank instead of full weights")
     p.add_argument("--method", default="load_weights", choices=["load_weights", "file"], help="full-weight path")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -64,14 +67,21 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--jax_side_only", action="store_true", help="no vLLM: gather + handover (or PEFT export) only")
     p.add_argument("--shm_dir", default="/dev/shm")
     a = p.parse_args(argv)
+    if bool(a.model) == bool(a.preset):
+        p.error("pass exactly one of --model=DIR and --preset=NAME")
+    if a.preset and not a.jax_side_only:
+        p.error("--preset builds the model in JAX only; add --jax_side_only, or export it and pass --model")
 
     import jax
     import jax.numpy as jnp
 
-    from jaxmath.model import hf_io, lora
+    from jaxmath.model import hf_io, init_model, lora, preset
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
-    model = hf_io.from_pretrained(a.model, dtype=dtype)
+    if a.preset:
+        model = init_model(preset(a.preset, dtype=dtype, param_dtype=dtype))
+    else:
+        model = hf_io.from_pretrained(a.model, dtype=dtype)
     if a.lora_rank:
         lora.apply_lora(model, lora.LoRAConfig(rank=a.lora_rank, alpha=2.0 * a.lora_rank))
     workdir = os.path.join(a.shm_dir, f"jaxmath-bench-sync-{os.getpid()}")
@@ -104,7 +114,7 @@ def main(argv: list[str]) -> dict:
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
-    return {"bench": "weight_sync", "model": a.model, "lora_rank": a.lora_rank,
+    return {"bench": "weight_sync", "model": a.model or a.preset, "lora_rank": a.lora_rank,
             "method": "lora" if a.lora_rank else a.method, "dtype": a.dtype, "jax_side_only": a.jax_side_only,
             "device": str(jax.devices()[0].device_kind), "num_params": model.config.num_params(),
             "repeats": a.repeats, "sync_bytes": nbytes, "all_seconds": [round(s, 4) for s in seconds],
