@@ -136,11 +136,15 @@ def _encode(a, tokenizer, rows: list[dict], vocab_size: int) -> list[list[int]]:
 
 
 def _on_mesh(tree, reference):
-    """Leaves of `tree` not yet on a mesh, replicated on the mesh of `reference`'s first leaf."""
+    """Leaves of `tree` not yet on a mesh, replicated on the mesh of the first leaf (of `reference`,
+    then of `tree`) that has one; unchanged when none has."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    mesh = next(x.sharding.mesh for x in jax.tree.leaves(reference) if isinstance(x.sharding, NamedSharding))
+    placed = [x for x in jax.tree.leaves((reference, tree)) if isinstance(x.sharding, NamedSharding)]
+    if not placed:
+        return tree
+    mesh = placed[0].sharding.mesh
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
                         tree)
