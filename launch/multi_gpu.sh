@@ -5,7 +5,7 @@
 #
 # DATA, FSDP, TP: mesh sizes; one of them may be -1 to take the remaining GPUs (default: FSDP=-1,
 # i.e. parameters, optimizer state and batch rows split over all GPUs). CUDA_VISIBLE_DEVICES limits
-# which GPUs are used. The product must equal the number of visible GPUs.
+# which GPUs are used; the mesh uses the first data x fsdp x tp of them.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
     echo "usage: [DATA=1] [FSDP=-1] [TP=1] $0 configs/<name>.py [--config.key=value ...]" >&2
