@@ -147,8 +147,9 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
         logging.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.targets, count)
     graphdef, trainable, frozen = step_lib.split_trainable(model)
     optimizer = optim.make_optimizer(optim_cfg)
-    # The mesh the model was placed on; fresh LoRA adapters are created on one device, so place them too.
-    mesh = sharding.mesh_of(frozen)
+    # The mesh the model was placed on (frozen is empty in full-parameter training); fresh LoRA
+    # adapters are created on one device, so place them too.
+    mesh = sharding.mesh_of((frozen, trainable))
     if mesh is not None:
         trainable = sharding.shard_state(trainable, mesh)
     opt_state = sharding.init_optimizer_state(optimizer, trainable, mesh)
