@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -246,7 +247,15 @@ MODES = {
 }
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Keeps orbax's per-save INFO chatter out of the run log; its warnings and errors still show."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.key=value")
     cfg = _CONFIG.value

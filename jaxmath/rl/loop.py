@@ -31,7 +31,7 @@ from jaxmath.data.datasets import Example
 from jaxmath.model import lora as lora_lib
 from jaxmath.model import sharding
 from jaxmath.model.qwen3 import Qwen3
-from jaxmath.reward import extract_answer, grade_batch
+from jaxmath.reward import correctness_rewards
 from jaxmath.rl import grpo
 from jaxmath.rl import step as step_lib
 from jaxmath.rollout.mismatch import logprob_mismatch
@@ -171,7 +171,8 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     fallback = cfg.answer_fallback or None
     engine.update_weights(nnx.merge(graphdef, trainable, frozen))
 
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
+    # metrics lines are numbered from 1; the checkpointed step itself was already written
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step + 1)
     timer = metrics_lib.PhaseTimer()
     last: dict[str, Any] = {}
     streak = {"reward": 0, "grad": 0}
@@ -191,10 +192,9 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
             texts = [decode(ids) for ids in rollout.completion_token_lists()]
             golds = [batch_examples[i].answer for i in rollout.prompt_index]
             with timer.phase("reward"):
-                answers = [extract_answer(t, fallback) for t in texts]
-                correct = grade_batch([(a if a is not None else "", g) for a, g in zip(answers, golds)],
-                                      workers=cfg.reward_workers, timeout=cfg.reward_timeout)
-            rewards = np.asarray([1.0 if (a is not None and c) else 0.0 for a, c in zip(answers, correct)], np.float32)
+                rewards, answers = correctness_rewards(texts, golds, fallback=fallback, workers=cfg.reward_workers,
+                                                       timeout=cfg.reward_timeout)
+            rewards = np.asarray(rewards, np.float32)
             all_stats = {k: float(v) for k, v in grpo.group_stats(rewards, cfg.num_generations).items()}
             rows = np.arange(rewards.shape[0])
             informative = int(round(all_stats["frac_mixed"] * cfg.prompts_sampled))
