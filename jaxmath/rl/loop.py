@@ -258,14 +258,13 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
             logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
                                                             "completion_len_mean", "mismatch/abs_mean"),
                                               seconds_key="step_seconds"))
-            if step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
+            stopped_early = _early_stop(m, cfg, streak)
+            if stopped_early or step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
                 _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
             if cfg.plot_every and step_no % cfg.plot_every == 0:
                 metrics_lib.plot_metrics(workdir)
-            stopped_early = _early_stop(m, cfg, streak)
             if stopped_early:
                 logging.warning("stopping early at step %d: %s", step_no, stopped_early)
-                _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
                 break
     finally:
         bar.close()
