@@ -72,19 +72,15 @@ def _run_eval(cfg, workdir: str) -> dict:
     meta = {"model": cfg.model.get("path", ""), "config": json.loads(cfg.to_json_best_effort())}
     if eval_cfg.backend == "file":
         return evaluate(None, None, eval_cfg, workdir, meta)
+    if eval_cfg.backend not in ("jax", "vllm"):
+        raise SystemExit(f"eval.backend must be one of jax, vllm, file; got {eval_cfg.backend!r}")
     mesh = _mesh(cfg)
     if eval_cfg.backend == "jax":
-        from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
-
         model, tokenizer = _load_model(cfg, mesh)
-        engine = JaxSampler(model, build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler"), mesh=mesh)
-    elif eval_cfg.backend == "vllm":
-        from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
-
-        engine = VLLMEngine(build(VLLMConfig, cfg.get("vllm", {}), prefix="vllm", model_path=cfg.model.path))
+        engine = _rollout_engine(cfg, "jax", model, mesh)
+    else:  # vLLM loads the weights itself, from model.path
+        engine = _rollout_engine(cfg, "vllm", None, mesh)
         tokenizer = engine.tokenizer
-    else:
-        raise SystemExit(f"eval.backend must be one of jax, vllm, file; got {eval_cfg.backend!r}")
     meta["engine"] = eval_cfg.backend
     return evaluate(engine, tokenizer, eval_cfg, workdir, meta)
 
@@ -195,7 +191,9 @@ def _run_grpo(cfg, workdir: str) -> dict:
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    engine = _rollout_engine(cfg, model, mesh)
+    # vLLM syncs LoRA runs through its own adapter support, full runs through in-memory weights
+    engine = _rollout_engine(cfg, cfg.rollout.engine, model, mesh,
+                             enable_lora=lora_cfg.enabled, max_lora_rank=max(lora_cfg.rank, 1))
     stop = tuple(dict.fromkeys(prompts.stop_token_ids(tokenizer) + model.config.stop_token_ids))
     evaluate = None
     if grpo_cfg.eval_every:
@@ -214,10 +212,11 @@ def _run_grpo(cfg, workdir: str) -> dict:
                       evaluate=evaluate, run_config=json.loads(cfg.to_json_best_effort()))
 
 
-def _rollout_engine(cfg, model, mesh):
+def _rollout_engine(cfg, kind: str, model, mesh, **vllm_defaults):
+    """The rollout engine `kind` ("jax" or "vllm") with its config section (sampler / vllm);
+    `vllm_defaults` fill vllm keys the config does not set."""
     from jaxmath.config import build
 
-    kind = cfg.rollout.engine
     if kind == "jax":
         from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
 
@@ -225,7 +224,8 @@ def _rollout_engine(cfg, model, mesh):
     if kind == "vllm":
         from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
-        return VLLMEngine(build(VLLMConfig, cfg.get("vllm", {}), prefix="vllm", model_path=cfg.model.path))
+        section = {**vllm_defaults, **cfg.get("vllm", {})}
+        return VLLMEngine(build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path))
     raise SystemExit(f"rollout.engine must be 'jax' or 'vllm', got {kind!r}")
 
 

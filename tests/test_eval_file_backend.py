@@ -43,19 +43,14 @@ def reference_run(math500, tmp_path_factory):
     return evaluate(None, None, cfg, tmp / "work", {"model": "reference solutions"}), tmp / "work"
 
 
-# The one reference solution the grader rejects: it ends "\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}",
-# which jaxmath.reward's multi-box rule (math-verify's) joins into the list "15\\frac{39}{40}, \\frac{639}{40}",
-# and a two-item list is not the scalar gold. Reported to the reward owner; remove it here once fixed.
-KNOWN_GRADER_DISAGREEMENTS = {"test/number_theory/459.json"}
-
-
 def test_reference_solutions_score_100_percent(reference_run):
     results, workdir = reference_run
     entry = results["math500"]
     records = [json.loads(line) for line in (workdir / "eval" / "completions_math500.jsonl").open()]
-    rejected = {r["id"] for r in records if r["correct"] != [True]}
-    assert rejected <= KNOWN_GRADER_DISAGREEMENTS
-    assert entry["accuracy"] == pytest.approx(1 - len(rejected) / 500)
+    # all 500, including test/number_theory/459.json, whose solution ends with two boxes joined by
+    # "or" (\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}), both equal to the gold
+    assert [r["id"] for r in records if r["correct"] != [True]] == []
+    assert entry["accuracy"] == 1.0
     assert (entry["n"], entry["parse_failures"]) == (500, 0)
     assert entry["maj@k"] == {"1": entry["accuracy"]} and entry["pass@k"] == {"1": entry["accuracy"]}
 

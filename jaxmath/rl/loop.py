@@ -221,18 +221,21 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                         device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len, lora=False)
                     jax.block_until_ready(device_batch.old_logprobs)
+            asleep = _call(engine, "sleep")  # a colocated engine frees its memory for the train phase
             with timer.phase("train"), sharding.use_mesh(mesh):
                 for _ in range(cfg.num_iterations):
                     trainable, opt_state, step_metrics, trainer_logprobs = train_step(
                         trainable, frozen, opt_state, device_batch)
                 step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             with timer.phase("sync"):
-                engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+                if asleep:
+                    _call(engine, "wake_up")
+                sync = engine.update_weights(nnx.merge(graphdef, trainable, frozen))
             phases = timer.pop()
             lengths = rollout.completion_lengths
             tokens = int(lengths.sum())
             m: dict[str, Any] = {
-                **step_metrics, **all_stats, **phases,
+                **step_metrics, **all_stats, **phases, **(sync if isinstance(sync, dict) else {}),
                 **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
                 "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "informative_groups": informative,
@@ -274,6 +277,12 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     nnx.update(model, trainable)
     metrics_lib.plot_metrics(workdir)
     return {**last, "stopped_early": stopped_early}
+
+
+def _call(engine, method: str) -> bool:
+    """Call an optional engine method (vLLM's sleep / wake_up); False when absent or declined."""
+    fn = getattr(engine, method, None)
+    return bool(fn()) if fn is not None else False
 
 
 def _select_rows(rollout, rows: np.ndarray):
