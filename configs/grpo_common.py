@@ -106,10 +106,19 @@ def get_config(*, data: str, lr: float, num_generations: int, max_tokens: int, s
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.engine = "jax"  # jax | vllm
-    c.sampler = ml_collections.ConfigDict()
+    c.sampler = ml_collections.ConfigDict()  # jaxmath.rollout.jax_sampler.SamplerConfig
     c.sampler.max_batch_rows = 256
-    c.vllm = ml_collections.ConfigDict()
+    c.sampler.cache_dtype = ""
+    c.sampler.vocab_chunk = 2048
+    c.sampler.lora_mode = "auto"
+    c.vllm = ml_collections.ConfigDict()  # jaxmath.rollout.vllm_engine.VLLMConfig (LoRA settings follow lora.*)
+    c.vllm.mode = "colocated"  # colocated | server
+    c.vllm.url = ""  # server mode: an OpenAI-compatible vLLM server
+    c.vllm.dtype = "auto"
+    c.vllm.max_model_len = 8192
     c.vllm.gpu_memory_utilization = 0.0  # 0: derived from the measured JAX peak
+    c.vllm.enable_sleep_mode = False
+    c.vllm.sync_method = "auto"  # auto | load_weights | file
 
     c.eval = ml_collections.ConfigDict()  # periodic evaluation (rl.eval_every) with the rollout engine
     c.eval.benchmarks = "math500"
