@@ -94,3 +94,34 @@ def test_demo_command_writes_results(tmp_path):
     assert results["n_eval"] == 50 and 0.0 <= results["grpo_accuracy"] <= 1.0
     assert len(_metrics(tmp_path)) == 3
     assert "after GRPO" in out.stdout
+
+
+def test_kl_reference_several_iterations_and_importance_correction(tmp_path):
+    """LoRA with a KL term (reference = adapters off), 2 policy updates per batch (old logprobs from a
+    separate pass) and truncated importance sampling: the run completes and logs each term."""
+    import dataclasses
+
+    model = init_model(demo.model_config(SMALL, TOKENIZER.vocab_size), seed=0)
+    cfg = loop.GRPOConfig(steps=2, prompts_per_step=2, num_generations=4, max_completion_tokens=6, checkpoint_every=2,
+                          plot_every=0, prompt_bucket=8, warn_zero_std=1.0, num_iterations=2, tis_cap=2.0)
+    loss_cfg = dataclasses.replace(step_lib.LossConfig(logprob_chunk=64), beta=0.05)
+    loop.train(model, TRAIN, encode=lambda batch: [TOKENIZER.encode(e.problem) for e in batch], decode=TOKENIZER.decode,
+               cfg=cfg, loss_cfg=loss_cfg, optim_cfg=optim.OptimizerConfig(learning_rate=3e-3),
+               lora_cfg=LoRAConfig(rank=4, alpha=8), workdir=str(tmp_path),
+               engine=JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0)), stop_token_ids=(demo_task.EOS,))
+    rows = _metrics(tmp_path)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["kl_ref"] >= 0 and r["tis_weight_mean"] > 0 and "time/logprob" in r
+        assert r["mismatch/abs_max"] < 1e-4  # old-policy pass and engine agree before the updates
+
+
+def test_kl_without_lora_is_refused(tmp_path):
+    import dataclasses
+
+    model = init_model(demo.model_config(SMALL, TOKENIZER.vocab_size), seed=0)
+    with pytest.raises(ValueError, match="needs LoRA"):
+        loop.train(model, TRAIN, encode=lambda b: [], decode=TOKENIZER.decode, cfg=loop.GRPOConfig(steps=1),
+                   loss_cfg=dataclasses.replace(step_lib.LossConfig(), beta=0.1),
+                   optim_cfg=optim.OptimizerConfig(learning_rate=1e-3), lora_cfg=LoRAConfig(rank=0),
+                   workdir=str(tmp_path), engine=JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0)))

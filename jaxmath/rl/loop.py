@@ -142,6 +142,9 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     engine: generates rollouts; it must offer `update_weights(model)` (called after every update).
     evaluate: (model, step) -> metrics such as {"eval_accuracy": ...}, every `cfg.eval_every` steps.
     """
+    if loss_cfg.beta > 0 and not (lora_cfg.enabled or lora_lib.has_lora(model)):
+        raise ValueError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
+                         "adapters off; full-parameter KL (a second copy of the weights) is not supported")
     if lora_cfg.enabled and not lora_lib.has_lora(model):
         count = lora_lib.apply_lora(model, lora_cfg, seed=cfg.seed)
         logging.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.targets, count)
@@ -196,7 +199,6 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                                                        timeout=cfg.reward_timeout)
             rewards = np.asarray(rewards, np.float32)
             all_stats = {k: float(v) for k, v in grpo.group_stats(rewards, cfg.num_generations).items()}
-            rows = np.arange(rewards.shape[0])
             informative = int(round(all_stats["frac_mixed"] * cfg.prompts_sampled))
             if cfg.filter_groups:
                 rows, informative = grpo.select_groups(rewards, cfg.num_generations, cfg.prompts_per_step,
@@ -215,17 +217,16 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                         device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len)
                     if loss_cfg.beta > 0:
-                        if not lora_cfg.enabled:
-                            raise ValueError("a KL term (rl.beta > 0) needs LoRA: the reference policy is the "
-                                             "base model with adapters off; full-parameter KL is not supported")
                         device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len, lora=False)
                     jax.block_until_ready(device_batch.old_logprobs)
             asleep = _call(engine, "sleep")  # a colocated engine frees its memory for the train phase
             with timer.phase("train"), sharding.use_mesh(mesh):
-                for _ in range(cfg.num_iterations):
-                    trainable, opt_state, step_metrics, trainer_logprobs = train_step(
-                        trainable, frozen, opt_state, device_batch)
+                for iteration in range(cfg.num_iterations):
+                    trainable, opt_state, step_metrics, logprobs = train_step(trainable, frozen, opt_state,
+                                                                              device_batch)
+                    if iteration == 0:  # the policy that the engine sampled from, before any update
+                        trainer_logprobs = logprobs
                 step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             with timer.phase("sync"):
                 if asleep:
