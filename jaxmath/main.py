@@ -272,7 +272,12 @@ def main(argv: list[str]) -> None:
     logging.info("jaxmath %s: workdir %s", mode, workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(cfg.to_json_best_effort(indent=2))
-    result = MODES[mode](cfg, workdir)
+    from jaxmath.config import ConfigError
+
+    try:
+        result = MODES[mode](cfg, workdir)
+    except (FileNotFoundError, ConfigError) as e:  # bad input from the user: the message says what to do
+        raise SystemExit(f"error: {e}") from e
     if isinstance(result, dict):
         summary = {k: v for k, v in result.items() if k != "meta"}
         logging.info("done: %s", json.dumps(summary, default=str)[:2000])
