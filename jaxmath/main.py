@@ -38,8 +38,6 @@ def _mesh(cfg):
 
 def _load_model(cfg, mesh):
     """(model, tokenizer) from config.model: an HF directory, or a random preset for smoke runs."""
-    import jax.numpy as jnp  # noqa: F401  (jax is imported only once a mode needs it)
-
     from jaxmath.config import ModelConfig, build
     from jaxmath.model import config as model_config
     from jaxmath.model import from_pretrained, init_model, preset

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from jaxmath.model.head import token_logprobs
-from jaxmath.model.lora import LoRAConfig
+from jaxmath.model.lora import LoRAConfig, split_trainable  # noqa: F401  (the step's callers split with it)
 from jaxmath.model import sharding
 from jaxmath.optim import OptimizerConfig, global_norm
 
@@ -278,13 +278,6 @@ def pack_examples(examples: Sequence[TokenizedExample], max_seq_len: int,
 # --- the step -------------------------------------------------------------------------------------
 
 
-def split_trainable(model: nnx.Module, lora: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, trainable, frozen): the LoRA adapters when `lora`, otherwise every nnx.Param."""
-    from jaxmath.model.qwen3 import LoRAParam
-
-    return nnx.split(model, LoRAParam if lora else nnx.Param, ...)
-
-
 def token_nll(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
               chunk_size: int = 1024, remat: bool = True) -> tuple[jax.Array, jax.Array]:
     """Summed negative log-likelihood of the loss-masked targets and their count, both float32 scalars.
@@ -344,12 +337,3 @@ def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024):
 def stack_micro(arrays: dict[str, np.ndarray], accum_steps: int) -> dict[str, np.ndarray]:
     """[batch, seq] -> [accum_steps, batch / accum_steps, seq] for `make_sft_step`."""
     return {k: v.reshape(accum_steps, v.shape[0] // accum_steps, *v.shape[1:]) for k, v in arrays.items()}
-
-
-def __getattr__(name: str):
-    # The host loop lives in its own file; `jaxmath.sft.run_sft` still works.
-    if name in ("run_sft", "load_sft_examples"):
-        from jaxmath import sft_loop
-
-        return getattr(sft_loop, name)
-    raise AttributeError(name)

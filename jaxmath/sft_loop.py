@@ -148,10 +148,9 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     batches, epochs = plan_batches([len(e.input_ids) - 1 for e in examples], cfg)
     total_steps = len(batches)
 
-    use_lora = cfg.lora.enabled
-    if use_lora and not lora_lib.has_lora(model):
+    if cfg.lora.enabled and not lora_lib.has_lora(model):
         lora_lib.apply_lora(model, cfg.lora, seed=cfg.seed)
-    graphdef, trainable, frozen = sft.split_trainable(model, use_lora)
+    graphdef, trainable, frozen = sft.split_trainable(model)
     if mesh is not None:
         trainable = sharding.shard_state(trainable, mesh)  # fresh LoRA adapters start on one device
     try:

@@ -51,7 +51,7 @@ WORKER = COMMON + textwrap.dedent("""
     cfg, opt, batches = setup()
     mesh = sharding.make_mesh(fsdp=-1)  # all 4 devices of both processes
     model = init_model(cfg, seed=0, mesh=mesh)
-    graphdef, trainable, frozen = sft.split_trainable(model, False)
+    graphdef, trainable, frozen = sft.split_trainable(model)
     trainable = sharding.shard_state(trainable, mesh)
     opt_state = sharding.init_optimizer_state(opt, trainable, mesh)
     step = sft.make_sft_step(graphdef, opt, chunk_size=8, remat=False)
@@ -80,7 +80,7 @@ CHECKER = COMMON + textwrap.dedent("""
     assert jax.process_count() == 1
     cfg, opt, batches = setup()
     model = init_model(cfg, seed=0)
-    graphdef, trainable, frozen = sft.split_trainable(model, False)
+    graphdef, trainable, frozen = sft.split_trainable(model)
     opt_state = sharding.init_optimizer_state(opt, trainable)
     target = TrainState(trainable, opt_state, 0, {}, jax.random.key(0), {})
     restored = CheckpointManager(sys.argv[1]).restore(target=target)

@@ -104,7 +104,7 @@ def test_first_fit_packing_plan_and_arrays():
 
 def test_packed_and_unpacked_batches_give_the_same_loss():
     model = _model()
-    graphdef, trainable, frozen = sft.split_trainable(model, lora=False)
+    graphdef, trainable, frozen = sft.split_trainable(model)
     docs = _documents(8, seed=1)
     lengths = [len(d.input_ids) - 1 for d in docs]
     plan = sft.pack_plan(lengths, 48)
@@ -132,7 +132,7 @@ def test_accumulated_micro_batches_equal_one_batch_and_no_full_logits():
     results = {}
     for accum in (1, 4):
         model = _model()
-        graphdef, trainable, frozen = sft.split_trainable(model, lora=False)
+        graphdef, trainable, frozen = sft.split_trainable(model)
         optimizer = optax.sgd(1.0)
         step = sft.make_sft_step(graphdef, optimizer, chunk_size=16, remat=False)
         batch = sft.stack_micro(arrays, accum)
@@ -147,7 +147,7 @@ def test_accumulated_micro_batches_equal_one_batch_and_no_full_logits():
     assert float(results[4][1]["loss_tokens"]) == counts.sum()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-7, rtol=1e-5), results[1][0], results[4][0])
     # A mean of per-micro-batch means (the normalization bug) is a different loss.
-    graphdef, trainable, frozen = sft.split_trainable(_model(), lora=False)
+    graphdef, trainable, frozen = sft.split_trainable(_model())
     row_nll = jax.jit(lambda b: sft.token_nll(graphdef, trainable, frozen, b, chunk_size=16)[0])
     per_row = np.array([float(row_nll({k: v[i:i + 1] for k, v in arrays.items()})) for i in range(4)])
     assert abs(np.mean(per_row / counts) - float(results[1][1]["loss"])) > 1e-3

@@ -99,7 +99,7 @@ STEPS = textwrap.dedent("""
             step = step_lib.make_train_step(graphdef, opt, loss_cfg, on_policy=False)
             batch = sharding.shard_batch(grpo_batch, mesh)
         else:
-            graphdef, trainable, frozen = sft.split_trainable(model, lora_rank > 0)
+            graphdef, trainable, frozen = sft.split_trainable(model)
             step = sft.make_sft_step(graphdef, opt, chunk_size=8, remat=True)
             batch = sharding.shard_batch(sft_batch, mesh, batch_dim=1)
         opt_state = sharding.init_optimizer_state(opt, trainable, mesh)

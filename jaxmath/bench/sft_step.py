@@ -91,7 +91,7 @@ def _jax_side(args: argparse.Namespace):
         raise SystemExit("pass --model=DIR, or --preset=NAME --random_weights")
     lora_params = apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)) \
         if args.lora_rank else 0
-    graphdef, trainable, frozen = sft.split_trainable(model, lora=args.lora_rank > 0)
+    graphdef, trainable, frozen = sft.split_trainable(model)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5, b1=0.9, b2=0.95, max_grad_norm=1.0))
     opt_state = jax.jit(optimizer.init)(trainable)
     step = sft.make_sft_step(graphdef, optimizer, chunk_size=args.chunk_size, remat=args.remat != "none")

@@ -115,3 +115,10 @@ def merge_lora(model: Qwen3) -> int:
 
 def has_lora(model: Qwen3) -> bool:
     return any(dense.lora_a is not None for _, dense in projections(model))
+
+
+def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable, frozen): the LoRA adapters when the model has them, else every nnx.Param.
+    GRPO and SFT both train exactly this split, so LoRA versus full-parameter is a property of the model."""
+    has_adapters = bool(jax.tree.leaves(nnx.state(model, LoRAParam)))
+    return nnx.split(model, LoRAParam if has_adapters else nnx.Param, ...)

@@ -28,7 +28,8 @@ import optax
 from flax import nnx
 
 from jaxmath.model.head import token_logprobs
-from jaxmath.model.qwen3 import LoRAParam, Qwen3
+from jaxmath.model.lora import split_trainable  # noqa: F401  (the step's callers split with it)
+from jaxmath.model.qwen3 import Qwen3
 from jaxmath.model import sharding
 from jaxmath.rl import grpo
 
@@ -86,12 +87,6 @@ class Batch:
 jax.tree_util.register_dataclass(
     Batch, data_fields=["tokens", "valid", "completion_mask", "advantages", "old_logprobs", "engine_logprobs",
                         "ref_logprobs"], meta_fields=[])
-
-
-def split_trainable(model: Qwen3) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, trainable, frozen): LoRA adapters when the model has them, else every nnx.Param."""
-    has_lora = bool(jax.tree.leaves(nnx.state(model, LoRAParam)))
-    return nnx.split(model, LoRAParam if has_lora else nnx.Param, ...)
 
 
 def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *,
