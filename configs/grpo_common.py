@@ -110,6 +110,7 @@ def get_config(*, data: str, lr: float, num_generations: int, max_tokens: int, s
     c.sampler.max_batch_rows = 256
     c.sampler.cache_dtype = ""
     c.sampler.vocab_chunk = 2048
+    c.sampler.decode_window = 64  # attention reads prompt + 64, 128, 256, ... slots, not the whole cache
     c.sampler.lora_mode = "auto"
     c.vllm = ml_collections.ConfigDict()  # jaxmath.rollout.vllm_engine.VLLMConfig (LoRA settings follow lora.*)
     c.vllm.mode = "colocated"  # colocated | server

@@ -37,8 +37,9 @@ def model(hf_pair):
 
 @pytest.fixture(scope="module")
 def sampler(model):
-    # A small vocab_chunk so the fused path crosses several chunks (512 / 128).
-    return JaxSampler(model, SamplerConfig(vocab_chunk=128))
+    # A small vocab_chunk so the fused path crosses several chunks (512 / 128), and a small
+    # decode_window so decoding crosses attention windows (8, 16, 32 new tokens).
+    return JaxSampler(model, SamplerConfig(vocab_chunk=128, decode_window=8))
 
 
 def _teacher_forced_logits(model, rollout):
@@ -111,7 +112,8 @@ def test_seeded_reproducible_and_independent_of_batching(model, sampler):
     other_seed = sampler.generate(PROMPTS, dataclasses.replace(params, seed=12))
     assert (other_seed.completion_ids != first.completion_ids).any()
     # Split into sub-batches of one prompt each, the rows are the same (keys follow the prompt index).
-    split = JaxSampler(model, SamplerConfig(vocab_chunk=128, max_batch_rows=K)).generate(PROMPTS, params)
+    split = JaxSampler(model, SamplerConfig(vocab_chunk=128, decode_window=8, max_batch_rows=K)).generate(PROMPTS,
+                                                                                                          params)
     assert split.num_rows == first.num_rows
     np.testing.assert_array_equal(split.completion_ids, first.completion_ids)
     np.testing.assert_allclose(split.logprobs, first.logprobs, atol=1e-5)
@@ -225,9 +227,32 @@ def test_kv_cache_is_donated(model):
     keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K))
     out = jax_sampler._decode(graphdef, state, cache, hidden, keys, np.ones(K, bool), np.full(8, -1, np.int32),
                               np.float32(1.0), np.float32(1.0), max_new_tokens=NEW, greedy=False, top_k=0,
-                              truncate=False, vocab_chunk=128)
+                              truncate=False, vocab_chunk=128, windows=jax_sampler.decode_windows(16, NEW, 8))
     assert int(out[4]) == NEW
     assert cache.k.is_deleted() and cache.v.is_deleted()
+
+
+def test_decode_windows_cover_every_written_slot():
+    assert jax_sampler.decode_windows(128, 2048, 128) == (
+        (128, 256), (256, 384), (512, 640), (1024, 1152), (2048, 2176))
+    assert jax_sampler.decode_windows(16, 100, 32) == ((32, 48), (64, 80), (100, 116))
+    assert jax_sampler.decode_windows(16, 32, 0) == ((32, 48),)  # 0: the whole cache
+    assert jax_sampler.decode_windows(16, 32, 32) == ((32, 48),)
+    for bucket, n, first in [(16, 100, 32), (64, 2048, 128), (8, 9, 1)]:
+        windows = jax_sampler.decode_windows(bucket, n, first)
+        assert windows[-1] == (n, bucket + n)
+        # Step t writes slot bucket + t, so its window must reach past it.
+        assert all(window >= bucket + end for end, window in windows)
+
+
+def test_windowed_decode_equals_whole_cache_decode(model, sampler):
+    """Attention over growing windows reads fewer slots, but the slots it skips are masked anyway."""
+    whole = JaxSampler(model, SamplerConfig(vocab_chunk=128, decode_window=0))
+    for temperature in (1.0, 0.0):
+        params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=temperature, seed=5)
+        windowed, reference = sampler.generate(PROMPTS, params), whole.generate(PROMPTS, params)
+        np.testing.assert_array_equal(windowed.completion_ids, reference.completion_ids)
+        np.testing.assert_allclose(windowed.logprobs, reference.logprobs, atol=1e-5)
 
 
 def test_lora_merge_and_on_the_fly_agree_and_follow_updates(hf_pair):

@@ -173,9 +173,15 @@ class Attention(nnx.Module):
                 constrain(k, ("batch", "seq", "kv_heads", "head_dim")),
                 constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, lora: bool) -> jax.Array:
-        """q [b, t, n, h], k/v [b, s, k, h], mask [b, 1, t, s] bool -> [b, t, d]."""
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.implementation)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, lora: bool,
+               causal: bool = False) -> jax.Array:
+        """q [b, t, n, h], k/v [b, s, k, h], mask [b, 1, t, s] bool or None -> [b, t, d].
+
+        causal: also restrict query i to keys <= i (q and k aligned from position 0). The mask may say
+        the same; saying it here lets cuDNN skip the blocks above the diagonal, which it cannot infer
+        from a mask (it turns a mask into a dense additive bias)."""
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, is_causal=causal,
+                                           implementation=self.implementation)
         return self.o_proj(out, lora)
 
 
@@ -206,18 +212,23 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, rngs=rngs, stack=stack)
 
     def __call__(self, h, cos, sin, mask, lora: bool = True):
+        """Causal self-attention over the sequence (further restricted by `mask` when given) and the MLP."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        h = h + self.attn.attend(q, k, v, mask, lora)
+        h = h + self.attn.attend(q, k, v, mask, lora, causal=True)
         return h + self.mlp(self.post_attn_norm(h), lora)
 
     def decode(self, h, cos, sin, mask, k_cache, v_cache, layer_idx, write_index, lora: bool = True):
         """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, s, k, h]
-        at slot `write_index` and attends over the whole cache."""
+        at slot `write_index` and attends over the first mask.shape[-1] slots of the cache."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
         start = (layer_idx, 0, write_index, 0, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-        h = h + self.attn.attend(q, k_cache[layer_idx].astype(q.dtype), v_cache[layer_idx].astype(q.dtype), mask, lora)
+        _, b, _, kv_heads, head_dim = k_cache.shape
+        window = (1, b, mask.shape[-1], kv_heads, head_dim)
+        keys, values = (jax.lax.dynamic_slice(c, (layer_idx, 0, 0, 0, 0), window)[0].astype(q.dtype)
+                        for c in (k_cache, v_cache))
+        h = h + self.attn.attend(q, keys, values, mask, lora)
         return h + self.mlp(self.post_attn_norm(h), lora), k_cache, v_cache
 
 
@@ -310,14 +321,14 @@ class Qwen3(nnx.Module):
 
         segment_ids [b, t] int: tokens attend causally within their own segment; 0 marks padding.
         Packed documents use 1, 2, 3, ...; a left- or right-padded batch uses its 0/1 attention mask.
+        None: one unpadded sequence per row, plain causal attention with no mask at all.
         positions [b, t] int default to restarting at 0 in each segment.
         """
-        if segment_ids is None:
-            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
-            positions = positions_from_segments(segment_ids)
+            positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+                         if segment_ids is None else positions_from_segments(segment_ids))
         cos, sin = rope_cos_sin(positions, self.config)
-        mask = segment_mask(segment_ids)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         h = self._scan_layers(lambda layer, h, _: layer(h, cos, sin, mask, lora), self.embed_tokens(input_ids),
                               remat=remat)
         return self.final_norm(h)
@@ -346,20 +357,27 @@ class Qwen3(nnx.Module):
                        lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
 
     def forward_with_cache(self, tokens: jax.Array, token_valid: jax.Array, cache: KVCache,
-                           lora: bool = True) -> tuple[jax.Array, KVCache]:
+                           lora: bool = True, window: int | None = None) -> tuple[jax.Array, KVCache]:
         """Run `tokens` [b, t] through the model, appending them to `cache` at slots index..index+t.
 
         token_valid [b, t] bool marks real tokens (False = left padding of a prompt). Prefill is a call
         with the padded prompt; decode is a call with t = 1. Returns final-normed hidden [b, t, d].
+
+        window: attend over cache slots [0, window) only, reading that much of the cache instead of all
+        of it; the caller guarantees index + t <= window (slots past it are empty then). Decoding in
+        growing windows keeps the keys and values read per step near the ones written so far.
         """
+        window = cache.max_len if window is None else window
+        if not 0 < window <= cache.max_len:
+            raise ValueError(f"window must be in (0, {cache.max_len}], got {window}")
         b, t = tokens.shape
         valid_i = token_valid.astype(jnp.int32)
         positions = jnp.maximum(cache.lengths[:, None] + jnp.cumsum(valid_i, axis=1) - 1, 0)
         cos, sin = rope_cos_sin(positions, self.config)
         slots = cache.index + jnp.arange(t, dtype=jnp.int32)
         valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
-        key_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
-        mask = valid[:, None, :] & (key_slot[None, None, :] <= slots[None, :, None])
+        key_slot = jnp.arange(window, dtype=jnp.int32)
+        mask = valid[:, None, :window] & (key_slot[None, None, :] <= slots[None, :, None])
         mask = (mask | (key_slot[None, None, :] == slots[None, :, None]))[:, None]  # [b, 1, t, s]
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
 

@@ -8,8 +8,9 @@ For a batch of prompts and K samples each, `JaxSampler.generate`
 2. left-pads each sub-batch to a prompt-length bucket (powers of two by default), so shapes and
    compiles are reused across calls;
 3. prefills each prompt once and `jnp.repeat`s its KV cache to its K sample rows;
-4. decodes under one jitted `lax.while_loop` that exits as soon as every row has finished, with the
-   KV cache donated.
+4. decodes under jitted `lax.while_loop`s that exit as soon as every row has finished, with the
+   KV cache donated; attention reads a window of the cache that grows with the completion
+   (`decode_windows`: the prompt bucket plus 64, 128, 256, ... slots) instead of all of it.
 
 Sampling is fused with the LM head, vocabulary chunk by vocabulary chunk (`vocab_chunk`): a chunk's
 logits are drawn by inverse CDF with one uniform, and the chunks are combined by weighted reservoir
@@ -78,6 +79,10 @@ class SamplerConfig:
                          "on_the_fly" applies them at every step, "auto" = merge (measured faster,
                          docs/BENCHMARKS.md)
     vocab_chunk:         vocabulary rows per fused head+sampling step; 0 = the whole vocabulary
+    decode_window:       new tokens decoded while attention reads the prompt bucket plus this many
+                         cache slots; each later window doubles it (`decode_windows`), so a step
+                         reads at most about twice the keys and values written so far rather
+                         than the whole cache; 0 reads the whole cache at every step
     """
 
     prompt_buckets: tuple[int, ...] = ()
@@ -87,12 +92,14 @@ class SamplerConfig:
     memory_budget_bytes: int = 0
     lora_mode: str = "auto"
     vocab_chunk: int = 2048
+    decode_window: int = 64
 
     def __post_init__(self):
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"sampler.lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
-        if self.max_batch_rows < 1 or self.min_bucket < 1 or self.vocab_chunk < 0 or self.memory_budget_bytes < 0:
-            raise ValueError("sampler.max_batch_rows and min_bucket must be >= 1, vocab_chunk and "
+        if (self.max_batch_rows < 1 or self.min_bucket < 1 or self.vocab_chunk < 0 or self.memory_budget_bytes < 0
+                or self.decode_window < 0):
+            raise ValueError("sampler.max_batch_rows and min_bucket must be >= 1, vocab_chunk, decode_window and "
                              "memory_budget_bytes >= 0")
         if list(self.prompt_buckets) != sorted(set(self.prompt_buckets)) or any(b < 1 for b in self.prompt_buckets):
             raise ValueError(f"sampler.prompt_buckets must be strictly ascending positive lengths, "
@@ -238,6 +245,21 @@ def sample_chunked(hidden: jax.Array, head_chunks: jax.Array, vocab_size: int, u
     return token, token_logit - run_max - jnp.log(run_sum)
 
 
+def decode_windows(bucket: int, max_new_tokens: int, first: int) -> tuple[tuple[int, int], ...]:
+    """(end step, attention window) per decode segment: steps [previous end, end) attend over the
+    first `window` = bucket + end cache slots, which hold every token written by then. Segment
+    lengths double from `first` (0: one segment over the whole cache), so per step at most about
+    twice the slots in use are read, for log2(max_new_tokens / first) + 1 compiled loop bodies."""
+    if first <= 0 or first >= max_new_tokens:
+        return ((max_new_tokens, bucket + max_new_tokens),)
+    ends, end = [], first
+    while end < max_new_tokens:
+        ends.append(end)
+        end *= 2
+    ends.append(max_new_tokens)
+    return tuple((e, bucket + e) for e in ends)
+
+
 def row_keys(seed: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> jax.Array:
     """[rows] keys from (seed, prompt index within the call, sample index)."""
     base = jax.random.key(seed)
@@ -264,10 +286,13 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "truncate", "vocab_chunk"))
+                   static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "truncate", "vocab_chunk",
+                                    "windows"))
 def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperature, top_p, *,
-            max_new_tokens: int, greedy: bool, top_k: int, truncate: bool, vocab_chunk: int):
-    """Sample up to max_new_tokens per row under a while_loop that exits when every row has finished.
+            max_new_tokens: int, greedy: bool, top_k: int, truncate: bool, vocab_chunk: int,
+            windows: tuple[tuple[int, int], ...]):
+    """Sample up to max_new_tokens per row under while_loops, one per attention window (`decode_windows`),
+    each exiting as soon as every row has finished.
 
     hidden [rows, d] (the state after the prompt), keys [rows] PRNG keys, live [rows] bool (False for
     padding rows), stop_ids [_STOP_SLOTS] int32 (-1 unused). Returns tokens, logprobs, mask
@@ -281,11 +306,11 @@ def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperatur
     head_chunks = chunk_head(head, vocab_chunk) if fused else head
     draws = (head_chunks.shape[0], 2) if fused else (1,)
 
-    def cond(carry):
+    def cond(end, carry):
         step, finished = carry[0], carry[1]
-        return (step < max_new_tokens) & ~jnp.all(finished)
+        return (step < end) & ~jnp.all(finished)
 
-    def body(carry):
+    def body(window, carry):
         step, finished, stopped, hidden, cache, tokens, logprobs, mask = carry
         with jax.named_scope("sample"):
             u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), draws, F32))(keys)
@@ -302,13 +327,16 @@ def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperatur
         mask = jax.lax.dynamic_update_slice(mask, active[:, None], column)
         hit = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
         with jax.named_scope("decode_step"):
-            new_hidden, cache = model.forward_with_cache(token[:, None], jnp.ones((rows, 1), bool), cache)
+            new_hidden, cache = model.forward_with_cache(token[:, None], jnp.ones((rows, 1), bool), cache,
+                                                         window=window)
         return (step + 1, finished | hit, stopped | hit, new_hidden[:, 0], cache, tokens, logprobs, mask)
 
-    init = (jnp.zeros((), jnp.int32), ~live, jnp.zeros((rows,), bool), hidden, cache,
-            jnp.zeros((rows, max_new_tokens), jnp.int32), jnp.zeros((rows, max_new_tokens), F32),
-            jnp.zeros((rows, max_new_tokens), bool))
-    step, _, stopped, _, cache, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
+    carry = (jnp.zeros((), jnp.int32), ~live, jnp.zeros((rows,), bool), hidden, cache,
+             jnp.zeros((rows, max_new_tokens), jnp.int32), jnp.zeros((rows, max_new_tokens), F32),
+             jnp.zeros((rows, max_new_tokens), bool))
+    for end, window in windows:
+        carry = jax.lax.while_loop(functools.partial(cond, end), functools.partial(body, window), carry)
+    step, _, stopped, _, cache, tokens, logprobs, mask = carry
     # Returning the cache lets XLA alias it to the donated input, so the loop updates it in place.
     return tokens, logprobs, mask, stopped, step, cache
 
@@ -468,7 +496,8 @@ class JaxSampler:
         out = _decode(self._graphdef, self._state, cache, hidden, keys, live, stop_ids,
                       np.float32(0.0 if greedy else 1.0 / params.temperature), np.float32(params.top_p),
                       max_new_tokens=n, greedy=greedy, top_k=params.top_k if truncate else 0,
-                      truncate=truncate, vocab_chunk=self.config.vocab_chunk)
+                      truncate=truncate, vocab_chunk=self.config.vocab_chunk,
+                      windows=decode_windows(bucket, n, self.config.decode_window))
         tokens_out, logprobs, mask, stopped, steps = jax.device_get(out[:5])
         del out
         used = len(chunk) * k
