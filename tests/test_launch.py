@@ -83,3 +83,23 @@ def test_unknown_config_and_shell_launchers_fail_clearly(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHON": "echo", "FSDP": "4", "TP": "2"})
     assert res.stdout.split() == ["-m", "jaxmath.main", "--config=configs/grpo_v2.py", "--config.mesh.data=1",
                                   "--config.mesh.fsdp=4", "--config.mesh.tp=2", "--workdir=w"]
+
+
+def test_gpu_checks_commands_parse_with_their_benchmarks():
+    """Every command of launch/gpu_checks.sh is accepted by its benchmark's own argument parser, so the
+    script a GPU session runs cannot drift from the benchmarks' flags."""
+    import importlib
+
+    out = subprocess.run(["bash", str(ROOT / "launch" / "gpu_checks.sh")], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, env={**os.environ, "PRINT_ONLY": "1"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "rollout", "rollout_full", "grpo", "sft_full", "sft_lora", "sync_full", "sync_lora"]
+    for line in lines:
+        bench, *flags = shlex.split(line.split(":", 1)[1])
+        args = importlib.import_module(f"jaxmath.bench.{bench}")._parse(flags)
+        assert args.preset == "qwen3-4b"
+    unknown = subprocess.run(["bash", str(ROOT / "launch" / "gpu_checks.sh"), "nope"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60)
+    assert unknown.returncode == 2 and "known: versions rollout" in unknown.stderr

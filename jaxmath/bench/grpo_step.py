@@ -84,6 +84,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--remat", default="", choices=["", "none", "full", "dots"],
                    help="decoder-layer rematerialisation in the train step ('' = the config default)")
     p.add_argument("--vocab_chunk", type=int, default=-1, help="sampler.vocab_chunk (-1: SamplerConfig default)")
+    p.add_argument("--decode_window", type=int, default=-1,
+                   help="sampler.decode_window (-1: SamplerConfig default; 0: attend over the whole cache)")
     p.add_argument("--peak_flops", type=float, default=989e12, help="FLOP/s for MFU (H100 bf16 dense)")
     p.add_argument("--trl_python", default=None, help="python with trl installed; '' skips the peer")
     p.add_argument("--trl_steps", type=int, default=0, help="TRL's --steps (0: the same as --steps)")
@@ -225,6 +227,8 @@ def main(argv: list[str]) -> dict:
     sampler_knobs = {"max_batch_rows": a.prompts * a.k, "prompt_buckets": (width,)}
     if a.vocab_chunk >= 0:
         sampler_knobs["vocab_chunk"] = a.vocab_chunk
+    if a.decode_window >= 0:
+        sampler_knobs["decode_window"] = a.decode_window
     sampler = JaxSampler(model, SamplerConfig(**sampler_knobs))
     del model  # the trainer's state lives in (trainable, frozen) from here on
 

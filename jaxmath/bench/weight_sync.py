@@ -8,6 +8,9 @@ seven projections written in PEFT format and loaded under a new adapter id. The 
 from DIR (HF format) into JAX; one warm-up sync (compiles the layout conversions, first adapter load),
 then `--repeats` timed syncs with the weights changed before each, reporting the median.
 
+`--server`: the same through a vLLM server this bench starts (`vllm_engine.start_server`, log in
+`--server_log`) and drives over HTTP, as `vllm.mode=server` does: full weights by file only.
+
 `--jax_side_only` (GPU sessions, where no vLLM is installed): gathering, layout conversion and
 DLPack handover to torch only, no engine; for LoRA, the PEFT export. The JSON last line carries
 `sync_seconds` (and `gather_seconds`, the JAX side, in both modes).
@@ -16,7 +19,9 @@ DLPack handover to torch only, no engine; for LoRA, the PEFT export. The JSON la
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import socket
 import statistics
 import time
 
@@ -55,7 +60,13 @@ def _jax_side(model, method: str, lora: bool, workdir: str) -> float:
     return float(touched)
 
 
-def main(argv: list[str]) -> dict:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxmath.bench weight_sync")
     p.add_argument("--model", default="", help="HF-format Qwen3 directory (e.g. from make_bench_model.py)")
     p.add_argument("--preset", default="", help="instead of --model: a random model of this preset (e.g. qwen3-4b), "
@@ -66,11 +77,20 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--jax_side_only", action="store_true", help="no vLLM: gather + handover (or PEFT export) only")
     p.add_argument("--shm_dir", default="/dev/shm")
+    p.add_argument("--server", action="store_true", help="sync into a vLLM server (started here) over HTTP")
+    p.add_argument("--server_log", default="/tmp/jaxmath_bench_vllm_server.log")
     a = p.parse_args(argv)
+    if a.server and a.method == "load_weights" and not a.lora_rank:
+        a.method = "file"  # the only full-weight path into a server
     if bool(a.model) == bool(a.preset):
         p.error("pass exactly one of --model=DIR and --preset=NAME")
     if a.preset and not a.jax_side_only:
         p.error("--preset builds the model in JAX only; add --jax_side_only, or export it and pass --model")
+    return a
+
+
+def main(argv: list[str]) -> dict:
+    a = _parse(argv)
 
     import jax
     import jax.numpy as jnp
@@ -86,13 +106,17 @@ def main(argv: list[str]) -> dict:
         lora.apply_lora(model, lora.LoRAConfig(rank=a.lora_rank, alpha=2.0 * a.lora_rank))
     workdir = os.path.join(a.shm_dir, f"jaxmath-bench-sync-{os.getpid()}")
     os.makedirs(workdir, exist_ok=True)
-    engine = None
+    engine = server = None
     if not a.jax_side_only:
-        from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
+        from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine, start_server
 
-        engine = VLLMEngine(VLLMConfig(model_path=a.model, dtype=a.dtype, max_model_len=512,
-                                       enable_lora=bool(a.lora_rank), max_lora_rank=max(a.lora_rank, 8),
-                                       sync_method=a.method, shm_dir=a.shm_dir))
+        config = VLLMConfig(model_path=a.model, dtype=a.dtype, max_model_len=512, enable_lora=bool(a.lora_rank),
+                            max_lora_rank=max(a.lora_rank, 8), sync_method=a.method, shm_dir=a.shm_dir)
+        if a.server:
+            config = dataclasses.replace(config, mode="server", url=f"http://127.0.0.1:{_free_port()}")
+            print(f"starting a vLLM server at {config.url} (log: {a.server_log})", flush=True)
+            server = start_server(config, a.server_log)
+        engine = VLLMEngine(config)
     seconds, gather = [], []
     for step in range(a.repeats + 1):
         _perturb(model, step + 1)
@@ -111,11 +135,15 @@ def main(argv: list[str]) -> dict:
     nbytes = engine.last_sync.bytes if engine is not None else None
     if engine is not None:
         engine.close()
+    if server is not None:
+        from jaxmath.rollout.vllm_engine import stop_server
+
+        stop_server(server)
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
     return {"bench": "weight_sync", "model": a.model or a.preset, "lora_rank": a.lora_rank,
-            "method": "lora" if a.lora_rank else a.method, "dtype": a.dtype, "jax_side_only": a.jax_side_only,
+            "method": "lora" if a.lora_rank else a.method, "engine": "server" if a.server else "colocated", "dtype": a.dtype, "jax_side_only": a.jax_side_only,
             "device": str(jax.devices()[0].device_kind), "num_params": model.config.num_params(),
             "repeats": a.repeats, "sync_bytes": nbytes, "all_seconds": [round(s, 4) for s in seconds],
             "gather_seconds": round(statistics.median(gather), 4),
