@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent('''
     from flax import nnx
     import jaxmath.model as jm
     from jaxmath.model import lora as jl
+    from jaxmath.rollout.jax_sampler import JaxSampler
     from jaxmath.rollout.mismatch import logprob_mismatch
     from jaxmath.rollout.types import FINISH_LENGTH, SamplingParams
     from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
@@ -49,15 +50,9 @@ SCRIPT = textwrap.dedent('''
         return np.asarray(FORWARD(model, jnp.asarray(ids)))
 
     def jax_greedy(model, prompts, n):
-        """Greedy by full forwards at one width (causal: right padding leaves earlier positions alone)."""
-        lens = np.array([len(p) for p in prompts])
-        ids = np.zeros((len(prompts), lens.max() + n), np.int32)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)] = p
-        rows = np.arange(len(prompts))
-        for t in range(n):
-            ids[rows, lens + t] = forward_logits(model, ids)[rows, lens + t - 1].argmax(-1)
-        return [ids[r, lens[r]:lens[r] + n].tolist() for r in rows]
+        """The JAX sampler's greedy completions (no stop tokens: exactly n tokens each)."""
+        rollout = JaxSampler(model).generate(prompts, SamplingParams(max_new_tokens=n, temperature=0.0))
+        return rollout.completion_token_lists()
 
     def trainer_logprobs(model, rollout, temperature):
         """log softmax(logits / T) of each sampled token, as the GRPO trainer computes it; all rows in
