@@ -80,8 +80,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server", action="store_true", help="sync into a vLLM server (started here) over HTTP")
     p.add_argument("--server_log", default="/tmp/jaxmath_bench_vllm_server.log")
     a = p.parse_args(argv)
-    if a.server and a.method == "load_weights" and not a.lora_rank:
-        a.method = "file"  # the only full-weight path into a server
+    if a.server and a.method == "load_weights":
+        a.method = "file"  # the only full-weight path into a server (LoRA syncs ignore the method)
     if bool(a.model) == bool(a.preset):
         p.error("pass exactly one of --model=DIR and --preset=NAME")
     if a.preset and not a.jax_side_only:
