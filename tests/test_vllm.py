@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vll
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    sys.path.insert(0, os.environ["JAXMATH_REPO"])  # for tests.weights
     import dataclasses
     import numpy as np, jax, jax.numpy as jnp
     from flax import nnx
@@ -31,18 +32,10 @@ SCRIPT = textwrap.dedent('''
     from jaxmath.rollout.mismatch import logprob_mismatch
     from jaxmath.rollout.types import FINISH_LENGTH, SamplingParams
     from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from tests.weights import randomize
 
     PROMPTS = [[1, 2, 3, 4], [100, 2000, 30000], [151643, 5, 77, 9000, 12]]
     N = 32
-
-    def randomize(model, scale, seed):
-        """Weights of std `scale` (norm scales near 1): peaked, varied greedy paths, unlike the 0.02 init."""
-        state = nnx.state(model, nnx.Param)
-        flat, tdef = jax.tree_util.tree_flatten_with_path(state)
-        keys = jax.random.split(jax.random.key(seed), len(flat))
-        new = [1.0 + 0.2 * jax.random.normal(k, x.shape) if "scale" in jax.tree_util.keystr(p)
-               else scale * jax.random.normal(k, x.shape) for k, (p, x) in zip(keys, flat)]
-        nnx.update(model, jax.tree.unflatten(tdef, new))
 
     FORWARD = nnx.jit(lambda m, x: m(x))  # one jitted function: each shape compiles once
 
@@ -85,7 +78,7 @@ SCRIPT = textwrap.dedent('''
     def main(mode, work):
         cfg = jm.preset("tiny", dtype=jnp.float32, param_dtype=jnp.float32)
         model = jm.init_model(cfg, seed=0)
-        randomize(model, 0.2, 0)
+        randomize(model, 0)
         hf_dir = os.path.join(work, "hf")
         jm.save_pretrained(model, hf_dir, tokenizer_dir=os.environ["JAXMATH_TOKENIZER_DIR"])
         res = {}
@@ -107,7 +100,7 @@ SCRIPT = textwrap.dedent('''
             res["stop_len"], res["stop_expected_len"] = int(stop.completion_mask[0].sum()), k + 1
             res["stop_finish"] = int(stop.finish_reason[0])
             for label, method in (("memory", "load_weights"), ("file", "file")):
-                randomize(model, 0.2, 10 if method == "load_weights" else 20)  # a large update of every weight
+                randomize(model, 10 if method == "load_weights" else 20)  # a large update of every weight
                 res[label + "_before"] = mismatch(engine, model)
                 res[label + "_greedy_before"] = greedy_equal(engine, model)
                 engine.config = dataclasses.replace(vcfg, sync_method=method)
@@ -143,7 +136,8 @@ def _run(mode: str, tmp_path_factory, tokenizer_dir) -> dict:
     work = tmp_path_factory.mktemp(f"vllm_{mode}")
     script = work / "scenario.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "JAXMATH_TOKENIZER_DIR": str(tokenizer_dir), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "JAXMATH_TOKENIZER_DIR": str(tokenizer_dir), "VLLM_CPU_KVCACHE_SPACE": "1",
+           "JAXMATH_REPO": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     env.pop("XLA_FLAGS", None)  # one CPU device: DLPack hands over single-device arrays
     proc = subprocess.run([sys.executable, str(script), mode, str(work)], capture_output=True, text=True,
                           env=env, timeout=1200)

