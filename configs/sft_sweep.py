@@ -56,8 +56,9 @@ def get_config(arg: str = "a") -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"
     config.model.param_dtype = ""
     config.model.remat = "full"
-    # cuDNN attention: 1.5x the SFT step of XLA's on an H200 (docs/BENCHMARKS.md); "" or "xla" on a CPU.
-    config.model.attention_impl = "cudnn"
+    # "" = auto: cuDNN attention on a GPU (1.5x the SFT step of XLA's on an H200, docs/BENCHMARKS.md),
+    # XLA on a CPU.
+    config.model.attention_impl = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = "runs/distill"  # where the trace files are

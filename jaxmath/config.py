@@ -110,7 +110,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = ""  # empty: same as dtype
     remat: str = "full"
-    attention_impl: str = ""  # "" lets JAX choose; "xla" or "cudnn"
+    attention_impl: str = ""  # "" = auto (cuDNN for training on a GPU, XLA elsewhere); "xla" or "cudnn"
 
 
 @dataclasses.dataclass(frozen=True)

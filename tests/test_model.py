@@ -112,6 +112,31 @@ def test_kv_cache_decode_matches_forward(hf_pair):
         assert np.abs(got[i] - ref).max() <= 1e-4
     assert int(cache.index) == width + gen.shape[1]
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5 + 6, 9 + 6])
+    # Decode steps that attend over only the first 15 of the 20 slots (all that are written) agree.
+    windowed = nnx.jit(lambda m, t, v, c: m.forward_with_cache(t, v, c, window=15))
+    _, cache = step(model, jnp.asarray(ids), jnp.asarray(valid), model.init_cache(2, 20))
+    for t in range(gen.shape[1]):
+        h, cache = windowed(model, jnp.asarray(gen[:, t:t + 1]), jnp.ones((2, 1), bool), cache)
+        np.testing.assert_allclose(np.asarray(model.logits(h[:, -1])), got[:, t + 1], atol=1e-5)
+    with pytest.raises(ValueError, match="window must be in"):
+        model.forward_with_cache(jnp.asarray(gen[:, :1]), jnp.ones((2, 1), bool), cache, window=21)
+
+
+def test_attention_kernel_choice(monkeypatch):
+    """Auto: cuDNN for training attention on a GPU in bf16 with a head size it takes, XLA otherwise;
+    the KV-cache path always XLA; an explicit choice wins for training."""
+    attn = jm.init_model(jm.preset("tiny")).layers.attn
+    bf16 = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+    assert attn.implementation_for(bf16, cached=False) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attn.implementation_for(bf16, cached=False) == "cudnn"
+    assert attn.implementation_for(bf16, cached=True) == "xla"
+    assert attn.implementation_for(bf16.astype(jnp.float32), cached=False) == "xla"
+    assert attn.implementation_for(jnp.zeros((1, 4, 2, 256), jnp.bfloat16), cached=False) == "xla"
+    attn.implementation = "xla"
+    assert attn.implementation_for(bf16, cached=False) == "xla"
+    with pytest.raises(ValueError, match="attention_impl"):
+        jm.preset("tiny", attention_impl="flash")
 
 
 def test_hf_round_trip_bit_exact_and_loads_in_transformers(tmp_path):

@@ -47,7 +47,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                                       "on CPU, the compute dtype otherwise)")
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA adapters only (alpha = 2 * rank)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
-    p.add_argument("--attention_impl", default="", help="'' lets JAX choose; 'xla' or 'cudnn'")
+    p.add_argument("--attention_impl", default="", help="'' = auto (cuDNN on a GPU, XLA elsewhere); 'xla' or 'cudnn'")
     p.add_argument("--chunk_size", type=int, default=1024, help="token positions per LM-head chunk")
     p.add_argument("--peak_flops", type=float, default=989e12, help="device peak FLOP/s for MFU")
     p.add_argument("--skip_hf", action="store_true", help="time jaxmath only")

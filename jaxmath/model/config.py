@@ -46,7 +46,8 @@ class Qwen3Config:
     # Rematerialization of each decoder layer in training: "none", "full" (save nothing inside a
     # layer) or "dots" (save matmul outputs without batch dims, recompute the rest).
     remat: str = "full"
-    # None lets JAX pick (cuDNN flash attention on GPU where shapes allow, XLA otherwise).
+    # Training attention kernel, "xla" or "cudnn"; None = auto: cuDNN on a GPU in bf16/fp16 where the
+    # head size allows, XLA otherwise (`Attention.implementation_for`). The KV-cache path uses XLA.
     attention_impl: str | None = None
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class Qwen3Config:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be 'xla', 'cudnn' or empty (auto), got {self.attention_impl!r}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
