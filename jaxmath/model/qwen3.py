@@ -180,8 +180,12 @@ class Attention(nnx.Module):
         causal: also restrict query i to keys <= i (q and k aligned from position 0). The mask may say
         the same; saying it here lets cuDNN skip the blocks above the diagonal, which it cannot infer
         from a mask (it turns a mask into a dense additive bias)."""
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, is_causal=causal,
-                                           implementation=self.implementation_for(q, cached=not causal))
+        implementation = self.implementation_for(q, cached=not causal)
+        # With a mask (which holds the causality already) only cuDNN gains from the flag; XLA would build
+        # a second causal mask and combine the two (4.7 GB more in GRPO v2's 4B plan).
+        is_causal = causal and (mask is None or implementation == "cudnn")
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, is_causal=is_causal,
+                                           implementation=implementation)
         return self.o_proj(out, lora)
 
     def implementation_for(self, q: jax.Array, cached: bool) -> str:
