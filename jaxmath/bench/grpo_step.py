@@ -109,7 +109,7 @@ def _load(a):
     overrides = {"remat": a.remat} if a.remat else {}
     if a.model:
         return from_pretrained(a.model, dtype=dtype, param_dtype=dtype, **overrides)
-    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype, **overrides), seed=a.seed)
+    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype, **overrides), seed=a.seed, rng_impl="rbg")
 
 
 def _problems(a, with_text: bool) -> list[dict]:

@@ -70,7 +70,7 @@ def _load(a):
     dtype = dtype_from_name(a.dtype)
     if a.model:
         return from_pretrained(a.model, dtype=dtype, param_dtype=dtype)
-    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype), seed=a.seed)
+    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype), seed=a.seed, rng_impl="rbg")
 
 
 def _prompts(a, vocab_size: int) -> list[list[int]]:

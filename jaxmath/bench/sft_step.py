@@ -86,7 +86,7 @@ def _jax_side(args: argparse.Namespace):
                                 attention_impl=args.attention_impl or None)
     elif args.preset and args.random_weights:
         model = init_model(preset(args.preset, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
-                                  attention_impl=args.attention_impl or None))
+                                  attention_impl=args.attention_impl or None), rng_impl="rbg")
     else:
         raise SystemExit("pass --model=DIR, or --preset=NAME --random_weights")
     lora_params = apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)) \

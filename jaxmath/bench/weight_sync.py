@@ -99,7 +99,7 @@ def main(argv: list[str]) -> dict:
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
     if a.preset:
-        model = init_model(preset(a.preset, dtype=dtype, param_dtype=dtype))
+        model = init_model(preset(a.preset, dtype=dtype, param_dtype=dtype), rng_impl="rbg")
     else:
         model = hf_io.from_pretrained(a.model, dtype=dtype)
     if a.lora_rank:
