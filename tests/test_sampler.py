@@ -226,8 +226,8 @@ def test_kv_cache_is_donated(model):
                                          cache_dtype=jnp.float32)
     keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K))
     out = jax_sampler._decode(graphdef, state, cache, hidden, keys, np.ones(K, bool), np.full(8, -1, np.int32),
-                              np.float32(1.0), np.float32(1.0), max_new_tokens=NEW, greedy=False, top_k=0,
-                              truncate=False, vocab_chunk=128, windows=jax_sampler.decode_windows(16, NEW, 8))
+                              np.float32(1.0), np.float32(1.0), greedy=False, top_k=0, truncate=False,
+                              vocab_chunk=128, windows=jax_sampler.decode_windows(16, NEW, 8))
     assert int(out[4]) == NEW
     assert cache.k.is_deleted() and cache.v.is_deleted()
 

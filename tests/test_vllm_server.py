@@ -129,6 +129,7 @@ def full_engine(servers):
 def test_server_command_on_cpu_takes_a_third_of_host_memory():
     argv, env = server_command(VLLMConfig(model_path="/m", mode="server", url="http://127.0.0.1:8000"))
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.3"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8000"
     assert argv[argv.index("--generation-config") + 1] == "vllm"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     argv, _ = server_command(VLLMConfig(model_path="/m", mode="server", url="http://x:1", gpu_memory_utilization=0.5))

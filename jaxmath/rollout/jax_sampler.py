@@ -286,20 +286,18 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "truncate", "vocab_chunk",
-                                    "windows"))
+                   static_argnames=("graphdef", "greedy", "top_k", "truncate", "vocab_chunk", "windows"))
 def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperature, top_p, *,
-            max_new_tokens: int, greedy: bool, top_k: int, truncate: bool, vocab_chunk: int,
-            windows: tuple[tuple[int, int], ...]):
-    """Sample up to max_new_tokens per row under while_loops, one per attention window (`decode_windows`),
-    each exiting as soon as every row has finished.
+            greedy: bool, top_k: int, truncate: bool, vocab_chunk: int, windows: tuple[tuple[int, int], ...]):
+    """Sample up to max_new_tokens (the last window's end step) per row under while_loops, one per
+    attention window (`decode_windows`), each exiting as soon as every row has finished.
 
     hidden [rows, d] (the state after the prompt), keys [rows] PRNG keys, live [rows] bool (False for
     padding rows), stop_ids [_STOP_SLOTS] int32 (-1 unused). Returns tokens, logprobs, mask
     [rows, max_new_tokens], stopped [rows] bool, the number of steps run and the final cache.
     """
     model = nnx.merge(graphdef, state)
-    rows = hidden.shape[0]
+    rows, max_new_tokens = hidden.shape[0], windows[-1][0]
     head = model.head_weight
     vocab = head.shape[0]
     fused = not (truncate or vocab_chunk == 0)
@@ -495,7 +493,7 @@ class JaxSampler:
         greedy = params.temperature == 0
         out = _decode(self._graphdef, self._state, cache, hidden, keys, live, stop_ids,
                       np.float32(0.0 if greedy else 1.0 / params.temperature), np.float32(params.top_p),
-                      max_new_tokens=n, greedy=greedy, top_k=params.top_k if truncate else 0,
+                      greedy=greedy, top_k=params.top_k if truncate else 0,
                       truncate=truncate, vocab_chunk=self.config.vocab_chunk,
                       windows=decode_windows(bucket, n, self.config.decode_window))
         tokens_out, logprobs, mask, stopped, steps = jax.device_get(out[:5])

