@@ -29,7 +29,7 @@ _UNIT_WORDS = (
     "liters?|litres?|l|ml|gallons?|mph|kph|km/h|m/s|students?|people|persons?|points?|ways|times|"
     "meters|grams?|kilograms?|tons?|calories|percent|per|and|each|apples|books|pages|cars|marbles|coins"
 )
-_TRAILING_UNITS = re.compile(rf"(?:\s*(?:\\text\{{\s*)?(?:{_UNIT_WORDS})\b\}}?(?:\s*\^\s*\{{?\d\}}?)?)+\s*$")
+_TRAILING_UNITS = re.compile(rf"(?:(?:\s+|\s*\\text\{{\s*)(?:{_UNIT_WORDS})\b\}}?(?:\s*\^\s*\{{?\d\}}?)?)+\s*$")
 _CURRENCY = re.compile(r"\\\$|\$|€|£|¥|₹|\\euro")
 
 
@@ -51,6 +51,35 @@ def _unwrap_text(match: re.Match) -> str:
     return " " + content + " " if re.fullmatch(r"[a-zA-Z ]{2,}", content) else content
 
 
+_TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)(?![a-zA-Z])")
+_DEGREE_NUMBER = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![a-zA-Z]))")
+_MIXED_SLASH = re.compile(r"(?<![\d.,/^_])(\d+)\s+(\d+)\s*/\s*(\d+)(?![\d/.])")
+_EXPONENT_SPACE = re.compile(r"(\^\s*\{?\d+\}?)\s+(?=\d)")
+_LONE_DIGIT_SPACE = re.compile(r"(?<=\d)\s+(?=\d)")
+_SINGLE_SCRIPT = re.compile(r"([_^])\{\s*([A-Za-z0-9])\s*\}")
+_RELATION_THOUSANDS = re.compile(r"(?<![\d,.])(\d{1,3})((?:,\d{3})+)(?![\d,])")
+# A unit: trailing words after a number or expression (`125 miles`, `10\text{ cm}^2`, `3.5 \text{gal}`),
+# or a word of three or more letters glued to a number (`10weeks`; `10cm` stays unreadable, as in MARIO_EVAL).
+_TRAILING_WORDS = re.compile(r"(?<=[\d})\]])(?:\s+[a-zA-Z]{2,}\.?)+(?:\s*\^\s*\{?\d\}?)?\s*$")
+_GLUED_WORD = re.compile(r"(?<=\d)[a-zA-Z]{3,}(?:\s+[a-zA-Z]+)*\s*$")
+_UNIT_TEXT = re.compile(r"\\(?:text(?:normal|bf|rm)?|mbox|mathrm)\s*\{\s*([a-zA-Z][a-zA-Z .]*)\}(?:\s*\^\s*\{?\d\}?)?\s*$")
+
+
+def unit_of(answer: str) -> str | None:
+    """The unit words at the end of an answer (`cm`, `gal`, `square units`), lower-cased, or None."""
+    text = strip_delimiters(answer).strip().rstrip(".").strip()
+    match = _UNIT_TEXT.search(text)
+    if match and re.search(r"[\d}]\s*(?:\\[,;! ]|~|\s)*$", text[:match.start()]):
+        return match.group(1).strip().lower()
+    match = re.search(r"(?<=[\d}])\s+([a-zA-Z]{1,}(?:\s+[a-zA-Z]+)*)\s*$", text)
+    return match.group(1).lower() if match else None
+
+
+def has_percent(answer: str) -> bool:
+    """True when the answer is written as a percentage (`28\\%`, `28 percent`)."""
+    return bool(re.search(r"%|\bpercent(?:age)?\b|\bpct\b", answer))
+
+
 def clean(answer: str) -> str:
     """Canonical LaTeX for an answer string.
 
@@ -61,16 +90,25 @@ def clean(answer: str) -> str:
         words so that `\\text{odd}` and `odd` agree.
     """
     text = strip_delimiters(answer)
-    text = text.replace("\n", " ").replace("\t", " ")
+    text = text.replace("\n", " ").replace("\t", " ").replace("\r", " ")
     # `12,\! 345` groups thousands; handled before `\!` becomes a space.
     text = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!)\s*(?=\d{3})", "", text)
     if "matrix" not in text and "array" not in text:
         # Solutions stored with doubled backslashes: `\\frac` -> `\frac`.
         text = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", text)
+    # A stray backslash (or LaTeX line break) after the answer: `185\`.
+    if "matrix" not in text and "array" not in text and "cases" not in text:
+        text = re.sub(r"\\+\s*$", "", text)
     text = _SIZE_COMMANDS.sub("", text)
     text = _SPACING.sub(" ", text)
     text = _FRAC_VARIANTS.sub(r"\\frac", text)
+    if _TRIG.search(text):
+        # Inside a trigonometric function a degree mark is a unit to convert: sin(30°) = sin(pi/6).
+        text = _DEGREE_NUMBER.sub(r"(\1\\pi/180)", text)
     text = _DEGREES.sub("", text)
+    unit = _UNIT_TEXT.search(text)
+    if unit and re.search(r"\d", text[:unit.start()]) and re.search(r"[\w}).]\s*$", text[:unit.start()]):
+        text = text[:unit.start()]
     for _ in range(3):
         text = _TEXT_COMMANDS.sub(_unwrap_text, text)
     text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots", "")
@@ -89,22 +127,36 @@ def clean(answer: str) -> str:
     text = re.sub(r"\\(?:neq|ne)(?![a-zA-Z])", "!=", text)
     text = re.sub(r"\\gt(?![a-zA-Z])", ">", text)
     text = re.sub(r"\\lt(?![a-zA-Z])", "<", text)
-    text = text.replace("≤", "<=").replace("≥", ">=").replace("≠", "!=")
+    text = text.replace("≤", "<=").replace("≥", ">=").replace("≠", "!=").replace("÷", "\\div ")
     text = re.sub(r"\\(?:cdot|times)(?![a-zA-Z])", "*", text) if re.search(r"\d\s*\\(?:cdot|times)\s*10\^", text) else text
     # `\frac12` and `\frac3{3}`: single-token arguments get their braces.
     text = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", text)
     text = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", text)
     text = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", text)
+    text = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", text)
+    text = re.sub(r"\\sqrt\s*\[\s*(\d+)\s*\]\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt[\1]{\2}", text)
+    text = re.sub(r"\\sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", text)
+    text = _SINGLE_SCRIPT.sub(r"\1\2", text)
     stripped = _TRAILING_UNITS.sub("", text).strip()
     if stripped and re.search(r"[\d}]", stripped[-1:]) or re.fullmatch(r"[\d.,]+", stripped or "x"):
         text = stripped
     text = text.strip().rstrip(".").strip()
+    words = _TRAILING_WORDS.search(text)
+    if words and re.search(r"\d", text[:words.start()]) and not re.search(r"[=<>]", text[words.start():]):
+        text = text[:words.start()].strip()
+    text = _GLUED_WORD.sub("", text) if re.fullmatch(r"-?[\d.,]+[a-zA-Z]{3,}(?:\s+[a-zA-Z]+)*\s*", text) else text
     text = _GROUPED_SPACE.sub("", text)
+    # `4 4/9` is a mixed number (a proper fraction after a whole number; `parse_number` checks it).
+    text = _MIXED_SLASH.sub(r"\1\\frac{\2}{\3}", text)
+    # `2^6 3^5`: a space after an exponent multiplies; other digits split by a space are not one number.
+    text = _EXPONENT_SPACE.sub(r"\1*", text)
+    text = _LONE_DIGIT_SPACE.sub("¦", text)
     # 7,425,000 is one number, not a list (latex2sympy's and math-verify's reading too); `32, 349`
-    # with a space is a list.
+    # with a space is a list. Inside an equation, comma-grouped numbers are numbers too.
     if _THOUSANDS.match(text.lstrip("-")):
         text = text.replace(",", "")
+    elif "=" in text:
+        text = _RELATION_THOUSANDS.sub(lambda m: m.group(1) + m.group(2).replace(",", ""), text)
     # Spaces matter only between words (`\text{The midpoints form ...}`).
     text = re.sub(r"(?<![a-zA-Z])\s+|\s+(?![a-zA-Z])", "", text)
     text = re.sub(r"\s+", " ", text)
@@ -197,8 +249,8 @@ def parse_number(text: str, plain_text: bool = False) -> Number | None:
     mixed = _MIXED.match(text)
     if mixed:
         whole, numerator, denominator = (int(g) for g in (mixed.groups()[:3] if mixed.group(1) else mixed.groups()[3:]))
-        if denominator == 0:
-            return None
+        if not 0 <= numerator < denominator:
+            return None  # a mixed number's fraction is proper: `11 6/6` and `4 0/0` are not numbers
         return Number(sign * (whole + Fraction(numerator, denominator)))
     return None
 

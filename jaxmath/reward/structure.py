@@ -60,13 +60,14 @@ _NAME = re.compile(
     r"^(?:\\?[a-zA-Z]+(?:_\{?[a-zA-Z0-9,]+\}?)?(?:\([a-zA-Z,]*\))?|\|[a-zA-Z]+\||\\frac\{[a-zA-Z]+\}\{[a-zA-Z]+\}"
     r"|\([a-zA-Z,]+\))(?::\\?[a-zA-Z]+(?:_\{?[a-zA-Z0-9]+\}?)?)?$|^[a-zA-Z]_?\{?[a-zA-Z0-9]*\}?:[a-zA-Z]_?\{?[a-zA-Z0-9]*\}?$"
 )
+_FUNCTION_NAME = re.compile(r"^\\(?:sin|cos|tan|sec|csc|cot|arc\w+|sinh|cosh|tanh|log|ln|exp|sqrt|det|max|min|gcd)(?![a-zA-Z])")
 MAX_ITEMS = 64
 MAX_DEPTH = 12
 
 
 def is_name(text: str) -> bool:
     """True for the left side of an assignment-style answer (`x`, `f(x)`, `|AB|`, `A:B`)."""
-    return bool(_NAME.match(text)) and text not in ("e", "\\pi", "i")
+    return bool(_NAME.match(text)) and text not in ("e", "\\pi", "i") and not _FUNCTION_NAME.match(text)
 
 
 def _wrapped(text: str) -> bool:
