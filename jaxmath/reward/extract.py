@@ -323,8 +323,8 @@ def answer_candidates(text: str) -> list[str]:
     # A short answer that is math, not prose (`\pm 2021`), or has delimiters but no well-formed
     # environment (`$ \n 9 \n $`), is graded as written: a number inside it is not the answer.
     delimited = window.count("$") >= 2 or "\\(" in window or "\\[" in window
-    short_math = len(stripped) <= 80 and not environments and (
-        delimited or not re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", stripped))
+    prose = re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}|[^\x00-\x7f]{2,}", stripped)
+    short_math = len(stripped) <= 80 and not environments and (delimited or not prose)
     if numbers and not short_math:
         found.append((numbers[-1].end(), _number_text(numbers[-1])))
     candidates = [answer for _, answer in sorted(found, key=lambda item: -item[0])]
@@ -335,10 +335,10 @@ def answer_candidates(text: str) -> list[str]:
 
 # ---- multiple choice ----
 
-_CHOICE_GOLD = re.compile(r"^\s*\(?([A-J])\)?(?:\s*$|[.:)]\s*|\s+\S)")
-_CHOICE_LEADING = re.compile(r"^\s*\(?([A-J])\)?(?:\s*$|[.:)。，,]|\s|(?=[^\x00-\x7f]))")
-_CHOICE_STATED = re.compile(rf"(?i:{_ANSWER_WORD}(?:\s+(?:is|est|es|è|ist))?(?:\s+for\s+sure)?)\s*[:：]?\s*\(?([A-J])\)?(?![A-Za-z])")
-_CHOICE_ANY = re.compile(r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z'’])")
+_CHOICE_GOLD = re.compile(r"^\s*\(?([A-Z])\)?(?:\s*$|[.:)]\s*|\s+\S)")
+_CHOICE_LEADING = re.compile(r"^\s*\(?([A-Z])\)?(?:\s*$|[.:)。，,]|\s|(?=[^\x00-\x7f]))")
+_CHOICE_STATED = re.compile(rf"(?i:{_ANSWER_WORD}(?:\s+(?:is|est|es|è|ist))?(?:\s+for\s+sure)?)\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])")
+_CHOICE_ANY = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z'’])")
 
 
 def gold_choice(gold: str) -> str | None:
@@ -350,7 +350,7 @@ def gold_choice(gold: str) -> str | None:
     boxed = extract_boxed(text)
     if boxed is not None:
         text = boxed
-    text = re.sub(r"^\\text\{\s*\(?([A-J])\)?\s*\}$", r"\1", text)
+    text = re.sub(r"^\\text\{\s*\(?([A-Z])\)?\s*\}$", r"\1", text)
     match = _CHOICE_GOLD.match(text)
     if match and len(text) <= 60:
         return match.group(1)

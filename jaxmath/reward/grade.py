@@ -111,12 +111,13 @@ def numbers_equal(a, b) -> bool:
     return decimal_matches(a.value, a.decimals, b.value) or decimal_matches(b.value, b.decimals, a.value)
 
 
+_CLOCK_MARK = re.compile(r"\d:\d{2}:\d{2}|\d\s*(?:\\text\{\s*)?[ap]\.?m\.?", re.IGNORECASE)
 _CLOCK = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s*([ap])\.?m\.?)?$", re.IGNORECASE)
 
 
 def _clock_seconds(text: str) -> int | None:
     match = _CLOCK.match(text.replace("\\text", "").replace("{", "").replace("}", "").strip())
-    if not match or not (match.group(3) or match.group(4)):
+    if not match:
         return None
     hours, minutes, seconds = int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
     if match.group(4):
@@ -135,9 +136,9 @@ def fast_leaf_equal(pred: str, gold: str) -> bool | None:
         return True
     if ":" in pred and ":" in gold:
         # Clock times with seconds or am/pm compare as times of day; ratios (`7:32`) as written.
-        a, b = _clock_seconds(pred), _clock_seconds(gold)
-        if a is not None or b is not None:
-            return a == b or (a is None and b is None)
+        if _CLOCK_MARK.search(pred + " " + gold):
+            a, b = _clock_seconds(pred), _clock_seconds(gold)
+            return a is not None and a == b
         return pred.replace(" ", "") == gold.replace(" ", "")
     a, b = parse_number(pred), parse_number(gold)
     if a is not None and b is not None:
@@ -230,7 +231,8 @@ def _units_differ(pred: str, gold: str) -> bool:
 def _candidate_pairs(pred_text: str, gold_text: str):
     golds = [(candidate, tree) for candidate in _gold_candidates(gold_text)
              for tree in _trees(candidate, False, _is_plain(gold_text))]
-    keep_names = any(isinstance(tree, Relation) for _, tree in golds)
+    # An equation gold (`2x+4y-3=0`, not `x = 3`) is compared with the pred's equation, `y = ...` included.
+    keep_names = any(isinstance(_trees(candidate, False, False)[0], Relation) for candidate in _gold_candidates(gold_text))
     plain = _is_plain(pred_text)
     for pred_candidate in answer_candidates(pred_text):
         for pred_tree in _trees(pred_candidate, keep_names, plain):
@@ -248,9 +250,10 @@ def _compare_both_ways(pred, gold, leaf_equal, relation_equal, symmetric: bool):
 
 def _looks_like_choice(pred_text: str) -> bool:
     """A completion that answers a multiple-choice gold in words or with a bare letter, not with math."""
-    answer = answer_candidates(pred_text)[0]
-    cleaned = clean(answer)
-    if re.fullmatch(r"\(?[A-J]\)?[.:)]?", cleaned):
+    if re.match(r"\s*\(?[A-Z]\)?(?:[.:)。]|\s+[a-z])", pred_text):
+        return True
+    cleaned = clean(answer_candidates(pred_text)[0])
+    if re.fullmatch(r"\(?[A-Z]\)?[.:)]?", cleaned) or re.search(r"[^\x00-\x7f]", cleaned):
         return True
     return bool(re.search(r"[A-Za-z]{3,}", cleaned)) and not re.search(r"[=^*/+<>]|\\frac|\\sqrt", cleaned)
 

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 _DELIMITERS = re.compile(r"^(?:\$\$|\$|\\\[|\\\()\s*|\s*(?:\$\$|\$|\\\]|\\\))$")
 _SIZE_COMMANDS = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![a-zA-Z])\s*\.?")
-_SPACING = re.compile(r"(?<!\\)\\(?:[,;:! ]|quad|qquad|displaystyle|textstyle|scriptstyle|limits|nolimits)(?![a-zA-Z])|~")
+_SPACING = re.compile(r"(?<!\\)\\(?:[,;:! ]|(?:quad|qquad|displaystyle|textstyle|scriptstyle|limits|nolimits)(?![a-zA-Z]))|~")
 _FRAC_VARIANTS = re.compile(r"\\[dtc]frac(?![a-zA-Z])")
 _TEXT_COMMANDS = re.compile(r"\\(?:text(?:normal|bf|it|rm|sf|tt)?|mbox|mathrm|mathbf|mathit|mathsf|mathtt|operatorname|textup|hbox)\s*\{([^{}]*)\}")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}|°|\\degree(?![a-zA-Z])|\\circ(?![a-zA-Z])")

@@ -215,6 +215,8 @@ class _Parser:
         if name == "pi":
             return ("const", "pi")
         if name in _GREEK:
+            if self.peek() == "(":
+                raise Unsupported("function application")  # `\Gamma(5)` is the gamma function
             return self.subscripted(name)
         if name in ("lfloor", "lceil"):
             inner = self.expression()
@@ -349,7 +351,13 @@ def _power(base, exponent):
     try:
         if base == 0:
             return Fraction(0) if complex(exponent).real > 0 else _raise_bad()
-        return _finite(complex(base) ** complex(exponent))
+        real_base = complex(base)
+        if _exact(exponent) and exponent.denominator % 2 == 1 and real_base.imag == 0 and real_base.real < 0:
+            # (-8)^{1/3} = -2: a rational power with an odd denominator of a negative real is real,
+            # the same convention as the real odd root `\sqrt[3]{-8}`.
+            magnitude = (-real_base.real) ** float(exponent)
+            return _finite(complex(-magnitude if exponent.numerator % 2 else magnitude))
+        return _finite(real_base ** complex(exponent))
     except (OverflowError, ZeroDivisionError) as error:
         raise _BadPoint() from error
 
