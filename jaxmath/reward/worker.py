@@ -13,6 +13,7 @@ Requests:
     ("clear_caches",)                                        -> True: parse caches emptied
     ("sleep", seconds)                                       -> True after sleeping (tests)
     ("crash",)                                               -> the process exits (tests)
+    ("stuck", seconds)                                       -> sleeps with the timer blocked (tests)
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def _handle(request, grading, symbolic):
         return True
     if request[0] == "crash":
         os._exit(3)
+    if request[0] == "stuck":
+        # Work that the deadline timer cannot interrupt, like one long C call inside sympy (tests: the
+        # parent must kill and replace the worker).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(request[1])
+        return True
     return False
 
 
