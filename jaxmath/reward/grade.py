@@ -134,6 +134,12 @@ def fast_leaf_equal(pred: str, gold: str) -> bool | None:
     """In-process comparison of two leaf strings: True, False, or None when sympy must decide."""
     if pred == gold:
         return True
+    if "¦" in pred or "¦" in gold:
+        return False  # digits split by a space that groups nothing (`4 2`): not a number
+    if "\\infty" in pred or "\\infty" in gold:
+        signed = lambda text: text.replace("+\\infty", "\\infty").replace("\\infty", "oo")
+        if re.fullmatch(r"-?oo", signed(pred)) or re.fullmatch(r"-?oo", signed(gold)):
+            return signed(pred) == signed(gold)
     if ":" in pred and ":" in gold:
         # Clock times with seconds or am/pm compare as times of day; ratios (`7:32`) as written.
         if _CLOCK_MARK.search(pred + " " + gold):
@@ -186,12 +192,12 @@ def relation_equal_in_process(pred: Relation, gold: Relation) -> bool | None:
 
 # ---- candidates ----
 
-def _trees(answer: str, keep_names: bool, plain: bool) -> list:
+def _trees(answer: str, keep_names: bool, plain: bool, cleaned: str | None = None) -> list:
     """Trees for one candidate answer: none when too large, more than one when it reads two ways."""
     if len(answer) > MAX_ANSWER_CHARS:
         return []
     stripped = answer.strip()
-    cleaned = clean(stripped)
+    cleaned = clean(stripped) if cleaned is None else cleaned
     trees = [parse(cleaned, keep_names=keep_names)]
     if not keep_names and "=" in cleaned:
         # `p = 15n - 5` is both the value `15n - 5` and the equation, and matches as either.
@@ -229,10 +235,12 @@ def _units_differ(pred: str, gold: str) -> bool:
 
 
 def _candidate_pairs(pred_text: str, gold_text: str):
-    golds = [(candidate, tree) for candidate in _gold_candidates(gold_text)
-             for tree in _trees(candidate, False, _is_plain(gold_text))]
-    # An equation gold (`2x+4y-3=0`, not `x = 3`) is compared with the pred's equation, `y = ...` included.
-    keep_names = any(isinstance(_trees(candidate, False, False)[0], Relation) for candidate in _gold_candidates(gold_text))
+    golds, keep_names = [], False
+    for candidate in _gold_candidates(gold_text):
+        trees = _trees(candidate, False, _is_plain(gold_text))
+        # An equation gold (`2x+4y-3=0`, not `x = 3`) is compared with the pred's equation, `y = ...` included.
+        keep_names = keep_names or bool(trees) and isinstance(trees[0], Relation)
+        golds += [(candidate, tree) for tree in trees]
     plain = _is_plain(pred_text)
     for pred_candidate in answer_candidates(pred_text):
         for pred_tree in _trees(pred_candidate, keep_names, plain):
@@ -262,6 +270,8 @@ def _fast_verdict(pred_text: str, gold_text: str, symmetric: bool, deadline: flo
     """(True/False, []) when settled in this process, else (None, undecided tree pairs for sympy)."""
     if len(pred_text) > MAX_TEXT_CHARS or len(gold_text) > MAX_TEXT_CHARS:
         return False, []
+    if pred_text.strip() == gold_text.strip() and len(pred_text) <= MAX_ANSWER_CHARS:
+        return True, []
     undecided = []
     for pred, gold in _candidate_pairs(pred_text, gold_text):
         _check(deadline)

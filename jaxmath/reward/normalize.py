@@ -80,6 +80,30 @@ def has_percent(answer: str) -> bool:
     return bool(re.search(r"%|\bpercent(?:age)?\b|\bpct\b", answer))
 
 
+# Patterns of `clean`, compiled once.
+_GROUPING_BEFORE_THIN_SPACE = re.compile(r"(?<=\d)(?:\{,\}|,\s*\\!)\s*(?=\d{3})")
+_DOUBLED_BACKSLASH = re.compile(r"\\\\(?=[a-zA-Z])")
+_TRAILING_BACKSLASHES = re.compile(r"\\+\s*$")
+_AND_OR_SEPARATOR = re.compile(r"(?:,\s*)?(?<![a-zA-Z\\])\b(?:and|or)\b(?![a-zA-Z])\s*")
+_RUN_TOGETHER_OR = re.compile(r"(?<=[\d)}])(?:and|or)(?=[A-Z\\(])")
+_COMMA_THIN_SPACE_GROUPING = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3})")
+_GEQ = re.compile(r"\\(?:geq|ge)(?![a-zA-Z])")
+_LEQ = re.compile(r"\\(?:leq|le)(?![a-zA-Z])")
+_NEQ = re.compile(r"\\(?:neq|ne)(?![a-zA-Z])")
+_GT = re.compile(r"\\gt(?![a-zA-Z])")
+_LT = re.compile(r"\\lt(?![a-zA-Z])")
+_CDOT_TIMES = re.compile(r"\\(?:cdot|times)(?![a-zA-Z])")
+_FRAC_TWO_DIGITS = re.compile(r"\\frac\s*(\d)\s*(\d)")
+_FRAC_DIGIT_BRACE = re.compile(r"\\frac\s*(\d)\s*\{")
+_FRAC_BRACE_DIGIT = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
+_SQRT_BARE = re.compile(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])")
+_SQRT_INDEX_BARE = re.compile(r"\\sqrt\s*\[\s*(\d+)\s*\]\s*(\d+|[a-zA-Z])(?![a-zA-Z])")
+_SQRT_PARENTHESES = re.compile(r"\\sqrt\s*\(([^()]*)\)")
+_SPACE_NOT_BETWEEN_WORDS = re.compile(r"(?<![a-zA-Z])\s+|\s+(?![a-zA-Z])")
+_SPACES = re.compile(r"\s+")
+_REPEATED_COMMAS = re.compile(r",(?:\s*,)+")
+
+
 def clean(answer: str) -> str:
     """Canonical LaTeX for an answer string.
 
@@ -92,13 +116,13 @@ def clean(answer: str) -> str:
     text = strip_delimiters(answer)
     text = text.replace("\n", " ").replace("\t", " ").replace("\r", " ")
     # `12,\! 345` groups thousands; handled before `\!` becomes a space.
-    text = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!)\s*(?=\d{3})", "", text)
+    text = _GROUPING_BEFORE_THIN_SPACE.sub("", text)
     if "matrix" not in text and "array" not in text:
         # Solutions stored with doubled backslashes: `\\frac` -> `\frac`.
-        text = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", text)
+        text = _DOUBLED_BACKSLASH.sub(r"\\", text)
     # A stray backslash (or LaTeX line break) after the answer: `185\`.
     if "matrix" not in text and "array" not in text and "cases" not in text:
-        text = re.sub(r"\\+\s*$", "", text)
+        text = _TRAILING_BACKSLASHES.sub("", text)
     text = _SIZE_COMMANDS.sub("", text)
     text = _SPACING.sub(" ", text)
     text = _FRAC_VARIANTS.sub(r"\\frac", text)
@@ -114,28 +138,28 @@ def clean(answer: str) -> str:
     text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots", "")
     text = text.replace("²", "^2").replace("³", "^3")
     # "1, 2 and 3", "1 or 2": list separators, turned into commas while spaces still mark words.
-    text = re.sub(r"(?:,\s*)?(?<![a-zA-Z\\])\b(?:and|or)\b(?![a-zA-Z])\s*", ", ", text)
+    text = _AND_OR_SEPARATOR.sub(", ", text)
     # `W(x)=1orW(x)=-1`: a run-together "or" between a value and the next assignment.
-    text = re.sub(r"(?<=[\d)}])(?:and|or)(?=[A-Z\\(])", ", ", text)
+    text = _RUN_TOGETHER_OR.sub(", ", text)
     text = _PERCENT.sub("", text)
     text = _CURRENCY.sub("", text)
     text = _BRACED_COMMA.sub("", text)
-    text = re.sub(r"(?<=\d),\s*\\!\s*(?=\d{3})", "", text)
+    text = _COMMA_THIN_SPACE_GROUPING.sub("", text)
     text = text.replace("\\{", "{").replace("\\}", "}") if text.startswith("\\{") else text
-    text = re.sub(r"\\(?:geq|ge)(?![a-zA-Z])", ">=", text)
-    text = re.sub(r"\\(?:leq|le)(?![a-zA-Z])", "<=", text)
-    text = re.sub(r"\\(?:neq|ne)(?![a-zA-Z])", "!=", text)
-    text = re.sub(r"\\gt(?![a-zA-Z])", ">", text)
-    text = re.sub(r"\\lt(?![a-zA-Z])", "<", text)
+    text = _GEQ.sub(">=", text)
+    text = _LEQ.sub("<=", text)
+    text = _NEQ.sub("!=", text)
+    text = _GT.sub(">", text)
+    text = _LT.sub("<", text)
     text = text.replace("≤", "<=").replace("≥", ">=").replace("≠", "!=").replace("÷", "\\div ")
-    text = re.sub(r"\\(?:cdot|times)(?![a-zA-Z])", "*", text) if re.search(r"\d\s*\\(?:cdot|times)\s*10\^", text) else text
+    text = _CDOT_TIMES.sub("*", text) if re.search(r"\d\s*\\(?:cdot|times)\s*10\^", text) else text
     # `\frac12` and `\frac3{3}`: single-token arguments get their braces.
-    text = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", text)
-    text = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", text)
-    text = re.sub(r"\\sqrt\s*\[\s*(\d+)\s*\]\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt[\1]{\2}", text)
-    text = re.sub(r"\\sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", text)
+    text = _FRAC_TWO_DIGITS.sub(r"\\frac{\1}{\2}", text)
+    text = _FRAC_DIGIT_BRACE.sub(r"\\frac{\1}{", text)
+    text = _FRAC_BRACE_DIGIT.sub(r"\\frac{\1}{\2}", text)
+    text = _SQRT_BARE.sub(r"\\sqrt{\1}", text)
+    text = _SQRT_INDEX_BARE.sub(r"\\sqrt[\1]{\2}", text)
+    text = _SQRT_PARENTHESES.sub(r"\\sqrt{\1}", text)
     text = _SINGLE_SCRIPT.sub(r"\1\2", text)
     stripped = _TRAILING_UNITS.sub("", text).strip()
     if stripped and re.search(r"[\d}]", stripped[-1:]) or re.fullmatch(r"[\d.,]+", stripped or "x"):
@@ -158,9 +182,9 @@ def clean(answer: str) -> str:
     elif "=" in text:
         text = _RELATION_THOUSANDS.sub(lambda m: m.group(1) + m.group(2).replace(",", ""), text)
     # Spaces matter only between words (`\text{The midpoints form ...}`).
-    text = re.sub(r"(?<![a-zA-Z])\s+|\s+(?![a-zA-Z])", "", text)
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r",(?:\s*,)+", ",", text).strip(", ")
+    text = _SPACE_NOT_BETWEEN_WORDS.sub("", text)
+    text = _SPACES.sub(" ", text)
+    text = _REPEATED_COMMAS.sub(",", text).strip(", ")
     return text
 
 
