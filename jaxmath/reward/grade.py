@@ -374,8 +374,9 @@ def grade_batch(pairs: list[tuple[str, str]], workers: int = 0, timeout: float =
         timeout: per-grading bound in seconds.
     Returns:
         list[bool], one per pair, in the order given. A worker crash or timeout makes that one
-        grading False; the batch goes on. With N pairs and w workers it returns within about
-        ceil(N / w) * timeout plus a second.
+        grading False; the batch goes on. With N pairs needing the worker and w workers it returns
+        within ceil(N / w) * timeout + 1 s (after the in-process part, microseconds a pair); pairs still
+        waiting for a worker then (workers slow to start) are graded False.
     """
     if workers <= 0:
         return [grade(pred, gold, timeout=timeout) for pred, gold in pairs]
@@ -392,7 +393,8 @@ def grade_batch(pairs: list[tuple[str, str]], workers: int = 0, timeout: float =
             requests.append(("symbolic", undecided))
             slots.append(index)
     if requests:
-        for index, reply in zip(slots, pool.run_batch(requests, workers, timeout, default=False)):
+        budget = math.ceil(len(requests) / workers) * timeout + 1.0
+        for index, reply in zip(slots, pool.run_batch(requests, workers, timeout, default=False, budget=budget)):
             results[index] = bool(reply)
     return results
 

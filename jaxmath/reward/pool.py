@@ -310,11 +310,16 @@ def call_bounded(request, timeout: float, default=False):
     return call(request, time.monotonic() + timeout, default)
 
 
-def run_batch(requests: list, workers: int, timeout: float, default=False) -> list:
+def run_batch(requests: list, workers: int, timeout: float, default=False, budget: float | None = None) -> list:
     """Runs `requests` on up to `workers` processes at once, each within `timeout` seconds from when its
     worker takes it; keeps the order. A request whose worker dies or runs past its deadline gets
-    `default`; the batch goes on with the other workers while a replacement starts."""
+    `default`; the batch goes on with the other workers while a replacement starts.
+
+    `budget` (seconds from the call) bounds the whole batch: requests still waiting for a worker when it
+    runs out get `default`, and none runs past it (workers that are slow to start, or replaced after a
+    crash, are what could otherwise stretch a batch)."""
     pool = _get_pool()
+    batch_deadline = time.monotonic() + budget if budget is not None else float("inf")
     results = [default] * len(requests)
     pending = collections.deque(range(len(requests)))
     in_flight: dict[Worker, tuple[int, int, float]] = {}  # worker -> (index, request id, deadline)
@@ -329,13 +334,15 @@ def run_batch(requests: list, workers: int, timeout: float, default=False) -> li
                     break
                 index = pending.popleft()
                 request_id = next(pool.ids)
-                deadline = time.monotonic() + timeout
+                deadline = min(time.monotonic() + timeout, batch_deadline)
                 if worker.send((request_id, deadline, requests[index])):
                     in_flight[worker] = (index, request_id, deadline)
                 else:
                     pool.release(worker)
                     pending.appendleft(index)
             now = time.monotonic()
+            if now >= batch_deadline and pending:
+                pending.clear()  # out of budget: what has not started gets `default`
             wait = min([deadline for _, _, deadline in in_flight.values()], default=now + 0.05) - now
             if pending and len(in_flight) < workers:
                 wait = min(wait, 0.02)  # poll for a worker becoming ready
