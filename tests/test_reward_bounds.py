@@ -5,64 +5,25 @@ shared), so they check the bound the way GRPO needs it: `grade(..., timeout=0.5)
 About 60 s in all on the 2-core dev machine.
 """
 
-import json
 import math
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jaxmath.bench.grader_bound import DEGENERATE_COMPLETIONS, HOSTILE, ORDINARY, cold_first_calls, start_burners
 from jaxmath.reward import correctness_rewards, equivalent, grade, grade_batch, pool, warmup
 
 BOUND_S = 0.5
 SLACK_S = 0.25
-REPO = Path(__file__).resolve().parents[1]
 
-# The issue's two: an unclosed math environment repeated (quadratic for a backtracking pattern), and an
-# unclosed box that takes the rest of a long text.
-HOSTILE = [
-    ("\\[ " * 63000, "42"),
-    ("\\boxed{" + "\\( " * 8000, "42"),
-    ("\\Gamma(1000001)", "42"),  # sympy works on it for seconds: only the deadline stops it
-    ("9^{9^{9^9}}", "5"),
-    ("1000000!", "5"),
-    ("{" * 2000 + "1" + "}" * 2000, "5"),
-    ("\\boxed{" + "{" * 2000 + "x" + "}" * 2000 + "}", "x^2"),
-    ("1" * 100_000, "5"),
-    ("\\frac{1}{2}+" * 10_000, "5"),
-    ("(" * 3000 + "x" + ")" * 3000, "5"),
-    ("2^{2^{2^{2^{2^{2}}}}}", "5"),
-    ("10^{10^{10}}", "5"),
-    ("\\binom{100000}{50000}", "5"),
-    ("$" * 50_000 + "1", "5"),
-    ("\\sqrt{" * 500 + "2" + "}" * 500, "5"),
-    ("\\boxed{" * 100_000, "5"),
-    ("answer: " * 20_000 + "$" * 20_000, "5"),
-    ("x = " * 30_000, "5"),
-    ("The final answer is " * 10_000, "5"),
-    ("\\text{" * 30_000 + "m", "5"),
-    ("1, 2, " * 50_000, "1"),
-    ("a" * 150_000 + "\\boxed{5}", "5"),  # long but well-formed: correct
-]
-ORDINARY = [
-    ("x^2 + 2*x + 1", "x^2+2x+1"), ("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}"), ("\\sec^2 y", "\\tan^2 y+1"),
-    ("\\sum_{k=1}^{4} k", "10"), ("so the answer is \\boxed{\\frac{14}{3}}.", "\\frac{14}{3}"),
-    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"), ("(1, 2)", "(2, 1)"),
-]
 # Equal, but only sympy can tell and it needs a second or more: with a small bound the answer is False.
 SLOW_EQUAL = ("\\sum_{k=1}^{300} k^{7}", "\\sum_{j=1}^{300} j^{7}")
-BURN = "import time\nend = time.time() + 300\nwhile time.time() < end: pass\n"
-
-
 @pytest.fixture
 def two_cpu_burners():
-    burners = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(2)]
-    time.sleep(0.3)
+    burners = start_burners(2)
     yield
     for burner in burners:
         burner.kill()
@@ -92,31 +53,16 @@ def test_bound_holds_under_load_on_hostile_and_ordinary_inputs(two_cpu_burners):
 
 
 def test_degenerate_completion_costs_one_bound_in_a_reward_batch(two_cpu_burners):
-    completions = ["\\boxed{" + "\\( " * 8000, "\\[ " * 63000, "so \\boxed{4}", "\\boxed{\\frac{8}{2}}"] * 4
     start = time.monotonic()
-    rewards, answers = correctness_rewards(completions, ["4"] * len(completions), timeout=BOUND_S)
+    rewards, answers = correctness_rewards(DEGENERATE_COMPLETIONS, ["4"] * len(DEGENERATE_COMPLETIONS), timeout=BOUND_S)
     assert time.monotonic() - start <= BOUND_S + SLACK_S
     assert rewards == [0.0, 0.0, 1.0, 1.0] * 4 and answers[:3] == [None, None, "4"]
-
-
-COLD = """
-import json, sys, time
-from jaxmath.reward import grade
-durations = []
-for pred, gold in [("\\\\sum_{k=1}^{4} k", "10"), ("\\\\[ " * 63000, "42"), ("x^2+2x+1", "(x+1)^2")]:
-    start = time.monotonic()
-    grade(pred, gold, timeout=0.5)
-    durations.append(time.monotonic() - start)
-print(json.dumps(durations))
-"""
 
 
 def test_cold_process_first_call_is_bounded(two_cpu_burners):
     """The first grading of a fresh process needs the worker that is not started yet: it waits for it
     only until its deadline (the import is not part of the call)."""
-    out = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, timeout=120,
-                         cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    durations = json.loads(out.stdout.strip().splitlines()[-1])
+    durations = cold_first_calls(BOUND_S)
     assert max(durations) <= BOUND_S + SLACK_S, durations
 
 
