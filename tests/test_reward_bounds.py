@@ -1,5 +1,11 @@
-"""Time bounds, pathological inputs, batch grading, and properties of `equivalent`."""
+"""Time bounds under load, hostile inputs, worker replacement, batch grading, and properties of `equivalent`.
 
+The timing tests run beside two CPU-burning processes on top of whatever else the machine runs (it is
+shared), so they check the bound the way GRPO needs it: `grade(..., timeout=0.5)` back within 0.75 s.
+About 60 s in all on the 2-core dev machine.
+"""
+
+import math
 import threading
 import time
 
@@ -7,26 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxmath.reward import equivalent, grade, grade_batch, pool, warmup
+from jaxmath.bench.grader_bound import DEGENERATE_COMPLETIONS, HOSTILE, ORDINARY, cold_first_calls, start_burners
+from jaxmath.reward import correctness_rewards, equivalent, grade, grade_batch, pool, warmup
 
-BOUND_S = 1.0
-# Slack over the bound for process kill and scheduling on a loaded 2-core machine.
-SLACK_S = 1.0
+BOUND_S = 0.5
+SLACK_S = 0.25
 
-PATHOLOGICAL = [
-    "9^{9^{9^9}}",
-    "1000000!",
-    "{" * 2000 + "1" + "}" * 2000,
-    "\\boxed{" + "{" * 2000 + "x" + "}" * 2000 + "}",
-    "1" * 100_000,
-    "\\frac{1}{2}+" * 10_000,
-    "(" * 3000 + "x" + ")" * 3000,
-    "2^{2^{2^{2^{2^{2}}}}}",
-    "10^{10^{10}}",
-    "\\binom{100000}{50000}",
-    "$" * 50_000 + "1",
-    "\\sqrt{" * 500 + "2" + "}" * 500,
-]
+# Equal, but only sympy can tell and it needs a second or more: with a small bound the answer is False.
+SLOW_EQUAL = ("\\sum_{k=1}^{300} k^{7}", "\\sum_{j=1}^{300} j^{7}")
+@pytest.fixture
+def two_cpu_burners():
+    burners = start_burners(2)
+    yield
+    for burner in burners:
+        burner.kill()
+        burner.wait()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,49 +36,109 @@ def started_worker():
     yield
 
 
-@pytest.mark.parametrize("text", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
-def test_pathological_inputs_are_wrong_within_bound(text):
-    for pred, gold in ((text, "5"), ("5", text), (f"\\boxed{{{text}}}", "x^2")):
-        start = time.monotonic()
-        assert grade(pred, gold, timeout=BOUND_S) is False
-        assert time.monotonic() - start < BOUND_S + SLACK_S
+def _timed(pred, gold, timeout=BOUND_S):
+    start = time.monotonic()
+    verdict = grade(pred, gold, timeout=timeout)
+    return verdict, time.monotonic() - start
 
 
-def test_pathological_inputs_off_the_main_thread():
+def test_bound_holds_under_load_on_hostile_and_ordinary_inputs(two_cpu_burners):
+    durations = {}
+    for pred, gold in HOSTILE + ORDINARY:
+        verdict, durations[pred[:40]] = _timed(pred, gold)
+        if (pred, gold) in HOSTILE:
+            assert verdict is (pred == HOSTILE[-1][0]), pred[:40]
+    worst = max(durations, key=durations.get)
+    assert durations[worst] <= BOUND_S + SLACK_S, (worst, durations[worst])
+
+
+def test_degenerate_completion_costs_one_bound_in_a_reward_batch(two_cpu_burners):
+    start = time.monotonic()
+    rewards, answers = correctness_rewards(DEGENERATE_COMPLETIONS, ["4"] * len(DEGENERATE_COMPLETIONS), timeout=BOUND_S)
+    assert time.monotonic() - start <= BOUND_S + SLACK_S
+    assert rewards == [0.0, 0.0, 1.0, 1.0] * 4 and answers[:3] == [None, None, "4"]
+
+
+def test_cold_process_first_call_is_bounded(two_cpu_burners):
+    """The first grading of a fresh process needs the worker that is not started yet: it waits for it
+    only until its deadline (the import is not part of the call)."""
+    durations = cold_first_calls(BOUND_S)
+    assert max(durations) <= BOUND_S + SLACK_S, durations
+
+
+def test_bound_holds_off_the_main_thread():
     results, durations = [], []
 
     def work():
-        for text in PATHOLOGICAL:
-            start = time.monotonic()
-            results.append(grade(text, "5", timeout=BOUND_S))
-            durations.append(time.monotonic() - start)
+        for pred, gold in HOSTILE[:6]:
+            verdict, duration = _timed(pred, gold)
+            results.append(verdict)
+            durations.append(duration)
 
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(timeout=len(PATHOLOGICAL) * (BOUND_S + SLACK_S))
+    thread.join(timeout=60)
     assert not thread.is_alive()
-    assert results == [False] * len(PATHOLOGICAL)
-    assert max(durations) < BOUND_S + SLACK_S
+    assert results == [False] * 6
+    assert max(durations) <= BOUND_S + SLACK_S
 
 
-# Equal, but the symbolic path needs about half a second for it on this machine: with a small
-# bound the only way to get False is the deadline.
-SLOW_EQUAL = ("(x+y+1)^{30}", "(x+y+1)^{15}(x+y+1)^{15}")
-
-
-def test_symbolic_work_past_the_deadline_is_killed():
-    # Bounded call first: sympy's caches would make a repeat fast.
-    start = time.monotonic()
-    assert grade(*SLOW_EQUAL, timeout=0.05) is False
-    assert time.monotonic() - start < 0.05 + SLACK_S
+def test_symbolic_work_past_the_deadline_is_stopped():
+    verdict, duration = _timed(*SLOW_EQUAL, timeout=0.05)
+    assert verdict is False and duration <= 0.05 + SLACK_S
     assert grade(*SLOW_EQUAL, timeout=60.0) is True
-    # The killed worker is replaced: the next grading is right again.
-    assert grade("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}", timeout=60.0) is True
+    # The worker that was stopped is reused or replaced: the next grading is right again.
+    assert grade("\\sum_{k=1}^{3} k^2", "14", timeout=30.0) is True
+
+
+def test_stuck_worker_is_killed_and_replaced_in_the_background():
+    warmup(1)
+    before = set(pool.worker_pids())
+    start = time.monotonic()
+    assert pool.call_bounded(("stuck", 30), timeout=0.2, default=None) is None
+    assert time.monotonic() - start <= 0.2 + SLACK_S
+    deadline = time.monotonic() + 60
+    while set(pool.worker_pids()) & before == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(pool.worker_pids()) != before, "the stuck worker was not killed"
+    assert grade("\\sum_{k=1}^{4} k", "10", timeout=60.0) is True
+
+
+# Timeouts and quick answers that only the worker can give, interleaved (the issue's batch, with sums
+# in place of answers that this grader now settles in-process).
+BATCH = [("\\Gamma(1000001)", "42"), ("\\sum_{k=1}^{4} k", "10"), ("\\sum_{k=1}^{3} k^2", "14"),
+         ("\\Gamma(1000001)", "42"), ("\\sum_{k=1}^{4} k", "11"), ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}")]
+BATCH_TIMEOUT_S = 0.6
+
+
+def test_grade_batch_with_workers_gives_the_same_verdicts_over_20_reruns():
+    warmup(2)
+    expected = grade_batch(BATCH, workers=0, timeout=BATCH_TIMEOUT_S)
+    assert expected == [False, True, True, False, False, True]
+    undecided = 5  # all but the last need the worker
+    for rerun in range(20):
+        start = time.monotonic()
+        assert grade_batch(BATCH, workers=2, timeout=BATCH_TIMEOUT_S) == expected, rerun
+        assert time.monotonic() - start <= math.ceil(undecided / 2) * BATCH_TIMEOUT_S + 1.0, rerun
+
+
+def test_grade_batch_keeps_order_and_matches_in_process():
+    pairs = [("\\boxed{\\frac12}", "0.5"), ("\\sqrt{117}", "3\\sqrt{13}"), ("3", "4"), ("9^{9^{9^9}}", "1"),
+             ("\\sec^2 y", "\\tan^2 y+1"), ("x^2+1", "(x+1)^2"), ("(1,2)", "(1,2)")] * 3
+    expected = [True, True, False, False, True, False, True] * 3
+    assert grade_batch(pairs, workers=0, timeout=30.0) == expected
+    assert grade_batch(pairs, workers=2, timeout=30.0) == expected
+
+
+def test_run_batch_survives_a_worker_crash():
+    requests = [("grade", "\\sum_{k=1}^{4} k", "10"), ("crash",), ("grade", "2", "3"),
+                ("grade", "\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}"), ("crash",), ("grade", "1", "1")]
+    assert pool.run_batch(requests, workers=2, timeout=30.0, default=False) == [True, False, False, True, False, True]
 
 
 def test_concurrent_threads_get_their_own_answers():
-    pairs = [("\\sqrt{117}", "3\\sqrt{13}", True), ("\\sec^2 y", "\\tan^2 y+1", True),
-             ("x^2+1", "(x+1)^2", False), ("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}", True)] * 3
+    pairs = [("\\sum_{k=1}^{4} k", "10", True), ("\\sec^2 y", "\\tan^2 y+1", True),
+             ("x^2+1", "(x+1)^2", False), ("\\sum_{k=1}^{4} k", "11", False)] * 3
     results = [None] * len(pairs)
 
     def work(index):
@@ -90,27 +151,6 @@ def test_concurrent_threads_get_their_own_answers():
     for thread in threads:
         thread.join()
     assert results == [expected for _, _, expected in pairs]
-
-
-def test_grade_batch_keeps_order_and_matches_in_process():
-    pairs = [("\\boxed{\\frac12}", "0.5"), ("\\sqrt{117}", "3\\sqrt{13}"), ("3", "4"), ("9^{9^{9^9}}", "1"),
-             ("\\sec^2 y", "\\tan^2 y+1"), ("x^2+1", "(x+1)^2"), ("(1,2)", "(1,2)")] * 3
-    expected = [True, True, False, False, True, False, True] * 3
-    assert grade_batch(pairs, workers=0, timeout=30.0) == expected
-    assert grade_batch(pairs, workers=2, timeout=30.0) == expected
-
-
-def test_run_batch_survives_a_worker_crash():
-    requests = [("grade", "\\sqrt{117}", "3\\sqrt{13}"), ("crash",), ("grade", "2", "3"),
-                ("grade", "\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}"), ("crash",), ("grade", "1", "1")]
-    assert pool.run_batch(requests, workers=2, timeout=30.0, default=False) == [True, False, False, True, False, True]
-
-
-def test_run_batch_times_out_one_request_not_the_batch():
-    requests = [("grade", *SLOW_EQUAL), ("grade", "1", "1"), ("grade", "\\sqrt{8}", "2\\sqrt{2}")]
-    start = time.monotonic()
-    assert pool.run_batch(requests, workers=2, timeout=0.1, default=None) == [None, True, True]
-    assert time.monotonic() - start < 30
 
 
 # Generated answers: integers, fractions, decimals, tuples, sets, intervals, roots, simple expressions.

@@ -8,7 +8,7 @@ import pytest
 from jaxmath.reward import equivalent, extract_answer, extract_boxed, grade
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEV_CASES = SHARED / "grader_dev_cases.jsonl"
+CASES = Path(__file__).resolve().parent / "grader_cases"
 DATA = SHARED / "data"
 
 # (pred, gold, expected): one or more rows per form the issue lists.
@@ -91,18 +91,29 @@ def test_untrusted_text_is_never_evaluated(tmp_path):
     assert not marker.exists()
 
 
-def _dev_cases():
-    if not DEV_CASES.exists():
-        pytest.skip(f"{DEV_CASES} absent: math-verify's suite is shared at ../shared/ next to the repo")
-    with open(DEV_CASES) as handle:
+def _cases(name: str) -> list[dict]:
+    with open(CASES / name) as handle:
         return [json.loads(line) for line in handle]
 
 
-def test_dev_cases_accuracy():
-    cases = _dev_cases()
-    wrong = [case["id"] for case in cases if grade(case["pred"], case["gold"]) != case["expected"]]
+@pytest.mark.parametrize("name,floor", [("mathverify_suite.jsonl", 0.98), ("mined_dev.jsonl", 0.97)])
+def test_case_files_accuracy(name, floor):
+    """math-verify's suite (copied from ../shared, Apache-2.0) and the development three quarters of the
+    cases mined from other projects (tests/grader_cases/README.md). The held-out quarter is scored by the
+    benchmark only (docs/GRADER.md), so that nothing here tunes the grader to it."""
+    cases = _cases(name)
+    wrong = [case["id"] for case in cases if grade(case["pred"], case["gold"], timeout=10.0) != case["expected"]]
     accuracy = 1 - len(wrong) / len(cases)
-    assert accuracy >= 0.97, f"accuracy {accuracy:.3f}; wrong ids: {wrong}"
+    assert accuracy >= floor, f"{name}: accuracy {accuracy:.3f}; wrong ids: {wrong}"
+
+
+def test_case_files_carry_provenance():
+    for name in ("mathverify_suite.jsonl", "mined_dev.jsonl", "mined_heldout.jsonl"):
+        for case in _cases(name):
+            assert case["source"] and isinstance(case["expected"], bool), (name, case["id"])
+    mined = _cases("mined_dev.jsonl") + _cases("mined_heldout.jsonl")
+    assert len(mined) >= 500 and all(case["licence"] for case in mined)
+    assert len(_cases("mined_heldout.jsonl")) * 4 >= len(mined) - 3
 
 
 def _jsonl(name: str) -> list[dict]:

@@ -60,13 +60,14 @@ _NAME = re.compile(
     r"^(?:\\?[a-zA-Z]+(?:_\{?[a-zA-Z0-9,]+\}?)?(?:\([a-zA-Z,]*\))?|\|[a-zA-Z]+\||\\frac\{[a-zA-Z]+\}\{[a-zA-Z]+\}"
     r"|\([a-zA-Z,]+\))(?::\\?[a-zA-Z]+(?:_\{?[a-zA-Z0-9]+\}?)?)?$|^[a-zA-Z]_?\{?[a-zA-Z0-9]*\}?:[a-zA-Z]_?\{?[a-zA-Z0-9]*\}?$"
 )
+_FUNCTION_NAME = re.compile(r"^\\(?:sin|cos|tan|sec|csc|cot|arc\w+|sinh|cosh|tanh|log|ln|exp|sqrt|det|max|min|gcd)(?![a-zA-Z])")
 MAX_ITEMS = 64
 MAX_DEPTH = 12
 
 
 def is_name(text: str) -> bool:
     """True for the left side of an assignment-style answer (`x`, `f(x)`, `|AB|`, `A:B`)."""
-    return bool(_NAME.match(text)) and text not in ("e", "\\pi", "i")
+    return bool(_NAME.match(text)) and text not in ("e", "\\pi", "i") and not _FUNCTION_NAME.match(text)
 
 
 def _wrapped(text: str) -> bool:
@@ -136,7 +137,7 @@ def parse(text: str, depth: int = 0, keep_names: bool = False) -> Node:
         before, _, after = text.partition("\\approx")
         before = before.strip()
         return parse(after if not before or is_name(before) else before, depth + 1)
-    pieces = _RELATION.split(text)
+    pieces = _split_relations(text)
     if len(pieces) > 1:
         expressions = tuple(piece.strip() for piece in pieces[0::2])
         ops = tuple(pieces[1::2])
@@ -144,11 +145,30 @@ def parse(text: str, depth: int = 0, keep_names: bool = False) -> Node:
             # `x = 5+5 = 10` and `\frac12 = 0.5` keep the last part; `x = 3` its value.
             left = expressions[0]
             numeric_left = not re.search(r"[a-zA-Z]", left.replace("\\frac", "")) and re.search(r"[-+*/^]|\\frac", left.lstrip("-"))
+            if len(expressions) == 2 and numeric_left and is_name(expressions[1]):
+                return parse(expressions[0], depth + 1)  # `\frac{50}{3} = x`
             if len(expressions) > 2 or numeric_left or (is_name(expressions[0]) and not keep_names):
                 return parse(expressions[-1], depth + 1)
         if all(expressions):
             return Relation(expressions, ops)
     return Leaf(text)
+
+
+def _split_relations(text: str) -> list[str]:
+    """`_RELATION.split` at brace depth 0 only: `\\sum_{k=1}^{4} k` holds no relation."""
+    if "{" not in text:
+        return _RELATION.split(text)
+    pieces, depth, start = [], 0, 0
+    for match in re.finditer(r"[{}]|<=|>=|!=|(?<![<>!])=|<|>", text):
+        token = match.group()
+        if token == "{":
+            depth += 1
+        elif token == "}":
+            depth -= 1
+        elif depth == 0:
+            pieces += [text[start:match.start()], token]
+            start = match.end()
+    return pieces + [text[start:]]
 
 
 def _flatten_bare(items: tuple) -> Items:
