@@ -451,3 +451,30 @@ def test_failed_write_is_one_line_and_leaves_the_previous_step(tmp_path, monkeyp
     assert manager.restore(target=state).step == 5
     assert manager.save(7, state)  # once there is space again
     manager.close()
+
+
+def test_digests_ignore_layout_and_see_every_bit():
+    """The same values give the same digest sharded 8 ways, on one device and in numpy (the path used
+    on many hosts); one flipped bit or two swapped elements change it; an optax namedtuple and the
+    plain dicts a target-less restore gives share paths."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from jaxmath import checksum
+
+    x = jax.random.normal(jax.random.key(0), (64, 16), jnp.bfloat16)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("b", "a")))
+    (dtype, shape, digest), = checksum.digests({"x": x}).values()
+    assert (dtype, shape) == ("bfloat16", (64, 16))
+    assert checksum.digests({"x": sharded})["x"][2] == digest == checksum.digests({"x": np.asarray(x)})["x"][2]
+    assert "%08x%08x" % checksum._host_digest(np.asarray(x)) == digest
+    flipped = np.asarray(x).copy()
+    flipped.view(np.uint16)[3, 5] ^= 1
+    swapped = np.asarray(x).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert checksum.digests({"x": flipped})["x"][2] != digest != checksum.digests({"x": swapped})["x"][2]
+    opt = optax.adam(1e-3).init({"w": jnp.ones(3)})
+    assert set(checksum.digests(opt)) == {"0/count", "0/mu/w", "0/nu/w"}
+    as_dicts = [{"count": np.asarray(opt[0].count), "mu": {"w": np.ones(3, np.float32) * 0},
+                 "nu": {"w": np.zeros(3, np.float32)}}, {}]
+    assert checksum.digests(as_dicts) == checksum.digests(opt)

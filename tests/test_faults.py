@@ -65,6 +65,7 @@ class FaultyTeacher:
       reset       close with a TCP reset before answering
       hang        say nothing until the teacher stops
       trickle     the right reply, one byte every 0.2 s (about 40 s in all)
+    A client that opens TLS (an https:// endpoint) gets plain HTTP back, which its TLS layer refuses.
     It stops after `lifetime` seconds or `max_requests` requests, whichever comes first; hangs and
     trickles end with it.
     """
@@ -111,6 +112,12 @@ class FaultyTeacher:
         start, entry = time.monotonic(), None
         try:
             connection.settimeout(10)
+            if connection.recv(1, socket.MSG_PEEK) == b"\x16":  # a TLS ClientHello
+                with self._lock:
+                    entry = {"problem": "(TLS handshake)", "behaviour": "plain_http_to_tls", "seconds": None}
+                    self.log.append(entry)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                return
             problem = self._read_problem(connection)
             with self._lock:
                 steps = self.plan.get(problem, [])
@@ -270,6 +277,21 @@ def test_a_request_that_keeps_failing_is_recorded_and_asked_again(tmp_path, prob
         second = distill.run_distill(_config(teacher.url, problem_file), tmp_path)
         assert teacher.requests() == [PROBLEMS[0]]
     assert second["graded"] == 6 and second["unanswered"] == 0 and _kept(tmp_path) == CORRECT
+
+
+def test_a_tls_failure_is_retried_then_recorded(tmp_path, problem_file, caplog):
+    """An https:// endpoint whose server does not speak TLS: every try fails in the TLS layer. Lost:
+    nothing: each problem is recorded as failed and left for the next run. Seen: one line per try
+    naming the SSL error, one per problem saying it will be asked again."""
+    with FaultyTeacher() as teacher:
+        url = teacher.url.replace("http://", "https://")
+        summary = distill.run_distill(_config(url, problem_file, max_retries=1), tmp_path)
+        assert teacher.requests() == ["(TLS handshake)"] * 12  # 6 problems x (1 try + 1 retry)
+    assert summary["failed_requests"] == 6 and summary["unanswered"] == 6
+    failed = _journal(tmp_path, "failed")
+    assert len(failed) == 6 and all("SSL" in r["error"] for r in failed), failed[0]["error"]
+    warnings = _distill_warnings(caplog)
+    assert len(warnings) == 12 and all("\n" not in w for w in warnings)
 
 
 def test_a_rejected_request_stops_the_run_and_keeps_every_reply(tmp_path, problem_file):
