@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging as pylogging
@@ -86,18 +87,35 @@ def _one_line(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _reason(error: BaseException) -> str:
-    """What went wrong, in a few words: the OS error if there is one (TensorStore reports it as
-    `[os_error_code='28']` inside a ValueError), else the exception's first 240 characters."""
-    seen = error
+def _os_errno(error: BaseException) -> int | None:
+    """The OS error number behind `error`, if any (TensorStore reports it as `[os_error_code='28']`
+    inside a ValueError)."""
+    seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
+            return seen.errno
         match = re.search(r"os_error_code='?(\d+)", str(seen))
         if match:
-            return os.strerror(int(match.group(1)))
+            return int(match.group(1))
         seen = seen.__cause__ or seen.__context__
-    return _one_line(f"{type(error).__name__}: {error}")
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: the OS error if there is one, else the exception's first 240
+    characters."""
+    number = _os_errno(error)
+    return os.strerror(number) if number else _one_line(f"{type(error).__name__}: {error}")
+
+
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space on that disk (or move the workdir)",
+    errno.EDQUOT: "free space within your quota (or move the workdir)",
+    errno.EFBIG: "raise the file-size limit (`ulimit -f`)",
+    errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable",
+    errno.EROFS: "move the workdir to a writable file system",
+}
 
 
 # Orbax error records raised while this module is inside an orbax call, innermost call last.
@@ -125,6 +143,14 @@ def _install_orbax_error_filter() -> None:
         absl_logger.addFilter(_OrbaxErrorFilter())
 
 
+def _release(held: list[pylogging.LogRecord]) -> None:
+    """Stops holding into `held` (found by identity: two empty lists are equal)."""
+    for i, candidate in enumerate(_held_orbax_errors):
+        if candidate is held:
+            del _held_orbax_errors[i]
+            return
+
+
 @contextlib.contextmanager
 def _holding_orbax_errors():
     held: list[pylogging.LogRecord] = []
@@ -132,7 +158,7 @@ def _holding_orbax_errors():
     try:
         yield held
     finally:
-        _held_orbax_errors.remove(held)
+        _release(held)
         for record in held:  # shown with --verbosity=1
             logging.debug("orbax (held back): %s", _one_line(record.getMessage(), 2000))
 
@@ -299,7 +325,10 @@ class CheckpointManager:
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.on_damaged = on_damaged
-        self._unconfirmed_step: int | None = None  # an async save not yet known to be on disk
+        self._async_save = async_save
+        # An async save not yet known to be on disk, and orbax's error logs since it began: orbax
+        # reports a failed background write only in its logs, so they are held until we know.
+        self._unconfirmed: tuple[int, list[pylogging.LogRecord]] | None = None
         policies: list[Any] = [ocp_managers.LatestN(n=keep_last)]
         # Orbax records a step's metrics only when a best_fn is set; a constant one keeps them on
         # disk for people even when nothing is ranked.
@@ -383,13 +412,19 @@ class CheckpointManager:
         if metrics is not None:
             # JSON has no NaN/inf; None keeps the file valid and ranks the step last.
             clean_metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        background: list[pylogging.LogRecord] = []
+        if self._async_save:
+            _held_orbax_errors.append(background)
         try:
             with _holding_orbax_errors():
                 saved = self._manager.save(int(step), args=args, metrics=clean_metrics, force=force)
         except Exception as e:
+            _release(background)
             raise self._write_failed(int(step), e) from e
-        if saved and self._manager._options.enable_async_checkpointing:  # noqa: SLF001
-            self._unconfirmed_step = int(step)
+        if saved and self._async_save:
+            self._unconfirmed = (int(step), background)
+        else:
+            _release(background)
         return saved
 
     def _write_failed(self, step: int, error: BaseException) -> CheckpointError:
@@ -408,20 +443,24 @@ class CheckpointManager:
             previous = f"the previous checkpoint ({self.step_dir(earlier[-1])}) is intact"
         else:
             previous = "there is no earlier checkpoint"
-        try:
-            free = f", {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
-        except OSError:
-            free = ""
+        number = _os_errno(error)
+        free = ""
+        if number in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f", {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
+            except OSError:
+                pass
+        advice = _WRITE_ADVICE.get(number, "fix the cause")
         return CheckpointError(
             f"could not write checkpoint step {step} to {self.step_dir(step)}: {_reason(error)}{free}; "
-            f"{previous}. Free space (or move the workdir) and rerun the same command to resume"
+            f"{previous}. To resume from it, {advice} and rerun the same command"
         )
 
     def _confirm_async_save(self) -> None:
-        """Raises CheckpointError if the last async save did not reach the disk (orbax only logs it)."""
-        step, self._unconfirmed_step = self._unconfirmed_step, None
-        if step is None:
+        """Waits for the last async save; raises CheckpointError if it did not reach the disk."""
+        if self._unconfirmed is None:
             return
+        (step, background), self._unconfirmed = self._unconfirmed, None
         with _holding_orbax_errors() as held:
             try:
                 self._manager.wait_until_finished()
@@ -429,7 +468,11 @@ class CheckpointManager:
                 error = None
             except Exception as e:  # noqa: BLE001 - reported as one line below
                 error = e
+        _release(background)
+        held = background + held
         if error is None and (self.step_dir(step) / _STEP_METADATA_FILE).is_file():
+            for record in held:  # the step is safe; what orbax complained about is still shown
+                logging.warning("orbax: %s", _one_line(record.getMessage()))
             return
         if error is None:
             error = RuntimeError(held[-1].getMessage() if held else "orbax did not commit it")
@@ -437,8 +480,10 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Blocks until an async save has been committed to disk; raises CheckpointError if it failed."""
-        self._manager.wait_until_finished()
-        self._confirm_async_save()
+        if self._unconfirmed is not None:
+            self._confirm_async_save()
+        else:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases orbax's threads."""

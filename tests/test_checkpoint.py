@@ -446,6 +446,7 @@ def test_failed_write_is_one_line_and_leaves_the_previous_step(tmp_path, monkeyp
     assert "\n" not in message
     assert f"could not write checkpoint step 7 to {tmp_path / '7'}: No space left on device" in message
     assert f"the previous checkpoint ({tmp_path / '5'}) is intact" in message
+    assert "free space on that disk" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]  # the partial write is gone
     monkeypatch.setattr(manager._manager, "save", orbax_save)
     assert manager.restore(target=state).step == 5
