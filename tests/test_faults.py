@@ -123,8 +123,8 @@ class FaultyTeacher:
                 entry = {"problem": problem, "behaviour": steps.pop(0) if steps else "ok", "seconds": None}
                 self.log.append(entry)
             getattr(self, "_" + entry["behaviour"])(connection, problem)
-        except OSError:
-            pass  # the client cut the connection off: part of the attack
+        except (OSError, ValueError, AttributeError):
+            pass  # the client cut the connection off (part of the attack) or sent half a request
         finally:
             if entry is not None:
                 entry["seconds"] = time.monotonic() - start
