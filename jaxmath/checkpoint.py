@@ -9,9 +9,24 @@ One step directory `<directory>/<step>/` holds everything a GRPO or SFT loop nee
     config/config.json  the run config, readable by people and by `main.py` on resume
     metrics/metrics     the metrics given to `save` (orbax writes it; used to pick the best step)
 
-Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save
-killed half-way is never listed as a step; this module adds a completeness check and clear errors
-for step directories damaged after the fact (disk full, partial copy, manual edits).
+Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a save
+killed half-way is never listed as a step. This module makes a checkpoint prove itself:
+
+- meta.json records, for every saved array, its dtype, shape and a digest of its bits
+  (`jaxmath.checksum`), a digest of config.json, and a digest of itself. A restore recomputes them
+  and refuses values that differ (orbax and TensorStore do not check the data they read: flipped
+  bytes in a parameter file restore as wrong numbers, NaN among them).
+- A damaged or partial newest step (missing files, unreadable data, a wrong digest) is reported in
+  one line and the restore falls back to the newest good step; the damaged directory is renamed to
+  `<step>.damaged` (kept for inspection, out of the way of the steps the run writes next), never
+  deleted. `on_damaged="refuse"` raises instead.
+- A write that fails (full disk, quota, permissions) raises one `CheckpointError` line naming the
+  step directory and the reason; the partial write is removed and the previous step stays intact.
+
+Errors meant for the user are `CheckpointError`s whose message is one line saying what to do; the
+orbax exception stays chained behind it (`__cause__`) for debugging. While this module is inside an
+orbax call, orbax's own error logs (a traceback from each of its threads) are held back, since the
+same failure reaches the caller as that one line; outside such calls they are cut to their first line.
 
 Boundary: this module knows pytrees, JSON and `nnx.State`, nothing about models or loops. It does
 not decide when to save; the loops call `save` at their own cadence.
@@ -19,8 +34,16 @@ not decide when to save; the loops call `save` at their own cadence.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import hashlib
+import json
+import logging as pylogging
 import math
+import os
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +51,16 @@ from typing import Any, Literal
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from jaxmath import checksum
+
 # Bump when the on-disk layout changes, so an old checkpoint fails with a message, not a KeyError.
-FORMAT_VERSION = 1
+# 2 added the digests in meta.json; a version-1 checkpoint still restores, unverified.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 _ARRAY_ITEMS = ("params", "opt_state", "rng")
 _JSON_ITEMS = {"meta": "meta.json", "config": "config.json"}
@@ -42,7 +70,97 @@ _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, partial, corrupt or does not match the target."""
+    """A checkpoint cannot be written or read; the message is one line saying what to do."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A step directory that is partial or corrupt (as opposed to one that does not fit the target)."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = path
+        self.what = what
+        super().__init__(f"checkpoint {path} is damaged: {what}")
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The OS error number behind `error`, if any (TensorStore reports it as `[os_error_code='28']`
+    inside a ValueError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        match = re.search(r"os_error_code='?(\d+)", str(seen))
+        if match:
+            return int(match.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: the OS error if there is one, else the exception's first 240
+    characters."""
+    number = _os_errno(error)
+    return os.strerror(number) if number else _one_line(f"{type(error).__name__}: {error}")
+
+
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space on that disk (or move the workdir)",
+    errno.EDQUOT: "free space within your quota (or move the workdir)",
+    errno.EFBIG: "raise the file-size limit (`ulimit -f`)",
+    errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable",
+    errno.EROFS: "move the workdir to a writable file system",
+}
+
+
+# Orbax error records raised while this module is inside an orbax call, innermost call last.
+_held_orbax_errors: list[list[pylogging.LogRecord]] = []
+
+
+class _OrbaxErrorFilter(pylogging.Filter):
+    """Holds back or shortens orbax's error logs (see the module docstring)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.levelno < pylogging.ERROR or "orbax" not in record.pathname.replace(os.sep, "/").split("/"):
+            return True
+        if _held_orbax_errors:
+            _held_orbax_errors[-1].append(record)
+            return False
+        record.msg, record.args = "orbax: " + _one_line(record.getMessage()), ()
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = pylogging.WARNING, "WARNING"
+        return True
+
+
+def _install_orbax_error_filter() -> None:
+    absl_logger = pylogging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrorFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxErrorFilter())
+
+
+def _release(held: list[pylogging.LogRecord]) -> None:
+    """Stops holding into `held` (found by identity: two empty lists are equal)."""
+    for i, candidate in enumerate(_held_orbax_errors):
+        if candidate is held:
+            del _held_orbax_errors[i]
+            return
+
+
+@contextlib.contextmanager
+def _holding_orbax_errors():
+    held: list[pylogging.LogRecord] = []
+    _held_orbax_errors.append(held)
+    try:
+        yield held
+    finally:
+        _release(held)
+        for record in held:  # shown with --verbosity=1
+            logging.debug("orbax (held back): %s", _one_line(record.getMessage(), 2000))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +253,30 @@ def _numpy_restore_args(metadata: Any) -> Any:
     return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
 
 
+def _json_digest(value: Any) -> str:
+    """sha256 of a JSON value as it reads back from disk (tuples as lists, keys as strings, sorted)."""
+    normalized = json.loads(json.dumps(value))
+    return hashlib.sha256(json.dumps(normalized, sort_keys=True).encode()).hexdigest()
+
+
+def _layout(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of a tree of arrays or ShapeDtypeStructs, paths as `checksum.path_name` writes them."""
+    return {checksum.path_name(path): tuple(int(n) for n in np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _layout_difference(recorded: dict[str, list], wanted: dict[str, tuple[int, ...]]) -> str | None:
+    """How a checkpoint item's arrays differ from the target's, or None when paths and shapes agree."""
+    for path in sorted(set(recorded) | set(wanted)):
+        if path not in wanted:
+            return f"it has {path!r}, which this run does not"
+        if path not in recorded:
+            return f"it lacks {path!r}, which this run has"
+        if tuple(recorded[path][1]) != wanted[path]:
+            return f"{path!r} has shape {tuple(recorded[path][1])} there and {wanted[path]} here"
+    return None
+
+
 def _best_fn(metric: str, mode: str):
     """A ranking function that puts checkpoints lacking the metric (or with NaN) last."""
     worst = -math.inf if mode == "max" else math.inf
@@ -155,6 +297,9 @@ class CheckpointManager:
     keep_best: additionally keep this many steps with the best `metrics[best_metric]`.
     best_mode: 'max' if a higher metric is better (accuracy, reward), 'min' for a loss.
     async_save: write in a background thread; call `wait_until_finished` or `close` before exiting.
+    on_damaged: what `restore()` of the latest step does when that step is damaged: "fall_back" (log
+      one line, rename it to `<step>.damaged`, restore the newest good step) or "refuse" (raise a
+      `DamagedCheckpointError` and change nothing).
     """
 
     def __init__(
@@ -166,6 +311,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         best_mode: Literal["max", "min"] = "max",
         async_save: bool = False,
+        on_damaged: Literal["fall_back", "refuse"] = "fall_back",
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 so a run can always resume; got {keep_last}")
@@ -173,8 +319,16 @@ class CheckpointManager:
             raise ValueError("keep_best > 0 needs best_metric, the metrics key that ranks steps")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
+        if on_damaged not in ("fall_back", "refuse"):
+            raise ValueError(f"on_damaged must be 'fall_back' or 'refuse'; got {on_damaged!r}")
+        _install_orbax_error_filter()
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
+        self.on_damaged = on_damaged
+        self._async_save = async_save
+        # An async save not yet known to be on disk, and orbax's error logs since it began: orbax
+        # reports a failed background write only in its logs, so they are held until we know.
+        self._unconfirmed: tuple[int, list[pylogging.LogRecord]] | None = None
         policies: list[Any] = [ocp_managers.LatestN(n=keep_last)]
         # Orbax records a step's metrics only when a best_fn is set; a constant one keeps them on
         # disk for people even when nothing is ranked.
@@ -204,7 +358,11 @@ class CheckpointManager:
         )
         handlers = {name: ocp.PyTreeCheckpointHandler() for name in _ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler(filename=f) for name, f in _JSON_ITEMS.items()})
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {_reason(e)}; choose a "
+                                  "writable workdir") from e
 
     # -- saving -----------------------------------------------------------------------------------
 
@@ -213,11 +371,13 @@ class CheckpointManager:
 
         metrics: scalars recorded with the step; `metrics[best_metric]` ranks it for keep_best.
         force: save even if orbax's save policy would skip this step (it never overwrites).
+        Raises CheckpointError (one line) when the write fails; the previous step is left intact.
         """
         if int(step) != int(state.step):
             raise ValueError(f"save(step={step}) got a TrainState with step={state.step}; pass the same step")
+        self._confirm_async_save()
         key = state.rng_key
-        meta = {
+        meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "step": int(state.step),
             "data_cursor": state.data_cursor,
@@ -234,10 +394,17 @@ class CheckpointManager:
             # A key made on one host's device is not a global array; every process holds the same
             # key, so orbax writes it from the primary host as a numpy array.
             key_data = np.asarray(key_data)
+        trees["rng"] = {"key_data": key_data}
+        # Digests go in meta.json, which orbax commits with the arrays in one rename: a step on disk
+        # always carries the digests of its own arrays.
+        meta["arrays"] = {name: {path: list(d) for path, d in checksum.digests(tree).items()}
+                          for name, tree in trees.items()}
+        meta["config_sha256"] = _json_digest(state.config)
+        meta["meta_sha256"] = _json_digest(meta)
         args = ocp.args.Composite(
             params=ocp.args.PyTreeSave(trees["params"]),
             opt_state=ocp.args.PyTreeSave(trees["opt_state"]),
-            rng=ocp.args.PyTreeSave({"key_data": key_data}),
+            rng=ocp.args.PyTreeSave(trees["rng"]),
             meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(state.config),
         )
@@ -245,15 +412,85 @@ class CheckpointManager:
         if metrics is not None:
             # JSON has no NaN/inf; None keeps the file valid and ranks the step last.
             clean_metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
-        return self._manager.save(int(step), args=args, metrics=clean_metrics, force=force)
+        background: list[pylogging.LogRecord] = []
+        if self._async_save:
+            _held_orbax_errors.append(background)
+        try:
+            with _holding_orbax_errors():
+                saved = self._manager.save(int(step), args=args, metrics=clean_metrics, force=force)
+        except Exception as e:
+            _release(background)
+            raise self._write_failed(int(step), e) from e
+        if saved and self._async_save:
+            self._unconfirmed = (int(step), background)
+        else:
+            _release(background)
+        return saved
+
+    def _write_failed(self, step: int, error: BaseException) -> CheckpointError:
+        """Removes the partial write of `step` and says what happened, in one line."""
+        with _holding_orbax_errors():  # orbax's writer threads may still be busy with the partial step
+            try:
+                self._manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - the same failure, already being reported
+                pass
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        self._manager.reload()
+        earlier = [s for s in self.all_steps() if s != step]
+        if earlier:
+            previous = f"the previous checkpoint ({self.step_dir(earlier[-1])}) is intact"
+        else:
+            previous = "there is no earlier checkpoint"
+        number = _os_errno(error)
+        free = ""
+        if number in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f", {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
+            except OSError:
+                pass
+        advice = _WRITE_ADVICE.get(number, "fix the cause")
+        return CheckpointError(
+            f"could not write checkpoint step {step} to {self.step_dir(step)}: {_reason(error)}{free}; "
+            f"{previous}. To resume from it, {advice} and rerun the same command"
+        )
+
+    def _confirm_async_save(self) -> None:
+        """Waits for the last async save; raises CheckpointError if it did not reach the disk."""
+        if self._unconfirmed is None:
+            return
+        (step, background), self._unconfirmed = self._unconfirmed, None
+        with _holding_orbax_errors() as held:
+            try:
+                self._manager.wait_until_finished()
+                self._manager.check_for_errors()
+                error = None
+            except Exception as e:  # noqa: BLE001 - reported as one line below
+                error = e
+        _release(background)
+        held = background + held
+        if error is None and (self.step_dir(step) / _STEP_METADATA_FILE).is_file():
+            for record in held:  # the step is safe; what orbax complained about is still shown
+                logging.warning("orbax: %s", _one_line(record.getMessage()))
+            return
+        if error is None:
+            error = RuntimeError(held[-1].getMessage() if held else "orbax did not commit it")
+        raise self._write_failed(step, error) from error
 
     def wait_until_finished(self) -> None:
-        """Blocks until an async save has been committed to disk."""
-        self._manager.wait_until_finished()
+        """Blocks until an async save has been committed to disk; raises CheckpointError if it failed."""
+        if self._unconfirmed is not None:
+            self._confirm_async_save()
+        else:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases orbax's threads."""
-        self._manager.close()
+        try:
+            self._confirm_async_save()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -272,7 +509,7 @@ class CheckpointManager:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest completed step, or None if there is none."""
+        """The newest completed step, or None if there is none (it may still prove damaged on restore)."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 
@@ -292,6 +529,62 @@ class CheckpointManager:
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
+    def restore(self, step: int | None = None, target: TrainState | None = None) -> TrainState:
+        """Reads a step (default: the newest good one) back into a `TrainState`, verified.
+
+        target: gives structure, dtypes and shardings; each restored array lands on the sharding
+          of the matching target leaf (jax.Array or jax.ShapeDtypeStruct with a sharding), so a
+          4B model is never gathered on one device. Its step, cursor and config are ignored.
+        With target=None, arrays come back as host numpy arrays in nested dicts/lists (optax
+          namedtuples become dicts), the typed key as a jax key; useful for inspection.
+        With step=None, damaged steps newer than the newest good one are handled by `on_damaged`.
+        Raises DamagedCheckpointError for a damaged `step` (or, with on_damaged="refuse", a damaged
+        latest step) and CheckpointError when the checkpoint does not fit the target.
+        """
+        # An async save of the step we are about to read may still be in flight.
+        self.wait_until_finished()
+        if step is not None:
+            return self._restore_step(int(step), target)
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no completed checkpoint in {self.directory}")
+        damaged: list[DamagedCheckpointError] = []
+        for candidate in reversed(steps):
+            try:
+                state = self._restore_step(candidate, target)
+            except DamagedCheckpointError as e:
+                if self.on_damaged == "refuse":
+                    older = [s for s in steps if s < candidate]
+                    raise DamagedCheckpointError(
+                        e.path, f"{e.what}. Not resuming (on_damaged='refuse'): move {e.path} away to resume "
+                        f"from the newest good one of steps {older}" if older else
+                        f"{e.what}. There is no earlier step to resume from") from e
+                damaged.append(e)
+                continue
+            for e in damaged:
+                aside = self._set_aside(e.path)
+                logging.warning("checkpoint %s is damaged (%s); renamed it to %s and resuming from step %d",
+                                e.path, e.what, aside.name, state.step)
+            return state
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory} ({'; '.join(map(str, damaged))}). Nothing was moved or "
+            "deleted; restore a copy of the directory, or start over in a new workdir"
+        )
+
+    def _set_aside(self, path: Path) -> Path:
+        """Renames a damaged step directory to `<step>.damaged[-n]`, which orbax neither lists nor cleans."""
+        aside = path.with_name(path.name + ".damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{n}")
+        if jax.process_index() == 0:
+            path.rename(aside)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"jaxmath_set_aside_{path.name}")
+        self._manager.reload()
+        return aside
+
     def _check_complete(self, step: int) -> Path:
         """Fails early, naming the directory, if a step directory lacks files a finished save writes."""
         path = self.step_dir(step)
@@ -306,68 +599,77 @@ class CheckpointManager:
             if (path / name).is_dir() and not (path / name / filename).is_file():
                 missing.append(f"{name}/{filename}")
         if missing:
-            raise CheckpointError(self._damaged_message(path, f"it is missing {', '.join(missing)}"))
+            raise DamagedCheckpointError(path, f"it is missing {', '.join(missing)} (cut short by a full disk or "
+                                               "an interrupted copy?)")
         return path
 
-    def _damaged_message(self, path: Path, what: str) -> str:
-        others = [s for s in self.all_steps() if str(s) != path.name]
-        return (
-            f"checkpoint {path} is partial or corrupt: {what}. It was probably cut short (killed run, "
-            f"full disk, interrupted copy). Delete {path} to resume from the previous step, or call "
-            f"restore(step=...) with one of the other steps: {others}."
-        )
-
-    def restore(self, step: int | None = None, target: TrainState | None = None) -> TrainState:
-        """Reads a step (default: the latest) back into a `TrainState`.
-
-        target: gives structure, dtypes and shardings; each restored array lands on the sharding
-          of the matching target leaf (jax.Array or jax.ShapeDtypeStruct with a sharding), so a
-          4B model is never gathered on one device. Its step, cursor and config are ignored.
-        With target=None, arrays come back as host numpy arrays in nested dicts/lists (optax
-          namedtuples become dicts), the typed key as a jax key; useful for inspection.
-        """
-        # An async save of the step we are about to read may still be in flight.
-        self._manager.wait_until_finished()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointError(f"no completed checkpoint in {self.directory}")
-        path = self._check_complete(step)
+    def _read_json(self, path: Path, item: str) -> Any:
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:  # orbax raises many types for bad JSON/paths; all mean the same here
-            raise CheckpointError(self._damaged_message(path, f"meta.json is unreadable ({e})")) from e
-        if meta.get("format_version") != FORMAT_VERSION:
+            return json.loads((path / item / _JSON_ITEMS[item]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DamagedCheckpointError(path, f"{item}/{_JSON_ITEMS[item]} is unreadable ({_reason(e)})") from e
+
+    def _restore_step(self, step: int, target: TrainState | None) -> TrainState:
+        path = self._check_complete(step)
+        meta = self._read_json(path, "meta")
+        if not isinstance(meta, dict):
+            raise DamagedCheckpointError(path, "meta/meta.json is not a JSON object")
+        version = meta.get("format_version")
+        if version not in _READABLE_VERSIONS:
             raise CheckpointError(
-                f"checkpoint {path} has format_version {meta.get('format_version')}, this jaxmath "
-                f"reads {FORMAT_VERSION}; restore it with the jaxmath version that wrote it"
+                f"checkpoint {path} has format_version {version}, this jaxmath reads {_READABLE_VERSIONS}; "
+                "restore it with the jaxmath version that wrote it"
             )
+        verified = version >= 2
+        if verified:
+            recorded_digest = meta.pop("meta_sha256", None)
+            if recorded_digest != _json_digest(meta):
+                raise DamagedCheckpointError(path, "meta/meta.json does not match its checksum")
+        else:
+            logging.warning("checkpoint %s predates checksums (format_version 1): restoring it unverified", path)
+        config = self._read_json(path, "config")
+        if verified and _json_digest(config) != meta["config_sha256"]:
+            raise DamagedCheckpointError(path, "config/config.json does not match its checksum")
         empty_items = set(meta.get("empty_items", []))
         if target is not None:
-            array_args = {
-                name: self._pytree_restore(
-                    _EMPTY_PLACEHOLDER if name in empty_items else _to_savable(getattr(target, name))
-                )
+            targets = {
+                name: _EMPTY_PLACEHOLDER if name in empty_items else _to_savable(getattr(target, name))
                 for name in ("params", "opt_state")
             }
-            array_args["rng"] = self._pytree_restore({"key_data": _key_data_target(target.rng_key)})
+            targets["rng"] = {"key_data": _key_data_target(target.rng_key)}
+            if verified:
+                for name in _ARRAY_ITEMS:
+                    difference = _layout_difference(meta["arrays"][name], _layout(targets[name]))
+                    if difference:
+                        raise CheckpointError(
+                            f"checkpoint {path} does not fit this run: in {name}, {difference}. Resume with the "
+                            "model, LoRA and optimizer settings it was saved with, or use a new workdir"
+                        )
+            array_args = {name: self._pytree_restore(tree) for name, tree in targets.items()}
         else:
-            item_meta = self._manager.item_metadata(step)
-            array_args = {
-                name: ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(item_meta[name].tree))
-                for name in _ARRAY_ITEMS
-            }
+            try:
+                with _holding_orbax_errors():
+                    item_meta = self._manager.item_metadata(step)
+                array_args = {
+                    name: ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(item_meta[name].tree))
+                    for name in _ARRAY_ITEMS
+                }
+            except Exception as e:
+                raise DamagedCheckpointError(path, f"orbax cannot read its metadata ({_reason(e)})") from e
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**array_args, config=ocp.args.JsonRestore())
-            )
+            with _holding_orbax_errors():
+                restored = self._manager.restore(step, args=ocp.args.Composite(**array_args))
         except Exception as e:
-            raise CheckpointError(
-                self._damaged_message(path, f"orbax could not read it ({type(e).__name__}: {e})")
-                + " If instead the target's structure differs from the checkpoint (changed model, "
-                "LoRA or optimizer settings), restore with the config the checkpoint was saved with."
-            ) from e
-        key_data = restored.rng["key_data"]
+            if not verified:  # without recorded shapes, a target that does not fit looks the same
+                raise CheckpointError(
+                    f"checkpoint {path} could not be read ({_reason(e)}): it is damaged, or the model, LoRA or "
+                    "optimizer settings differ from the ones it was saved with"
+                ) from e
+            raise DamagedCheckpointError(path, f"orbax cannot read its arrays ({_reason(e)})") from e
+        arrays = {name: getattr(restored, name) for name in _ARRAY_ITEMS}
+        if verified:
+            self._verify(path, meta["arrays"], arrays)
+        key_data = arrays["rng"]["key_data"]
         if meta["rng_impl"] is not None:
             key = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"])
         else:
@@ -378,29 +680,48 @@ class CheckpointManager:
                 # Nothing was stored: the target's (leafless) tree is the value; without one, None.
                 trees[name] = getattr(target, name) if target is not None else None
             elif target is not None:
-                trees[name] = _from_savable(getattr(restored, name), getattr(target, name))
+                trees[name] = _from_savable(arrays[name], getattr(target, name))
             else:
-                trees[name] = getattr(restored, name)
-        params, opt_state = trees["params"], trees["opt_state"]
+                trees[name] = arrays[name]
         return TrainState(
-            params=params,
-            opt_state=opt_state,
+            params=trees["params"],
+            opt_state=trees["opt_state"],
             step=int(meta["step"]),
             data_cursor=meta["data_cursor"],
             rng_key=key,
-            config=restored.config,
+            config=config,
         )
+
+    @staticmethod
+    def _verify(path: Path, recorded: dict[str, dict[str, list]], arrays: dict[str, Any]) -> None:
+        """Raises DamagedCheckpointError naming the first array whose bits differ from the saved ones.
+
+        An array restored into a different dtype (the target asked for a cast) is not compared."""
+        wrong = []
+        for name in _ARRAY_ITEMS:
+            found = checksum.digests(arrays[name])
+            for array_path, (dtype, shape, digest) in recorded[name].items():
+                got = found.get(array_path)
+                if got is None:
+                    wrong.append(f"{name}/{array_path} (missing)")
+                elif got[0] == dtype and (list(got[1]) != list(shape) or got[2] != digest):
+                    wrong.append(f"{name}/{array_path}")
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            raise DamagedCheckpointError(path, f"array {wrong[0]}{more} differs from its saved checksum (flipped "
+                                               "or truncated data)")
 
     @staticmethod
     def _pytree_restore(target: Any) -> ocp.args.PyTreeRestore:
         return ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target))
 
 
-def restore_or_none(directory: str | Path, target: TrainState | None = None) -> TrainState | None:
-    """Auto-resume: the latest TrainState in `directory`, or None when there is nothing to resume."""
+def restore_or_none(directory: str | Path, target: TrainState | None = None, *,
+                    on_damaged: Literal["fall_back", "refuse"] = "fall_back") -> TrainState | None:
+    """Auto-resume: the newest good TrainState in `directory`, or None when there is nothing to resume."""
     if not Path(directory).is_dir():
         return None
-    manager = CheckpointManager(directory)
+    manager = CheckpointManager(directory, on_damaged=on_damaged)
     try:
         if manager.latest_step() is None:
             return None

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxmath.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    DamagedCheckpointError,
     TrainState,
     load_pytree,
     restore_or_none,
@@ -251,25 +252,33 @@ def test_interrupted_save_never_becomes_latest(tmp_path):
     manager.close()
 
 
-def test_partial_checkpoint_error_names_directory(tmp_path):
+def test_partial_latest_checkpoint_falls_back_or_is_refused(tmp_path):
     state = _train_state()
     with CheckpointManager(tmp_path) as manager:
         manager.save(5, dataclasses.replace(state, step=5))
         manager.save(7, state)
     step_dir = tmp_path / "7"
     shutil.rmtree(step_dir / "opt_state")
-    manager = CheckpointManager(tmp_path)
-    with pytest.raises(CheckpointError) as info:
+    # Refusing names the directory, what is missing and the step to go back to; it changes nothing.
+    with CheckpointManager(tmp_path, on_damaged="refuse") as manager, pytest.raises(DamagedCheckpointError) as info:
         manager.restore(target=state)
     message = str(info.value)
-    assert str(step_dir) in message and "opt_state" in message
-    assert "Delete" in message and "[5]" in message
-    # The earlier step still restores, as the message says.
-    assert manager.restore(5, target=state).step == 5
-    manager.close()
+    assert str(step_dir) in message and "opt_state" in message and "[5]" in message
+    assert "\n" not in message and step_dir.is_dir()
+    # An explicit step is never replaced by another one.
+    with CheckpointManager(tmp_path) as manager, pytest.raises(DamagedCheckpointError, match="opt_state"):
+        manager.restore(7, target=state)
+    # The default resumes from the newest good step and keeps the damaged one, renamed.
+    with CheckpointManager(tmp_path) as manager:
+        assert manager.restore(target=state).step == 5
+        assert manager.all_steps() == [5]
+        # The run can write step 7 again.
+        assert manager.save(7, state)
+        assert manager.restore(target=state).step == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "7", "7.damaged"]
 
 
-def test_truncated_file_error_names_directory(tmp_path):
+def test_truncated_only_checkpoint_is_an_error_that_names_it(tmp_path):
     state = _train_state()
     with CheckpointManager(tmp_path) as manager:
         manager.save(7, state)
@@ -279,8 +288,9 @@ def test_truncated_file_error_names_directory(tmp_path):
         path.write_bytes(path.read_bytes()[:16])
     with CheckpointManager(tmp_path) as manager, pytest.raises(CheckpointError) as info:
         manager.restore(target=state)
-    assert str(tmp_path / "7") in str(info.value)
-    assert "partial or corrupt" in str(info.value)
+    assert str(tmp_path / "7") in str(info.value) and "damaged" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "7").is_dir()  # nothing to fall back to: left as it was
 
 
 def test_save_and_load_pytree(tmp_path):
@@ -357,3 +367,115 @@ def test_restore_keeps_target_sharding_on_8_devices(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "SHARDED_OK 8" in result.stdout
+
+
+def _rewrite_json(path: Path, edit) -> None:
+    import json
+
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+def test_edited_meta_or_config_is_damage(tmp_path):
+    """A changed digit in the data cursor or the config is caught by their digests, not restored."""
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(5, dataclasses.replace(state, step=5))
+        manager.save(6, dataclasses.replace(state, step=6))
+        manager.save(7, state)
+    _rewrite_json(tmp_path / "7" / "meta" / "meta.json", lambda meta: meta["data_cursor"].update(index=38))
+    _rewrite_json(tmp_path / "6" / "config" / "config.json", lambda config: config.update(lr=0.02))
+    with CheckpointManager(tmp_path) as manager:
+        with pytest.raises(DamagedCheckpointError, match="meta.json does not match its checksum"):
+            manager.restore(7, target=state)
+        with pytest.raises(DamagedCheckpointError, match="config.json does not match its checksum"):
+            manager.restore(6, target=state)
+        restored = manager.restore(target=state)
+    assert restored.step == 5 and restored.data_cursor == state.data_cursor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "6.damaged", "7.damaged"]
+
+
+def test_a_target_that_does_not_fit_is_not_damage(tmp_path):
+    """A run whose model changed must not mistake every checkpoint for damage and set them aside."""
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(5, dataclasses.replace(state, step=5))
+        manager.save(7, state)
+    bigger = {**state.params, "embed": jnp.zeros((4, 16), jnp.bfloat16)}
+    target = dataclasses.replace(state, params=bigger, opt_state=optax.adamw(1e-2).init(bigger))
+    with CheckpointManager(tmp_path) as manager, pytest.raises(CheckpointError) as info:
+        manager.restore(target=target)
+    assert not isinstance(info.value, DamagedCheckpointError)
+    assert "'embed' has shape (4, 8) there and (4, 16) here" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "7"]
+
+
+def test_format_1_checkpoint_restores_unverified(tmp_path):
+    state = _train_state()
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(7, state)
+
+    def to_format_1(meta):
+        for key in ("arrays", "config_sha256", "meta_sha256"):
+            del meta[key]
+        meta["format_version"] = 1
+
+    _rewrite_json(tmp_path / "7" / "meta" / "meta.json", to_format_1)
+    with CheckpointManager(tmp_path) as manager:
+        restored = manager.restore(target=state)
+    assert_trees_bit_equal(restored.params, state.params)
+
+
+def test_failed_write_is_one_line_and_leaves_the_previous_step(tmp_path, monkeypatch):
+    """What orbax raises on a full disk (a TensorStore ValueError carrying the OS error code)."""
+    state = _train_state()
+    manager = CheckpointManager(tmp_path)
+    manager.save(5, dataclasses.replace(state, step=5))
+    orbax_save = manager._manager.save
+
+    def full_disk(step, *args, **kwargs):
+        (tmp_path / f"{step}.orbax-checkpoint-tmp" / "params").mkdir(parents=True)
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database\n  spec: {...}\n'
+                         "Failed to write 39494 bytes to file 33: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(manager._manager, "save", full_disk)
+    with pytest.raises(CheckpointError) as info:
+        manager.save(7, state)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"could not write checkpoint step 7 to {tmp_path / '7'}: No space left on device" in message
+    assert f"the previous checkpoint ({tmp_path / '5'}) is intact" in message
+    assert "free space on that disk" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]  # the partial write is gone
+    monkeypatch.setattr(manager._manager, "save", orbax_save)
+    assert manager.restore(target=state).step == 5
+    assert manager.save(7, state)  # once there is space again
+    manager.close()
+
+
+def test_digests_ignore_layout_and_see_every_bit():
+    """The same values give the same digest sharded 8 ways, on one device and in numpy (the path used
+    on many hosts); one flipped bit or two swapped elements change it; an optax namedtuple and the
+    plain dicts a target-less restore gives share paths."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from jaxmath import checksum
+
+    x = jax.random.normal(jax.random.key(0), (64, 16), jnp.bfloat16)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("b", "a")))
+    (dtype, shape, digest), = checksum.digests({"x": x}).values()
+    assert (dtype, shape) == ("bfloat16", (64, 16))
+    assert checksum.digests({"x": sharded})["x"][2] == digest == checksum.digests({"x": np.asarray(x)})["x"][2]
+    assert "%08x%08x" % checksum._host_digest(np.asarray(x)) == digest
+    flipped = np.asarray(x).copy()
+    flipped.view(np.uint16)[3, 5] ^= 1
+    swapped = np.asarray(x).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert checksum.digests({"x": flipped})["x"][2] != digest != checksum.digests({"x": swapped})["x"][2]
+    opt = optax.adam(1e-3).init({"w": jnp.ones(3)})
+    assert set(checksum.digests(opt)) == {"0/count", "0/mu/w", "0/nu/w"}
+    as_dicts = [{"count": np.asarray(opt[0].count), "mu": {"w": np.ones(3, np.float32) * 0},
+                 "nu": {"w": np.zeros(3, np.float32)}}, {}]
+    assert checksum.digests(as_dicts) == checksum.digests(opt)

@@ -99,6 +99,10 @@ def _rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _journal(path, kind):
+    return [r for r in _rows(path) if r.get("kind") == kind]
+
+
 def test_only_correct_traces_are_kept_and_a_server_error_is_retried(tmp_path, problem_files):
     teacher = Teacher(fail_once={"What is 7*6?"})
     try:
@@ -109,7 +113,8 @@ def test_only_correct_traces_are_kept_and_a_server_error_is_retried(tmp_path, pr
     assert sorted(r["problem"] for r in kept) == sorted(p for p, (_, _, ok) in TABLE.items() if ok)
     assert all(r["correct"] and r["trace"] == TABLE[r["problem"]][1] for r in kept)
     assert teacher.requests.count("What is 7*6?") == 2  # the 500, then the retry that succeeded
-    assert len(_rows(tmp_path / "run" / "traces.jsonl.attempts.jsonl")) == len(TABLE)
+    journal = tmp_path / "run" / "traces.jsonl.attempts.jsonl"
+    assert len(_journal(journal, "reply")) == len(_journal(journal, "grade")) == len(TABLE)
     assert summary["kept"] == 4 and summary["total"] == 6 and summary["failed_requests"] == 0
     assert summary["per_source"]["alpha"]["kept"] == 3 and summary["per_source"]["beta"]["kept"] == 1
     lengths = sorted(len(TABLE[p][1]) for p, (_, _, ok) in TABLE.items() if ok)
@@ -122,7 +127,9 @@ def test_requests_that_keep_failing_are_left_for_the_next_run(tmp_path, problem_
     try:
         cfg = _config(teacher.url, problem_files, max_retries=0)
         first = distill.run_distill(cfg, tmp_path)
-        assert first["failed_requests"] == 1 and first["kept"] == 3
+        assert first["failed_requests"] == 1 and first["kept"] == 3 and first["unanswered"] == 1
+        failed = _journal(tmp_path / "traces.jsonl.attempts.jsonl", "failed")
+        assert [r["id"] for r in failed] == ["alpha/p0"] and "HTTP 500" in failed[0]["error"]
         teacher.requests.clear()
         second = distill.run_distill(cfg, tmp_path)
     finally:
@@ -149,9 +156,9 @@ def test_a_killed_run_resumes_without_duplicates(tmp_path, problem_files):
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (len(teacher.requests) >= 4 and attempts.is_file()
-                                              and len(_rows(attempts)) == 3):
+                                              and len(_journal(attempts, "grade")) == 3):
             time.sleep(0.05)
-        assert len(_rows(attempts)) == 3, "the child never got through the fast problems"
+        assert len(_journal(attempts, "grade")) == 3, "the child never got through the fast problems"
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
@@ -190,7 +197,7 @@ def test_client_errors_are_not_retried_and_name_the_fix(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         cfg = _config(f"http://127.0.0.1:{server.server_address[1]}", ["unused.jsonl"])
-        with pytest.raises(distill.RequestFailed, match="HTTP 404.*distill.endpoint"):
+        with pytest.raises(distill.EndpointRejected, match="HTTP 404.*distill.endpoint"):
             distill.request_completion(cfg, [{"role": "user", "content": "hi"}])
     finally:
         server.shutdown()
@@ -200,3 +207,73 @@ def test_client_errors_are_not_retried_and_name_the_fix(tmp_path):
     assert distill.chat_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
     with pytest.raises(ValueError, match="distill.endpoint is empty"):
         distill.DistillConfig(endpoint="")
+
+
+def test_two_passes_into_one_output_keep_both(tmp_path, problem_files):
+    """Issue 15: a second pass (another source) adds to traces.jsonl instead of replacing it, and a
+    pass over problems already answered asks nothing."""
+    alpha, beta = problem_files
+    teacher = Teacher()
+    try:
+        first = distill.run_distill(_config(teacher.url, [alpha]), tmp_path)
+        assert first["kept"] == 3 and sorted(teacher.requests) == sorted(SOURCES["alpha"])
+        second = distill.run_distill(_config(teacher.url, [beta]), tmp_path)
+        teacher.requests.clear()
+        third = distill.run_distill(_config(teacher.url, [alpha, beta]), tmp_path)
+    finally:
+        teacher.close()
+    assert second["kept"] == 1 and second["total"] == 3
+    assert second["traces_file"] == {"kept": 4, "per_source": {"alpha": 3, "beta": 1}}
+    assert teacher.requests == []  # everything was answered by the first two passes
+    assert third["kept"] == 4 and third["total"] == 6 and third["graded"] == 6
+    kept = _rows(tmp_path / "traces.jsonl")
+    assert sorted(r["problem"] for r in kept) == sorted(p for p, (_, _, ok) in TABLE.items() if ok)
+
+
+def test_journal_of_the_previous_format_is_read(tmp_path, problem_files):
+    """Rows written before the journal had kinds are graded replies: kept, and not asked again."""
+    alpha, _ = problem_files
+    problem = SOURCES["alpha"][0]
+    old = {"id": "alpha/p0", "source": "alpha", "problem": problem, "answer": TABLE[problem][0],
+           "trace": TABLE[problem][1], "correct": True, "extracted": "5", "finish_reason": "stop", "model": "m"}
+    (tmp_path / "traces.jsonl.attempts.jsonl").write_text(json.dumps(old) + "\n")
+    teacher = Teacher()
+    try:
+        summary = distill.run_distill(_config(teacher.url, [alpha]), tmp_path)
+    finally:
+        teacher.close()
+    assert sorted(teacher.requests) == sorted(SOURCES["alpha"][1:])
+    assert summary["kept"] == 3
+
+
+def test_one_run_per_output(tmp_path):
+    with distill.Journal(tmp_path / "a.jsonl"):
+        with pytest.raises(distill.DistillError, match="another distillation run"):
+            distill.Journal(tmp_path / "a.jsonl")
+    distill.Journal(tmp_path / "a.jsonl").close()  # free again once the first run ends
+
+
+def test_sources_with_a_count_and_the_chosen_subset():
+    from jaxmath.data.datasets import Example
+
+    assert distill.split_source("olympiadbench:500") == ("olympiadbench", 500)
+    assert distill.split_source("/d/x.jsonl:20") == ("/d/x.jsonl", 20)
+    assert distill.split_source("math_train_hard") == ("math_train_hard", 0)
+    with pytest.raises(ValueError, match="count after ':'"):
+        distill.DistillConfig(endpoint="http://h/v1", sources=("olympiadbench:0",))
+    examples = [Example(f"e{i}", f"p{i}", str(i), {}) for i in range(50)]
+    chosen = distill.select_problems(examples, 20)
+    assert len(chosen) == 20 and chosen == sorted(chosen, key=examples.index)  # file order kept
+    # The subset depends on the ids only, not on the order of the file.
+    assert {e.id for e in distill.select_problems(examples[::-1], 20)} == {e.id for e in chosen}
+    assert distill.select_problems(examples, 0) == examples == distill.select_problems(examples, 99)
+
+
+def test_default_sources_are_the_studys(data_dir):
+    """MATH L4-5 (3,994 less the 2 with an empty gold answer) and 500 of the 572 OlympiadBench numerical
+    problems, ids unique."""
+    cfg = distill.DistillConfig(endpoint="http://h/v1", data_dir=str(data_dir))
+    problems = distill.load_problems(cfg)
+    per_source = {s: sum(p["source"] == s for p in problems) for s in ("math_train_hard", "olympiadbench")}
+    assert per_source == {"math_train_hard": 3992, "olympiadbench": 500}
+    assert len({p["id"] for p in problems}) == len(problems)
