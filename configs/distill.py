@@ -13,39 +13,19 @@ traces.jsonl.attempts.jsonl (every graded reply) and traces.jsonl.summary.json. 
 problems already graded, so a crash or a preempted job just runs the same command again. The API key,
 if the server wants one, is read from $OPENAI_API_KEY (`distill.api_key_env`). `--config.distill.limit=20`
 asks 20 problems per source (a smoke run). The `distill` keys are the fields of
-`jaxmath.distill.DistillConfig` (`data_dir` comes from `data.dir`).
+`jaxmath.distill.DistillConfig` (`data_dir` comes from `data.dir`), at its defaults: the study's
+teacher, MATH levels 4-5 and the OlympiadBench numerical set (`limit` applies to every source, so
+run a second pass with limit=500 on olympiadbench alone to match the study's 500), temperature 0.7
+(not stated in the study), 8,192 tokens. Outputs go to runs/distill unless --workdir says otherwise.
 """
 
 import ml_collections
 
+from jaxmath.config import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.mode = "distill"
-    config.seed = 0
-    config.workdir = "runs/distill"
-
-    config.data = ml_collections.ConfigDict()
-    config.data.dir = "data"
-
-    config.distill = ml_collections.ConfigDict()
-    config.distill.endpoint = ""  # required: http://HOST:PORT/v1
-    config.distill.model = "Qwen/Qwen3-235B-A22B-Instruct-2507"
-    config.distill.api_key_env = "OPENAI_API_KEY"
-    # MATH L4-5 (3,994 problems) and the OlympiadBench numerical set; the study used 500 of the latter
-    # (`limit` applies to every source, so run a second pass with limit=500 on olympiadbench alone to match).
-    config.distill.sources = "math_train_hard,olympiadbench"
-    config.distill.limit = 0
+    config = defaults("distill")  # distill.endpoint has no default: pass --config.distill.endpoint=...
     config.distill.concurrency = 64
-    config.distill.max_retries = 6
-    config.distill.backoff_seconds = 2.0
-    config.distill.timeout = 900.0
-    config.distill.temperature = 0.7  # not stated in the study
-    config.distill.top_p = 1.0
-    config.distill.max_tokens = 8192
-    config.distill.output = "traces.jsonl"
-    config.distill.system_prompt = ""
-    config.distill.grade_timeout = 5.0
-
     config.lock()
     return config

@@ -222,8 +222,8 @@ def main(argv: list[str]) -> dict:
     loss_knobs = {"micro_batch_rows": a.micro_batch_rows}
     if a.logprob_chunk:
         loss_knobs["logprob_chunk"] = a.logprob_chunk
-    loss_cfg = step_lib.LossConfig(temperature=a.temperature, loss_agg="seq_mean_token_mean", **loss_knobs)
-    train_step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=True)
+    loss_cfg = step_lib.LossConfig(loss_agg="seq_mean_token_mean", **loss_knobs)
+    train_step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=True, temperature=a.temperature)
     sampler_knobs = {"max_batch_rows": a.prompts * a.k, "prompt_buckets": (width,)}
     if a.vocab_chunk >= 0:
         sampler_knobs["vocab_chunk"] = a.vocab_chunk
