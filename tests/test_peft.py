@@ -126,6 +126,7 @@ def test_adapter_only_cli_exports_a_runs_adapters(tmp_path):
     for name in tensors_cli:
         np.testing.assert_array_equal(tensors_cli[name], tensors_direct[name])
     both = subprocess.run([sys.executable, "-m", "jaxmath.convert.jax_to_hf", f"--ckpt={run_dir}",
-                           f"--out={tmp_path / 'x'}", "--adapter_only", "--merge_lora"], cwd=repo, capture_output=True, text=True,
+                           f"--out={tmp_path / 'x'}", "--adapter_only", "--merge_lora"], cwd=repo,
+                          capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu"), timeout=300)
     assert both.returncode == 1 and "exclude each other" in both.stderr

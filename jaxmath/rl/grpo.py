@@ -26,7 +26,8 @@ Metrics convention (`Accumulated`). Every metric is an `Accumulated(value, count
   reduce='sum': value is already a share of a total (the loss); the result is value.
 `combine(a, b)` merges two metric dicts from disjoint micro-batches, `combine_stacked` the metrics
 of all micro-batches stacked by a scan (both jittable), and `finalize(metrics)` turns them into
-scalars. Combining the micro-batch metrics gives the one-batch metrics exactly. Rows whose mask is all zero are padding: they count nowhere.
+scalars. Combining the micro-batch metrics gives the one-batch metrics exactly. Rows whose mask is
+all zero are padding: they count nowhere.
 """
 
 from __future__ import annotations
