@@ -28,34 +28,11 @@ fields of `jaxmath.distill.DistillConfig` (`data_dir` comes from `data.dir`).
 
 import ml_collections
 
+from jaxmath.config import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.mode = "distill"
-    config.seed = 0
-    config.workdir = "runs/distill"
-
-    config.data = ml_collections.ConfigDict()
-    config.data.dir = "data"
-
-    config.distill = ml_collections.ConfigDict()
-    config.distill.endpoint = ""  # required: http://HOST:PORT/v1
-    config.distill.model = "Qwen/Qwen3-235B-A22B-Instruct-2507"
-    config.distill.api_key_env = "OPENAI_API_KEY"
-    # MATH L4-5 and the study's 500 OlympiadBench numerical problems ("NAME:COUNT" picks COUNT by
-    # sha256 of the id; see the docstring: OlympiadBench here is the evaluation file).
-    config.distill.sources = "math_train_hard,olympiadbench:500"
-    config.distill.limit = 0
+    config = defaults("distill")  # distill.endpoint has no default: pass --config.distill.endpoint=...
     config.distill.concurrency = 64
-    config.distill.max_retries = 6
-    config.distill.backoff_seconds = 2.0
-    config.distill.timeout = 900.0  # wall-clock seconds per try
-    config.distill.temperature = 0.7  # not stated in the study
-    config.distill.top_p = 1.0
-    config.distill.max_tokens = 8192
-    config.distill.output = "traces.jsonl"
-    config.distill.system_prompt = ""
-    config.distill.grade_timeout = 5.0
-
     config.lock()
     return config

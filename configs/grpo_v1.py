@@ -7,11 +7,13 @@ LoRA rank 64. Study result: MATH-500 85.2%.
 937 steps of 8 prompts = one pass over the 7,498 answered MATH train problems.
 """
 
-from configs import grpo_common
+from jaxmath.config import config_module
 
 
 def get_config():
-    c = grpo_common.get_config(data="math_train", lr=4e-5, num_generations=16, max_tokens=2048, steps=937,
-                               name="grpo_v1")
+    c = config_module(__file__, "grpo_common").study_row("grpo_v1", learning_rate=4e-5)
+    c.steps = 937
+    c.rl.num_generations = 16
+    c.eval.max_new_tokens = 2048  # evaluate at the training budget
     c.lock()
     return c

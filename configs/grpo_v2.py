@@ -7,11 +7,14 @@ K=16, 4,096 completion tokens, 2 epochs, LoRA rank 64. Study result: MATH-500 90
 998 steps of 8 prompts = two passes over the 3,992 answered level 4-5 problems.
 """
 
-from configs import grpo_common
+from jaxmath.config import config_module
 
 
 def get_config():
-    c = grpo_common.get_config(data="math_train_hard", lr=4e-5, num_generations=16, max_tokens=4096, steps=998,
-                               name="grpo_v2")
+    c = config_module(__file__, "grpo_common").study_row("grpo_v2", learning_rate=4e-5)
+    c.steps = 998
+    c.data.train = "math_train_hard"
+    c.rl.num_generations = 16
+    c.rl.max_completion_tokens = 4096
     c.lock()
     return c

@@ -5,12 +5,15 @@ lr 2e-5 (K=16, 4,096 tokens, LoRA rank 64; fresh optimizer state). Study result:
         --config.init.checkpoint=runs/grpo_v2 --config.data.dir=data --workdir=runs/grpo_v3
 """
 
-from configs import grpo_common
+from jaxmath.config import config_module
 
 
 def get_config():
-    c = grpo_common.get_config(data="math_train_hard", lr=2e-5, num_generations=16, max_tokens=4096, steps=998,
-                               name="grpo_v3")
+    c = config_module(__file__, "grpo_common").study_row("grpo_v3", learning_rate=2e-5)
+    c.steps = 998
     c.init.checkpoint = "runs/grpo_v2"
+    c.data.train = "math_train_hard"
+    c.rl.num_generations = 16
+    c.rl.max_completion_tokens = 4096
     c.lock()
     return c

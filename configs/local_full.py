@@ -6,11 +6,15 @@ The study ran it with TRL + vLLM colocate on one H100 in 13 h. Study result: MAT
         --config.data.dir=data --workdir=runs/local_full
 """
 
-from configs import grpo_common
+from jaxmath.config import config_module
 
 
 def get_config():
-    c = grpo_common.get_config(data="math_train_hard", lr=5e-6, num_generations=8, max_tokens=2048, steps=998,
-                               lora_rank=0, name="local_full")
+    c = config_module(__file__, "grpo_common").study_row("local_full", learning_rate=5e-6)
+    c.steps = 998
+    c.data.train = "math_train_hard"
+    c.lora.rank = 0  # full-parameter training
+    c.optimizer.master_fp32 = True
+    c.eval.max_new_tokens = 2048  # evaluate at the training budget
     c.lock()
     return c

@@ -7,11 +7,11 @@ beta1 0.9 / beta2 0.95, loss on assistant tokens only. MATH-500 77.2% in the stu
         --config.data.dir=runs/distill --workdir=runs/sft_a
 
 The merged model is written to runs/sft_a/export (HF format), ready for configs/eval.py or as
-`model.path` of configs/sft_then_rl.py. Every key is documented in configs/sft_sweep.py.
+`model.path` of configs/sft_then_rl.py. The sweep's shared settings are in configs/sft_sweep.py.
 """
 
-from configs import sft_sweep
+from jaxmath.config import config_module
 
 
 def get_config():
-    return sft_sweep.get_config("a")
+    return config_module(__file__, "sft_sweep").get_config("a")

@@ -4,11 +4,11 @@ MATH-500 76.8% in the study (baseline 79.4%).
     python -m jaxmath.main --config=configs/sft_config_b.py --config.model.path=/models/Qwen3-4B-Instruct-2507 \
         --config.data.dir=runs/distill --workdir=runs/sft_b
 
-Every key is documented in configs/sft_sweep.py.
+The sweep's shared settings are in configs/sft_sweep.py.
 """
 
-from configs import sft_sweep
+from jaxmath.config import config_module
 
 
 def get_config():
-    return sft_sweep.get_config("b")
+    return config_module(__file__, "sft_sweep").get_config("b")

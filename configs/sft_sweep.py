@@ -4,6 +4,12 @@ beta1 0.9 / beta2 0.95, max sequence 4,096, loss on assistant tokens only, linea
     python -m jaxmath.main --config=configs/sft_sweep.py:v2 --config.model.path=/models/Qwen3-4B-Instruct-2507 \
         --config.data.dir=runs/distill --workdir=runs/sft_v2
 
+Every row trains one trace per sequence (`sft.pack=False`, as the study did; True packs into fewer,
+fuller rows) and exports the merged model to runs/sft_<row>/export for configs/eval.py or as
+`model.path` of configs/sft_then_rl.py. The other keys are `jaxmath.sft.SFTConfig`'s fields (`sft.*`),
+`jaxmath.model.lora.LoRAConfig`'s (`lora.*`) and `jaxmath.optim.OptimizerConfig`'s (`optimizer.*`),
+at SFTConfig's defaults: Config A's.
+
 | row | data                               | lr    | epochs | steps | batch (inferred)      |
 |-----|------------------------------------|-------|--------|-------|-----------------------|
 | v1  | 390 OlympiadBench traces           | 2e-5  | 3      | 9     | 128 (390 // 128 = 3)  |
@@ -28,78 +34,32 @@ characters; the run log prints the document count, compare it with the table and
 
 import ml_collections
 
+from jaxmath.config import defaults
+
+# What each row sets on top of the sweep's shared settings (keys as in --config.<key>=...).
 ROWS = {
-    # name: (learning_rate, epochs, steps, batch_size, train_files, train_sources, max_trace_chars)
-    "v1": (2e-5, 3, 0, 128, "traces.jsonl", "olympiadbench", 0),
-    "v2": (5e-4, 3, 0, 32, "traces.jsonl", "olympiadbench", 0),
-    "v3": (5e-4, 2, 0, 64, "traces.jsonl,openr1.jsonl", "", 4000),
-    "v4": (5e-4, 2, 53, 32, "traces.jsonl", "", 1200),
-    "a": (2e-4, 2, 0, 32, "traces.jsonl", "", 0),
-    "b": (5e-4, 1, 0, 32, "traces.jsonl", "", 0),
+    "v1": {"optimizer.learning_rate": 2e-5, "sft.epochs": 3, "sft.batch_size": 128,
+           "sft.train_sources": "olympiadbench"},
+    "v2": {"optimizer.learning_rate": 5e-4, "sft.epochs": 3, "sft.train_sources": "olympiadbench"},
+    "v3": {"optimizer.learning_rate": 5e-4, "sft.epochs": 2, "sft.batch_size": 64,
+           "sft.train_files": "traces.jsonl,openr1.jsonl", "sft.max_trace_chars": 4000},
+    "v4": {"optimizer.learning_rate": 5e-4, "sft.epochs": 2, "steps": 53, "sft.max_trace_chars": 1200},
+    "a": {"sft.epochs": 2},  # the SFT defaults are Config A's (jaxmath.sft.SFTConfig)
+    "b": {"optimizer.learning_rate": 5e-4},
 }
 
 
 def get_config(arg: str = "a") -> ml_collections.ConfigDict:
     if arg not in ROWS:
         raise ValueError(f"unknown SFT sweep row {arg!r}; choose one of {sorted(ROWS)} (configs/sft_sweep.py:v1)")
-    lr, epochs, steps, batch, files, sources, max_chars = ROWS[arg]
-    config = ml_collections.ConfigDict()
-    config.mode = "sft"
-    config.seed = 0
+    config = defaults("sft")
     config.workdir = f"runs/sft_{arg}"
-    config.steps = steps  # 0: sft.epochs passes over the data
     config.checkpoint_every = 20
-
-    config.model = ml_collections.ConfigDict()
-    config.model.path = ""  # HF-format Qwen3-4B-Instruct-2507 (config.json, safetensors, tokenizer files)
-    config.model.preset = ""
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = ""
-    config.model.remat = "full"
-    # "" = auto: cuDNN attention on a GPU (1.5x the SFT step of XLA's on an H200, docs/BENCHMARKS.md),
-    # XLA on a CPU.
-    config.model.attention_impl = ""
-
-    config.data = ml_collections.ConfigDict()
-    config.data.dir = "runs/distill"  # where the trace files are
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    config.mesh.tp = 1
-
-    config.sft = ml_collections.ConfigDict()
-    config.sft.train_files = files
-    config.sft.train_sources = sources  # empty: every row; else only rows whose `source` is listed
-    config.sft.max_trace_chars = max_chars
-    config.sft.batch_size = batch
+    config.data.dir = "runs/distill"  # where configs/distill.py writes the traces
+    config.sft.train_files = "traces.jsonl"
     config.sft.micro_batch_size = 4  # gradient accumulation: batch_size / micro_batch_size micro-batches
-    config.sft.max_seq_len = 4096
-    config.sft.pack = False  # the study trained on one trace per sequence; True packs (fewer, fuller rows)
-    config.sft.epochs = epochs
     config.sft.eval_fraction = 0.02
     config.sft.eval_every = 20
-    config.sft.keep_last = 2
-    config.sft.log_every = 1
-    config.sft.chunk_size = 1024
-    config.sft.remat = True
-    config.sft.export = True  # runs/sft_<row>/export: merged HF model for eval or configs/sft_then_rl.py
-
-    config.lora = ml_collections.ConfigDict()
-    config.lora.rank = 64
-    config.lora.alpha = 128.0
-    config.lora.targets = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = lr
-    config.optimizer.schedule = "warmup_linear"  # linear decay to end_lr_ratio * lr = 0
-    config.optimizer.warmup_steps = 0
-    config.optimizer.end_lr_ratio = 0.0
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.95
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.max_grad_norm = 1.0
-    config.optimizer.master_fp32 = False
-
+    config.update_from_flattened_dict(ROWS[arg])
     config.lock()
     return config

@@ -9,12 +9,11 @@ Study result: MATH-500 85.4% (direct RL: 85.2%), i.e. no benefit from the warm s
         --config.data.dir=data --workdir=runs/sft_then_rl
 """
 
-from configs import grpo_common
+from jaxmath.config import config_module
 
 
 def get_config():
-    c = grpo_common.get_config(data="math_train", lr=4e-5, num_generations=16, max_tokens=2048, steps=937,
-                               name="sft_then_rl")
+    c = config_module(__file__, "grpo_v1").get_config()  # locked: existing keys change, none can be added
+    c.workdir = "runs/sft_then_rl"
     c.model.path = "runs/sft_a/export"
-    c.lock()
     return c

@@ -1,16 +1,31 @@
-"""Typed, frozen configuration built once from the ml_collections ConfigDict.
+"""Typed, frozen configuration: the defaults of every run setting, and the dataclasses built from a
+config file once.
+
+Defaults live in one place, the dataclasses. `defaults(mode)` turns a mode's dataclasses (`MODES`:
+which dataclass each config section is) into the full ConfigDict, every field a key with its
+default, so a config file (configs/*.py, loaded by path) starts from it and states only what
+differs, and `--config.<section>.<key>=value` reaches every key. A field jaxmath fills from
+another key (`Section.derived`, e.g. `eval.data_dir` from `data.dir`) is not a key: each setting
+has one home.
 
 Only `jaxmath.main` reads ConfigDicts: it calls `build(SomeDataclass, cfg.section)` for each section
 and passes the dataclasses to library code. `build` is strict: an unknown key, a missing required
-key or a value of the wrong type is an error naming the key, never a silent default.
+key, a value of the wrong type, or a key that jaxmath derives from another one is an error naming
+the key, never a silent default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import os
 import types
 import typing
 from typing import Any, Mapping, TypeVar
+
+import ml_collections
+from ml_collections import config_dict
 
 T = TypeVar("T")
 
@@ -25,12 +40,15 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
+def _coerce(name: str, annotation: Any, value: Any, default: Any = dataclasses.MISSING) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return value
     if dataclasses.is_dataclass(annotation):
-        return build(annotation, value, prefix=name)
+        if isinstance(value, annotation):
+            return value
+        base = default if dataclasses.is_dataclass(default) else None
+        return build(annotation, value, prefix=name, base=base)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -45,12 +63,12 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{name}={value!r} matches none of {annotation}")
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list or comma-separated string, got {value!r}")
         args = typing.get_args(annotation)
         inner = args[0] if args else Any
+        if isinstance(value, str):
+            value = [_parse_number(inner, v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list or comma-separated string, got {value!r}")
         return tuple(_coerce(f"{name}[{i}]", inner, v) for i, v in enumerate(value))
     if origin is dict or annotation is dict:
         if not isinstance(value, Mapping):
@@ -75,21 +93,42 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     return value
 
 
-def build(cls: type[T], section: Mapping[str, Any] | Any, *, prefix: str = "", **extra: Any) -> T:
-    """Instantiate dataclass `cls` from a ConfigDict section (plus `extra` fields), strictly."""
+def _parse_number(annotation: Any, text: str) -> Any:
+    """An item of a comma-separated string, as the tuple's item type (int or float) when it parses."""
+    try:
+        return annotation(text) if annotation in (int, float) else text
+    except ValueError:
+        return text
+
+
+def build(cls: type[T], section: Mapping[str, Any] | Any, *, prefix: str = "", base: Any = None, **extra: Any) -> T:
+    """Instantiate dataclass `cls` from a ConfigDict section (plus `extra` fields), strictly.
+
+    base: an instance of `cls` whose values stand in for keys the section leaves out (a nested
+    dataclass field's default, e.g. SFTConfig.optimizer); otherwise the class defaults do.
+    """
     section = dict(_to_plain(section) or {})
+    where = prefix or cls.__name__
+    derived = sorted(set(section) & set(extra))
+    if derived:
+        raise ConfigError(f"{where}.{derived[0]} is not a key: jaxmath sets it from another setting "
+                          f"(see jaxmath.config.MODES); remove it from the config")
     section.update(extra)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(section) - set(fields))
-    where = prefix or cls.__name__
     if unknown:
         raise ConfigError(f"unknown config keys {unknown} in {where}; valid keys: {sorted(fields)}")
     kwargs = {}
     for name, field in fields.items():
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if name in section and section[name] is None and required:
+            raise ConfigError(f"{where}.{name} is required: set it in the config or with --config.{where}.{name}=...")
         if name in section:
-            kwargs[name] = _coerce(f"{where}.{name}", hints[name], _to_plain(section[name]))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            kwargs[name] = _coerce(f"{where}.{name}", hints[name], _to_plain(section[name]), field.default)
+        elif base is not None:
+            kwargs[name] = getattr(base, name)
+        elif required:
             raise ConfigError(f"{where}.{name} is required")
     try:
         return cls(**kwargs)
@@ -115,8 +154,205 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; one may be -1 to take the remaining devices."""
+    """Device mesh sizes; one may be -1 to take the remaining devices (by default FSDP over all)."""
 
     data: int = 1
-    fsdp: int = 1
+    fsdp: int = -1
     tp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The top level of every config: the mode `jaxmath.main` runs, and its run directory
+    ("" = runs/<mode>; the --workdir flag wins over both)."""
+
+    mode: str
+    workdir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data files are (`python -m jaxmath.data.datasets --out data` writes them) and, for
+    GRPO, the training set: a name of jaxmath.data.datasets (math_train, math_train_hard,
+    gsm8k_train) and `limit` > 0 to keep its first problems only."""
+
+    dir: str = "data"
+    train: str = "math_train"
+    limit: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """GRPO's training prompts: worked examples in the prefix (0: zero-shot, as the study trains),
+    an optional system turn, and the hybrid Qwen3 template's thinking switch."""
+
+    few_shot: int = 0
+    system: str = ""
+    enable_thinking: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """checkpoint: an earlier run's workdir to start from (its latest trainable params; GRPO v3
+    continues v2); empty starts from model.path."""
+
+    checkpoint: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """engine: "jax" (the in-process sampler, `sampler.*`) or "vllm" (`vllm.*`)."""
+
+    engine: str = "jax"
+
+    def __post_init__(self):
+        if self.engine not in ("jax", "vllm"):
+            raise ValueError(f"rollout.engine must be 'jax' or 'vllm', got {self.engine!r}")
+
+
+# --- the config of each mode --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One section of a mode's config: the dataclass whose fields are its keys.
+
+    name:     the section's key ("" for the top level)
+    cls:      "module:Class"
+    top:      fields that are keys of the top level instead (a run's seed, steps, checkpoint_every)
+    derived:  (field, source) of fields `jaxmath.main` fills from another setting, so they are not
+              keys (eval.data_dir from data.dir); a source that is a key names it
+    only:     when set, the fields that are keys (the rest keep their defaults)
+    base:     "module:Class.field": a default instance whose values are this section's defaults
+              (SFTConfig.optimizer: SFT's own optimizer defaults)
+    """
+
+    name: str
+    cls: str
+    top: tuple[str, ...] = ()
+    derived: tuple[tuple[str, str], ...] = ()
+    only: tuple[str, ...] = ()
+    base: str = ""
+
+    def dataclass(self) -> type:
+        module, _, name = self.cls.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def default_instance(self) -> Any:
+        if not self.base:
+            return None
+        owner, _, field = self.base.rpartition(".")
+        module, _, name = owner.partition(":")
+        return getattr(getattr(importlib.import_module(module), name), field)
+
+    def keys(self) -> list[str]:
+        """The section's keys, in field order."""
+        names = [f.name for f in dataclasses.fields(self.dataclass()) if f.init]
+        skip = set(self.top) | {name for name, _ in self.derived}
+        return [n for n in names if n not in skip and (not self.only or n in self.only)]
+
+
+_RUN = Section("", "jaxmath.config:RunConfig")
+_MODEL = Section("model", "jaxmath.config:ModelConfig")
+_MESH = Section("mesh", "jaxmath.config:MeshConfig")
+_DATA_DIR = Section("data", "jaxmath.config:DataConfig", only=("dir",))
+_VLLM = Section("vllm", "jaxmath.rollout.vllm.config:VLLMConfig", derived=(
+    ("model_path", "model.path"), ("enable_lora", "lora.rank > 0"), ("max_lora_rank", "lora.rank")))
+_RUN_LENGTH = ("steps", "seed", "checkpoint_every")
+_GRPO = Section("rl", "jaxmath.rl.loop:GRPOConfig", top=_RUN_LENGTH)
+_GRPO_LOSS = (_GRPO, Section("loss", "jaxmath.rl.step:LossConfig"),
+              Section("optimizer", "jaxmath.optim:OptimizerConfig"))
+
+MODES: dict[str, tuple[Section, ...]] = {
+    "grpo": (_RUN, _MODEL, _MESH, Section("data", "jaxmath.config:DataConfig"),
+             Section("init", "jaxmath.config:InitConfig"), Section("prompt", "jaxmath.config:PromptConfig"),
+             *_GRPO_LOSS, Section("lora", "jaxmath.model.lora:LoRAConfig"),
+             Section("rollout", "jaxmath.config:RolloutConfig"),
+             Section("sampler", "jaxmath.rollout.jax_sampler:SamplerConfig"), _VLLM,
+             Section("eval", "jaxmath.eval.run:EvalConfig",
+                     derived=(("data_dir", "data.dir"), ("progress", "off during training")))),
+    "sft": (_RUN, _MODEL, _MESH, _DATA_DIR,
+            Section("sft", "jaxmath.sft.loop:SFTConfig", top=_RUN_LENGTH,
+                    derived=(("lora", "the lora section"), ("optimizer", "the optimizer section"))),
+            Section("lora", "jaxmath.model.lora:LoRAConfig", base="jaxmath.sft.loop:SFTConfig.lora"),
+            Section("optimizer", "jaxmath.optim:OptimizerConfig", base="jaxmath.sft.loop:SFTConfig.optimizer")),
+    "eval": (_RUN, _MODEL, _MESH, _DATA_DIR, Section("sampler", "jaxmath.rollout.jax_sampler:SamplerConfig"), _VLLM,
+             Section("eval", "jaxmath.eval.run:EvalConfig", derived=(("data_dir", "data.dir"),))),
+    "distill": (_RUN, _DATA_DIR,
+                Section("distill", "jaxmath.distill:DistillConfig", derived=(("data_dir", "data.dir"),))),
+    "demo": (_RUN, _MESH, Section("demo", "jaxmath.demo:DemoConfig"), *_GRPO_LOSS),
+}
+
+
+def _config_value(annotation: Any, default: Any) -> Any:
+    """A dataclass default as a ConfigDict value: tuples as comma-separated strings (what `build`
+    reads back), a required field as a typed placeholder that the config must fill."""
+    if default is dataclasses.MISSING:
+        kind = next((t for t in (float, int, bool, str) if t is annotation or t in typing.get_args(annotation)), str)
+        return config_dict.placeholder(kind)
+    if isinstance(default, tuple):
+        return ",".join(str(v) for v in default)
+    return default
+
+
+def section_defaults(section: Section) -> dict[str, Any]:
+    """{key: default} of one section (top-level keys included, under their own names)."""
+    cls = section.dataclass()
+    base = section.default_instance()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name in section.keys() + list(section.top):
+        field = fields[name]
+        default = getattr(base, name) if base is not None else field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        out[name] = _config_value(hints[name], default)
+    return out
+
+
+def defaults(mode: str) -> ml_collections.ConfigDict:
+    """The full config of `mode` ("grpo", "sft", "eval", "distill", "demo"), every key at its
+    dataclass default; config files start here and set what differs. Required fields without a
+    default (optimizer.learning_rate, distill.endpoint) are typed placeholders the config must fill."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {sorted(MODES)}")
+    config = ml_collections.ConfigDict()
+    config.mode = mode
+    sections = MODES[mode]
+    for section in sections:  # the top level first, so config.json reads from the top down
+        if not section.name:
+            values = section_defaults(section)
+            values.pop("mode")
+            config.update(values)
+        else:
+            config.update({k: v for k, v in section_defaults(section).items() if k in section.top})
+    for section in sections:
+        if section.name:
+            values = section_defaults(section)
+            config[section.name] = ml_collections.ConfigDict({k: values[k] for k in section.keys()})
+    return config
+
+
+def config_module(config_file: str, name: str) -> types.ModuleType:
+    """A config file beside `config_file` (pass `__file__`), loaded by path: how configs/*.py share
+    a base (configs/grpo_common.py) without configs/ being an installed package, from any cwd."""
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))
+
+
+def load_module(path: str) -> types.ModuleType:
+    """The Python file at `path` as a fresh module (not cached in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found; pass e.g. configs/grpo_v2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The ConfigDict of `path.py` or `path.py:arg` (what --config=... names), for tools other than
+    main (benchmarks, the sweep, tests)."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path)
+    return module.get_config(arg) if arg else module.get_config()

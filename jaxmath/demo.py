@@ -75,7 +75,7 @@ def greedy_accuracy(engine: JaxSampler, tokenizer: demo_task.CharTokenizer, exam
 def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.LossConfig,
              optim_cfg: optim.OptimizerConfig, workdir: str, *, seed: int = 0, mesh=None,
              run_config: dict | None = None) -> dict[str, Any]:
-    from jaxmath.sft_loop import run_sft
+    from jaxmath.sft import run_sft
 
     start = time.perf_counter()
     tokenizer = demo_task.CharTokenizer()
@@ -86,9 +86,9 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
     sft_examples = [TokenizedExample(*demo_task.sft_example(
         tokenizer, e, boxed=demo_task.teacher_boxes(e, cfg.boxed_fraction, seed))) for e in train]
     sft_cfg = SFTConfig(batch_size=cfg.sft_batch_size, max_seq_len=32, steps=sft_steps, seed=seed,
-                        learning_rate=cfg.sft_learning_rate, schedule="warmup_linear", warmup_steps=10,
-                        b1=0.9, b2=0.95, lora=LoRAConfig(rank=0), export=False, remat=False, chunk_size=256,
-                        checkpoint_every=sft_steps)
+                        optimizer=optim.OptimizerConfig(learning_rate=cfg.sft_learning_rate, schedule="warmup_linear",
+                                                        warmup_steps=10, b1=0.9, b2=0.95),
+                        lora=LoRAConfig(rank=0), export=False, remat=False, chunk_size=256, checkpoint_every=sft_steps)
     logging.info("demo: SFT warm-up, %d steps on %d problems", sft_steps, len(train))
     run_sft(model, sft_examples, sft_cfg, os.path.join(workdir, "sft"), mesh=mesh)
 

@@ -2,12 +2,12 @@
 
 Parses the locked config (an unknown override is an error), builds the device mesh, and dispatches
 on `config.mode`. This is the only module that reads the ConfigDict: each `_run_<mode>` turns its
-sections into the typed dataclasses the library takes.
+sections into the typed dataclasses the library takes (`jaxmath.config.MODES` says which), filling
+the few fields that come from another setting (`eval.data_dir` from `data.dir`, ...) itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as pylogging
 import os
@@ -23,7 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for checkpoints, 
 
 
 def _workdir(cfg) -> str:
-    workdir = _WORKDIR.value or cfg.get("workdir") or os.path.join("runs", cfg.mode)
+    from jaxmath.config import RunConfig, build
+
+    run = build(RunConfig, {"mode": cfg.mode, "workdir": cfg.get("workdir", "")}, prefix="config")
+    workdir = _WORKDIR.value or run.workdir or os.path.join("runs", run.mode)
     os.makedirs(workdir, exist_ok=True)
     return workdir
 
@@ -62,16 +65,74 @@ def _load_model(cfg, mesh):
                      "(e.g. `huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`)")
 
 
-def _run_eval(cfg, workdir: str) -> dict:
-    from jaxmath.config import build
-    from jaxmath.eval.run import EvalConfig, evaluate
+# --- typed configs: each mode's sections as the dataclasses of jaxmath.config.MODES -----------------
 
-    eval_cfg = build(EvalConfig, cfg.eval, prefix="eval", data_dir=cfg.data.dir)
+
+def eval_config(cfg, **derived):
+    """EvalConfig from the eval section; data_dir comes from data.dir."""
+    from jaxmath.config import build
+    from jaxmath.eval.run import EvalConfig
+
+    return build(EvalConfig, cfg.eval, prefix="eval", data_dir=cfg.data.dir, **derived)
+
+
+def vllm_config(cfg, lora_cfg=None):
+    """VLLMConfig from the vllm section; vLLM loads model.path, and takes LoRA syncs when lora.rank > 0."""
+    from jaxmath.config import build
+    from jaxmath.rollout.vllm import VLLMConfig
+
+    lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled, max_lora_rank=max(lora_cfg.rank, 1))
+    return build(VLLMConfig, cfg.get("vllm", {}), prefix="vllm", model_path=cfg.model.path, **lora)
+
+
+def sft_config(cfg):
+    """SFTConfig from the top-level seed / steps / checkpoint_every and the sft, lora and optimizer
+    sections (optimizer.total_steps 0: the run's step count, known once the data is planned)."""
+    from jaxmath.config import build
+    from jaxmath.model.lora import LoRAConfig
+    from jaxmath.optim import OptimizerConfig
+    from jaxmath.sft import SFTConfig
+
+    defaults = SFTConfig()  # its lora and optimizer are SFT's own defaults for those sections
+    lora = build(LoRAConfig, cfg.lora, prefix="lora", base=defaults.lora)
+    optimizer = build(OptimizerConfig, cfg.optimizer, prefix="optimizer", base=defaults.optimizer)
+    return build(SFTConfig, cfg.sft, prefix="sft", seed=cfg.seed, steps=cfg.steps,
+                 checkpoint_every=cfg.checkpoint_every, lora=lora, optimizer=optimizer)
+
+
+def distill_config(cfg):
+    from jaxmath.config import build
+    from jaxmath.distill import DistillConfig
+
+    return build(DistillConfig, cfg.distill, prefix="distill", data_dir=cfg.data.dir)
+
+
+def grpo_configs(cfg):
+    """(GRPOConfig, LossConfig, OptimizerConfig) from the top-level seed / steps / checkpoint_every and
+    the rl, loss and optimizer sections; the optimizer's total_steps 0 becomes the run's steps."""
+    from jaxmath.config import ConfigError, build
+    from jaxmath.optim import OptimizerConfig
+    from jaxmath.rl.loop import GRPOConfig
+    from jaxmath.rl.step import LossConfig
+    from jaxmath.train_state import resolve_total_steps
+
+    grpo_cfg = build(GRPOConfig, cfg.rl, prefix="rl", steps=cfg.steps, seed=cfg.seed,
+                     checkpoint_every=cfg.checkpoint_every)
+    loss_cfg = build(LossConfig, cfg.get("loss", {}), prefix="loss")
+    try:  # checked here, before any weights load
+        optim_cfg = resolve_total_steps(build(OptimizerConfig, cfg.optimizer, prefix="optimizer"), grpo_cfg.steps)
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from e
+    return grpo_cfg, loss_cfg, optim_cfg
+
+
+def _run_eval(cfg, workdir: str) -> dict:
+    from jaxmath.eval.run import evaluate
+
+    eval_cfg = eval_config(cfg)
     meta = {"model": cfg.model.get("path", ""), "config": json.loads(cfg.to_json_best_effort())}
     if eval_cfg.backend == "file":
         return evaluate(None, None, eval_cfg, workdir, meta)
-    if eval_cfg.backend not in ("jax", "vllm"):
-        raise SystemExit(f"eval.backend must be one of jax, vllm, file; got {eval_cfg.backend!r}")
     mesh = _mesh(cfg)
     if eval_cfg.backend == "jax":
         model, tokenizer = _load_model(cfg, mesh)
@@ -83,27 +144,10 @@ def _run_eval(cfg, workdir: str) -> dict:
     return evaluate(engine, tokenizer, eval_cfg, workdir, meta)
 
 
-def sft_config_from(cfg):
-    """SFTConfig from the config's top-level seed / steps / checkpoint_every and its sft, lora and
-    optimizer sections (the optimizer's total_steps comes from the data, so it is not a key)."""
-    from jaxmath.config import build
-    from jaxmath.model.lora import LoRAConfig
-    from jaxmath.sft import SFTConfig
-
-    lora = build(LoRAConfig, cfg.get("lora", {}), prefix="lora")
-    optimizer, section = cfg.optimizer.to_dict(), cfg.sft.to_dict()
-    clash = sorted(set(optimizer) & set(section))
-    if clash:
-        raise SystemExit(f"{clash} are set in both sft and optimizer; keep them in optimizer")
-    return build(SFTConfig, {**section, **optimizer}, prefix="sft/optimizer", seed=cfg.seed,
-                 steps=cfg.get("steps", 0), checkpoint_every=cfg.get("checkpoint_every", 0),
-                 lora=dataclasses.asdict(lora))
-
-
 def _run_sft(cfg, workdir: str) -> dict:
-    from jaxmath.sft_loop import load_sft_examples, run_sft
+    from jaxmath.sft import load_sft_examples, run_sft
 
-    sft_cfg = sft_config_from(cfg)
+    sft_cfg = sft_config(cfg)
     if not sft_cfg.train_files:
         raise SystemExit("sft.train_files is empty; point it at trace files under data.dir "
                          "(e.g. traces.jsonl from configs/distill.py)")
@@ -119,86 +163,63 @@ def _run_sft(cfg, workdir: str) -> dict:
 
 
 def _run_distill(cfg, workdir: str) -> dict:
-    from jaxmath.config import build
-    from jaxmath.distill import DistillConfig, run_distill
+    from jaxmath.distill import run_distill
 
-    return run_distill(build(DistillConfig, cfg.distill, prefix="distill", data_dir=cfg.data.dir), workdir)
-
-
-def _grpo_configs(cfg):
-    """(GRPOConfig, LossConfig, OptimizerConfig) from the rl, loss and optimizer sections."""
-    from jaxmath.config import build
-    from jaxmath.optim import OptimizerConfig
-    from jaxmath.rl.loop import GRPOConfig
-    from jaxmath.rl.step import LossConfig
-
-    grpo_cfg = build(GRPOConfig, cfg.rl, prefix="rl", steps=cfg.steps, seed=cfg.seed,
-                     checkpoint_every=cfg.checkpoint_every)
-    loss_cfg = build(LossConfig, cfg.get("loss", {}), prefix="loss", temperature=grpo_cfg.temperature,
-                     max_completion_tokens=grpo_cfg.max_completion_tokens)
-    optim_cfg = build(OptimizerConfig, cfg.optimizer, prefix="optimizer", total_steps=cfg.steps)
-    return grpo_cfg, loss_cfg, optim_cfg
+    return run_distill(distill_config(cfg), workdir)
 
 
 def _init_from_run(model, run_dir: str, lora_cfg, optim_cfg, seed: int) -> None:
     """Start from the trained weights of an earlier run (GRPO v3 continues v2): the trainable params
     of its latest checkpoint; the optimizer state starts fresh."""
-    import jax
     from flax import nnx
 
     from jaxmath import checkpoint as ckpt_lib
-    from jaxmath.model import lora as lora_lib
-    from jaxmath.optim import make_optimizer
-    from jaxmath.rl.step import split_trainable
+    from jaxmath import train_state
 
-    if lora_cfg.enabled and not lora_lib.has_lora(model):
-        lora_lib.apply_lora(model, lora_cfg, seed=seed)
-    graphdef, trainable, frozen = split_trainable(model)
     manager = ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints"))
     if manager.latest_step() is None:
         raise SystemExit(f"init.checkpoint={run_dir} has no checkpoints under {manager.directory}; run the "
                          "earlier configuration (e.g. configs/grpo_v2.py) with that workdir first")
-    target = ckpt_lib.TrainState(trainable, make_optimizer(optim_cfg).init(trainable), 0, {},
-                                 jax.random.key(seed), {})
-    restored = manager.restore(target=target)
-    nnx.update(model, restored.params)
-    logging.info("initialised from %s step %d", manager.directory, restored.step)
+    setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=lora_cfg, seed=seed,
+                                        total_steps=optim_cfg.total_steps, checkpoints=manager)
+    nnx.update(model, setup.state.params)
+    logging.info("initialised from %s step %d", manager.directory, setup.state.step)
 
 
 def _run_grpo(cfg, workdir: str) -> dict:
-    from jaxmath.config import build
+    from jaxmath.config import DataConfig, InitConfig, PromptConfig, RolloutConfig, build
     from jaxmath.data import datasets, prompts
     from jaxmath.model.lora import LoRAConfig
     from jaxmath.rl import loop
 
-    grpo_cfg, loss_cfg, optim_cfg = _grpo_configs(cfg)
+    grpo_cfg, loss_cfg, optim_cfg = grpo_configs(cfg)
     lora_cfg = build(LoRAConfig, cfg.lora, prefix="lora")
+    data = build(DataConfig, cfg.data, prefix="data")
+    prompt = build(PromptConfig, cfg.prompt, prefix="prompt")
+    init = build(InitConfig, cfg.init, prefix="init")
+    rollout = build(RolloutConfig, cfg.rollout, prefix="rollout")
+    eval_cfg = eval_config(cfg, progress=False) if grpo_cfg.eval_every else None
     mesh = _mesh(cfg)
     model, tokenizer = _load_model(cfg, mesh)
     if tokenizer is None:
         raise SystemExit("GRPO on math problems needs the model's tokenizer: set model.path to an HF folder")
-    if cfg.init.checkpoint:
-        _init_from_run(model, cfg.init.checkpoint, lora_cfg, optim_cfg, cfg.seed)
-    examples = datasets.load(cfg.data.train, cfg.data.dir, limit=cfg.data.limit)
-    few_shot, system = cfg.prompt.few_shot, cfg.prompt.system or None
+    if init.checkpoint:
+        _init_from_run(model, init.checkpoint, lora_cfg, optim_cfg, grpo_cfg.seed)
+    examples = datasets.load(data.train, data.dir, limit=data.limit)
 
     def encode(batch):
-        return prompts.encode_prompts(batch, tokenizer, grpo_cfg.max_prompt_tokens, few_shot=few_shot, system=system,
-                                      enable_thinking=cfg.prompt.enable_thinking)
+        return prompts.encode_prompts(batch, tokenizer, grpo_cfg.max_prompt_tokens, few_shot=prompt.few_shot,
+                                      system=prompt.system or None, enable_thinking=prompt.enable_thinking)
 
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     # vLLM syncs LoRA runs through its own adapter support, full runs through in-memory weights
-    engine = _rollout_engine(cfg, cfg.rollout.engine, model, mesh,
-                             enable_lora=lora_cfg.enabled, max_lora_rank=max(lora_cfg.rank, 1))
+    engine = _rollout_engine(cfg, rollout.engine, model, mesh, lora_cfg)
     stop = tuple(dict.fromkeys(prompts.stop_token_ids(tokenizer) + model.config.stop_token_ids))
     evaluate = None
-    if grpo_cfg.eval_every:
-        from jaxmath.eval.run import EvalConfig
+    if eval_cfg is not None:
         from jaxmath.eval.run import evaluate as run_eval
-
-        eval_cfg = build(EvalConfig, cfg.eval, prefix="eval", data_dir=cfg.data.dir, progress=False)
 
         def evaluate(_, step):
             results = run_eval(engine, tokenizer, eval_cfg, os.path.join(workdir, f"eval_step_{step}"), {"step": step})
@@ -210,28 +231,24 @@ def _run_grpo(cfg, workdir: str) -> dict:
                       evaluate=evaluate, run_config=json.loads(cfg.to_json_best_effort()))
 
 
-def _rollout_engine(cfg, kind: str, model, mesh, **vllm_defaults):
-    """The rollout engine `kind` ("jax" or "vllm") with its config section (sampler / vllm);
-    `vllm_defaults` fill vllm keys the config does not set."""
+def _rollout_engine(cfg, kind: str, model, mesh, lora_cfg=None):
+    """The rollout engine `kind` ("jax" or "vllm") with its config section (sampler / vllm)."""
     from jaxmath.config import build
 
     if kind == "jax":
         from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
 
         return JaxSampler(model, build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler"), mesh=mesh)
-    if kind == "vllm":
-        from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from jaxmath.rollout.vllm import make_engine
 
-        section = {**vllm_defaults, **cfg.get("vllm", {})}
-        return VLLMEngine(build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path))
-    raise SystemExit(f"rollout.engine must be 'jax' or 'vllm', got {kind!r}")
+    return make_engine(vllm_config(cfg, lora_cfg))
 
 
 def _run_demo(cfg, workdir: str) -> dict:
     from jaxmath.config import build
     from jaxmath.demo import DemoConfig, run_demo
 
-    grpo_cfg, loss_cfg, optim_cfg = _grpo_configs(cfg)
+    grpo_cfg, loss_cfg, optim_cfg = grpo_configs(cfg)
     return run_demo(build(DemoConfig, cfg.demo, prefix="demo"), grpo_cfg, loss_cfg, optim_cfg, workdir,
                     seed=cfg.seed, mesh=_mesh(cfg), run_config=json.loads(cfg.to_json_best_effort()))
 

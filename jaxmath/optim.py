@@ -19,6 +19,7 @@ import optax
 
 Schedule = Literal["constant", "warmup_constant", "linear", "warmup_linear", "cosine"]
 SCHEDULES = ("constant", "warmup_constant", "linear", "warmup_linear", "cosine")
+DECAYING = ("linear", "warmup_linear", "cosine")  # schedules that end at total_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,8 @@ class OptimizerConfig:
         'warmup_linear' (warmup, then linear decay to lr * end_lr_ratio at total_steps); 'cosine'
         (warmup, then cosine decay to lr * end_lr_ratio at total_steps). Warmup starts from 0 at
         step 0, as HF's schedulers do. Past total_steps the final value holds.
-    warmup_steps, total_steps: in optimizer updates (not micro-batches).
+    warmup_steps, total_steps: in optimizer updates (not micro-batches); total_steps 0 means the run's
+        length, which the GRPO and SFT trainers fill in (`jaxmath.train_state.resolve_total_steps`).
     b1, b2, eps, weight_decay: AdamW's (decoupled decay, applied to every leaf it is given).
     max_grad_norm: clip the global gradient norm to this; 0 disables clipping.
     master_fp32: keep a float32 master copy of the parameters in the optimizer state and update
@@ -61,7 +63,7 @@ class OptimizerConfig:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule in ("linear", "warmup_linear", "cosine") and self.total_steps <= self.warmup_steps:
+        if self.schedule in DECAYING and 0 < self.total_steps <= self.warmup_steps:
             raise ValueError(
                 f"schedule {self.schedule!r} decays until total_steps, which must exceed warmup_steps "
                 f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps}); set "
@@ -75,6 +77,9 @@ class OptimizerConfig:
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """The learning rate as a function of the optimizer step (0 for the first update)."""
+    if cfg.schedule in DECAYING and not cfg.total_steps:
+        raise ValueError(f"schedule {cfg.schedule!r} decays until total_steps, which is 0 (the run's length, not "
+                         "known here); set total_steps to the number of optimizer updates in the run")
     peak = cfg.learning_rate
     end = peak * cfg.end_lr_ratio
     warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps) if cfg.warmup_steps else None

@@ -6,7 +6,7 @@ table (the study's Table 4 layout) and one chart.
 
 Each configuration gets its own workdir `<root>/<name>` (name: the config file's stem, plus the
 `:arg` of a variant, e.g. sft_sweep_v2) and three steps run in order: train (`jaxmath.main`), export
-to an HF folder (SFT runs export themselves; GRPO runs go through `convert.jax_to_hf --merge_lora`),
+to an HF folder (SFT runs export themselves; GRPO runs go through `jaxmath.convert.jax_to_hf --merge_lora`),
 and evaluate (`configs/eval.py` on that folder, into `<root>/<name>/eval`). Locally the jobs run one
 after another; `--print_only` prints one `sbatch` command per configuration instead, and
 `--dry_run` prints the local commands without running them. `--collect_only` skips straight to
@@ -48,7 +48,7 @@ def job_commands(config: str, root: Path, overrides: list[str], eval_overrides: 
     export = workdir / "export"
     cmds = [[python, "-m", "jaxmath.main", f"--config={config}", f"--workdir={workdir}", *overrides]]
     if _mode(config) == "grpo":
-        cmds.append([python, "-m", "convert.jax_to_hf", f"--ckpt={workdir / 'checkpoints'}", f"--out={export}",
+        cmds.append([python, "-m", "jaxmath.convert.jax_to_hf", f"--ckpt={workdir / 'checkpoints'}", f"--out={export}",
                      "--merge_lora"])
     data_dir = [o for o in overrides if o.startswith("--config.data.dir=")]
     cmds.append([python, "-m", "jaxmath.main", "--config=configs/eval.py", f"--config.model.path={export}",

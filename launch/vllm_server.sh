@@ -10,11 +10,11 @@
 # The model is the trainer's model.path; --dtype, --max_model_len and LoRA (--enable_lora when
 # lora.rank > 0, --max_lora_rank >= lora.rank) must match the trainer's settings. Run it in the
 # trainer's environment: the server imports jaxmath's worker extension. --print_only prints the
-# command and runs nothing; `python -m jaxmath.rollout.vllm_engine --help` lists the flags.
+# command and runs nothing; `python -m jaxmath.rollout.vllm --help` lists the flags.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
     echo "usage: [GPU=1] $0 MODEL_PATH [--port=8000] [--dtype=auto] [--max_model_len=4096] [--enable_lora ...]" >&2
     exit 2
 fi
 export CUDA_VISIBLE_DEVICES=${GPU:-1}
-exec "${PYTHON:-python}" -m jaxmath.rollout.vllm_engine "$@"
+exec "${PYTHON:-python}" -m jaxmath.rollout.vllm "$@"

@@ -12,6 +12,7 @@ import pytest
 from jaxmath.data import datasets
 from jaxmath.eval import report
 from jaxmath.eval.run import EvalConfig, evaluate
+from jaxmath.reward.extract import extract_boxed
 from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,7 +26,7 @@ def _write_completions(path, rows):
 
 def _replace_last_box(solution, new_content):
     start = solution.rfind("\\boxed")
-    old = datasets.last_boxed(solution)
+    old = extract_boxed(solution)
     head, tail = solution[:start], solution[start:]
     return head + tail.replace("{" + old + "}", "{" + new_content + "}", 1)
 
@@ -192,20 +193,21 @@ def test_truncation_is_counted_and_prompt_budget_enforced(tokenizer, tmp_path):
 
 def test_eval_config_validation():
     with pytest.raises(ValueError, match="unknown names \\['math5000'\\]"):
-        EvalConfig(benchmarks="math5000")
+        EvalConfig(data_dir="data", benchmarks="math5000")
     with pytest.raises(ValueError, match="file backend grades one benchmark"):
-        EvalConfig(benchmarks="math500,gsm8k", backend="file", completions="x.jsonl")
+        EvalConfig(data_dir="data", benchmarks="math500,gsm8k", backend="file", completions="x.jsonl")
     with pytest.raises(ValueError, match="'gsm8k=lastnumber' must be <benchmark>=<fallback>"):
-        EvalConfig(answer_fallback="gsm8k=lastnumber")
-    cfg = EvalConfig(benchmarks=("gsm8k",), maj_k="1,16", answer_fallback="gsm8k=gsm8k")
+        EvalConfig(data_dir="data", answer_fallback="gsm8k=lastnumber")
+    cfg = EvalConfig(data_dir="data", benchmarks=("gsm8k",), maj_k="1,16", answer_fallback="gsm8k=gsm8k")
     assert (cfg.benchmarks, cfg.maj_k, cfg.fallbacks()) == (("gsm8k",), (1, 16), {"gsm8k": "gsm8k"})
     with pytest.raises(ValueError, match="needs an engine and a tokenizer"):
-        evaluate(None, None, EvalConfig(), "/tmp/unused", {})
+        evaluate(None, None, EvalConfig(data_dir="data"), "/tmp/unused", {})
 
 
 def test_config_file_builds_eval_config():
-    from configs import eval as eval_config
-    config = eval_config.get_config()
+    from jaxmath.config import load_config
+
+    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "eval.py"))
     assert config.mode == "eval" and config.data.dir == "data"
     cfg = EvalConfig(data_dir=config.data.dir, **config.eval)
     assert set(config.eval) | {"data_dir"} == {f.name for f in dataclasses.fields(EvalConfig)}

@@ -103,8 +103,8 @@ def test_kl_reference_several_iterations_and_importance_correction(tmp_path):
 
     model = init_model(demo.model_config(SMALL, TOKENIZER.vocab_size), seed=0)
     cfg = loop.GRPOConfig(steps=2, prompts_per_step=2, num_generations=4, max_completion_tokens=6, checkpoint_every=2,
-                          plot_every=0, prompt_bucket=8, warn_zero_std=1.0, num_iterations=2, tis_cap=2.0)
-    loss_cfg = dataclasses.replace(step_lib.LossConfig(logprob_chunk=64), beta=0.05)
+                          plot_every=0, prompt_bucket=8, warn_zero_std=1.0, num_iterations=2)
+    loss_cfg = dataclasses.replace(step_lib.LossConfig(logprob_chunk=64), beta=0.05, tis_cap=2.0)
     loop.train(model, TRAIN, encode=lambda batch: [TOKENIZER.encode(e.problem) for e in batch], decode=TOKENIZER.decode,
                cfg=cfg, loss_cfg=loss_cfg, optim_cfg=optim.OptimizerConfig(learning_rate=3e-3),
                lora_cfg=LoRAConfig(rank=4, alpha=8), workdir=str(tmp_path),

@@ -70,7 +70,7 @@ def test_step_logprobs_equal_teacher_forced_model_logprobs():
     model = _model(with_lora=True)
     graphdef, trainable, frozen = step_lib.split_trainable(model)
     opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=0.0))
-    train_step = step_lib.make_train_step(graphdef, opt, step_lib.LossConfig(temperature=0.7), on_policy=True)
+    train_step = step_lib.make_train_step(graphdef, opt, step_lib.LossConfig(), on_policy=True, temperature=0.7)
     _, _, metrics, logprobs = train_step(trainable, frozen, opt.init(trainable), jax.tree.map(jnp.asarray, batch))
     logprobs = np.asarray(logprobs)
     # reference: each row alone, unpadded, full logits through the public forward (a fresh copy of

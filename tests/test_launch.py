@@ -51,7 +51,8 @@ def test_dry_run_gives_each_config_its_own_workdir_and_runs_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     cmds = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     # grpo: train, export (LoRA merged), eval; sft: train (exports itself), eval
-    assert [c[2] for c in cmds] == ["jaxmath.main", "convert.jax_to_hf", "jaxmath.main", "jaxmath.main", "jaxmath.main"]
+    assert [c[2] for c in cmds] == ["jaxmath.main", "jaxmath.convert.jax_to_hf", "jaxmath.main", "jaxmath.main",
+                                    "jaxmath.main"]
     assert f"--workdir={tmp_path / 'grpo_v2'}" in cmds[0] and "--config.model.path=/models/base" in cmds[0]
     assert f"--out={tmp_path / 'grpo_v2' / 'export'}" in cmds[1] and "--merge_lora" in cmds[1]
     assert f"--config.model.path={tmp_path / 'grpo_v2' / 'export'}" in cmds[2]

@@ -61,8 +61,8 @@ def test_study_sft_schedule_linear_to_zero():
     ],
 )
 def test_config_rejects_nonsense(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        OptimizerConfig(1e-5, **kwargs)
+    with pytest.raises(ValueError, match=match):  # at the latest when the schedule is made
+        make_schedule(OptimizerConfig(1e-5, **kwargs))
 
 
 def test_global_norm_float32_over_bf16():

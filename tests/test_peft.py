@@ -114,7 +114,7 @@ def test_adapter_only_cli_exports_a_runs_adapters(tmp_path):
     with CheckpointManager(run_dir) as manager:
         manager.save(3, state)
     repo = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "convert.jax_to_hf", f"--ckpt={run_dir}",
+    proc = subprocess.run([sys.executable, "-m", "jaxmath.convert.jax_to_hf", f"--ckpt={run_dir}",
                            f"--out={tmp_path / 'cli'}", "--adapter_only"], cwd=repo, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,7 +125,8 @@ def test_adapter_only_cli_exports_a_runs_adapters(tmp_path):
     assert config_cli == config_direct and tensors_cli.keys() == tensors_direct.keys()
     for name in tensors_cli:
         np.testing.assert_array_equal(tensors_cli[name], tensors_direct[name])
-    both = subprocess.run([sys.executable, "-m", "convert.jax_to_hf", f"--ckpt={run_dir}", f"--out={tmp_path / 'x'}",
-                           "--adapter_only", "--merge_lora"], cwd=repo, capture_output=True, text=True,
+    both = subprocess.run([sys.executable, "-m", "jaxmath.convert.jax_to_hf", f"--ckpt={run_dir}",
+                           f"--out={tmp_path / 'x'}", "--adapter_only", "--merge_lora"], cwd=repo,
+                          capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu"), timeout=300)
     assert both.returncode == 1 and "exclude each other" in both.stderr

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from jaxmath.data import datasets, prompts
+from jaxmath.reward.extract import extract_boxed
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "qwen_tokenizer").is_dir(), reason="Qwen tokenizer files absent")
@@ -46,7 +47,7 @@ def test_few_shot_examples_are_verbatim_math_train_rows():
     for source_id, problem, solution in prompts.FEW_SHOT:
         assert rows[source_id].problem == problem
         assert rows[source_id].meta["solution"] == solution
-        assert datasets.last_boxed(solution) == rows[source_id].answer
+        assert extract_boxed(solution) == rows[source_id].answer
 
 
 def test_encode_prompts_and_budget(tokenizer):

@@ -12,10 +12,11 @@ import pytest
 from flax import nnx
 
 import jaxmath.model as jm
-from jaxmath import sft, sft_loop
+from jaxmath import sft
 from jaxmath.checkpoint import CheckpointManager
 from jaxmath.data.prompts import build_messages
 from jaxmath.model.lora import LoRAConfig
+from jaxmath.optim import OptimizerConfig
 from jaxmath.sft import SFTConfig, TokenizedExample
 
 VOCAB = 512
@@ -158,9 +159,10 @@ def test_accumulated_micro_batches_equal_one_batch_and_no_full_logits():
 
 def test_sft_overfits_a_small_fixed_set(tmp_path):
     docs = _documents(8, seed=3)
-    cfg = SFTConfig(batch_size=8, micro_batch_size=4, max_seq_len=24, pack=False, steps=40, learning_rate=1e-2,
-                    schedule="warmup_linear", warmup_steps=3, lora=LoRAConfig(rank=0), export=False, log_every=0)
-    result = sft_loop.run_sft(_model(), docs, cfg, tmp_path)
+    cfg = SFTConfig(batch_size=8, micro_batch_size=4, max_seq_len=24, pack=False, steps=40,
+                    optimizer=OptimizerConfig(learning_rate=1e-2, schedule="warmup_linear", warmup_steps=3, b2=0.95),
+                    lora=LoRAConfig(rank=0), export=False, log_every=0)
+    result = sft.run_sft(_model(), docs, cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[0]["lr"] == 0.0 and records[3]["lr"] == pytest.approx(1e-2)
@@ -173,14 +175,15 @@ def test_sft_overfits_a_small_fixed_set(tmp_path):
 def test_resume_is_exact_and_the_export_is_the_merged_model(tmp_path):
     docs = _documents(12, seed=4)
     eval_docs = _documents(3, seed=5)
-    cfg = SFTConfig(batch_size=4, micro_batch_size=2, max_seq_len=32, pack=True, steps=4, learning_rate=2e-2,
-                    warmup_steps=1, lora=LoRAConfig(rank=4, alpha=8), checkpoint_every=2, keep_last=2,
+    cfg = SFTConfig(batch_size=4, micro_batch_size=2, max_seq_len=32, pack=True, steps=4,
+                    optimizer=OptimizerConfig(learning_rate=2e-2, schedule="warmup_linear", warmup_steps=1, b2=0.95),
+                    lora=LoRAConfig(rank=4, alpha=8), checkpoint_every=2, keep_last=2,
                     log_every=0, export=True, eval_every=2)
-    straight = sft_loop.run_sft(_model(), docs, cfg, tmp_path / "straight", eval_examples=eval_docs)
-    killed = sft_loop.run_sft(_model(), docs, cfg, tmp_path / "resumed", eval_examples=eval_docs, stop_after_step=2)
+    straight = sft.run_sft(_model(), docs, cfg, tmp_path / "straight", eval_examples=eval_docs)
+    killed = sft.run_sft(_model(), docs, cfg, tmp_path / "resumed", eval_examples=eval_docs, stop_after_step=2)
     assert killed["steps"] == 2 and "export_dir" not in killed
     model = _model()
-    resumed = sft_loop.run_sft(model, docs, cfg, tmp_path / "resumed", eval_examples=eval_docs)
+    resumed = sft.run_sft(model, docs, cfg, tmp_path / "resumed", eval_examples=eval_docs)
     assert resumed["loss"] == straight["loss"] and resumed["eval_loss"] == straight["eval_loss"]
 
     def final_state(run):
@@ -203,20 +206,24 @@ def test_resume_is_exact_and_the_export_is_the_merged_model(tmp_path):
 
 
 def test_config_a_has_the_study_step_count():
-    from configs import sft_config_a, sft_config_b, sft_sweep
+    from pathlib import Path
 
-    def build(config):
-        from jaxmath.main import sft_config_from
+    from jaxmath.config import load_config
+    from jaxmath.main import sft_config
 
-        return sft_config_from(config)
+    configs = Path(__file__).resolve().parents[1] / "configs"
 
-    a = build(sft_config_a.get_config())
-    assert (a.lora.rank, a.learning_rate, a.batch_size, a.max_seq_len, a.b1, a.b2) == (64, 2e-4, 32, 4096, 0.9, 0.95)
-    assert len(sft_loop.plan_batches([100] * 3825, a)[0]) == 238
-    assert len(sft_loop.plan_batches([100] * 3825, build(sft_config_b.get_config()))[0]) == 119
+    def build(name):
+        return sft_config(load_config(str(configs / name)))
+
+    a = build("sft_config_a.py")
+    assert (a.lora.rank, a.optimizer.learning_rate, a.batch_size, a.max_seq_len, a.optimizer.b1,
+            a.optimizer.b2) == (64, 2e-4, 32, 4096, 0.9, 0.95)
+    assert len(sft.plan_batches([100] * 3825, a)[0]) == 238
+    assert len(sft.plan_batches([100] * 3825, build("sft_config_b.py"))[0]) == 119
     study_steps = {"v1": (390, 9), "v2": (390, 36), "v3": (5400, 168), "v4": (861, 53)}
     for name, (documents, steps) in study_steps.items():
-        cfg = build(sft_sweep.get_config(name))
-        assert len(sft_loop.plan_batches([100] * documents, cfg)[0]) == steps, name
+        cfg = build(f"sft_sweep.py:{name}")
+        assert len(sft.plan_batches([100] * documents, cfg)[0]) == steps, name
     with pytest.raises(ValueError, match="multiple"):
         SFTConfig(batch_size=6, micro_batch_size=4)

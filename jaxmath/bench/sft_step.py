@@ -31,12 +31,12 @@ import statistics
 import time
 from typing import Any
 
+from jaxmath.bench._common import add_model_flags, check_model_flags, load_model
+
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxmath.bench sft_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="", help="HF-format Qwen3 directory (e.g. /tmp/models/bench)")
-    p.add_argument("--preset", default="", help="instead of --model: a preset shape, e.g. qwen3-4b")
-    p.add_argument("--random_weights", action="store_true", help="with --preset: random init (no download)")
+    add_model_flags(p)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--micro_batch", type=int, default=0, help="sequences per micro-batch (0 = batch)")
     p.add_argument("--seq", type=int, default=512)
@@ -51,7 +51,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk_size", type=int, default=1024, help="token positions per LM-head chunk")
     p.add_argument("--peak_flops", type=float, default=989e12, help="device peak FLOP/s for MFU")
     p.add_argument("--skip_hf", action="store_true", help="time jaxmath only")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_model_flags(p, a)
+    return a
 
 
 def flops_per_token(config, seq: int, lora_params: int) -> float:
@@ -73,7 +75,6 @@ def _jax_side(args: argparse.Namespace):
     import numpy as np
 
     from jaxmath import sft
-    from jaxmath.model import from_pretrained, init_model, preset
     from jaxmath.model.config import dtype_from_name
     from jaxmath.model.lora import LoRAConfig, apply_lora
     from jaxmath.optim import OptimizerConfig, make_optimizer
@@ -81,14 +82,7 @@ def _jax_side(args: argparse.Namespace):
     dtype = dtype_from_name(args.dtype)
     param_dtype = dtype_from_name(args.param_dtype) if args.param_dtype else (
         jnp.float32 if args.lora_rank == 0 and args.dtype == "float32" else dtype)
-    if args.model:
-        model = from_pretrained(args.model, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
-                                attention_impl=args.attention_impl or None)
-    elif args.preset and args.random_weights:
-        model = init_model(preset(args.preset, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
-                                  attention_impl=args.attention_impl or None), rng_impl="rbg")
-    else:
-        raise SystemExit("pass --model=DIR, or --preset=NAME --random_weights")
+    model = load_model(args, dtype, param_dtype, remat=args.remat, attention_impl=args.attention_impl or None)
     lora_params = apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)) \
         if args.lora_rank else 0
     graphdef, trainable, frozen = sft.split_trainable(model)

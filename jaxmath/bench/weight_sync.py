@@ -8,7 +8,7 @@ seven projections written in PEFT format and loaded under a new adapter id. The 
 from DIR (HF format) into JAX; one warm-up sync (compiles the layout conversions, first adapter load),
 then `--repeats` timed syncs with the weights changed before each, reporting the median.
 
-`--server`: the same through a vLLM server this bench starts (`vllm_engine.start_server`, log in
+`--server`: the same through a vLLM server this bench starts (`jaxmath.rollout.vllm.server.start_server`, log in
 `--server_log`) and drives over HTTP, as `vllm.mode=server` does: full weights by file only.
 
 `--jax_side_only` (GPU sessions, where no vLLM is installed): gathering, layout conversion and
@@ -108,7 +108,8 @@ def main(argv: list[str]) -> dict:
     os.makedirs(workdir, exist_ok=True)
     engine = server = None
     if not a.jax_side_only:
-        from jaxmath.rollout.vllm_engine import VLLMConfig, VLLMEngine, start_server
+        from jaxmath.rollout.vllm import VLLMConfig, make_engine
+        from jaxmath.rollout.vllm.server import start_server
 
         config = VLLMConfig(model_path=a.model, dtype=a.dtype, max_model_len=512, enable_lora=bool(a.lora_rank),
                             max_lora_rank=max(a.lora_rank, 8), sync_method=a.method, shm_dir=a.shm_dir)
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> dict:
             config = dataclasses.replace(config, mode="server", url=f"http://127.0.0.1:{_free_port()}")
             print(f"starting a vLLM server at {config.url} (log: {a.server_log})", flush=True)
             server = start_server(config, a.server_log)
-        engine = VLLMEngine(config)
+        engine = make_engine(config)
     seconds, gather = [], []
     for step in range(a.repeats + 1):
         _perturb(model, step + 1)
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> dict:
     if engine is not None:
         engine.close()
     if server is not None:
-        from jaxmath.rollout.vllm_engine import stop_server
+        from jaxmath.rollout.vllm.server import stop_server
 
         stop_server(server)
     import shutil

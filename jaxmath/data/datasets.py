@@ -147,31 +147,6 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> int:
     return count
 
 
-def last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` / `\\fbox{...}` in `text` (braces balanced), else None.
-
-    This is the rule PROVENANCE.md used to pull MATH answers out of solutions, including the
-    brace-less `\\boxed 2$` form; the hub MATH loader needs it because the hub rows have no answer field.
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start:]
-    rest = rest[len("\\boxed"):] if rest.startswith("\\boxed") else rest[len("\\fbox"):]
-    if rest.startswith(" "):
-        match = re.match(r" ([^\s$]+)", rest)
-        return match.group(1) if match else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += ch == "{"
-        depth -= ch == "}"
-        if depth == 0:
-            return rest[1:i]
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Hugging Face hub loaders. Each is a pure row mapper (unit-tested on hand-built rows) plus a thin
 # `hub_*` function that downloads with `datasets`, which is imported lazily so it stays optional.
@@ -210,8 +185,11 @@ def map_hendrycks_math_row(row: dict, index: int, *, subject: str, split: str) -
 
     The hub copy has no answer field (taken as the last box of the solution, as for the JSONL files)
     and no file numbers, so ids are `<split>/<subject>/<row index>` and differ from the JSONL ids.
+    The box is read by the reward's own extractor, so a gold answer is what the grader would extract.
     """
-    return Example(f"{split}/{subject}/{index}", row["problem"], last_boxed(row["solution"]) or "",
+    from jaxmath.reward.extract import extract_boxed
+
+    return Example(f"{split}/{subject}/{index}", row["problem"], extract_boxed(row["solution"]) or "",
                    {"level": _level(row["level"]), "level_raw": row["level"], "type": row["type"],
                     "subject_dir": subject, "solution": row["solution"], "source": "math_train"})
 

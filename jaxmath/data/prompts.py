@@ -73,19 +73,33 @@ def build_messages(problem: str, few_shot: int = 0, system: str | None = None) -
     return messages
 
 
-def build_prompt(problem: str, tokenizer: Any, few_shot: int = 0, system: str | None = None,
-                 enable_thinking: bool = False) -> str:
-    """The prompt text, ending with the template's assistant header (generation prompt).
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], *, generation_prompt: bool,
+                enable_thinking: bool = False) -> str:
+    """`messages` rendered by the tokenizer's own chat template (the one place jaxmath applies it).
 
+    generation_prompt: end with the assistant header, as a prompt for the model to answer.
     tokenizer: a Hugging Face tokenizer whose `chat_template` is set (e.g. Qwen3's).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "the tokenizer has no chat_template; load the tokenizer of the model being evaluated "
-            "(its tokenizer_config.json holds the template)"
+            "the tokenizer has no chat_template; load the model's own tokenizer "
+            "(its tokenizer_config.json or chat_template.jinja holds the template)"
         )
-    return tokenizer.apply_chat_template(build_messages(problem, few_shot, system), add_generation_prompt=True,
-                                         tokenize=False, enable_thinking=enable_thinking)
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation_prompt, tokenize=False,
+                                         enable_thinking=enable_thinking)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered template text. The template writes every special token itself, so the
+    tokenizer adds none of its own (no BOS)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompt(problem: str, tokenizer: Any, few_shot: int = 0, system: str | None = None,
+                 enable_thinking: bool = False) -> str:
+    """The prompt text, ending with the template's assistant header (generation prompt)."""
+    return render_chat(tokenizer, build_messages(problem, few_shot, system), generation_prompt=True,
+                       enable_thinking=enable_thinking)
 
 
 def encode_prompts(examples: Sequence[Example], tokenizer: Any, max_prompt_tokens: int, *, few_shot: int = 0,
@@ -93,18 +107,16 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Any, max_prompt_token
     """Token ids of each example's prompt: [num_examples] lists of int, never truncated.
 
     Raises ValueError naming the first example whose prompt is longer than `max_prompt_tokens`.
-    The template already writes the special tokens, so the tokenizer adds none of its own.
     """
     encoded = []
     for ex in examples:
-        text = build_prompt(ex.problem, tokenizer, few_shot, system, enable_thinking)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode_text(tokenizer, build_prompt(ex.problem, tokenizer, few_shot, system, enable_thinking))
         if len(ids) > max_prompt_tokens:
             raise ValueError(
                 f"prompt of example {ex.id} has {len(ids)} tokens, over the budget of {max_prompt_tokens}; "
                 "raise max_prompt_tokens (and the engine's context length) or lower few_shot"
             )
-        encoded.append(list(ids))
+        encoded.append(ids)
     return encoded
 
 

@@ -43,9 +43,10 @@ def _split_csv(value: str | Sequence) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how. Field names equal the keys of `configs/eval.py`'s `eval` block
-    (plus `data_dir`, from `data.dir`), so `EvalConfig(data_dir=cfg.data.dir, **cfg.eval)` builds it.
+    """What to evaluate and how. The fields other than `data_dir` (which `jaxmath.main` takes from
+    `data.dir`) are the keys of a config's `eval` section.
 
+    data_dir:          the folder with the benchmarks' JSONL files
     benchmarks:        comma-separated names or a tuple; see jaxmath.data.datasets.BENCHMARKS
     backend:           "jax" | "vllm" (an engine is passed in) | "file" (grade `completions`)
     completions:       JSONL of {"id": ..., "completions": [str, ...]} rows for one benchmark (file backend)
@@ -59,9 +60,9 @@ class EvalConfig:
     batch_size:        prompts per engine call (the progress bar advances per call)
     """
 
+    data_dir: str
     benchmarks: str | tuple[str, ...] = "math500,aime24,aime25,gsm8k,olympiadbench"
     backend: str = "jax"
-    data_dir: str = "data"
     completions: str = ""
     limit: int = 0
     temperature: float = 0.01

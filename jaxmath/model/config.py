@@ -131,11 +131,11 @@ class Qwen3Config:
             raise FileNotFoundError(
                 f"model directory {path} does not exist; download Qwen3-4B-Instruct-2507 in HF format "
                 "(huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR) or export one "
-                "with `python -m convert.jax_to_hf`")
+                "with `python -m jaxmath.convert.jax_to_hf`")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(
                 f"model directory {path} has no config.json; point model.path at an HF-format Qwen3 "
-                "directory (config.json + *.safetensors) or run `python -m convert.jax_to_hf`")
+                "directory (config.json + *.safetensors) or run `python -m jaxmath.convert.jax_to_hf`")
         try:
             with open(cfg_path) as f:
                 hf = json.load(f)

@@ -1,5 +1,5 @@
 """HF safetensors in and out. The one table mapping jaxmath parameter paths to HF names lives here,
-shared by `from_pretrained`, `save_pretrained`, `convert/` and the weight sync to vLLM.
+shared by `from_pretrained`, `save_pretrained`, `jaxmath.convert` and the weight sync to vLLM.
 
 Loading streams tensor by tensor (`os.pread` into a buffer per tensor, no mmap of the whole file),
 converts straight to the target dtype and layout, and places each stacked parameter on its devices
@@ -194,7 +194,7 @@ class CheckpointReader:
             if not names:
                 raise FileNotFoundError(
                     f"{path} has no *.safetensors weights; download the model in HF safetensors format or "
-                    "export one with `python -m convert.jax_to_hf`")
+                    "export one with `python -m jaxmath.convert.jax_to_hf`")
             for fname in names:
                 self.files[fname] = SafetensorsFile(os.path.join(path, fname))
                 for name in self.files[fname].names():

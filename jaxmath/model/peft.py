@@ -6,7 +6,7 @@ Names come from the HF name table (`jaxmath.model.hf_io.weight_table`): the adap
 lora_A.weight` [rank, in] and `...lora_B.weight` [out, rank], with in/out flattened the way HF flattens
 the kernel (heads x head_dim). PEFT scales B @ A by lora_alpha / r, as jaxmath does.
 
-    python -m convert.jax_to_hf --ckpt=RUN_OR_STEP_DIR --out=ADAPTER_DIR --adapter_only
+    python -m jaxmath.convert.jax_to_hf --ckpt=RUN_OR_STEP_DIR --out=ADAPTER_DIR --adapter_only
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _tensors_from_pairs(pairs: Iterable[tuple[str, Any, Any]], config: Qwen3Conf
             tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b[i])
     if not tensors:
         raise ValueError("there are no LoRA adapters to export; attach them with jaxmath.model.lora.apply_lora, "
-                         "or export full weights with save_pretrained / `python -m convert.jax_to_hf --merge_lora`")
+                         "or export full weights with save_pretrained / "
+                         "`python -m jaxmath.convert.jax_to_hf --merge_lora`")
     if len(ranks) != 1:
         raise ValueError(f"PEFT's adapter_config has one rank; the adapters mix ranks {sorted(ranks)}")
     return tensors, sorted(targets), ranks.pop()

@@ -1,16 +1,26 @@
-"""One table from logical axes to mesh axes, and the helpers that apply it.
+"""The tables from logical axes to mesh axes, and the helpers that apply them.
 
 Every parameter declares its logical axes (`axes=("embed", "ffw")` metadata on its NNX variable);
-activations are constrained by `constrain(x, axes)`. `RULES` maps those names to the mesh axes
-`data`, `fsdp` and `tp`. On one device every mesh axis has size 1 and all of this is a no-op, so the
-same code runs on a laptop CPU, one GPU, 8 fake CPU devices in tests, and many hosts.
+activations are constrained by `constrain(x, axes)`. `PARAM_RULES` and `ACTIVATION_RULES` map those
+names to the mesh axes `data`, `fsdp` and `tp`: parameters are split over `fsdp` (their embed
+dimension) and `tp`; activations over the batch axes (`data`, `fsdp`) and `tp`, their embed
+dimension whole, as in jax-llm-examples' `act_embed`. A name missing from the table, or two axes
+of one array taking the same mesh axis, is an error, never a silent replication.
+
+Which mesh: the one the arrays are on. The trainers' jitted steps are built with `jit_on_mesh`, which
+traces and runs them under the mesh of their arguments, so no call can forget it; other traced
+code declares it with `use_mesh(mesh)` (`use_mesh(None)`: one device). `constrain` applied eagerly
+outside a mesh to an array on several devices raises. On one device every mesh axis has size 1
+and all of this is a no-op, so the same code runs on a laptop CPU, one GPU, 8 fake CPU devices in
+tests, and many hosts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -20,21 +30,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tp")
 
 # logical axis -> mesh axis (or axes, or None for replicated)
-RULES: dict[str, Any] = {
+PARAM_RULES: dict[str, Any] = {
+    "layers": None,
+    "vocab": "tp",
+    "embed": "fsdp",
+    "heads": "tp",
+    "kv_heads": "tp",
+    "head_dim": None,
+    "ffw": "tp",
+    "lora_rank": None,
+}
+ACTIVATION_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "seq": None,
-    "embed": "fsdp",
+    "embed": None,
     "vocab": "tp",
     "heads": "tp",
     "kv_heads": "tp",
     "head_dim": None,
     "ffw": "tp",
-    "layers": None,
-    "lora_rank": None,
-    "cache_seq": None,
 }
 
-_CURRENT_MESH: list[Mesh | None] = [None]
+_UNSET = object()  # no use_mesh around: eager constraints check the array's placement
+_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("jaxmath_mesh", default=_UNSET)
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -57,53 +75,101 @@ def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, devices: Sequence[jax.D
     return Mesh(np.asarray(devices[:total]).reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, mesh: Mesh | None = None,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
-    """PartitionSpec for logical `axes`. A mesh axis is used at most once per array (first wins), and
-    with a `shape` an axis that does not divide its dimension is dropped (replicated) instead of failing."""
+def _mesh_axes(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    if name not in rules:
+        raise ValueError(f"logical axis {name!r} is not in the sharding table {sorted(rules)}; add it to "
+                         "jaxmath.model.sharding's PARAM_RULES or ACTIVATION_RULES")
+    target = rules[name]
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, mesh: Mesh | None = None, shape: Sequence[int] | None = None,
+                    *, rules: Mapping[str, Any] = PARAM_RULES) -> PartitionSpec:
+    """PartitionSpec for logical `axes` under `rules`. With a mesh and a `shape`, a mesh axis that
+    does not divide its dimension is dropped (replicated) instead of failing.
+
+    Raises ValueError for a logical axis the table does not know, and for two axes of one array that
+    map to the same mesh axis (a table that would shard one array twice over it)."""
     if axes is None:
         return PartitionSpec()
-    used: set[str] = set()
+    targets = [_mesh_axes(name, rules) for name in axes]
+    flat = [n for names in targets for n in names]
+    if len(flat) != len(set(flat)):
+        raise ValueError(f"logical axes {tuple(axes)} map to mesh axes {targets}: a mesh axis may shard one "
+                         "dimension of an array only; fix the sharding table")
     spec = []
-    for i, name in enumerate(axes):
-        target = RULES.get(name) if name is not None else None
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        keep = []
+    for i, names in enumerate(targets):
+        keep: list[str] = []
         for n in names:
-            if n in used:
+            if mesh is not None and shape is not None and shape[i] % math.prod(mesh.shape[k] for k in keep + [n]):
                 continue
-            if mesh is not None and shape is not None:
-                size = mesh.shape[n] * math.prod(mesh.shape[k] for k in keep)
-                if shape[i] % size:
-                    continue
             keep.append(n)
-        used.update(keep)
         spec.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
     return PartitionSpec(*spec)
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
-    """Within this context `constrain` applies sharding constraints on `mesh`."""
-    prev = _CURRENT_MESH[0]
-    _CURRENT_MESH[0] = mesh
+    """Within this context `constrain` and `constrain_state` apply constraints on `mesh` (None: one
+    device, constraints are no-ops)."""
+    token = _MESH.set(mesh)
     try:
         yield mesh
     finally:
-        _CURRENT_MESH[0] = prev
+        _MESH.reset(token)
 
 
 def current_mesh() -> Mesh | None:
-    return _CURRENT_MESH[0]
+    mesh = _MESH.get()
+    return None if mesh is _UNSET else mesh
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation's sharding by logical axes (no-op without a multi-device mesh)."""
-    mesh = _CURRENT_MESH[0]
+    """Constrain an activation's sharding by logical axes (no-op without a multi-device mesh).
+
+    Outside `use_mesh`, an array that lives on several devices raises: its constraints would be
+    dropped. (A traced array carries no placement; the steps built by `jit_on_mesh` always trace
+    under their arguments' mesh.)"""
+    mesh = _MESH.get()
+    if mesh is _UNSET:
+        devices = getattr(getattr(x, "sharding", None), "device_set", ())
+        if len(devices) > 1:
+            raise ValueError(f"constrain{tuple(axes)} outside a mesh on an array placed on {len(devices)} devices; "
+                             "run the computation under sharding.use_mesh(mesh) or build it with "
+                             "sharding.jit_on_mesh")
+        mesh = None
+    spec = logical_to_spec(axes, mesh, x.shape, rules=ACTIVATION_RULES)  # unknown names raise on any mesh
     if mesh is None or mesh.size == 1:
         return x
-    spec = logical_to_spec(axes, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+class _JitOnMesh:
+    """A jitted function that traces, lowers and runs under the mesh its arguments are on."""
+
+    def __init__(self, fn: Callable, **jit_kwargs: Any):
+        self._jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with use_mesh(mesh_of((args, kwargs))):
+            return self._jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        with use_mesh(mesh_of((args, kwargs))):
+            return self._jitted.lower(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # eval_shape, _cache_size, ...
+        return getattr(self._jitted, name)
+
+
+def jit_on_mesh(fn: Callable, **jit_kwargs: Any) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` that traces and runs under the mesh of its arguments (their first
+    leaf on a NamedSharding; none: one device), so the activation and state constraints inside apply
+    on the mesh the state lives on, whoever calls it. `.lower(...)` takes arrays or
+    ShapeDtypeStructs with shardings alike."""
+    return _JitOnMesh(fn, **jit_kwargs)
 
 
 def _is_var(x: Any) -> bool:
@@ -111,6 +177,7 @@ def _is_var(x: Any) -> bool:
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """A parameter's (or optimizer moment's) sharding from its `axes` metadata and PARAM_RULES."""
     axes = var.get_metadata().get("axes")
     return NamedSharding(mesh, logical_to_spec(axes, mesh, var.get_value().shape))
 
@@ -160,7 +227,7 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_dim: int = 0) -> Name
     axes = [None] * len(shape)
     if len(shape) > batch_dim:
         axes[batch_dim] = "batch"
-    return NamedSharding(mesh, logical_to_spec(axes, mesh, shape))
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, shape, rules=ACTIVATION_RULES))
 
 
 def shard_batch(tree: Any, mesh: Mesh | None, *, batch_dim: int = 0, process_local: bool = False) -> Any:
@@ -241,7 +308,7 @@ def constrain_state(tree: Any) -> Any:
     which keep their parameter's Variable and axes) to the sharding its logical axes give on the
     current mesh. Without it XLA picks the outputs' shardings itself, and may return a parameter
     replicated over `tp` that came in split (more memory, and the next step compiles again)."""
-    mesh = _CURRENT_MESH[0]
+    mesh = current_mesh()
     if mesh is None:
         return tree
 

@@ -24,9 +24,10 @@ Metrics convention (`Accumulated`). Every metric is an `Accumulated(value, count
   reduce='mean': value is a SUM over `count` items (masked tokens); the result is value / count.
   reduce='min' / 'max': value is the min / max over `count` items (+inf / -inf when count is 0).
   reduce='sum': value is already a share of a total (the loss); the result is value.
-`combine(a, b)` merges two metric dicts from disjoint micro-batches (jittable, so it can be a scan
-carry) and `finalize(metrics)` turns them into scalars. Combining the micro-batch metrics gives the
-one-batch metrics exactly. Rows whose mask is all zero are padding: they count nowhere.
+`combine(a, b)` merges two metric dicts from disjoint micro-batches, `combine_stacked` the metrics
+of all micro-batches stacked by a scan (both jittable), and `finalize(metrics)` turns them into
+scalars. Combining the micro-batch metrics gives the one-batch metrics exactly. Rows whose mask is
+all zero are padding: they count nowhere.
 """
 
 from __future__ import annotations
@@ -201,6 +202,15 @@ def combine(a: dict[str, Accumulated], b: dict[str, Accumulated]) -> dict[str, A
         k: Accumulated(_COMBINE[a[k].reduce](a[k].value, b[k].value), a[k].count + b[k].count, a[k].reduce)
         for k in a
     }
+
+
+_COMBINE_ALONG = {"mean": jnp.sum, "sum": jnp.sum, "min": jnp.min, "max": jnp.max}
+
+
+def combine_stacked(metrics: dict[str, Accumulated]) -> dict[str, Accumulated]:
+    """Merges metrics stacked along a leading micro-batch axis (what a `lax.scan` returns); jittable."""
+    return {k: Accumulated(_COMBINE_ALONG[m.reduce](m.value, axis=0), jnp.sum(m.count, axis=0), m.reduce)
+            for k, m in metrics.items()}
 
 
 def finalize(metrics: dict[str, Accumulated]) -> dict[str, jax.Array]:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxmath import checkpoint as ckpt_lib
 from jaxmath import metrics as metrics_lib
-from jaxmath import optim
+from jaxmath import optim, train_state
 from jaxmath.data.datasets import Example
 from jaxmath.model import lora as lora_lib
 from jaxmath.model import sharding
@@ -45,16 +45,17 @@ class GRPOConfig:
     steps:                 optimizer steps (one batch of rollouts each, times num_iterations updates)
     prompts_per_step:      groups per step; rows = prompts_per_step * num_generations
     num_generations:       K, completions per prompt
+    max_completion_tokens: the rollouts' length budget (also Dr. GRPO's constant loss normalizer)
+    temperature:           the rollouts' sampling temperature (the trainer's logprobs use it too)
     num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
     filter_groups:         replace zero-variance groups with informative ones from `oversample` x
                            prompts_per_step sampled prompts (shapes stay static)
-    tis_cap:               > 0 enables truncated importance sampling against the engine's logprobs
     early_stop_reward:     stop when reward_mean stays >= this for `early_stop_patience` steps (0: off)
     early_stop_grad_norm:  stop when grad_norm stays <= this for `early_stop_patience` steps (0: off)
     """
 
     steps: int = 100
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     num_generations: int = 8
     max_prompt_tokens: int = 1024
     max_completion_tokens: int = 2048
@@ -65,7 +66,6 @@ class GRPOConfig:
     adv_eps: float = 1e-4
     filter_groups: bool = False
     oversample: float = 1.5
-    tis_cap: float = 0.0
     reward_workers: int = 0
     reward_timeout: float = 1.0
     answer_fallback: str = ""  # "" = \boxed{} only, as in the study
@@ -83,6 +83,8 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError("rl.temperature must be > 0: greedy rollouts have no policy gradient")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2: GRPO's advantages compare completions of a prompt")
         if self.num_iterations < 1:
@@ -139,38 +141,27 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     """Train `model` in place with GRPO; returns the last step's metrics plus `stopped_early`.
 
     encode: examples -> prompt token ids (chat template, few-shot prefix); decode: ids -> text.
-    engine: generates rollouts; it must offer `update_weights(model)` (called after every update).
+    engine: generates rollouts; `update_weights(model)` after every update, `sleep` / `wake_up` around
+      the train phase (see `RolloutEngine`).
     evaluate: (model, step) -> metrics such as {"eval_accuracy": ...}, every `cfg.eval_every` steps.
     """
     if loss_cfg.beta > 0 and not (lora_cfg.enabled or lora_lib.has_lora(model)):
         raise ValueError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
                          "adapters off; full-parameter KL (a second copy of the weights) is not supported")
-    if lora_cfg.enabled and not lora_lib.has_lora(model):
-        count = lora_lib.apply_lora(model, lora_cfg, seed=cfg.seed)
-        logging.info("LoRA rank %d on %s: %d trainable parameters", lora_cfg.rank, lora_cfg.targets, count)
-    graphdef, trainable, frozen = step_lib.split_trainable(model)
-    optimizer = optim.make_optimizer(optim_cfg)
-    # The mesh the model was placed on (frozen is empty in full-parameter training); fresh LoRA
-    # adapters are created on one device, so place them too.
-    mesh = sharding.mesh_of((frozen, trainable))
-    if mesh is not None:
-        trainable = sharding.shard_state(trainable, mesh)
-    opt_state = sharding.init_optimizer_state(optimizer, trainable, mesh)
-    key = jax.random.key(cfg.seed)
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
                                          keep_best=cfg.keep_best,
                                          best_metric="eval_accuracy" if cfg.keep_best else None)
-    start_step, cursor = 0, None
-    if manager.latest_step() is not None:
-        target = ckpt_lib.TrainState(trainable, opt_state, 0, {}, key, {})
-        state = manager.restore(target=target)
-        trainable, opt_state, start_step, cursor, key = (state.params, state.opt_state, state.step,
-                                                         state.data_cursor, state.rng_key)
-        logging.info("resumed from %s at step %d", manager.directory, start_step)
-    data = PromptIterator(examples, cfg.seed, cursor)
-    on_policy = cfg.num_iterations == 1 and cfg.tis_cap == 0.0
-    train_step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=on_policy, tis_cap=cfg.tis_cap)
-    logprob_fn = step_lib.make_logprob_fn(graphdef, loss_cfg)
+    setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=lora_cfg, seed=cfg.seed, total_steps=cfg.steps,
+                                        checkpoints=manager)
+    graphdef, frozen, mesh, optim_cfg = setup.graphdef, setup.frozen, setup.mesh, setup.optim_cfg
+    trainable, opt_state, start_step, key = (setup.state.params, setup.state.opt_state, setup.state.step,
+                                             setup.state.rng_key)
+    data = PromptIterator(examples, cfg.seed, setup.state.data_cursor if setup.restored else None)
+    on_policy = cfg.num_iterations == 1 and loss_cfg.tis_cap == 0.0
+    train_step = step_lib.make_train_step(graphdef, setup.optimizer, loss_cfg, on_policy=on_policy,
+                                          temperature=cfg.temperature,
+                                          max_completion_tokens=cfg.max_completion_tokens)
+    logprob_fn = step_lib.make_logprob_fn(graphdef, loss_cfg, temperature=cfg.temperature)
     fallback = cfg.answer_fallback or None
     engine.update_weights(nnx.merge(graphdef, trainable, frozen))
 
@@ -212,7 +203,7 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
             device_batch = sharding.shard_batch(batch, mesh)
             completion_len = batch.completion_len
             if not on_policy or loss_cfg.beta > 0:
-                with timer.phase("logprob"), sharding.use_mesh(mesh):
+                with timer.phase("logprob"):
                     if not on_policy:
                         device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len)
@@ -220,8 +211,8 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                         device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                device_batch.valid, completion_len, lora=False)
                     jax.block_until_ready(device_batch.old_logprobs)
-            asleep = _call(engine, "sleep")  # a colocated engine frees its memory for the train phase
-            with timer.phase("train"), sharding.use_mesh(mesh):
+            asleep = engine.sleep()  # a colocated engine frees its memory for the train phase
+            with timer.phase("train"):
                 for iteration in range(cfg.num_iterations):
                     trainable, opt_state, step_metrics, logprobs = train_step(trainable, frozen, opt_state,
                                                                               device_batch)
@@ -230,13 +221,13 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             with timer.phase("sync"):
                 if asleep:
-                    _call(engine, "wake_up")
+                    engine.wake_up()
                 sync = engine.update_weights(nnx.merge(graphdef, trainable, frozen))
             phases = timer.pop()
             lengths = rollout.completion_lengths
             tokens = int(lengths.sum())
             m: dict[str, Any] = {
-                **step_metrics, **all_stats, **phases, **(sync if isinstance(sync, dict) else {}),
+                **step_metrics, **all_stats, **phases, **sync,
                 **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
                 "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "informative_groups": informative,
@@ -278,12 +269,6 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     nnx.update(model, trainable)
     metrics_lib.plot_metrics(workdir)
     return {**last, "stopped_early": stopped_early}
-
-
-def _call(engine, method: str) -> bool:
-    """Call an optional engine method (vLLM's sleep / wake_up); False when absent or declined."""
-    fn = getattr(engine, method, None)
-    return bool(fn()) if fn is not None else False
 
 
 def _select_rows(rollout, rows: np.ndarray):

@@ -5,9 +5,10 @@ A batch is `rows = num_prompts * num_generations` sequences laid out as
 the hidden state at position P - 1 + j, computed by the chunked LM head (`token_logprobs`), so no
 [rows, T, vocab] float32 tensor exists for the batch.
 
-The step splits the rows into micro-batches inside one jit (`lax.scan`), sums each micro-batch's
-share of the loss and gradient (shares normalized by whole-batch counts, see `grpo`), applies the
-optax update, and donates the trainable state and optimizer state it replaces.
+The step splits the rows into micro-batches inside its jit and hands them, with this loss, to
+`jaxmath.train_state.accumulate_and_apply` (the update SFT uses too): each micro-batch's loss is its
+share of the whole batch's (normalized by whole-batch counts, see `grpo`), so k micro-batches give
+the update of one batch. The step donates the trainable state and optimizer state it replaces.
 
 On-policy shortcut: with one policy iteration per batch and no importance correction, the old
 policy *is* the current one, so `old_logprobs = stop_gradient(logprobs)` inside the step (TRL does
@@ -27,26 +28,36 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxmath.model import sharding
 from jaxmath.model.head import token_logprobs
 from jaxmath.model.lora import split_trainable  # noqa: F401  (the step's callers split with it)
 from jaxmath.model.qwen3 import Qwen3
-from jaxmath.model import sharding
 from jaxmath.rl import grpo
+from jaxmath.train_state import accumulate_and_apply, micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The GRPO objective. Defaults follow the study (TRL's GRPO loss, KL beta 0, eps 0.2)."""
+    """The GRPO objective and how the step computes it. Defaults follow the study (TRL's GRPO loss:
+    eps 0.2 on both sides, no KL term, loss per sequence then per batch).
+
+    The sampling temperature and Dr. GRPO's constant normalizer (the max completion length) are
+    rollout settings (`GRPOConfig.temperature`, `GRPOConfig.max_completion_tokens`); the step
+    builders take them as arguments.
+
+    tis_cap:          > 0 enables truncated importance sampling against the engine's logprobs
+    micro_batch_rows: rows per micro-batch (0: the whole batch at once)
+    logprob_chunk:    token positions per LM-head chunk
+    """
 
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.0
     loss_agg: str = "seq_mean_token_mean"
     is_level: str = "token"
-    temperature: float = 1.0  # the sampling temperature: logprobs are of softmax(logits / T)
-    max_completion_tokens: int = 0  # Dr. GRPO's constant normalizer (0: the batch's T)
-    micro_batch_rows: int = 0  # rows per micro-batch (0: the whole batch at once)
-    logprob_chunk: int = 1024  # token positions per LM-head chunk
+    tis_cap: float = 0.0
+    micro_batch_rows: int = 0
+    logprob_chunk: int = 1024
     with_entropy: bool = True
 
     def __post_init__(self):
@@ -54,8 +65,8 @@ class LossConfig:
             raise ValueError(f"loss_agg must be one of {grpo.LOSS_AGGS}, got {self.loss_agg!r}")
         if self.is_level not in grpo.IS_LEVELS:
             raise ValueError(f"is_level must be one of {grpo.IS_LEVELS}, got {self.is_level!r}")
-        if self.temperature <= 0:
-            raise ValueError("training needs temperature > 0 (greedy rollouts have no policy gradient)")
+        if self.tis_cap < 0:
+            raise ValueError(f"tis_cap must be >= 0 (0 disables truncated importance sampling), got {self.tis_cap}")
 
 
 @dataclasses.dataclass
@@ -101,98 +112,65 @@ def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, compl
                           chunk_size=chunk, with_entropy=with_entropy)
 
 
-def _micro_batches(tree: Any, rows: int, micro: int) -> Any:
-    """Reshape every [rows, ...] leaf to [rows / micro, micro, ...]."""
-    if rows % micro:
-        raise ValueError(f"batch rows {rows} must be a multiple of micro_batch_rows {micro}")
-    return jax.tree.map(lambda x: x.reshape((rows // micro, micro) + x.shape[1:]), tree)
+def make_logprob_fn(graphdef: nnx.GraphDef, cfg: LossConfig, *, temperature: float = 1.0) -> Callable:
+    """Jitted (trainable, frozen, tokens, valid, completion_len, lora) -> logprobs [rows, T] under
+    softmax(logits / temperature): the 'old policy' pass when num_iterations > 1 or importance
+    correction needs it, and the reference policy pass (lora=False) for a KL term. Runs under the
+    mesh its arguments are on."""
 
-
-def make_logprob_fn(graphdef: nnx.GraphDef, cfg: LossConfig) -> Callable:
-    """Jitted (trainable, frozen, tokens, valid, completion_len, lora) -> logprobs [rows, T]: the
-    'old policy' pass when num_iterations > 1 or importance correction needs it, and the reference
-    policy pass (lora=False) for a KL term."""
-
-    @functools.partial(jax.jit, static_argnames=("completion_len", "lora"))
     def logprobs_fn(trainable, frozen, tokens, valid, completion_len: int, lora: bool = True):
         model = nnx.merge(graphdef, trainable, frozen)
-        rows = tokens.shape[0]
-        micro = cfg.micro_batch_rows or rows
-        mb = _micro_batches((tokens, valid), rows, micro)
 
         def one(xs):
-            return completion_logprobs(model, xs[0], xs[1], completion_len, temperature=cfg.temperature,
+            return completion_logprobs(model, xs[0], xs[1], completion_len, temperature=temperature,
                                        chunk=cfg.logprob_chunk, with_entropy=False, lora=lora)[0]
 
-        return jax.lax.map(one, mb).reshape(rows, completion_len)
+        return jax.lax.map(one, micro_batches((tokens, valid), cfg.micro_batch_rows)).reshape(tokens.shape[0],
+                                                                                             completion_len)
 
-    return logprobs_fn
+    return sharding.jit_on_mesh(logprobs_fn, static_argnames=("completion_len", "lora"))
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: LossConfig, *,
-                    on_policy: bool, tis_cap: float = 0.0) -> Callable:
-    """Jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics, logprobs).
+                    on_policy: bool, temperature: float = 1.0, max_completion_tokens: int = 0) -> Callable:
+    """Jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics, logprobs), run
+    under the mesh its arguments are on.
 
     on_policy: old_logprobs = stop_gradient(current logprobs) (the batch's old_logprobs are ignored).
-    tis_cap > 0: truncated importance sampling weights min(exp(old - engine), tis_cap) per token.
+    temperature: the rollouts' sampling temperature; logprobs are of softmax(logits / temperature).
+    max_completion_tokens: Dr. GRPO's constant normalizer for loss_agg="constant" (0: the batch's T).
+    cfg.tis_cap > 0: truncated importance sampling weights min(exp(old - engine), tis_cap) per token.
     metrics: float32 scalars (loss, clip fractions, ratio stats, KL, entropy, grad_norm, ...).
     logprobs: [rows, T] float32, the trainer's logprobs before the update (for mismatch logging).
     """
+    if temperature <= 0:
+        raise ValueError("training needs temperature > 0 (greedy rollouts have no policy gradient)")
 
     def micro_loss(trainable, frozen, mb: Batch, normalizer: grpo.Normalizer):
         model = nnx.merge(graphdef, trainable, frozen)
         logprobs, entropy = completion_logprobs(
-            model, mb.tokens, mb.valid, mb.completion_mask.shape[1], temperature=cfg.temperature,
+            model, mb.tokens, mb.valid, mb.completion_mask.shape[1], temperature=temperature,
             chunk=cfg.logprob_chunk, with_entropy=cfg.with_entropy, remat=True)
         old = jax.lax.stop_gradient(logprobs) if on_policy else mb.old_logprobs
         tis = None
-        if tis_cap > 0:
-            tis = jnp.minimum(jnp.exp(jnp.where(mb.completion_mask, old - mb.engine_logprobs, 0.0)), tis_cap)
+        if cfg.tis_cap > 0:
+            tis = jnp.minimum(jnp.exp(jnp.where(mb.completion_mask, old - mb.engine_logprobs, 0.0)), cfg.tis_cap)
         loss, metrics = grpo.policy_loss(
             logprobs, old, mb.advantages, mb.completion_mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
             loss_agg=cfg.loss_agg, is_level=cfg.is_level, beta=cfg.beta, ref_logprobs=mb.ref_logprobs,
             normalizer=normalizer, tis_weights=tis, entropy=entropy if cfg.with_entropy else None)
         return loss, (metrics, logprobs)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
     def train_step(trainable, frozen, opt_state, batch: Batch):
         rows, completion_len = batch.completion_mask.shape
-        normalizer = grpo.loss_normalizer(batch.completion_mask, cfg.loss_agg,
-                                          cfg.max_completion_tokens or completion_len)
-        micro = cfg.micro_batch_rows or rows
-        micro_batches = _micro_batches(batch, rows, micro)
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        (_, (metric_shapes, _)), _ = jax.eval_shape(grad_fn, trainable, frozen, first, normalizer)
-        zero_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        normalizer = grpo.loss_normalizer(batch.completion_mask, cfg.loss_agg, max_completion_tokens or completion_len)
+        trainable, opt_state, _, (metrics, logprobs), norms = accumulate_and_apply(
+            functools.partial(micro_loss, normalizer=normalizer), optimizer, trainable, frozen, opt_state,
+            micro_batches(batch, cfg.micro_batch_rows))
+        return (trainable, opt_state, {**grpo.finalize(grpo.combine_stacked(metrics)), **norms},
+                logprobs.reshape(rows, completion_len))
 
-        def accumulate(carry, mb):
-            grads, metrics = carry
-            (_, (m, logprobs)), g = grad_fn(trainable, frozen, mb, normalizer)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, grpo.combine(metrics, m)), logprobs
-
-        (grads, metrics), logprobs = jax.lax.scan(
-            accumulate, (zero_grads, _zero_like_metrics(metric_shapes)), micro_batches)
-        grad_norm = optax.global_norm(grads)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        trainable, opt_state = sharding.constrain_state((trainable, opt_state))  # outputs keep input shardings
-        out = grpo.finalize(metrics)
-        out["grad_norm"] = grad_norm
-        out["update_norm"] = optax.global_norm(updates)
-        return trainable, opt_state, out, logprobs.reshape(rows, completion_len)
-
-    return train_step
-
-
-def _zero_like_metrics(metrics: dict[str, grpo.Accumulated]) -> dict[str, grpo.Accumulated]:
-    """Identity elements of `grpo.combine` for each metric's reduction."""
-    identity = {"mean": 0.0, "sum": 0.0, "min": jnp.inf, "max": -jnp.inf}
-    return {k: grpo.Accumulated(jnp.full(m.value.shape, identity[m.reduce], jnp.float32),
-                                jnp.zeros(m.count.shape, jnp.float32), m.reduce) for k, m in metrics.items()}
+    return sharding.jit_on_mesh(train_step, donate_argnums=(0, 2))
 
 
 def build_batch(rollout, prompt_len: int, advantages: np.ndarray, old_logprobs: np.ndarray | None = None,

@@ -48,7 +48,7 @@ from jaxmath.model.config import Qwen3Config, dtype_from_name
 from jaxmath.model.lora import has_lora, merge_lora
 from jaxmath.model.qwen3 import KVCache, Qwen3
 from jaxmath.model.sharding import use_mesh
-from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
+from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout, RolloutEngine, SamplingParams
 
 F32 = jnp.float32
 PAD_ID = 0
@@ -353,7 +353,7 @@ def _available_bytes(mesh: jax.sharding.Mesh | None) -> int:
         return 1 << 62  # the platform cannot tell; the allocator will
 
 
-class JaxSampler:
+class JaxSampler(RolloutEngine):
     """A RolloutEngine running the model in this process.
 
         sampler = JaxSampler(model, SamplerConfig(max_batch_rows=256))
@@ -374,9 +374,10 @@ class JaxSampler:
     def model_config(self) -> Qwen3Config:
         return self._model_config
 
-    def update_weights(self, model: Qwen3) -> None:
+    def update_weights(self, model: Qwen3) -> dict[str, float]:
         """Generate with `model`'s current weights from now on. LoRA adapters are merged into a copy
-        of the kernels ("merge"/"auto"; the trainer's model is untouched) or applied at every step."""
+        of the kernels ("merge"/"auto"; the trainer's model is untouched) or applied at every step.
+        The arrays are shared, not copied, so there are no sync metrics to report."""
         self._model_config = model.config
         graphdef, state = nnx.split(model)
         if has_lora(model) and self.config.lora_mode in ("merge", "auto"):
@@ -386,6 +387,7 @@ class JaxSampler:
             graphdef, state = nnx.split(copy)
         # Wait for the merge, so a caller timing the weight sync times the real work.
         self._graphdef, self._state = graphdef, jax.block_until_ready(state)
+        return {}
 
     # --- planning -------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ is a contiguous block of `num_samples` rows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -77,9 +77,25 @@ class Rollout:
         return [row[: n].tolist() for row, n in zip(self.completion_ids, self.completion_lengths)]
 
 
-class RolloutEngine(Protocol):
-    """What the GRPO loop and the evaluator need from an engine."""
+class RolloutEngine:
+    """Everything the GRPO loop and the evaluator call on an engine. Engines inherit from it and
+    override what they do; the rest are no-ops.
+
+    generate:       sample `params.num_samples` completions for each prompt (token ids)
+    update_weights: generate with `model`'s current weights from now on; returns metrics of the sync
+                    (e.g. {"sync/seconds": ...}), {} when there is nothing to report
+    sleep, wake_up: free the engine's device memory for the train phase and take it back; True if
+                    the engine did (a colocated vLLM with sleep mode), False if it has nothing to free
+    """
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
-        """Sample `params.num_samples` completions for each prompt (token ids)."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__} must implement generate")
+
+    def update_weights(self, model: Any) -> dict[str, float]:
+        return {}
+
+    def sleep(self) -> bool:
+        return False
+
+    def wake_up(self) -> bool:
+        return False

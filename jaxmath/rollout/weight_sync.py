@@ -1,6 +1,6 @@
 """Handing the trainer's weights to a rollout engine after each optimizer step (JAX side).
 
-Three ways, fastest first; `jaxmath.rollout.vllm_engine` picks one:
+Three ways, fastest first; the `jaxmath.rollout.vllm` engines pick one:
 
 - in memory: every weight in HF name and layout, converted on the device it lives on (one jitted
   transpose per stacked parameter, not per layer), gathered to one device when sharded, and handed
@@ -12,7 +12,7 @@ Three ways, fastest first; `jaxmath.rollout.vllm_engine` picks one:
 - file: one safetensors file in shared memory (/dev/shm), which any engine on the host can read,
   in-process or not. The fallback that always works.
 
-Names and layouts come from `jaxmath.model.hf_io.weight_table`, the same table `convert/` uses.
+Names and layouts come from `jaxmath.model.hf_io.weight_table`, the same table `jaxmath.convert` uses.
 """
 
 from __future__ import annotations

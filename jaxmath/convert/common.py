@@ -1,9 +1,10 @@
-"""What the convert/ CLIs share: finding and reading the two kinds of jaxmath checkpoint, and turning
-either one back into a `Qwen3` model that `save_pretrained` can export.
+"""What the converters (`python -m jaxmath.convert.hf_to_jax`, `... jax_to_hf`) share: finding and reading
+the two kinds of jaxmath checkpoint, and turning either one back into a `Qwen3` model that
+`save_pretrained` can export.
 
 Two sources are understood:
 
-- a converted checkpoint, written by `python -m convert.hf_to_jax`:
+- a converted checkpoint, written by `python -m jaxmath.convert.hf_to_jax`:
       CKPT/params/             orbax PyTree: the pure dict of the model's nnx.State
       CKPT/model_config.json   the HF config dict the weights belong to (rebuilds the model)
       CKPT/tokenizer.json ...  tokenizer files copied from the HF directory
@@ -147,13 +148,14 @@ def find_source(ckpt: str) -> Source:
     complete step); anything else is an error that says what was expected."""
     path = Path(ckpt).absolute()
     if not path.is_dir():
-        raise ConvertError(f"--ckpt {ckpt} does not exist; pass a directory written by `python -m convert.hf_to_jax` "
+        raise ConvertError(f"--ckpt {ckpt} does not exist; pass a directory written by "
+                           "`python -m jaxmath.convert.hf_to_jax` "
                            "or a training run checkpoint directory (RUN or RUN/<step>)")
     if (path / MODEL_CONFIG_FILE).exists() or (path / PARAMS_DIR).is_dir() and not _is_step_dir(path):
         missing = [n for n in (MODEL_CONFIG_FILE, PARAMS_DIR) if not (path / n).exists()]
         if missing:
             raise ConvertError(f"--ckpt {ckpt} looks like a converted checkpoint but lacks {', '.join(missing)}; "
-                               "re-create it with `python -m convert.hf_to_jax --hf_dir=... --out=...`")
+                               "re-create it with `python -m jaxmath.convert.hf_to_jax --hf_dir=... --out=...`")
         return Source("converted", path)
     if _is_step_dir(path):
         _check_step(path)
@@ -180,7 +182,8 @@ def _hf_config_of_converted(path: Path) -> dict[str, Any]:
         with open(path / MODEL_CONFIG_FILE) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ConvertError(f"{path / MODEL_CONFIG_FILE} is not valid JSON ({e}); re-run convert.hf_to_jax") from e
+        raise ConvertError(f"{path / MODEL_CONFIG_FILE} is not valid JSON ({e}); re-run "
+                           "jaxmath.convert.hf_to_jax") from e
 
 
 def load_converted(path: Path) -> Qwen3:
@@ -190,7 +193,7 @@ def load_converted(path: Path) -> Qwen3:
     try:
         config = Qwen3Config.from_hf_dict(hf_config, dtype=dtype_from_name(stored), param_dtype=dtype_from_name(stored))
     except KeyError as e:
-        raise ConvertError(f"{path / MODEL_CONFIG_FILE} lacks the field {e}; re-run convert.hf_to_jax") from e
+        raise ConvertError(f"{path / MODEL_CONFIG_FILE} lacks the field {e}; re-run jaxmath.convert.hf_to_jax") from e
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     logging.info("restoring %s", path / PARAMS_DIR)

@@ -1,0 +1,67 @@
+"""How to run vLLM (`VLLMConfig`), importable without vllm: the trainer's config and the server CLI
+build it, the engines and `server.server_command` read it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("colocated", "server")
+SYNC_METHODS = ("auto", "load_weights", "file")
+CPU_DEFAULT_MEMORY_UTILIZATION = 0.3
+WORKER_EXTENSION = "jaxmath.rollout.vllm.worker.WorkerExtension"
+
+
+@dataclasses.dataclass(frozen=True)
+class VLLMConfig:
+    """How to run vLLM. `model_path` is the HF directory vLLM loads (the trainer's base model).
+
+    mode:        "colocated" (an in-process engine, `ColocatedEngine`) or "server" (a vLLM server at
+                 `url`, driven over HTTP by `ServerEngine`)
+    gpu_memory_utilization: vLLM's share of device memory (on a CPU, of host memory); 0 derives it on a
+                 GPU from JAX's measured peak (`colocated.derive_gpu_memory_utilization`), and uses 0.3
+                 on a CPU; a server started by `server_command` with 0 takes 0.9 of its own GPU, 0.3 on a CPU.
+    enable_lora: required to sync LoRA adapters (adapters only, PEFT format); max_lora_rank >= rank.
+                 The trainer sets both from its lora.* settings.
+    sync_method: "load_weights" (in-memory, bucketed; colocated only), "file" (safetensors in
+                 shm_dir, read by the engine) or "auto" (load_weights when colocated, else file).
+    cpu_kvcache_gib: KV cache size on a CPU build (VLLM_CPU_KVCACHE_SPACE) unless already set.
+    """
+
+    model_path: str
+    mode: str = "colocated"
+    url: str = ""
+    served_model_name: str = ""
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.0
+    enable_lora: bool = False
+    max_lora_rank: int = 64
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    enable_sleep_mode: bool = False
+    seed: int = 0
+    sync_method: str = "auto"
+    sync_bucket_mb: int = 256
+    shm_dir: str = "/dev/shm"
+    cpu_kvcache_gib: int = 1
+    request_timeout_s: float = 600.0
+    max_concurrent_requests: int = 64
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"vllm.mode must be one of {MODES}, got {self.mode!r}")
+        if self.sync_method not in SYNC_METHODS:
+            raise ValueError(f"vllm.sync_method must be one of {SYNC_METHODS}, got {self.sync_method!r}")
+        if self.mode == "server" and self.sync_method == "load_weights":
+            raise ValueError("vllm.sync_method=load_weights needs the engine in this process; with mode=server "
+                             "use sync_method=file (or auto)")
+        if self.mode == "colocated" and not self.model_path:
+            raise ValueError("vllm.model_path is empty: set model.path to the HF-format model vLLM should load "
+                             "(export a jaxmath model with `python -m jaxmath.convert.jax_to_hf`)")
+        if self.mode == "server" and not self.url:
+            raise ValueError("vllm.mode=server needs vllm.url (e.g. http://127.0.0.1:8000); start the server with "
+                             "`python -m jaxmath.rollout.vllm MODEL_PATH --port=8000` (launch/vllm_server.sh)")
+        if not 0 <= self.gpu_memory_utilization < 1:
+            raise ValueError(f"vllm.gpu_memory_utilization must be in [0, 1), got {self.gpu_memory_utilization}")
+        if self.sync_bucket_mb < 1:
+            raise ValueError(f"vllm.sync_bucket_mb must be >= 1, got {self.sync_bucket_mb}")

@@ -1,0 +1,73 @@
+"""The jitted SFT step: cross-entropy on the assistant tokens, through the shared accumulated update.
+
+Loss: the summed negative log-likelihood of the loss-masked targets, through the chunked LM head
+(`jaxmath.model.head.token_logprobs`), so [batch, seq, vocab] float32 logits never exist.
+
+Gradient accumulation: a step's batch arrives laid out [accum, micro, seq] (`stack_micro` on the
+host, rows split over the mesh's batch axes on dimension 1, so every micro-batch spans every
+device). `jaxmath.train_state.accumulate_and_apply` scans over the micro-batches, sums the token
+losses' gradients and divides once by the number of loss tokens in the whole batch, so k
+micro-batches give the same update as one batch of k * micro rows (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxmath.model import sharding
+from jaxmath.model.head import token_logprobs
+from jaxmath.train_state import F32, accumulate_and_apply
+
+
+def token_nll(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
+              chunk_size: int = 1024, remat: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Summed negative log-likelihood of the loss-masked targets and their count, both float32 scalars.
+
+    batch: input_ids, targets, segment_ids, positions [rows, seq] int32; loss_mask [rows, seq] bool.
+    """
+    model = nnx.merge(graphdef, trainable, frozen)
+    hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"],
+                                 segment_ids=batch["segment_ids"], remat=remat)
+    logprobs, _ = token_logprobs(hidden, model.head_weight, batch["targets"], chunk_size=chunk_size)
+    weights = batch["loss_mask"].astype(F32)
+    return -jnp.sum(logprobs * weights), jnp.sum(weights)
+
+
+def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, chunk_size: int = 1024,
+                  remat: bool = True) -> Callable:
+    """The jitted SFT update: `step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`,
+    run under the mesh its arguments are on.
+
+    batch: the BATCH_KEYS arrays shaped [accum, micro, seq] (`stack_micro`).
+    trainable and opt_state are donated (their buffers are reused for the outputs).
+    metrics: loss (mean NLL per loss token), grad_norm (before clipping), loss_tokens; float32 scalars.
+    """
+
+    def micro_loss(trainable, frozen, micro):
+        return token_nll(graphdef, trainable, frozen, micro, chunk_size=chunk_size, remat=remat)[0], ()
+
+    def step(trainable, frozen, opt_state, batch):
+        count = jnp.sum(batch["loss_mask"].astype(F32))
+        scale = 1.0 / jnp.maximum(count, 1.0)
+        trainable, opt_state, nll, _, norms = accumulate_and_apply(micro_loss, optimizer, trainable, frozen, opt_state,
+                                                                   batch, grad_scale=scale)
+        metrics = {"loss": jnp.sum(nll) * scale, "grad_norm": norms["grad_norm"], "loss_tokens": count}
+        return trainable, opt_state, metrics
+
+    return sharding.jit_on_mesh(step, donate_argnums=(0, 2))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024) -> Callable:
+    """Jitted `(trainable, frozen, batch [rows, seq]) -> (nll_sum, loss_tokens)` for held-out loss."""
+    return sharding.jit_on_mesh(lambda t, f, b: token_nll(graphdef, t, f, b, chunk_size=chunk_size, remat=False))
+
+
+def stack_micro(arrays: dict[str, np.ndarray], accum_steps: int) -> dict[str, Any]:
+    """[batch, seq] -> [accum_steps, batch / accum_steps, seq] for `make_sft_step`."""
+    return {k: v.reshape(accum_steps, v.shape[0] // accum_steps, *v.shape[1:]) for k, v in arrays.items()}
