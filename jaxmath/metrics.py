@@ -159,7 +159,8 @@ def _draw(ax, steps: np.ndarray, values: np.ndarray, key: str) -> None:
         ax.plot(steps[window - 1 :], smooth, label=f"{key} (mean of {window})")
         ax.legend(loc="best", fontsize="small")
     ax.set_title(key)
-    ax.set_xlabel("step")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
     ax.grid(alpha=0.3)
 
 
@@ -207,6 +208,59 @@ def plot_metrics(
     fig.savefig(summary)
     written.append(summary)
     return written
+
+
+def series_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = None,
+    vline: tuple[float, str] | None = None,
+):
+    """A matplotlib Figure of named (x, y) lines on one pair of labelled axes, e.g. several runs'
+    accuracy over steps.
+
+    ylim: fixed y-axis limits (a 0-100% axis keeps a small change from looking large); vline: an
+    (x, label) marker, such as the step where a second phase starts. Lines whose names share the part
+    before ", " ("SFT only, boxed", "SFT only, format-blind") share a colour, the later ones dashed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours: dict[str, str] = {}
+    for name, (x, y) in series.items():
+        group = name.split(", ")[0]
+        seen = group in colours
+        colours.setdefault(group, f"C{len(colours)}")
+        ax.plot(x, y, color=colours[group], linestyle="--" if seen else "-", marker="." if len(x) < 50 else None,
+                label=name)
+    if vline is not None:
+        ax.axvline(vline[0], color="grey", linestyle=":", linewidth=1)
+        ax.annotate(vline[1], (vline[0], 1), xycoords=("data", "axes fraction"), xytext=(4, -12),
+                    textcoords="offset points", fontsize="small", color="grey")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
+                **figure_args: Any) -> Path:
+    """Writes `series_figure(series, **figure_args)` to `path` (a .png) and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    series_figure(series, **figure_args).savefig(path)
+    return path
 
 
 def progress_enabled() -> bool:

@@ -20,9 +20,7 @@ from jaxmath.model.lora import LoRAConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_ROWS = ("v1", "v2", "v3", "v4", "a", "b")
-# configs/demo.py builds its whole ConfigDict by hand: the demo and its config are being replaced
-# (issue 18); the replacement must start from defaults("demo") and leave this list empty.
-NOT_YET_ON_DEFAULTS = {"demo.py"}
+NOT_YET_ON_DEFAULTS: set[str] = set()
 
 # Field names that more than one section of a mode uses, each for its own setting.
 DISTINCT_SETTINGS = {

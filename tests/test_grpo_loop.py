@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ from jaxmath.rl import step as step_lib
 from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
 
 TOKENIZER = demo_task.CharTokenizer()
-TRAIN, HELD_OUT = demo_task.ArithmeticTask(digits=1, second_digits=1, seed=0).split(20)
+TRAIN, HELD_OUT = demo_task.AdditionTask(digits=1, seed=0).split(num_eval=20)
 SMALL = demo.DemoConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                         head_dim=16)
 
@@ -81,19 +79,6 @@ def test_early_stop_on_gradient_floor(tmp_path):
     _, result = _run(tmp_path, 6, early_stop_grad_norm=1e9, early_stop_patience=2)
     assert "grad_norm" in result["stopped_early"]
     assert len(_metrics(tmp_path)) == 2
-
-
-def test_demo_command_writes_results(tmp_path):
-    """The README's first command, shortened (3 GRPO steps, the warm-up scaled down with them)."""
-    out = subprocess.run([sys.executable, "-m", "jaxmath.main", "--config=configs/demo.py", "--config.steps=3",
-                          "--config.demo.num_eval=50", f"--workdir={tmp_path}"], capture_output=True, text=True,
-                         timeout=900, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.load(open(tmp_path / "demo_results.json"))
-    assert set(results) >= {"sft_accuracy", "grpo_accuracy", "n_eval", "seconds"}
-    assert results["n_eval"] == 50 and 0.0 <= results["grpo_accuracy"] <= 1.0
-    assert len(_metrics(tmp_path)) == 3
-    assert "after GRPO" in out.stdout
 
 
 def test_kl_reference_several_iterations_and_importance_correction(tmp_path):

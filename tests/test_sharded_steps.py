@@ -170,7 +170,7 @@ def _demo(workdir: Path, *mesh_flags: str) -> tuple[list[dict], list[dict]]:
     def read(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    return read(workdir / "metrics.jsonl"), read(workdir / "sft" / "metrics.jsonl")
+    return read(workdir / "grpo" / "metrics.jsonl"), read(workdir / "sft" / "metrics.jsonl")
 
 
 @pytest.mark.slow
