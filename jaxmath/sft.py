@@ -40,7 +40,7 @@ from flax import nnx
 from jaxmath.model.head import token_logprobs
 from jaxmath.model.lora import LoRAConfig, split_trainable  # noqa: F401  (the step's callers split with it)
 from jaxmath.model import sharding
-from jaxmath.optim import OptimizerConfig, global_norm
+from jaxmath.optim import OptimizerConfig, accumulate_grads, global_norm, grad_accumulator
 
 F32 = jnp.float32
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -313,11 +313,10 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         def body(carry, micro):
             nll_sum, grads = carry
             nll, g = micro_grads(trainable, frozen, micro)
-            # Summing in float32 keeps bf16 adapters' gradients from losing digits across micro-batches.
-            grads = jax.tree.map(lambda a, b: a + b.astype(F32), grads, g)
+            grads = accumulate_grads(grads, g)
             return (nll_sum + nll, grads), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, F32), trainable)
+        zeros = grad_accumulator(trainable)
         (nll_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), F32), zeros), batch)
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, trainable)
         grad_norm = global_norm(grads)

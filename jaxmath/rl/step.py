@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxmath import optim
 from jaxmath.model.head import token_logprobs
 from jaxmath.model.lora import split_trainable  # noqa: F401  (the step's callers split with it)
 from jaxmath.model.qwen3 import Qwen3
@@ -165,17 +166,17 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         micro_batches = _micro_batches(batch, rows, micro)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         (_, (metric_shapes, _)), _ = jax.eval_shape(grad_fn, trainable, frozen, first, normalizer)
-        zero_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        zero_grads = optim.grad_accumulator(trainable)
 
         def accumulate(carry, mb):
             grads, metrics = carry
             (_, (m, logprobs)), g = grad_fn(trainable, frozen, mb, normalizer)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            grads = optim.accumulate_grads(grads, g)
             return (grads, grpo.combine(metrics, m)), logprobs
 
         (grads, metrics), logprobs = jax.lax.scan(
             accumulate, (zero_grads, _zero_like_metrics(metric_shapes)), micro_batches)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optim.global_norm(grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
