@@ -114,3 +114,17 @@ def test_full_parameter_bf16_update_tracks_float32_adamw_over_50_steps():
     assert error < 0.01, error
     for w, m in zip(_leaves(weights), _leaves(state.master)):
         assert np.all(np.abs(w - m) <= 2.0 ** -8 * np.abs(m) + 1e-8)
+
+
+def test_precision_bench_ranks_the_layouts():
+    """`python -m jaxmath.bench precision` on a small stream: the float32 master keeps any layout close
+    to float32 AdamW, and without it bf16 weights lose most updates (docs/PRECISION.md's table)."""
+    from jaxmath.bench import precision
+
+    layouts = tuple(precision.LAYOUTS[i] for i in (0, 2, 6))  # reference, chosen, no master
+    results = precision.synthetic(steps=30, lr=5e-6, weights=4000, micro=2, layouts=layouts)
+    assert results["float32 AdamW (reference)"]["error"] == 0.0
+    assert results["chosen: master, bf16 stochastic moments, bf16 accumulator"]["error"] < 0.02
+    assert results["no master: bf16 weights, float32 moments"]["error"] > 0.5
+    floor = results["float32 AdamW rounded to bf16 (floor)"]["bf16_error"]
+    assert results["chosen: master, bf16 stochastic moments, bf16 accumulator"]["bf16_error"] < 1.1 * floor
