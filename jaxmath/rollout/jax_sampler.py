@@ -516,7 +516,7 @@ class JaxSampler:
         # moves a little between calls does not change the shapes and recompile the programs.
         shapes = (k, n, bucket, full_vocab)
         rows = self._rows_for.get(shapes, 0)
-        if not rows or self._sub_batch_bytes(cost, rows, k) > budget:
+        if not rows or rows > self.config.max_batch_rows or self._sub_batch_bytes(cost, rows, k) > budget:
             rows = min(rows_that_fit(cost, budget, k), self.config.max_batch_rows)
             self._rows_for[shapes] = rows
         if rows == 0:
