@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from absl import logging
 from flax import nnx
@@ -32,8 +31,6 @@ from jaxmath.checkpoint import CheckpointManager, TrainState
 from jaxmath.model import lora as lora_lib
 from jaxmath.model import sharding
 from jaxmath.model.lora import split_trainable
-
-F32 = jnp.float32
 
 
 @dataclasses.dataclass
@@ -120,9 +117,10 @@ def accumulate_and_apply(loss_fn: Callable, optimizer: optax.GradientTransformat
       `grad_scale` turns into a mean (SFT divides by the batch's loss tokens).
     batches: a pytree whose leaves are [accum, micro, ...]; a `lax.scan` runs loss_fn on each
       micro-batch in turn, so memory holds one micro-batch's activations at a time.
-    Gradients are summed in float32 (bf16 adapters would lose digits across micro-batches), scaled
-    once, and their norm is taken there, in float32 before the cast to the parameters' dtype: the
-    norm of the gradient the batch defines, which clipping then bounds. Accumulating k micro-batches
+    Gradients are summed in each parameter's dtype (`optim.grad_accumulator`: float32 adapters and
+    float32 weights in float32; bf16 weights in bf16, as the study's `.grad` did, half the memory;
+    docs/PRECISION.md measures the cost), scaled once, and their norm is taken there, accumulated in
+    float32: the norm of the gradient the batch defines, which clipping then bounds. Accumulating k micro-batches
     therefore gives the update of one batch of k x micro rows, up to float rounding.
 
     Returns (trainable, opt_state, losses [accum], aux stacked over [accum, ...],
@@ -133,13 +131,12 @@ def accumulate_and_apply(loss_fn: Callable, optimizer: optax.GradientTransformat
 
     def accumulate(grads, micro):
         (loss, aux), g = grad_fn(trainable, frozen, micro)
-        return jax.tree.map(lambda a, b: a + b.astype(F32), grads, g), (loss, aux)
+        return optim.accumulate_grads(grads, g), (loss, aux)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, F32), trainable)
-    grads, (losses, aux) = jax.lax.scan(accumulate, zeros, batches)
+    grads, (losses, aux) = jax.lax.scan(accumulate, optim.grad_accumulator(trainable), batches)
     if grad_scale is not None:
         grads = jax.tree.map(lambda g: g * grad_scale, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optim.global_norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)

@@ -62,3 +62,45 @@ def test_qwen3_4b_rank64_adapter_count():
 
     adapters = nnx.state(nnx.eval_shape(build), jm.LoRAParam)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters)) == 132_120_576
+
+
+def test_float32_adapters_on_a_bf16_base_merge_export_sync_and_restore(tmp_path):
+    """Adapters stay float32 on a bf16 model; everything that leaves the trainer still works: merging
+    (export and the sampler's copy) keeps the kernels bf16, PEFT writes float32 (vLLM casts to its
+    LoRA dtype on load), and a checkpoint restores float32 adapters and float32 Adam moments."""
+    from jaxmath import checkpoint, optim
+    from jaxmath.model import peft
+    from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
+
+    model = jm.init_model(jm.preset("tiny", vocab_size=300, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), seed=0)
+    ids = jnp.asarray(np.random.RandomState(2).randint(0, 300, (2, 7)))
+    base = np.asarray(model(ids))
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
+    for i, (_, dense) in enumerate(lora.projections(model)):
+        dense.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(i), dense.lora_b.get_value().shape))
+    adapters = nnx.state(model, jm.LoRAParam)
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+    adapted = np.asarray(model(ids))
+    assert np.abs(adapted - base).max() > 0.1
+
+    sampler = JaxSampler(model, SamplerConfig(lora_mode="merge"))  # merges into a copy
+    assert lora.has_lora(model)
+    assert {x.dtype for x in jax.tree.leaves(sampler._state)} == {jnp.dtype(jnp.bfloat16)}  # adapters folded in
+    tensors, _, rank, _ = peft.peft_tensors(model)
+    assert rank == 4 and {t.dtype for t in tensors.values()} == {np.dtype(np.float32)}
+
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(1e-4))
+    target = checkpoint.TrainState(adapters, optimizer.init(adapters), 3, {}, jax.random.key(0), {})
+    with checkpoint.CheckpointManager(tmp_path) as manager:
+        manager.save(3, target)
+        restored = manager.restore(target=target)
+    assert {x.dtype for x in jax.tree.leaves((restored.params, restored.opt_state)) if x.ndim} == {
+        jnp.dtype(jnp.float32)}
+    for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(adapters)):
+        np.testing.assert_array_equal(got, want)
+
+    assert lora.merge_lora(model) == 7
+    assert {d.kernel.get_value().dtype for _, d in lora.projections(model)} == {jnp.dtype(jnp.bfloat16)}
+    merged = np.asarray(model(ids))
+    # bf16 rounding of the merged kernels, small against what the adapters changed.
+    assert np.abs(merged - adapted).max() < 0.1 * np.abs(adapted - base).max()

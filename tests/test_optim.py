@@ -1,4 +1,5 @@
-"""Schedules, global-norm clipping and the float32 master copy for bf16 parameters."""
+"""Schedules, global-norm clipping, the float32 master copy for bf16 parameters, Adam's moment
+storage (float32 = optax's AdamW; bf16 stochastically rounded) and the gradient accumulator's dtype."""
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +10,15 @@ import pytest
 from jaxmath.optim import (
     Fp32MasterState,
     OptimizerConfig,
+    accumulate_grads,
     clip_by_global_norm,
     global_norm,
+    grad_accumulator,
     lr_at,
     make_optimizer,
     make_schedule,
+    scale_by_adam,
+    stochastic_round,
 )
 
 
@@ -58,6 +63,7 @@ def test_study_sft_schedule_linear_to_zero():
         (dict(schedule="exponential"), "schedule must be"),
         (dict(end_lr_ratio=1.5), "end_lr_ratio"),
         (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(moment_dtype="float16"), "moment_dtype"),
     ],
 )
 def test_config_rejects_nonsense(kwargs, match):
@@ -139,7 +145,8 @@ def test_master_fp32_moves_bf16_params_that_plain_bf16_cannot():
     plain, _ = _train(OptimizerConfig(**base), start, steps)
     np.testing.assert_array_equal(plain, start)
 
-    master, state = _train(OptimizerConfig(**base, master_fp32=True), start, steps)
+    # float32 moments isolate the master copy (bf16 moments are tested below).
+    master, state = _train(OptimizerConfig(**base, master_fp32=True, moment_dtype="float32"), start, steps)
     reference, _ = _train(OptimizerConfig(**base), start.astype(jnp.float32), steps)
     assert master.dtype == jnp.bfloat16
     assert isinstance(state, Fp32MasterState) and state.master.dtype == jnp.float32
@@ -153,7 +160,97 @@ def test_master_fp32_moves_bf16_params_that_plain_bf16_cannot():
     np.testing.assert_allclose(master.astype(jnp.float32), reference, atol=0.125)
 
 
-def test_master_fp32_optimizer_state_is_float32():
-    params = {"w": jnp.ones((4, 4), jnp.bfloat16), "b": jnp.zeros((4,), jnp.bfloat16)}
-    state = make_optimizer(OptimizerConfig(1e-4, master_fp32=True)).init(params)
-    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(state))
+def _adam_state(state) -> optax.ScaleByAdamState:
+    return next(x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(x, optax.ScaleByAdamState))
+
+
+@pytest.mark.parametrize("param_dtype,master,setting,moments", [
+    (jnp.float32, False, "auto", jnp.float32),  # LoRA adapters: float32 moments, as PEFT
+    (jnp.bfloat16, False, "auto", jnp.bfloat16),
+    (jnp.bfloat16, True, "auto", jnp.bfloat16),  # full-parameter: fp32 master, bf16 moments
+    (jnp.bfloat16, True, "float32", jnp.float32),  # the layout before moment_dtype existed
+    (jnp.float32, False, "bfloat16", jnp.bfloat16),
+])
+def test_moment_dtype_follows_the_stored_parameters(param_dtype, master, setting, moments):
+    params = {"w": jnp.ones((4, 4), param_dtype), "b": jnp.zeros((4,), param_dtype)}
+    state = make_optimizer(OptimizerConfig(1e-4, master_fp32=master, moment_dtype=setting)).init(params)
+    adam = _adam_state(state)
+    assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(moments)}
+    if master:
+        assert isinstance(state, Fp32MasterState)
+        assert {x.dtype for x in jax.tree.leaves(state.master)} == {jnp.dtype(jnp.float32)}
+
+
+def test_float32_moments_are_optax_adamw_exactly():
+    """The float32 path is optax.adamw's arithmetic and state layout (checkpoints restore across)."""
+    cfg = OptimizerConfig(1e-3, "warmup_linear", warmup_steps=3, total_steps=40, weight_decay=0.01)
+    params = {"a": jax.random.normal(jax.random.key(0), (50, 7)), "b": jnp.ones(3)}
+    ours = make_optimizer(cfg)
+    theirs = optax.chain(clip_by_global_norm(1.0), optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                                               weight_decay=cfg.weight_decay))
+    ours_state, theirs_state = ours.init(params), theirs.init(params)
+    assert jax.tree.structure(ours_state) == jax.tree.structure(theirs_state)
+    p_ours = p_theirs = params
+    for t in range(12):
+        grads = jax.tree.map(lambda x: 3.0 * jax.random.normal(jax.random.key(t), x.shape), params)
+        u, ours_state = jax.jit(ours.update)(grads, ours_state, p_ours)
+        p_ours = optax.apply_updates(p_ours, u)
+        u, theirs_state = jax.jit(theirs.update)(grads, theirs_state, p_theirs)
+        p_theirs = optax.apply_updates(p_theirs, u)
+    for a, b in zip(jax.tree.leaves((p_ours, ours_state)), jax.tree.leaves((p_theirs, theirs_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stochastic_round_is_unbiased_and_keeps_bf16_values():
+    n = 200_000
+    bits = jax.random.bits(jax.random.key(1), (n,), jnp.uint32)
+    for x in (1.0 + 2.0 ** -10, -(1.0 + 2.0 ** -10), 3e-7 * (1 + 2.0 ** -9)):
+        # 1 + 2^-10 lies 1/8 of the way from 1 to the next bf16 value, 1 + 2^-7.
+        rounded = np.asarray(stochastic_round(jnp.full((n,), x, jnp.float32), bits, jnp.bfloat16), np.float64)
+        below = float(jnp.asarray(x, jnp.bfloat16)) if abs(x) < 1 else np.sign(x) * 1.0
+        assert len(set(rounded)) == 2 and below in set(rounded)
+        assert abs(rounded.mean() - x) < 5 * np.std(rounded) / np.sqrt(n), (rounded.mean(), x)
+    exact = jnp.asarray([0.0, -2.5, 1e-20, jnp.inf, -jnp.inf], jnp.bfloat16).astype(jnp.float32)
+    out = stochastic_round(exact, bits[:5], jnp.bfloat16)
+    np.testing.assert_array_equal(out.astype(jnp.float32), exact)
+    assert bool(jnp.isnan(stochastic_round(jnp.asarray([jnp.nan]), bits[:1], jnp.bfloat16))[0])
+
+
+def test_bf16_second_moment_decays_only_with_stochastic_rounding():
+    """One gradient of 1, then 3,000 gradients of 0.01. In float32 v decays (0.999^3000 = 0.05) and
+    Adam's step returns to ~0.8. Rounded to nearest in bf16 (optax with bf16 params), 0.999 v rounds
+    back to v, so v stays at the spike's 1e-3 and the step stays 2.6x too small for good; rounded
+    stochastically it decays as in float32 (mean over 4,096 coordinates within 3%)."""
+    n, steps = 4096, 3000
+    params = jnp.zeros((n,), jnp.bfloat16)
+
+    def run(transform):
+        @jax.jit
+        def go(state):
+            _, state = transform.update(jnp.ones((n,), jnp.float32), state)
+
+            def body(_, carry):
+                return transform.update(jnp.full((n,), 0.01, jnp.float32), carry[1])
+
+            return jax.lax.fori_loop(0, steps, body, (jnp.zeros((n,), jnp.float32), state))[0]
+        return np.asarray(go(transform.init(params)), np.float64)
+
+    exact = run(scale_by_adam(0.9, 0.999, 1e-8, [jnp.float32]))
+    stochastic = run(scale_by_adam(0.9, 0.999, 1e-8, [jnp.bfloat16]))
+    nearest = run(optax.scale_by_adam(0.9, 0.999, 1e-8))  # bf16 moments, round to nearest
+    assert 0.75 < exact.mean() < 0.85
+    assert abs(stochastic.mean() / exact.mean() - 1) < 0.03
+    assert nearest.mean() < exact.mean() / 2.5
+
+
+def test_gradients_accumulate_in_the_parameter_dtype():
+    params = {"adapter": jnp.zeros((3,), jnp.float32), "weight": jnp.zeros((3,), jnp.bfloat16)}
+    total = grad_accumulator(params)
+    assert total["adapter"].dtype == jnp.float32 and total["weight"].dtype == jnp.bfloat16
+    micro = {"adapter": jnp.full((3,), 1e-4, jnp.float32), "weight": jnp.full((3,), 1e-4, jnp.float32)}
+    for _ in range(3):
+        total = accumulate_grads(total, micro)
+    assert total["weight"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(total["adapter"], 3e-4, rtol=1e-6)
+    np.testing.assert_allclose(total["weight"].astype(jnp.float32), 3e-4, rtol=2 ** -7)

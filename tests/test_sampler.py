@@ -2,6 +2,8 @@
 frequencies, stop tokens and early exit, buckets, the memory check, donation, LoRA modes, sharding."""
 
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -201,21 +203,94 @@ def test_buckets_reuse_compiles_and_long_prompts_refused(model):
     assert JaxSampler(model).bucket_for(17) == 32  # default: powers of two
 
 
-def test_memory_check_refuses_up_front(model):
-    small = JaxSampler(model, SamplerConfig(memory_budget_bytes=10_000_000, max_batch_rows=1024))
-    params = SamplingParams(max_new_tokens=400, num_samples=64, temperature=1.0)
+def test_rows_that_fit_follow_the_budget_and_split_a_group_that_does_not_fit(model):
+    cost = jax_sampler.sub_batch_cost(model.config, prompt_len=16, max_new_tokens=NEW, vocab_chunk=128)
+    group = cost.per_prompt + 8 * cost.per_row
+    assert jax_sampler.rows_that_fit(cost, cost.fixed + 3 * group, 8) == 24  # whole groups
+    assert jax_sampler.rows_that_fit(cost, cost.fixed + 3 * group - 1, 8) == 16
+    assert jax_sampler.rows_that_fit(cost, cost.bytes(1, 5), 8) == 5  # part of one group
+    assert jax_sampler.rows_that_fit(cost, cost.bytes(1, 1), 8) == 1
+    assert jax_sampler.rows_that_fit(cost, cost.bytes(1, 1) - 1, 8) == 0
+    longer = jax_sampler.sub_batch_cost(model.config, prompt_len=16, max_new_tokens=4 * NEW, vocab_chunk=128)
+    assert jax_sampler.rows_that_fit(longer, cost.fixed + 3 * group, 8) < 24
+
+
+def test_a_plan_keeps_its_rows_while_they_fit(model):
+    """Free memory that grows between calls keeps the sub-batch shapes (no recompile); memory that
+    shrinks below them shrinks them."""
+    sampler = JaxSampler(model, SamplerConfig(vocab_chunk=128))
+    cost = sampler.cost(16, NEW, full_vocab=False)
+    params = SamplingParams(max_new_tokens=NEW, num_samples=3)
+    for budget, rows in ((cost.bytes(1, 3), 3), (cost.bytes(2, 3), 3), (cost.bytes(1, 2), 2), (cost.bytes(2, 3), 2)):
+        sampler.config = dataclasses.replace(sampler.config, memory_budget_bytes=budget)
+        assert max(b.padded * b.samples for b in sampler.plan(PROMPTS, params)) == rows
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_request_split_by_memory_gives_the_tokens_and_logprobs_of_one_batch(model, sampler, temperature):
+    """3 prompts x 3 samples in one batch, then under budgets that hold one group (3 sub-batches) and
+    two rows (each group split in two, the second half with a padding row: 6 sub-batches)."""
+    params = SamplingParams(max_new_tokens=NEW, num_samples=3, temperature=temperature, seed=9)
+    whole = sampler.generate(PROMPTS, params)
+    assert sampler.last_stats["sub_batches"] == 1
+    cost = sampler.cost(16, NEW, full_vocab=False)
+    for budget, sub_batches, rows in ((cost.bytes(1, 3), 3, 3), (cost.bytes(1, 2), 6, 2)):
+        split_sampler = JaxSampler(model, SamplerConfig(vocab_chunk=128, decode_window=8, memory_budget_bytes=budget))
+        split = split_sampler.generate(PROMPTS, params)
+        assert split_sampler.last_stats["sub_batches"] == sub_batches
+        assert split_sampler.last_stats["rows_per_sub_batch"] == rows
+        np.testing.assert_array_equal(split.prompt_index, whole.prompt_index)
+        np.testing.assert_array_equal(split.completion_ids, whole.completion_ids)
+        np.testing.assert_array_equal(split.completion_mask, whole.completion_mask)
+        np.testing.assert_allclose(split.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_a_request_where_no_row_fits_is_refused_up_front_with_what_would_fit(model):
+    roomy = JaxSampler(model, SamplerConfig(vocab_chunk=128))
+    need = roomy.cost(16, 400, full_vocab=False).bytes(1, 1)
+    small = JaxSampler(model, SamplerConfig(memory_budget_bytes=need - 1, vocab_chunk=128))
     before = jax_sampler._prefill._cache_size()
-    with pytest.raises(SamplerMemoryError, match="max_new_tokens.*max_batch_rows"):
-        small.generate([[1, 2, 3]] * 16, params)
+    with pytest.raises(SamplerMemoryError, match=rf"memory_budget_bytes to at least {need}.*max_new_tokens to \d+") as e:
+        small.generate([[1, 2, 3]] * 4, SamplingParams(max_new_tokens=400, num_samples=8))
     assert jax_sampler._prefill._cache_size() == before  # refused before compiling anything
-    assert small.bytes_needed(16, 64, 416) > 1.9 * small.bytes_needed(8, 64, 416)
-    # The same kind of request runs once the budget covers it.
-    need = JaxSampler(model, SamplerConfig(vocab_chunk=128)).bytes_needed(4, K, 16 + NEW)
-    roomy = JaxSampler(model, SamplerConfig(memory_budget_bytes=need, vocab_chunk=128))
-    assert roomy.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, num_samples=K)).num_rows == 3 * K
-    with pytest.raises(SamplerMemoryError):
-        JaxSampler(model, SamplerConfig(memory_budget_bytes=need - 1, vocab_chunk=128)).generate(
-            PROMPTS, SamplingParams(max_new_tokens=NEW, num_samples=K))
+    fits = int(re.search(r"max_new_tokens to (\d+)", str(e.value)).group(1))
+    assert 0 < fits < 400
+    assert jax_sampler.rows_that_fit(roomy.cost(16, fits, False), need - 1, 8) == 1
+    assert jax_sampler.rows_that_fit(roomy.cost(16, fits + 1, False), need - 1, 8) == 0
+
+
+@pytest.mark.slow  # six compiles of the prefill and decode programs
+def test_the_cost_model_bounds_the_compiled_programs(model):
+    """sub_batch_cost against XLA's buffer assignment of the real prefill and decode (temporaries and
+    outputs), compiled for this CPU on abstract shapes: an upper bound at each shape, and the growth
+    per row and per prompt within it. (On a CPU XLA also upcasts bf16 weights for its dots, a fixed
+    cost outside this model: hence a float32 model here.)"""
+    graphdef, state = nnx.split(model)
+    spec = jax.ShapeDtypeStruct
+    bucket, new = 16, 48
+
+    def compiled(prompts, samples):
+        tokens, valid = spec((prompts, bucket), jnp.int32), spec((prompts, bucket), jnp.bool_)
+        static = dict(num_samples=samples, cache_len=bucket + new, cache_dtype=jnp.float32)
+        prefill = jax_sampler._prefill.lower(graphdef, state, tokens, valid, **static).compile()
+        hidden, cache = jax.eval_shape(functools.partial(jax_sampler._prefill, graphdef, **static), state, tokens,
+                                       valid)
+        rows = prompts * samples
+        decode = jax_sampler._decode.lower(
+            graphdef, state, cache, hidden, jax.eval_shape(lambda: jax_sampler.row_keys(0, np.zeros(rows), np.zeros(rows))),
+            spec((rows,), jnp.bool_), spec((8,), jnp.int32), spec((), jnp.float32), spec((), jnp.float32), greedy=False,
+            top_k=0, truncate=False, vocab_chunk=128, windows=jax_sampler.decode_windows(bucket, new, 8)).compile()
+        return [m.temp_size_in_bytes + m.output_size_in_bytes
+                for m in (prefill.memory_analysis(), decode.memory_analysis())]
+
+    cost = jax_sampler.sub_batch_cost(model.config, prompt_len=bucket, max_new_tokens=new, cache_dtype=jnp.float32,
+                                      vocab_chunk=128)
+    shapes = {(1, 1): compiled(1, 1), (1, 9): compiled(1, 9), (5, 1): compiled(5, 1)}
+    for (prompts, samples), programs in shapes.items():
+        assert max(programs) <= cost.bytes(prompts, samples) <= 4 * max(programs), (prompts, samples, programs)
+    for program in (0, 1):
+        assert (shapes[(1, 9)][program] - shapes[(1, 1)][program]) / 8 <= cost.per_row
+        assert (shapes[(5, 1)][program] - shapes[(1, 1)][program]) / 4 <= cost.per_prompt + cost.per_row
 
 
 def test_kv_cache_is_donated(model):

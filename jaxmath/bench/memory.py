@@ -10,10 +10,11 @@ loss.micro_batch_rows, prompt rl.max_prompt_tokens + completion tokens) and the 
 `memory_analysis()` gives their temporary buffers. The breakdown follows the study's Table 10:
 
   weights      every parameter, in model.param_dtype (bf16: 8,044,936,192 bytes for Qwen3-4B),
-               plus the LoRA adapters when training LoRA
-  optimizer    Adam moments: 2 per trainable parameter in its dtype, or float32 with an fp32 master
-               copy (optimizer.master_fp32, on for full-parameter in the configs) plus that copy
-  gradients    the step's float32 gradient accumulator (4 bytes per trainable parameter)
+               plus the LoRA adapters (float32) when training LoRA
+  optimizer    Adam's two moments per trainable parameter, stored in its dtype (float32 adapters:
+               8 bytes; bf16 weights: 4 bytes, optimizer.moment_dtype "auto"), plus the float32
+               master copy (optimizer.master_fp32, on for full-parameter in the configs)
+  gradients    the step's gradient accumulator, in each parameter's dtype (jaxmath.optim)
   activations  the compiled step's other temporaries (saved residuals, logprob chunks, batch)
   kv_cache     the rollout's KV cache: the prompts' cache and its K-fold copy (jaxmath's sampler
                keeps both during the copy), `KVCache.nbytes_for`
@@ -92,10 +93,13 @@ def state_bytes(model_cfg, lora_rank: int, master_fp32: bool) -> dict[str, int]:
     """weights, optimizer and gradient bytes, from abstract shapes only (seconds, no compile)."""
     import jax
 
+    from jaxmath import optim
+
     _, trainable, frozen, opt_state, _ = abstract_state(model_cfg, lora_rank, master_fp32)
     trainable_params = sum(int(x.size) for x in jax.tree.leaves(trainable))
+    accumulator = jax.eval_shape(optim.grad_accumulator, trainable)
     return {"weights": _nbytes(trainable) + _nbytes(frozen), "optimizer": _nbytes(opt_state),
-            "gradients": 4 * trainable_params, "trainable_params": trainable_params}
+            "gradients": _nbytes(accumulator), "trainable_params": trainable_params}
 
 
 def _compiled_temp_bytes(compiled) -> int:

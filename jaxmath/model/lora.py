@@ -5,6 +5,11 @@
 model equals the base model until the first update; A follows PEFT's default (Kaiming-uniform,
 bound 1 / sqrt(fan_in)). The update is scaled by alpha / rank.
 
+Adapters are float32 whatever the base dtype, as PEFT keeps them: their gradients and Adam moments
+follow their dtype (`jaxmath.optim`), so a 2e-5 step on an entry of 0.0123 is not rounded away
+as it would be in bf16 (spacing 6.1e-5 there). The forward casts them to the compute dtype for the
+matmul (`Dense.__call__`); merging folds them into the kernel in float32 and keeps the kernel's dtype.
+
 Training selects adapters by type: `nnx.split(model, LoRAParam, ...)` gives the trainable state
 without copying the base weights, and `model(..., lora=False)` is the reference policy.
 Merging (`merge_lora`) folds B @ A into the kernels for export or for fast generation.
@@ -26,6 +31,7 @@ from flax import nnx
 from jaxmath.model.qwen3 import Dense, LoRAParam, Qwen3
 
 DEFAULT_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+ADAPTER_DTYPE = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +68,7 @@ def projections(model: nnx.Module) -> Iterator[tuple[str, Dense]]:
 
 
 def apply_lora(model: Qwen3, config: LoRAConfig, *, seed: int = 0) -> int:
-    """Attach fresh adapters in place; returns the number of adapter parameters."""
+    """Attach fresh float32 adapters in place; returns the number of adapter parameters."""
     if not config.enabled:
         return 0
     pattern = re.compile(config.targets)
@@ -77,10 +83,10 @@ def apply_lora(model: Qwen3, config: LoRAConfig, *, seed: int = 0) -> int:
         in_shape, out_shape = kernel.shape[1:1 + dense.num_in], kernel.shape[1 + dense.num_in:]
         in_axes, out_axes = axes[1:1 + dense.num_in], axes[1 + dense.num_in:]
         bound = 1.0 / math.sqrt(math.prod(in_shape))
-        a = jax.random.uniform(jax.random.fold_in(key, i), stack + in_shape + (config.rank,), jnp.float32,
-                               -bound, bound).astype(kernel.dtype)
+        a = jax.random.uniform(jax.random.fold_in(key, i), stack + in_shape + (config.rank,), ADAPTER_DTYPE,
+                               -bound, bound)
         dense.lora_a = LoRAParam(a, axes=("layers",) + in_axes + ("lora_rank",))
-        dense.lora_b = LoRAParam(jnp.zeros(stack + (config.rank,) + out_shape, kernel.dtype),
+        dense.lora_b = LoRAParam(jnp.zeros(stack + (config.rank,) + out_shape, ADAPTER_DTYPE),
                                  axes=("layers", "lora_rank") + out_axes)
         dense.lora_scale = config.scale
         count += a.size + dense.lora_b.get_value().size

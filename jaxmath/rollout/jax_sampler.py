@@ -2,12 +2,16 @@
 
 For a batch of prompts and K samples each, `JaxSampler.generate`
 
-1. splits the request into sub-batches of at most `max_batch_rows` rows (a prompt's K samples stay
-   together) and refuses up front, naming the knobs to turn, a sub-batch whose KV cache and logits
-   do not fit the memory budget;
+1. splits the request into sub-batches whose rows fit the memory budget (`rows_that_fit`: the KV
+   cache, its K-fold copy, the prefill's attention scores and the sampling working set, against the
+   device's free memory less a margin, or `memory_budget_bytes`) and `max_batch_rows`. A prompt's K
+   samples stay together when one group fits; otherwise the group's samples are spread over
+   sub-batches. A request where not even one row fits is refused before any work, with the
+   `max_new_tokens` that would fit;
 2. left-pads each sub-batch to a prompt-length bucket (powers of two by default), so shapes and
    compiles are reused across calls;
-3. prefills each prompt once and `jnp.repeat`s its KV cache to its K sample rows;
+3. prefills each prompt once per sub-batch (attending over the bucket's slots only) and
+   `jnp.repeat`s its KV cache to its sample rows;
 4. decodes under jitted `lax.while_loop`s that exit as soon as every row has finished, with the
    KV cache donated; attention reads a window of the cache that grows with the completion
    (`decode_windows`: the prompt bucket plus 64, 128, 256, ... slots) instead of all of it.
@@ -23,7 +27,7 @@ truncated, renormalised distribution actually sampled from, which is biased for 
 
 Randomness is per row: row (prompt i of the call, sample j) uses
 `fold_in(fold_in(key(seed), i), j)`, and step t folds in t, so a row's completion does not depend
-on how the request was split or on which other prompts came with it.
+on how the request was split (by prompts or within a group) or on which other prompts came with it.
 
 A stop token (`SamplingParams.stop_token_ids`; `stop_tokens_for(config)` gives the model's eos) is
 part of the completion and of its mask; after it a row emits pad id 0 with mask False. Passing no
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any, Sequence
@@ -60,8 +63,14 @@ _GROUP = 64
 _STOP_SLOTS = 8
 
 
+# The share of the device's free memory left unplanned. `sub_batch_cost` bounds the buffers of the
+# compiled programs (checked against XLA's buffer assignment in tests/test_sampler.py), not an
+# allocator's fragmentation or what other programs hold at the same time.
+MEMORY_MARGIN = 0.1
+
+
 class SamplerMemoryError(ValueError):
-    """A generate request whose KV cache and working memory do not fit the budget."""
+    """A generate request of which not even one row fits the memory budget."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +80,13 @@ class SamplerConfig:
     prompt_buckets:      allowed padded prompt lengths, ascending; empty means powers of two from
                          `min_bucket` (a longer prompt takes the next power of two)
     min_bucket:          the smallest power-of-two bucket
-    max_batch_rows:      rows (prompts x samples) decoded together; larger requests are split
+    max_batch_rows:      at most this many rows (prompts x samples) are decoded together; fewer
+                         when fewer fit the memory budget (`rows_that_fit`). num_samples above it
+                         is refused (a group shares one prefill)
     cache_dtype:         KV cache dtype ("float32", "bfloat16"); "" uses the model's compute dtype
-    memory_budget_bytes: bytes a sub-batch's KV cache and logits may take; 0 = free device memory
-                         when the device reports it, else 90% of available host RAM
+    memory_budget_bytes: bytes a sub-batch may take beyond the weights (`sub_batch_cost`); 0 = the
+                         free memory the device reports (available host RAM on a CPU) less
+                         `MEMORY_MARGIN`
     lora_mode:           "merge" folds adapters into a copy of the kernels at `update_weights`,
                          "on_the_fly" applies them at every step, "auto" = merge (measured faster,
                          docs/BENCHMARKS.md)
@@ -277,7 +289,8 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
     model = nnx.merge(graphdef, state)
     with jax.named_scope("prefill"):
         cache = model.init_cache(tokens.shape[0], cache_len, cache_dtype)
-        hidden, cache = model.forward_with_cache(tokens, token_valid, cache)
+        # The prompt fills slots [0, bucket): attending over those alone skips the empty rest of the cache.
+        hidden, cache = model.forward_with_cache(tokens, token_valid, cache, window=tokens.shape[1])
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     # Each prompt is prefilled once; its K sample rows share copies of its cache.
     cache = KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
@@ -339,18 +352,91 @@ def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperatur
     return tokens, logprobs, mask, stopped, step, cache
 
 
-# --- the engine -----------------------------------------------------------------------------------
+# --- memory: how many rows a sub-batch may hold -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SubBatchCost:
+    """Bytes a sub-batch of `prompts` x `samples` rows needs beyond the weights:
+    fixed + prompts * per_prompt + prompts * samples * per_row."""
+
+    fixed: int
+    per_prompt: int
+    per_row: int
+
+    def bytes(self, prompts: int, samples: int) -> int:
+        return self.fixed + prompts * self.per_prompt + prompts * samples * self.per_row
+
+
+def sub_batch_cost(config: Qwen3Config, *, prompt_len: int, max_new_tokens: int, cache_dtype: Any = None,
+                   vocab_chunk: int = 2048, full_vocab: bool = False) -> SubBatchCost:
+    """An upper bound of the memory of `_prefill` and `_decode` for a sub-batch, by the buffers they hold.
+
+    prompt_len: the padded prompt (bucket); the cache holds prompt_len + max_new_tokens slots.
+    per prompt: its KV cache, and one prefill layer's temporaries: XLA's attention scores
+        [heads, prompt_len, prompt_len] (float32 logits, masked logits and exponentials, bf16
+        probabilities: 14 bytes each; the KV-cache path never uses cuDNN), the MLP's
+        [prompt_len, ffw] x 3 and the q/k/v, norms and residuals of each position.
+    per row: its copy of the cache; the sampling working set (float32 logits of a vocabulary chunk,
+        with their exponentials; x4 over the full vocabulary for top-k/top-p's sort); a decode step's
+        attention scores over the cache and one layer's window of keys and values; the outputs.
+    fixed: the vocabulary-chunked copy of the LM head the decode loop makes. (XLA on a CPU also
+        upcasts bf16 weights to float32 for its dots, a fixed cost not counted here.)
+    The prompts' cache and its K-fold copy are both counted, as both live while the copy is made.
+    """
+    c = config
+    cache_len = prompt_len + max_new_tokens
+    compute = jnp.dtype(c.dtype).itemsize
+    kv_row = KVCache.nbytes_for(c, 1, cache_len, cache_dtype)
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    per_token = c.hidden_size * 16 + c.intermediate_size * 3 * compute + qkv * 8
+    per_prompt = kv_row + prompt_len * per_token + c.num_heads * prompt_len * prompt_len * 14
+    width = c.vocab_size if full_vocab or not vocab_chunk else min(vocab_chunk, c.vocab_size)
+    sampling = width * 4 * (4 if full_vocab else 2) + (c.vocab_size // max(width, 1) + 1) * 2 * 4
+    window = 2 * cache_len * c.num_kv_heads * c.head_dim * 4  # one layer's keys and values, float32 at worst
+    per_row = (kv_row + sampling + c.num_heads * cache_len * 10 + window + per_token + max_new_tokens * 9)
+    head_copy = 0 if full_vocab else (c.vocab_size + width) * c.hidden_size * compute
+    return SubBatchCost(fixed=head_copy, per_prompt=per_prompt, per_row=per_row)
+
+
+def rows_that_fit(cost: SubBatchCost, budget_bytes: int, num_samples: int) -> int:
+    """Rows of one sub-batch within `budget_bytes`: whole groups (a multiple of num_samples) when at
+    least one fits; else the samples of one prompt that fit (its group is split over sub-batches);
+    0 when not even one row does."""
+    room = budget_bytes - cost.fixed
+    groups = room // (cost.per_prompt + num_samples * cost.per_row) if room > 0 else 0
+    if groups >= 1:
+        return int(groups) * num_samples
+    samples = (room - cost.per_prompt) // cost.per_row if room > cost.per_prompt else 0
+    return int(min(samples, num_samples))
 
 
 def _available_bytes(mesh: jax.sharding.Mesh | None) -> int:
+    """Free bytes on the (first) device: what it reports, or available host RAM on a CPU."""
     device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
-        return int(0.9 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 1 << 62  # the platform cannot tell; the allocator will
+
+
+@dataclasses.dataclass(frozen=True)
+class _SubBatch:
+    """Prompts [start, start + len(prompts)) padded to `padded` prompts of `bucket` tokens, each
+    decoding samples first_sample .. first_sample + samples - 1 (rows past num_samples are padding)."""
+
+    start: int
+    prompts: list[list[int]]
+    padded: int
+    bucket: int
+    samples: int
+    first_sample: int = 0
+
+
+# --- the engine -----------------------------------------------------------------------------------
 
 
 class JaxSampler(RolloutEngine):
@@ -368,6 +454,7 @@ class JaxSampler(RolloutEngine):
         self.config = config
         self.mesh = mesh
         self.last_stats: dict[str, Any] = {}
+        self._rows_for: dict[tuple, int] = {}  # (num_samples, max_new_tokens, bucket, full_vocab) -> rows
         self.update_weights(model)
 
     @property
@@ -402,33 +489,64 @@ class JaxSampler(RolloutEngine):
                              f"entry {buckets[-1]}; add a larger bucket or shorten the prompt")
         return max(self.config.min_bucket, 1 << max(0, (length - 1).bit_length()))
 
-    def bytes_needed(self, prompts: int, num_samples: int, cache_len: int, *, full_vocab: bool = False) -> int:
-        """Peak bytes of one sub-batch beyond the weights: the prompts' cache, its K-fold copy, and
-        the logits working set of one sampling step."""
-        c = self._model_config
-        rows = prompts * num_samples
-        cache = KVCache.nbytes_for(c, prompts + rows, cache_len, self.cache_dtype)
-        width = c.vocab_size if full_vocab else min(self.config.vocab_chunk or c.vocab_size, c.vocab_size)
-        # logits, their exponentials and (for top-p) a sorted copy, float32
-        logits = rows * width * 4 * (4 if full_vocab else 2)
-        prompt_logits = prompts * cache_len * c.hidden_size * 4 * 4  # prefill activations, roughly
-        return cache + logits + prompt_logits
-
     @property
     def cache_dtype(self) -> Any:
         return dtype_from_name(self.config.cache_dtype) if self.config.cache_dtype else self._model_config.dtype
 
-    def _check_memory(self, prompts: int, num_samples: int, cache_len: int, full_vocab: bool) -> None:
-        need = self.bytes_needed(prompts, num_samples, cache_len, full_vocab=full_vocab)
-        budget = self.config.memory_budget_bytes or _available_bytes(self.mesh)
-        if need > budget:
-            rows = prompts * num_samples
+    def memory_budget(self) -> int:
+        """Bytes a sub-batch may take beyond the weights: sampler.memory_budget_bytes when set, else
+        the device's free memory less MEMORY_MARGIN (read now, so it sees the trainer's state)."""
+        if self.config.memory_budget_bytes:
+            return self.config.memory_budget_bytes
+        return int(_available_bytes(self.mesh) * (1 - MEMORY_MARGIN))
+
+    def cost(self, prompt_len: int, max_new_tokens: int, full_vocab: bool) -> SubBatchCost:
+        """`sub_batch_cost` for this model and sampler configuration."""
+        return sub_batch_cost(self._model_config, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                              cache_dtype=self.cache_dtype, vocab_chunk=self.config.vocab_chunk, full_vocab=full_vocab)
+
+    def plan(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[_SubBatch]:
+        """The sub-batches `generate` runs, sized by `rows_that_fit` at the request's largest bucket
+        and by max_batch_rows; raises SamplerMemoryError when not even one row fits."""
+        k, n = params.num_samples, params.max_new_tokens
+        full_vocab = self._truncates(params) or self.config.vocab_chunk == 0
+        bucket = self.bucket_for(max(len(p) for p in prompts))
+        budget = self.memory_budget()
+        cost = self.cost(bucket, n, full_vocab)
+        # The rows chosen for these shapes before are kept while they still fit, so free memory that
+        # moves a little between calls does not change the shapes and recompile the programs.
+        shapes = (k, n, bucket, full_vocab)
+        rows = self._rows_for.get(shapes, 0)
+        if not rows or rows > self.config.max_batch_rows or self._sub_batch_bytes(cost, rows, k) > budget:
+            rows = min(rows_that_fit(cost, budget, k), self.config.max_batch_rows)
+            self._rows_for[shapes] = rows
+        if rows == 0:
+            shorter = _largest(lambda m: rows_that_fit(self.cost(bucket, m, full_vocab), budget, k) > 0, n - 1)
+            hint = (f"lower max_new_tokens to {shorter}" if shorter else
+                    "shorten the prompts (a prompt's own KV cache and prefill do not fit)")
             raise SamplerMemoryError(
-                f"generation of {rows} rows x {cache_len} cache slots needs about {need / 2**30:.2f} GiB "
-                f"(KV cache {KVCache.nbytes_for(self._model_config, rows, cache_len, self.cache_dtype) / 2**30:.2f} "
-                f"GiB) but the budget is {budget / 2**30:.2f} GiB; lower max_new_tokens or num_samples, "
-                f"set sampler.max_batch_rows below {rows}, use sampler.cache_dtype=bfloat16, or raise "
-                f"sampler.memory_budget_bytes")
+                f"not even one row of {len(prompts)} prompts x {k} samples fits the sampler's memory budget of "
+                f"{budget / 2**30:.2f} GiB: one prompt and one sample of a {bucket}-token prompt bucket + {n} new "
+                f"tokens need {cost.bytes(1, 1) / 2**30:.2f} GiB. Raise sampler.memory_budget_bytes to at least "
+                f"{cost.bytes(1, 1)}, {hint}, or set sampler.cache_dtype=bfloat16")
+        if rows >= k:
+            per_batch = rows // k
+            out = []
+            for start in range(0, len(prompts), per_batch):
+                chunk = [list(p) for p in prompts[start:start + per_batch]]
+                padded = min(per_batch, 1 << (len(chunk) - 1).bit_length())
+                out.append(_SubBatch(start, chunk, padded, self.bucket_for(max(map(len, chunk))), k))
+            return out
+        # One group does not fit: its samples go in sub-batches of `rows`, each prefilling the prompt.
+        return [_SubBatch(i, [list(p)], 1, self.bucket_for(len(p)), rows, first)
+                for i, p in enumerate(prompts) for first in range(0, k, rows)]
+
+    @staticmethod
+    def _sub_batch_bytes(cost: SubBatchCost, rows: int, num_samples: int) -> int:
+        return cost.bytes(rows // num_samples, num_samples) if rows >= num_samples else cost.bytes(1, rows)
+
+    def _truncates(self, params: SamplingParams) -> bool:
+        return params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -445,54 +563,47 @@ class JaxSampler(RolloutEngine):
                              "a prompt's samples share one prefill, so raise max_batch_rows to at least num_samples")
         if len(params.stop_token_ids) > _STOP_SLOTS:
             raise ValueError(f"at most {_STOP_SLOTS} stop token ids are supported, got {len(params.stop_token_ids)}")
-        per_batch = max(1, self.config.max_batch_rows // k)
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
         limit = self._model_config.max_position_embeddings
         if longest + n > limit:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({n}) exceeds the model's "
                              f"max_position_embeddings {limit}; shorten the prompt or lower max_new_tokens")
-        truncate = params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
-        # Plan and check every sub-batch before running any, so a request fails before any work.
-        plans = []
-        for start in range(0, len(prompts), per_batch):
-            chunk = prompts[start:start + per_batch]
-            padded = min(per_batch, 1 << (len(chunk) - 1).bit_length())
-            bucket = self.bucket_for(max(len(p) for p in chunk))
-            self._check_memory(padded, k, bucket + n, truncate or self.config.vocab_chunk == 0)
-            plans.append((start, chunk, padded, bucket))
+        # Plan every sub-batch before running any, so a request fails before any work.
+        plans = self.plan(prompts, params)
         outputs, steps = [], []
         began = time.perf_counter()
         with use_mesh(self.mesh):
-            for start, chunk, padded, bucket in plans:
-                result = self._generate_batch(start, chunk, padded, bucket, params, truncate)
+            for sub_batch in plans:
+                result = self._generate_batch(sub_batch, params)
                 outputs.append(result[:4])
                 steps.append(result[4])
         tokens, logprobs, mask, stopped = (np.concatenate(parts) for parts in zip(*outputs))
         self.last_stats = {"decode_steps": steps, "seconds": time.perf_counter() - began,
-                           "sub_batches": len(plans)}
+                           "sub_batches": len(plans), "rows_per_sub_batch": max(p.padded * p.samples for p in plans)}
         return Rollout(prompt_ids=prompts, completion_ids=tokens, logprobs=logprobs, completion_mask=mask,
                        finish_reason=np.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(np.int8),
                        prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), k))
 
-    def _generate_batch(self, start: int, chunk: list[list[int]], padded: int, bucket: int,
-                        params: SamplingParams, truncate: bool):
+    def _generate_batch(self, sub_batch: _SubBatch, params: SamplingParams):
         k, n = params.num_samples, params.max_new_tokens
+        padded, bucket, samples = sub_batch.padded, sub_batch.bucket, sub_batch.samples
         tokens = np.full((padded, bucket), PAD_ID, np.int32)
         valid = np.zeros((padded, bucket), bool)
-        for i, p in enumerate(chunk):
+        for i, p in enumerate(sub_batch.prompts):
             tokens[i, bucket - len(p):] = p
             valid[i, bucket - len(p):] = True
-        valid[len(chunk):, -1] = True  # padding prompts: one pad token, so their rows stay finite
-        hidden, cache = _prefill(self._graphdef, self._state, tokens, valid, num_samples=k, cache_len=bucket + n,
-                                 cache_dtype=self.cache_dtype)
-        rows = padded * k
-        prompt_index = start + np.arange(rows) // k
-        keys = row_keys(params.seed, prompt_index, np.arange(rows) % k)
-        live = np.arange(rows) < len(chunk) * k
+        valid[len(sub_batch.prompts):, -1] = True  # padding prompts: one pad token, so their rows stay finite
+        hidden, cache = _prefill(self._graphdef, self._state, tokens, valid, num_samples=samples,
+                                 cache_len=bucket + n, cache_dtype=self.cache_dtype)
+        rows = padded * samples
+        sample_index = sub_batch.first_sample + np.arange(rows) % samples
+        keys = row_keys(params.seed, sub_batch.start + np.arange(rows) // samples, sample_index)
+        live = (np.arange(rows) < len(sub_batch.prompts) * samples) & (sample_index < k)
         stop_ids = np.full((_STOP_SLOTS,), -1, np.int32)
         stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
         greedy = params.temperature == 0
+        truncate = self._truncates(params)
         out = _decode(self._graphdef, self._state, cache, hidden, keys, live, stop_ids,
                       np.float32(0.0 if greedy else 1.0 / params.temperature), np.float32(params.top_p),
                       greedy=greedy, top_k=params.top_k if truncate else 0,
@@ -500,5 +611,13 @@ class JaxSampler(RolloutEngine):
                       windows=decode_windows(bucket, n, self.config.decode_window))
         tokens_out, logprobs, mask, stopped, steps = jax.device_get(out[:5])
         del out
-        used = len(chunk) * k
-        return tokens_out[:used], logprobs[:used], mask[:used], stopped[:used], int(steps)
+        return tokens_out[live], logprobs[live], mask[live], stopped[live], int(steps)
+
+
+def _largest(fits, upper: int) -> int:
+    """The largest m in [1, upper] with fits(m), for a fits that holds up to some point; 0 if none."""
+    low, high = 0, upper
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
