@@ -22,7 +22,9 @@ from flax import nnx
 
 from jaxmath.model import sharding
 from jaxmath.model.head import token_logprobs
-from jaxmath.train_state import F32, accumulate_and_apply
+from jaxmath.train_state import accumulate_and_apply
+
+F32 = jnp.float32
 
 
 def token_nll(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
