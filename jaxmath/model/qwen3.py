@@ -34,6 +34,7 @@ from jaxmath.model.config import Qwen3Config
 from jaxmath.model.sharding import constrain
 
 F32 = jnp.float32
+_LARGE_NEGATIVE = -0.7 * float(jnp.finfo(F32).max)  # a masked logit (as jax.nn.dot_product_attention's)
 
 
 class LoRAParam(nnx.Variable):
@@ -194,6 +195,21 @@ class Attention(nnx.Module):
                                            implementation=implementation)
         return self.o_proj(out, lora)
 
+    def attend_cached(self, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                      lora: bool) -> jax.Array:
+        """Attention over cache slots: q [b, t, n, h], keys/values [b, k, s, h] (the cache's layout),
+        mask [b, 1, t, s] -> [b, t, d]. XLA's attention written for the cache's layout, so the compiled
+        loop reads the keys and values where they lie (jax.nn.dot_product_attention takes [b, s, k, h],
+        and XLA then keeps the whole cache transposed for the decode loop)."""
+        b, t, n, h = q.shape
+        kv = keys.shape[1]
+        grouped = q.reshape(b, t, kv, n // kv, h)
+        logits = jnp.einsum("btkgh,bksh->bkgts", grouped, keys, preferred_element_type=F32) * self.scale
+        logits = jnp.where(mask[:, :, None], logits, _LARGE_NEGATIVE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(b, t, n, h)
+        return self.o_proj(out, lora)
+
     def implementation_for(self, cached: bool) -> str:
         """The attention kernel: the configured one for training and scoring (`Qwen3Config.for_platform`
         decides an auto choice from the device platform: cuDNN's flash attention on a GPU, 1.5x XLA's SFT
@@ -241,14 +257,14 @@ class DecoderLayer(nnx.Module):
         """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, s, k, h]
         at slot `write_index` and attends over the first mask.shape[-1] slots of the cache."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        start = (layer_idx, 0, write_index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-        _, b, _, kv_heads, head_dim = k_cache.shape
-        window = (1, b, mask.shape[-1], kv_heads, head_dim)
+        start = (layer_idx, 0, 0, write_index, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2)[None].astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2)[None].astype(v_cache.dtype), start)
+        _, b, kv_heads, _, head_dim = k_cache.shape
+        window = (1, b, kv_heads, mask.shape[-1], head_dim)
         keys, values = (jax.lax.dynamic_slice(c, (layer_idx, 0, 0, 0, 0), window)[0].astype(q.dtype)
                         for c in (k_cache, v_cache))
-        h = h + self.attn.attend(q, keys, values, mask, lora)
+        h = h + self.attn.attend_cached(q, keys, values, mask, lora)
         return h + self.mlp(self.post_attn_norm(h), lora), k_cache, v_cache
 
 
@@ -260,7 +276,7 @@ class DecoderLayer(nnx.Module):
 class KVCache:
     """Keys and values of every layer for a batch of sequences written slot by slot.
 
-    k, v:    [layers, batch, max_len, kv_heads, head_dim]
+    k, v:    [layers, batch, kv_heads, max_len, head_dim]
     valid:   [batch, max_len] bool, slots holding a real token (left padding stays False)
     lengths: [batch] int32, real tokens so far = the next RoPE position of each row
     index:   [] int32, the next slot to write (shared by all rows)
@@ -274,7 +290,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
+
+    @staticmethod
+    def shape_for(config: Qwen3Config, batch: int, max_len: int) -> tuple[int, ...]:
+        """The shape of k and v."""
+        return (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
 
     @staticmethod
     def nbytes_for(config: Qwen3Config, batch: int, max_len: int, dtype: Any = None) -> int:
@@ -390,7 +411,7 @@ class Qwen3(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        shape = KVCache.shape_for(c, batch, max_len)
         dtype = dtype or c.dtype
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
                        lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))

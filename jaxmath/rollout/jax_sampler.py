@@ -277,7 +277,9 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
     model = nnx.merge(graphdef, state)
     with jax.named_scope("prefill"):
         cache = model.init_cache(tokens.shape[0], cache_len, cache_dtype)
-        hidden, cache = model.forward_with_cache(tokens, token_valid, cache)
+        # The prompt fills slots [0, bucket): attending over those alone, not the whole cache, keeps the
+        # scores [prompts, heads, bucket, bucket] instead of [..., bucket, bucket + max_new_tokens].
+        hidden, cache = model.forward_with_cache(tokens, token_valid, cache, window=tokens.shape[1])
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     # Each prompt is prefilled once; its K sample rows share copies of its cache.
     cache = KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
