@@ -158,7 +158,7 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     except ValueError as e:
         raise ValueError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
                          f"{cfg.batch_size}); {e}. Lower sft.warmup_steps or raise steps/epochs") from e
-    optimizer, step_fn, eval_step = _compiled_steps(graphdef, opt_cfg, cfg.chunk_size, cfg.remat)
+    optimizer, step_fn, eval_step = _compiled_steps(graphdef, opt_cfg, cfg.chunk_size, cfg.remat, not cfg.pack)
     opt_state = _init_opt_state(optimizer, trainable)
     shard = _sharder(mesh)
 
@@ -228,12 +228,14 @@ def export(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: Any = None)
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_steps(graphdef, opt_cfg, chunk_size: int, remat: bool):
+def _compiled_steps(graphdef, opt_cfg, chunk_size: int, remat: bool, one_document_per_row: bool):
     """(optimizer, step, eval_step) shared by runs with the same model structure and optimizer, so a
-    second run_sft in one process (a resumed run, a sweep, the demo) reuses the compiled step."""
+    second run_sft in one process (a resumed run, a sweep, the demo) reuses the compiled step.
+    one_document_per_row: unpacked rows (sft.pack=False), described to the model by their lengths."""
     optimizer = make_optimizer(opt_cfg)
-    return (optimizer, sft.make_sft_step(graphdef, optimizer, chunk_size=chunk_size, remat=remat),
-            sft.make_eval_step(graphdef, chunk_size=chunk_size))
+    return (optimizer, sft.make_sft_step(graphdef, optimizer, chunk_size=chunk_size, remat=remat,
+                                         one_document_per_row=one_document_per_row),
+            sft.make_eval_step(graphdef, chunk_size=chunk_size, one_document_per_row=one_document_per_row))
 
 
 def _init_opt_state(optimizer, trainable):

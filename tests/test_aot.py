@@ -63,7 +63,7 @@ def test_traffic_counts_in_place_updates_slices_and_copies():
     buf, x = np.zeros((rows, width), np.float32), np.zeros((rows, width), np.float32)
     report = hlo.program_traffic(_compile_for_cpu(fill, buf, x))
     (loop,) = report["loops"]
-    assert loop["copies"] == 0 and report["largest_copy"] < rows * width * 4
+    assert loop["largest_copy"] < width * 4 and report["largest_copy"] < rows * width * 4  # loop counters only
     assert loop["written"] <= 2 * width * 4  # one row (and loop scalars), not the buffer
     assert loop["read"] < rows * width * 4 / 10
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -82,37 +82,60 @@ def test_attention_kernel_read_from_hlo_text():
 
 
 TINY = ["--preset=tiny", "--target=cpu"]
+# ml_collections' config loader uses importlib's load_module (its deprecation, not ours)
+config_loader = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
 
-def test_memory_report_grpo_phases_on_a_tiny_model():
+def _plan(*argv):
+    fv = memory._flags(list(argv))
+    return memory.run_plan(fv.config, memory.model_config(fv.config, "tiny")[1], micro_batch_rows=fv.micro_batch_rows,
+                           sampler_rows=fv.sampler_rows, sft_micro=fv.sft_micro)
+
+
+@config_loader
+def test_each_config_lists_the_programs_its_run_executes():
+    grpo = _plan("--config=configs/grpo_v2.py")
+    assert list(grpo.phases) == ["rollout/prefill", "rollout/decode", "train/step", "sync/merge"]
+    assert grpo.phases["rollout/decode"] == 128 and grpo.phases["train/step"] == 16  # 8 prompts x 16; loss
+    assert grpo.grpo.prompt_tokens == 1024 and grpo.grpo.completion_tokens == 4096
+    # importance correction needs the old-policy pass; periodic evaluation generates with the sampler
+    assert "train/logprobs" in _plan("--config=configs/grpo_v2.py", "--config.rl.tis_cap=2.0").phases
+    lora = _plan("--config=configs/local_lora.py")
+    assert lora.phases["eval/decode"] == 64 and lora.evaluation.max_new_tokens == 2048
+    full = _plan("--config=configs/local_full.py", "--micro_batch_rows=4", "--sampler_rows=32")
+    assert "sync/merge" not in full.phases and full.phases["train/step"] == 4 and full.phases["rollout/decode"] == 32
+    # main's overrides: the prompt budget sets the train prompt bucket and the sampler's
+    p1500 = _plan("--config=configs/grpo_v2.py", "--config.rl.max_prompt_tokens=1500")
+    assert p1500.grpo.prompt_tokens == 1536 and plan_lib.sampler_bucket(p1500.sampler, 1500) == 2048
+    sft = _plan("--config=configs/sft_config_a.py", "--sft_micro=2")
+    assert list(sft.phases) == ["train/sft_step", "eval/sft_loss"] and sft.phases["train/sft_step"] == 2
+    assert not sft.sft.packed and sft.sft.batch == 32 and sft.sft.seq == 4096
+    ev = _plan("--config=configs/eval.py")
+    assert list(ev.phases) == ["eval/prefill", "eval/decode"] and ev.phases["eval/decode"] == 64
+    with pytest.raises(SystemExit, match="not a flag|key"):
+        memory._flags(["--config=configs/eval.py", "--config.eval.no_such_key=1"])
+
+
+@pytest.mark.slow
+@config_loader
+def test_memory_report_on_a_tiny_model():
+    """About 70 s: the decode loop and the train step of a tiny GRPO run compiled for this CPU."""
     shapes = ["--config.rl.max_prompt_tokens=40", "--config.rl.max_completion_tokens=24",
               "--config.rl.num_generations=2", "--config.rl.prompts_per_step=4", "--config.loss.micro_batch_rows=4",
-              "--config.rl.tis_cap=2.0", "--config.sampler.decode_window=8"]
+              "--config.sampler.decode_window=8", "--phases=rollout/decode,train/step,sync/merge"]
     out = memory.main(["--config=configs/grpo_v2.py", *TINY, *shapes])
     assert out["target"] == "cpu" and out["fits"] and out["capacity_bytes"] > 0
-    # tis_cap needs the old-policy pass; LoRA with the merge mode adds the sync estimate
-    assert list(out["phases"]) == ["rollout/prefill", "rollout/decode", "train/logprobs", "train/step", "sync/merge"]
+    assert list(out["phases"]) == ["rollout/decode", "train/step", "sync/merge"]
     assert out["phases"]["train/step"]["rows"] == 4 and out["phases"]["rollout/decode"]["rows"] == 8
     assert out["peak_bytes"] == max(p["peak_bytes"] for p in out["phases"].values())
-    assert {p["attention"] for n, p in out["phases"].items() if n != "sync/merge"} == {"xla"}  # a CPU
+    assert out["phases"]["train/step"]["attention"] == "xla"  # a CPU
     # prompt bucket 64 (40 tokens), 24 completion tokens: windows of 8, 16 and 24 new tokens
     steps = out["phases"]["rollout/decode"]["decode_steps"]
     assert [s["window"] for s in steps] == [64 + 8, 64 + 16, 64 + 24]
     assert all(s["buffers_read"] >= s["must_read"] * 0.5 for s in steps)
 
 
-def test_memory_report_sft_and_eval_phases_and_row_flags():
-    sft = memory.main(["--config=configs/sft_config_a.py", *TINY, "--config.sft.max_seq_len=32",
-                       "--config.sft.batch_size=4", "--sft_micro=2"])
-    assert list(sft["phases"]) == ["train/sft_step", "eval/sft_loss"]
-    assert sft["phases"]["train/sft_step"]["rows"] == 2
-    ev = memory.main(["--config=configs/eval.py", *TINY, "--config.eval.max_prompt_tokens=20",
-                      "--config.eval.max_new_tokens=8", "--config.eval.batch_size=3"])
-    assert list(ev["phases"]) == ["eval/prefill", "eval/decode"] and ev["phases"]["eval/decode"]["rows"] == 4
-    with pytest.raises(SystemExit, match="not a flag|key"):
-        memory.main(["--config=configs/eval.py", *TINY, "--config.eval.no_such_key=1"])
-
-
+@config_loader
 def test_gpu_target_without_the_plugin_names_the_extra(monkeypatch):
     monkeypatch.setattr(targets, "plugin_installed", lambda: False)
     with pytest.raises(SystemExit, match=r"\.\[aot\]"):
@@ -158,7 +181,6 @@ def test_h100_grpo_v2_step_fits_with_cudnn_attention():
 
 
 @pytest.mark.aot
-@pytest.mark.slow
 @needs_plugin
 def test_h100_decode_window_updates_the_cache_in_place():
     """One decode window of GRPO v2's rollout shape (Qwen3-4B, 64 rows, 1,024-token prompt bucket, its
@@ -169,8 +191,8 @@ def test_h100_decode_window_updates_the_cache_in_place():
     plan = _grpo_v2_plan(max_completion_tokens=64, sampler=SamplerConfig(max_batch_rows=64, decode_window=0))
     memory_ = plan_lib.compile_phase(plan, "rollout/decode", 64, targets.load_target("h100"))
     assert memory_.peak_bytes <= H100_BUDGET, memory_
-    cache = KVCache.nbytes_for(plan.model, 64, 1024 + 4096)
-    layer_window = KVCache.nbytes_for(plan.model, 64, 1024 + 64) // plan.model.num_layers
+    cache = KVCache.nbytes_for(plan.model, 64, 1024 + 64)
+    layer_window = cache // plan.model.num_layers
     (loop,) = memory_.traffic["loops"]
     # No copy of the cache, or of a layer's cache, outside the loop (the cache used to be transposed
     # whole on the way in and out); per step, what XLA copies is at most one layer's live window (it
@@ -181,7 +203,9 @@ def test_h100_decode_window_updates_the_cache_in_place():
 
 
 @pytest.mark.aot
+@pytest.mark.slow
 @needs_plugin
+@config_loader
 def test_memory_cli_for_h100_on_a_tiny_model():
     """The command line as a user runs it (its own process: the plugin's environment set up by the
     command), last line JSON."""

@@ -84,6 +84,7 @@ class SFTShapes:
     seq: int
     chunk: int
     remat: bool
+    packed: bool = False  # several documents per row (segment ids), else one per row (lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +180,9 @@ def grpo_plan(model: Qwen3Config, *, lora: LoRAConfig, optimizer: OptimizerConfi
 
 
 def sft_plan(model: Qwen3Config, *, lora: LoRAConfig, optimizer: OptimizerConfig, batch: int, micro: int,
-             seq: int, chunk: int, remat: bool) -> RunPlan:
+             seq: int, chunk: int, remat: bool, packed: bool = False) -> RunPlan:
     """The SFT run's phases: the train step ([batch / micro, micro, seq]) and the held-out loss."""
-    return RunPlan(model=model, lora=lora, optimizer=optimizer, sft=SFTShapes(batch, seq, chunk, remat),
+    return RunPlan(model=model, lora=lora, optimizer=optimizer, sft=SFTShapes(batch, seq, chunk, remat, packed),
                    phases={"train/sft_step": micro, "eval/sft_loss": micro})
 
 
@@ -436,7 +437,8 @@ def _sft_step(plan: RunPlan, state: _State, rows: int, sharding):
     s = plan.sft
     if s.batch % rows:
         raise ValueError(f"sft micro-batch rows {rows} must divide the batch of {s.batch}")
-    step = sft.make_sft_step(state.graphdef, state.optimizer, chunk_size=s.chunk, remat=s.remat)
+    step = sft.make_sft_step(state.graphdef, state.optimizer, chunk_size=s.chunk, remat=s.remat,
+                             one_document_per_row=not s.packed)
     batch = _sft_batch((s.batch // rows, rows, s.seq), sharding)
     return step.lower(state.trainable, state.frozen, state.opt_state, batch), 0
 
@@ -444,6 +446,6 @@ def _sft_step(plan: RunPlan, state: _State, rows: int, sharding):
 def _sft_loss(plan: RunPlan, state: _State, rows: int, sharding):
     from jaxmath import sft
 
-    fn = sft.make_eval_step(state.graphdef, chunk_size=plan.sft.chunk)
+    fn = sft.make_eval_step(state.graphdef, chunk_size=plan.sft.chunk, one_document_per_row=not plan.sft.packed)
     lowered = fn.lower(state.trainable, state.frozen, _sft_batch((rows, plan.sft.seq), sharding))
     return lowered, nbytes(state.opt_state)

@@ -67,6 +67,8 @@ def _flags(argv: list[str]):
     flags.DEFINE_integer("sft_micro", 0, "SFT rows per micro-batch (0: sft.micro_batch_size)", flag_values=fv)
     flags.DEFINE_list("phases", [], "compile only these phases (default: all)", flag_values=fv)
     flags.DEFINE_float("headroom_bytes", 4e9, "memory kept free beside the run's peak", flag_values=fv)
+    flags.DEFINE_boolean("fit", False, "for a phase that does not fit, compile it again at half its rows until "
+                         "it does, and report the rows that fit", flag_values=fv)
     flags.DEFINE_boolean("sweep", False, "the study's Table 10 sweep instead of the run's phases", flag_values=fv)
     flags.DEFINE_list("methods", ["lora_r64", "full"], "--sweep: lora_r64, full", flag_values=fv)
     flags.DEFINE_list("ks", ["8", "16"], "--sweep: completions per prompt", flag_values=fv)
@@ -140,7 +142,7 @@ def run_plan(cfg, model_cfg, *, micro_batch_rows: int = 0, sampler_rows: int = 0
         s = sft_config_from(cfg)
         plan = plan_lib.sft_plan(model_cfg, lora=s.lora, optimizer=s.optimizer_config(max(cfg.get("steps", 0), 1)),
                                  batch=s.batch_size, micro=s.micro, seq=s.max_seq_len, chunk=s.chunk_size,
-                                 remat=s.remat)
+                                 remat=s.remat, packed=s.pack)
     elif mode == "eval":
         e = build(EvalConfig, cfg.eval, prefix="eval", data_dir=cfg.data.dir)
         sampler = build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
@@ -201,6 +203,34 @@ def decode_steps(plan, phase: str, traffic: dict) -> list[dict]:
     return out
 
 
+def rows_that_fit(plan, phase: str, rows: int, target, budget: float) -> tuple[int, int]:
+    """(rows, peak) of the largest halving of `rows` at which `phase` fits `budget` bytes, (0, 0) when
+    none does. Sampler rows stay a multiple of the samples per prompt, train rows divide the batch."""
+    from jaxmath.aot import plan as plan_lib
+
+    kind = phase.split("/", 1)[1]
+    if kind in ("prefill", "decode"):
+        k = (plan.rollout if phase.startswith("rollout/") else plan.evaluation).num_samples
+        candidates = [r for r in _halvings(rows) if r % k == 0]
+    else:
+        batch = plan.grpo.rows if plan.grpo is not None else plan.sft.batch
+        candidates = [r for r in _halvings(rows) if batch % r == 0]
+    for r in candidates:
+        peak = plan_lib.compiled_peak_bytes(plan, phase, r, target)
+        print(f"    {phase} at {r} rows: peak {_gb(peak)} GB", flush=True)
+        if peak <= budget:
+            return r, peak
+    return 0, 0
+
+
+def _halvings(rows: int) -> list[int]:
+    out = []
+    while rows > 1:
+        rows //= 2
+        out.append(rows)
+    return out
+
+
 def report(cfg, fv) -> dict[str, Any]:
     from jaxmath.aot import plan as plan_lib
     from jaxmath.aot.targets import load_target
@@ -216,12 +246,16 @@ def report(cfg, fv) -> dict[str, Any]:
     print(f"memory plan: the {cfg.mode} run of {fv['config'].config_filename} with {model_name}, for "
           f"{target.name} ({target.description}, {_gb(target.capacity_bytes)} GB); phases {', '.join(names)}",
           flush=True)
-    memories = []
+    memories, fitting = [], {}
+    budget = target.capacity_bytes - fv.headroom_bytes
     for name in names:
         m = plan_lib.compile_phase(plan, name, plan.phases[name], target)
         memories.append(m)
-        print(f"  {name} at {m.rows} rows: peak {_gb(m.peak_bytes)} GB, attention {m.attention} "
-              f"(compiled in {m.compile_seconds} s)", flush=True)
+        print(f"  {name}" + (f" at {m.rows} rows: peak {_gb(m.peak_bytes)} GB, attention {m.attention} "
+                             f"(compiled in {m.compile_seconds} s)" if m.rows else
+                             f" (estimate, not a compiled program): peak {_gb(m.peak_bytes)} GB"), flush=True)
+        if fv.fit and m.rows and m.peak_bytes > budget:
+            fitting[name] = rows_that_fit(plan, name, m.rows, target, budget)
     peak = max(m.peak_bytes for m in memories)
     fits = peak + fv.headroom_bytes <= target.capacity_bytes
     print()
@@ -235,6 +269,9 @@ def report(cfg, fv) -> dict[str, Any]:
         if m.traffic is not None:
             t = m.traffic
             print(f"| {m.phase} | {t['copies']} | {_gb(t['copy_bytes'])} | {_gb(t['largest_copy'])} |")
+    for name, (rows, peak_at) in fitting.items():
+        print(f"{name} does not fit at {plan.phases[name]} rows; "
+              + (f"it fits at {rows} rows (peak {_gb(peak_at)} GB)" if rows else "no smaller row count fits"))
     steps = {m.phase: decode_steps(plan, m.phase, m.traffic) for m in memories if m.phase.endswith("/decode")}
     for phase, rows in steps.items():
         print(f"\n{phase}, one step per window (GB): must read | buffers read | buffers written | copies (GB, largest)")
@@ -248,7 +285,8 @@ def report(cfg, fv) -> dict[str, Any]:
                                  "aliased": m.aliased, "resident": m.resident,
                                  "compile_seconds": m.compile_seconds,
                                  "copies": m.traffic and {k: v for k, v in m.traffic.items() if k != "loops"},
-                                 **({"decode_steps": steps[m.phase]} if m.phase in steps else {})}
+                                 **({"decode_steps": steps[m.phase]} if m.phase in steps else {}),
+                                 **({"fits_at_rows": fitting[m.phase][0]} if m.phase in fitting else {})}
                        for m in memories}}
 
 
