@@ -26,7 +26,7 @@ from jaxmath.bench import memory
 from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-H100_BUDGET = 76e9  # 80 GB less 4 GB of headroom (issue 13)
+H100_BUDGET = 76e9  # 80 GB less the bench's 4 GB of headroom (issue 13)
 needs_plugin = pytest.mark.skipif(not targets.plugin_installed(),
                                   reason="JAX's CUDA plugin is not installed (pip install -e '.[aot]')")
 
@@ -144,8 +144,8 @@ def test_gpu_target_without_the_plugin_names_the_extra(monkeypatch):
 
 def test_targets_describe_their_devices():
     h100, h200 = targets.load_target("h100"), targets.load_target("h200")
-    assert h100.capacity_bytes == 84_929_347_584 and h100.platform == "gpu"
-    assert h200.capacity_bytes == 150_149_398_528 and "H200" in h200.description
+    assert h100.device_bytes == 84_929_347_584 and h100.capacity_bytes == 80e9 and h100.platform == "gpu"
+    assert h200.device_bytes == 150_149_398_528 and h200.capacity_bytes == 141e9 and "H200" in h200.description
     with pytest.raises(ValueError, match="h100, h200, cpu"):
         targets.load_target("a100")
 

@@ -22,6 +22,10 @@ from pathlib import Path
 
 GPU_TARGETS = ("h100", "h200")
 TARGETS = GPU_TARGETS + ("cpu",)
+# The memory each GPU is sold with, in bytes: a run is planned against the smaller of this and what
+# CUDA reports (84.9e9 on an H100 80GB, 150.1e9 on an H200), which leaves the CUDA context, library
+# workspaces and allocator slack outside the plan.
+NOMINAL_BYTES = {"h100": 80_000_000_000, "h200": 141_000_000_000}
 _DIR = Path(__file__).resolve().parent / "targets"
 
 
@@ -36,7 +40,9 @@ class Target:
     name:           "h100", "h200" or "cpu"
     platform:       the jax Device platform its programs run on ("gpu" or "cpu"); decides the
                     attention kernel (`Qwen3Config.for_platform`)
-    capacity_bytes: device memory a run may fill (CUDA's total for a GPU, physical RAM for the CPU)
+    capacity_bytes: device memory a run may fill: for a GPU the smaller of its nominal size and CUDA's
+                    total (the H100 80GB: 80e9 of 84.9e9 bytes); physical RAM for the CPU
+    device_bytes:   all the device's memory (CUDA's total for a GPU)
     description:    the device, in words
     """
 
@@ -44,6 +50,7 @@ class Target:
     platform: str
     capacity_bytes: int
     description: str
+    device_bytes: int = 0
 
     @property
     def is_gpu(self) -> bool:
@@ -129,6 +136,7 @@ def load_target(name: str) -> Target:
             ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             ram = 0
-        return Target("cpu", "cpu", int(ram), "this machine's CPU (XLA CPU)")
+        return Target("cpu", "cpu", int(ram), "this machine's CPU (XLA CPU)", int(ram))
     text = _textproto(name)
-    return Target(name, "gpu", int(_field(text, "device_memory_size")), _field(text, "device_description_str"))
+    total = int(_field(text, "device_memory_size"))
+    return Target(name, "gpu", min(total, NOMINAL_BYTES[name]), _field(text, "device_description_str"), total)

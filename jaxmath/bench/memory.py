@@ -15,9 +15,10 @@ Nothing is allocated.
 
 --micro_batch_rows, --sampler_rows and --sft_micro override the rows a phase is compiled at (the knobs
 its memory follows); `jaxmath.aot.plan.compiled_peak_bytes` is the same measurement for a planner.
-A run fits when its largest phase plus --headroom_bytes (default 4 GB: CUDA context, cuBLAS and
-cuDNN workspaces) is within the target's capacity. On a real GPU, JAX's allocator takes 75% of the
-device unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
+A run fits when its largest phase plus --headroom_bytes (default 4 GB) is within the target's
+capacity (for an H100 80GB, 80e9 of the 84.9e9 bytes CUDA reports: a run fits when its peak is at
+most 76e9). On a real GPU, JAX's allocator takes 75% of the device unless told otherwise
+(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it 80.7e9 bytes of an H100).
 
 --sweep prints the study's Table 10 layout instead (LoRA r64 / full-parameter x K x completion
 length, the train step and SFT step of this config, compiled for the target). The last line is JSON.
@@ -286,7 +287,8 @@ def report(cfg, fv) -> dict[str, Any]:
                                  "compile_seconds": m.compile_seconds,
                                  "copies": m.traffic and {k: v for k, v in m.traffic.items() if k != "loops"},
                                  **({"decode_steps": steps[m.phase]} if m.phase in steps else {}),
-                                 **({"fits_at_rows": fitting[m.phase][0]} if m.phase in fitting else {})}
+                                 **({"fits_at_rows": fitting[m.phase][0], "peak_bytes_at_those_rows":
+                                     int(fitting[m.phase][1])} if m.phase in fitting else {})}
                        for m in memories}}
 
 

@@ -198,9 +198,10 @@ class Attention(nnx.Module):
     def attend_cached(self, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
                       lora: bool) -> jax.Array:
         """Attention over cache slots: q [b, t, n, h], keys/values [b, k, s, h] (the cache's layout),
-        mask [b, 1, t, s] -> [b, t, d]. XLA's attention written for the cache's layout, so the compiled
-        loop reads the keys and values where they lie (jax.nn.dot_product_attention takes [b, s, k, h],
-        and XLA then keeps the whole cache transposed for the decode loop)."""
+        mask [b, 1, t, s] -> [b, t, d]; the numerics of jax.nn.dot_product_attention's XLA path. Written
+        for the cache's layout: given [b, s, k, h] as that function wants, XLA kept the whole cache
+        transposed through the decode loops, two transposes of all of it per decode call and a
+        cache-sized temporary (docs/BENCHMARKS.md)."""
         b, t, n, h = q.shape
         kv = keys.shape[1]
         grouped = q.reshape(b, t, kv, n // kv, h)
@@ -254,7 +255,7 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attn_norm(h), lora)
 
     def decode(self, h, cos, sin, mask, k_cache, v_cache, layer_idx, write_index, lora: bool = True):
-        """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, s, k, h]
+        """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, k, s, h]
         at slot `write_index` and attends over the first mask.shape[-1] slots of the cache."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
         start = (layer_idx, 0, 0, write_index, 0)

@@ -7,7 +7,8 @@ For a batch of prompts and K samples each, `JaxSampler.generate`
    do not fit the memory budget;
 2. left-pads each sub-batch to a prompt-length bucket (powers of two by default), so shapes and
    compiles are reused across calls;
-3. prefills each prompt once and `jnp.repeat`s its KV cache to its K sample rows;
+3. prefills each prompt once, in chunks of 256 tokens, and `jnp.repeat`s its KV cache to its K
+   sample rows;
 4. decodes under jitted `lax.while_loop`s that exit as soon as every row has finished, with the
    KV cache donated; attention reads a window of the cache that grows with the completion
    (`decode_windows`: the prompt bucket plus 64, 128, 256, ... slots) instead of all of it.
@@ -58,6 +59,8 @@ LORA_MODES = ("merge", "on_the_fly", "auto")
 _GROUP = 64
 # Stop ids are passed as a fixed-size array (padded with -1) so their number does not recompile.
 _STOP_SLOTS = 8
+# Prompt tokens per prefill chunk: bounds the attention scores of a long prompt bucket.
+_PREFILL_CHUNK = 256
 
 
 class SamplerMemoryError(ValueError):
@@ -277,9 +280,14 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
     model = nnx.merge(graphdef, state)
     with jax.named_scope("prefill"):
         cache = model.init_cache(tokens.shape[0], cache_len, cache_dtype)
-        # The prompt fills slots [0, bucket): attending over those alone, not the whole cache, keeps the
-        # scores [prompts, heads, bucket, bucket] instead of [..., bucket, bucket + max_new_tokens].
-        hidden, cache = model.forward_with_cache(tokens, token_valid, cache, window=tokens.shape[1])
+        # The prompt goes in chunks, each attending over the slots written so far (not the whole cache):
+        # XLA's attention holds float32 scores [prompts, heads, chunk, end of chunk]: 4.3 GB for 64
+        # prompts of a 2,048 bucket at 256-token chunks, 34 GB in one piece.
+        bucket = tokens.shape[1]
+        for start in range(0, bucket, _PREFILL_CHUNK):
+            end = min(start + _PREFILL_CHUNK, bucket)
+            hidden, cache = model.forward_with_cache(tokens[:, start:end], token_valid[:, start:end], cache,
+                                                     window=end)
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     # Each prompt is prefilled once; its K sample rows share copies of its cache.
     cache = KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
