@@ -407,8 +407,10 @@ def main(argv: list[str]) -> dict:
     from jaxmath.aot import targets
 
     fv = _flags(argv)
+    # Before jax starts its backends: the CPU as jax's platform (also for --target=cpu, where an
+    # installed CUDA plugin would otherwise try the absent GPU and print its failure).
+    targets.prepare_process()
     if fv.target in targets.GPU_TARGETS:
-        targets.prepare_process()  # before jax starts its backends
         try:
             targets.require_plugin(fv.target)
         except targets.TargetUnavailable as e:
