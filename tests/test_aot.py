@@ -116,10 +116,9 @@ def test_each_config_lists_the_programs_its_run_executes():
         memory._flags(["--config=configs/eval.py", "--config.eval.no_such_key=1"])
 
 
-@pytest.mark.slow
 @config_loader
 def test_memory_report_on_a_tiny_model():
-    """About 70 s: the decode loop and the train step of a tiny GRPO run compiled for this CPU."""
+    """The decode loop and the train step of a tiny GRPO run compiled for this CPU (about 15 s)."""
     shapes = ["--config.rl.max_prompt_tokens=40", "--config.rl.max_completion_tokens=24",
               "--config.rl.num_generations=2", "--config.rl.prompts_per_step=4", "--config.loss.micro_batch_rows=4",
               "--config.sampler.decode_window=8", "--phases=rollout/decode,train/step,sync/merge"]
@@ -168,7 +167,6 @@ def _grpo_v2_plan(**changes):
 
 
 @pytest.mark.aot
-@pytest.mark.slow
 @needs_plugin
 def test_h100_grpo_v2_step_fits_with_cudnn_attention():
     """GRPO v2's train step (Qwen3-4B, LoRA r64, prompt bucket 1,024 + 4,096 completion tokens: 5,119
@@ -203,7 +201,6 @@ def test_h100_decode_window_updates_the_cache_in_place():
 
 
 @pytest.mark.aot
-@pytest.mark.slow
 @needs_plugin
 @config_loader
 def test_memory_cli_for_h100_on_a_tiny_model():

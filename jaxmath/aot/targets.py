@@ -90,7 +90,10 @@ def _field(text: str, key: str) -> str:
 
 def plugin_installed() -> bool:
     """Whether JAX's CUDA plugin (the `aot` extra) is importable."""
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
 
 
 def prepare_process() -> None:
