@@ -1,9 +1,15 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and the shared data location."""
+"""Test setup: the CPU as jax's platform with 8 fake devices (set before jax is imported) and the shared
+data location."""
 
 import os
 import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With JAX's CUDA plugin installed (the aot extra) and no GPU, jax would try CUDA first and print its
+# failure; the suite runs on the CPU. The second variable lets the plugin describe a GPU it does not
+# have, which the `aot` tests compile for (jaxmath.aot.targets).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("JAXMATH_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -88,6 +88,26 @@ def test_step_logprobs_equal_teacher_forced_model_logprobs():
     assert metrics["ratio_mean"] == pytest.approx(1.0) and abs(float(metrics["loss"])) < 1e-7
 
 
+def test_step_logprobs_at_the_edges_of_the_row_layout():
+    """A one-token prompt (most left padding) and a prompt that fills the bucket with a full-length
+    completion (no padding at all): the model sees each row moved to its start, and the logprobs are
+    read back at each row's own offset."""
+    rollout = _rollout(rows=4, group=2, prompt_lens=(1, 8), completion_len=5, seed=5)
+    rollout.completion_mask[:] = True  # every completion full length
+    batch = step_lib.build_batch(rollout, prompt_len=8, advantages=np.zeros(4, np.float32))
+    model = _model(with_lora=False)
+    graphdef, trainable, frozen = step_lib.split_trainable(model)
+    logprob_fn = step_lib.make_logprob_fn(graphdef, step_lib.LossConfig(logprob_chunk=4))
+    logprobs = np.asarray(logprob_fn(trainable, frozen, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), 5))
+    for row in range(4):
+        prompt = rollout.prompt_ids[rollout.prompt_index[row]]
+        seq = np.concatenate([prompt, rollout.completion_ids[row]])
+        logits = np.asarray(model(jnp.asarray(seq[None])))[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        ref = logp[len(prompt) - 1:len(prompt) + 4][np.arange(5), seq[len(prompt):]]
+        np.testing.assert_allclose(logprobs[row], ref, atol=1e-4)
+
+
 def test_trainable_split_is_lora_only_when_adapters_exist():
     _, trainable, _ = step_lib.split_trainable(_model(with_lora=True))
     leaves = jax.tree.leaves(trainable, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,5 +1,6 @@
-"""The memory plan (`python -m jaxmath.bench memory`): its weight and optimizer bytes against a hand
-calculation for Qwen3-4B, and the compiled breakdown's shape and JSON keys."""
+"""The memory plan's Table 10 sweep (`python -m jaxmath.bench memory --sweep`): its weight and optimizer
+bytes against a hand calculation for Qwen3-4B, and the compiled breakdown's shape and JSON keys. The
+per-phase report of a run is tested in tests/test_aot.py."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_full_parameter_state_bytes_match_hand_calculation():
 
 
 def test_memory_report_on_a_tiny_model_compiles_the_step(capsys):
-    out = memory.main(["--config=configs/grpo_v2.py", "--preset=tiny", "--methods=lora_r64", "--ks=2",
+    out = memory.main(["--config=configs/grpo_v2.py", "--sweep", "--preset=tiny", "--methods=lora_r64", "--ks=2",
                        "--tokens=16", "--no_sft"])
     assert list(out) == ["lora_r64/2x16"]
     row = out["lora_r64/2x16"]
@@ -55,13 +56,13 @@ def test_memory_report_on_a_tiny_model_compiles_the_step(capsys):
     assert row["activations"] > 0 and row["kv_cache"] > 0
     assert row["peak"] >= row["weights"] + row["optimizer"] + row["gradients"]
     printed = capsys.readouterr().out
-    assert "| peak |" in printed and "fits H100 80GB" in printed and "study full" in printed
+    assert "| peak |" in printed and "| fits cpu" in printed and "study full" in printed
 
 
 @pytest.mark.slow
 def test_memory_report_for_4b_cli_last_line_is_json():
-    cmd = [sys.executable, "-m", "jaxmath.bench", "memory", "--config=configs/grpo_v2.py", "--methods=lora_r64",
-           "--ks=8", "--tokens=2048", "--no_sft"]
+    cmd = [sys.executable, "-m", "jaxmath.bench", "memory", "--config=configs/grpo_v2.py", "--sweep",
+           "--preset=qwen3-4b", "--methods=lora_r64", "--ks=8", "--tokens=2048", "--no_sft"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

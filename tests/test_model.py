@@ -122,21 +122,41 @@ def test_kv_cache_decode_matches_forward(hf_pair):
         model.forward_with_cache(jnp.asarray(gen[:, :1]), jnp.ones((2, 1), bool), cache, window=21)
 
 
-def test_attention_kernel_choice(monkeypatch):
-    """Auto: cuDNN for training attention on a GPU in bf16 with a head size it takes, XLA otherwise;
-    the KV-cache path always XLA; an explicit choice wins for training."""
-    attn = jm.init_model(jm.preset("tiny")).layers.attn
-    bf16 = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
-    assert attn.implementation_for(bf16, cached=False) == "xla"  # this CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attn.implementation_for(bf16, cached=False) == "cudnn"
-    assert attn.implementation_for(bf16, cached=True) == "xla"
-    assert attn.implementation_for(bf16.astype(jnp.float32), cached=False) == "xla"
-    assert attn.implementation_for(jnp.zeros((1, 4, 2, 256), jnp.bfloat16), cached=False) == "xla"
-    attn.implementation = "xla"
-    assert attn.implementation_for(bf16, cached=False) == "xla"
+def test_attention_kernel_choice():
+    """Auto is decided from the platform the model is placed on, never from jax.default_backend():
+    cuDNN for training attention on a GPU in bf16 with a head size it takes, XLA otherwise; an explicit
+    choice is kept; the KV-cache path always uses XLA."""
+    bf16 = jm.preset("tiny", dtype=jnp.bfloat16)  # head_dim 32
+    assert bf16.attention_impl is None
+    assert bf16.for_platform("gpu").attention_impl == "cudnn"
+    assert bf16.for_platform("cpu").attention_impl == "xla"
+    assert bf16.replace(dtype=jnp.float32).for_platform("gpu").attention_impl == "xla"
+    assert bf16.replace(head_dim=256).for_platform("gpu").attention_impl == "xla"
+    assert bf16.replace(attention_impl="xla").for_platform("gpu").attention_impl == "xla"
+    assert bf16.replace(attention_impl="cudnn").for_platform("cpu").attention_impl == "cudnn"
+    model = jm.init_model(bf16)  # placed on this CPU
+    assert model.config.attention_impl == "xla"
+    attn = jm.Qwen3(bf16.for_platform("gpu"), rngs=nnx.Rngs(0)).layers.attn
+    assert attn.implementation_for(cached=False) == "cudnn"
+    assert attn.implementation_for(cached=True) == "xla"
+    assert jm.Qwen3(bf16, rngs=nnx.Rngs(0)).layers.attn.implementation_for(cached=False) == "xla"
     with pytest.raises(ValueError, match="attention_impl"):
         jm.preset("tiny", attention_impl="flash")
+
+
+def test_seq_lengths_match_right_padded_segments():
+    """Right-padded rows described by their lengths (the layout cuDNN takes without a mask) compute
+    what the same rows described by segment ids compute, on XLA's attention."""
+    model = jm.init_model(jm.preset("tiny", vocab_size=128, dtype=jnp.float32, param_dtype=jnp.float32), seed=2)
+    lengths = np.array([7, 3, 9], np.int32)
+    ids = np.random.RandomState(8).randint(2, 128, (3, 9))
+    segments = (np.arange(9)[None] < lengths[:, None]).astype(np.int32)
+    by_length = np.asarray(model.hidden_states(jnp.asarray(ids), seq_lengths=jnp.asarray(lengths)))
+    by_segment = np.asarray(model.hidden_states(jnp.asarray(ids), segment_ids=jnp.asarray(segments)))
+    real = segments.astype(bool)
+    np.testing.assert_allclose(by_length[real], by_segment[real], atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        model.hidden_states(jnp.asarray(ids), segment_ids=jnp.asarray(segments), seq_lengths=jnp.asarray(lengths))
 
 
 def test_hf_round_trip_bit_exact_and_loads_in_transformers(tmp_path):

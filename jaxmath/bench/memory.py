@@ -1,80 +1,302 @@
-"""`python -m jaxmath.bench memory --config=configs/grpo_v2.py`: the memory plan of a GRPO run (and
-its SFT step) for one accelerator, from the real jitted steps compiled ahead of time on abstract
-shapes; no weight is ever allocated.
+"""`python -m jaxmath.bench memory --config=configs/grpo_v2.py --target=h100`: does the run fit the
+device? Every program the run executes, compiled for the target at the shapes the config builds.
 
-For each method (LoRA rank 64, full-parameter) and each K x completion length (8/16 x 2,048/4,096),
-the 4B model, its adapters and its optimizer state are built with `nnx.eval_shape` / `jax.eval_shape`;
-the GRPO step of `jaxmath.rl.step` (rows = K x rl.prompts_per_step, the config's
-loss.micro_batch_rows, prompt rl.max_prompt_tokens + completion tokens) and the SFT step of
-`jaxmath.sft` (batch 32 x seq, micro-batch --sft_micro) are lowered and compiled, and XLA's
-`memory_analysis()` gives their temporary buffers. The breakdown follows the study's Table 10:
+The run is read from its config file with overrides exactly as `python -m jaxmath.main` reads it
+(`--config.rl.max_prompt_tokens=1500`), and `jaxmath.aot.plan` lists its phases: for GRPO the sampler's
+prefill and decode loop (one sub-batch: the config's `sampler.max_batch_rows`, the rollout's cache
+length, every decode window), the old-policy / reference logprob pass where the run needs one, the
+train step (micro-batches of `loss.micro_batch_rows`), the weight sync's LoRA merge (an estimate: it
+runs eagerly) and periodic evaluation's generation; for SFT the train step (`sft.micro_batch_size`)
+and the held-out loss; for the eval config its generation. Each is compiled for the target
+(`--target=h100|h200` with the CUDA plugin of the `aot` extra, no GPU needed; `cpu` for this
+machine) and reported with its arguments, temporaries and outputs from XLA's memory analysis, what
+the run keeps resident beside it, its peak, and the attention kernel the compiled program contains.
+Nothing is allocated.
 
-  weights      every parameter, in model.param_dtype (bf16: 8,044,936,192 bytes for Qwen3-4B),
-               plus the LoRA adapters (float32) when training LoRA
-  optimizer    Adam's two moments per trainable parameter, stored in its dtype (float32 adapters:
-               8 bytes; bf16 weights: 4 bytes, optimizer.moment_dtype "auto"), plus the float32
-               master copy (optimizer.master_fp32, on for full-parameter in the configs)
-  gradients    the step's gradient accumulator, in each parameter's dtype (jaxmath.optim)
-  activations  the compiled step's other temporaries (saved residuals, logprob chunks, batch)
-  kv_cache     the rollout's KV cache: the prompts' cache and its K-fold copy (jaxmath's sampler
-               keeps both during the copy), `KVCache.nbytes_for`
-  peak         the larger of training (weights + optimizer + the step's temporaries) and generation
-               (weights + optimizer + KV cache + the LoRA-merged kernel copy the sampler makes)
+--micro_batch_rows, --sampler_rows and --sft_micro override the rows a phase is compiled at (the knobs
+its memory follows); `jaxmath.aot.plan.compiled_peak_bytes` is the same measurement for a planner.
+A run fits when its largest phase plus --headroom_bytes (default 4 GB) is within the target's
+capacity (for an H100 80GB, 80e9 of the 84.9e9 bytes CUDA reports: a run fits when its peak is at
+most 76e9). On a real GPU, JAX's allocator takes 75% of the device unless told otherwise
+(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it 80.7e9 bytes of an H100).
 
-The numbers are the buffer assignment of whichever backend runs the command, for the same program.
-On a CPU, attention is XLA's reference implementation, which materializes one layer's float32 scores
-[micro rows, heads, seq, seq] and their gradient (19 GB each at 16 rows x 3,072 positions); cuDNN's
-fused attention on a GPU does not, so CPU activations are an upper bound: run the same command on the
-GPU for its own numbers, and use --micro_batch_rows to find a micro-batch that fits. The last line is
-JSON keyed "<method>/<K>x<tokens>".
+--sweep prints the study's Table 10 layout instead (LoRA r64 / full-parameter x K x completion
+length, the train step and SFT step of this config, compiled for the target). The last line is JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
-import json
-import time
 from typing import Any
 
+import numpy as np
+
 GB = 1e9
-CAPACITIES = {"H100 80GB": 80e9, "H200 141GB": 141e9}
 # The study's Table 10 (one H100 80GB, K=8, 2,048 tokens), in bytes.
 STUDY = {"full": dict(weights=8e9, optimizer=32e9, gradients=8e9, activations=10e9, kv_cache=8e9, peak=66e9),
          "lora_r64": dict(weights=8e9, optimizer=0.5e9, gradients=0.3e9, activations=10e9, kv_cache=8e9,
                           peak=27e9)}
 FIELDS = ("weights", "optimizer", "gradients", "activations", "kv_cache", "peak")
+DEFAULT_PRESET = "qwen3-4b-instruct-2507"  # the study's model
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What one run shape needs. method: "lora_r64" or "full"."""
+def _flags(argv: list[str]):
+    """Parse argv with the flags of this command; --config takes overrides as main does."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    method: str
-    lora_rank: int
-    master_fp32: bool
-    num_generations: int
-    completion_tokens: int
+    from jaxmath.aot.targets import TARGETS
+
+    fv = flags.FlagValues()
+    # sys_argv: the config flag registers the --config.* overrides it finds there, as main's does.
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/grpo_v2.py", flag_values=fv,
+                                    sys_argv=["memory"] + list(argv))
+    flags.DEFINE_enum("target", "cpu", TARGETS, "the device to compile for", flag_values=fv)
+    flags.DEFINE_string("preset", "", f"model preset (default: model.preset, model.path's config.json, "
+                                      f"else {DEFAULT_PRESET})", flag_values=fv)
+    flags.DEFINE_integer("micro_batch_rows", 0, "GRPO rows per train micro-batch (0: loss.micro_batch_rows)",
+                         flag_values=fv)
+    flags.DEFINE_integer("sampler_rows", 0, "rows per sampler sub-batch (0: as sampler.max_batch_rows gives)",
+                         flag_values=fv)
+    flags.DEFINE_integer("sft_micro", 0, "SFT rows per micro-batch (0: sft.micro_batch_size)", flag_values=fv)
+    flags.DEFINE_list("phases", [], "compile only these phases (default: all)", flag_values=fv)
+    flags.DEFINE_float("headroom_bytes", 4e9, "memory kept free beside the run's peak", flag_values=fv)
+    flags.DEFINE_boolean("fit", False, "for a phase that does not fit, compile it again at half its rows until "
+                         "it does, and report the rows that fit", flag_values=fv)
+    flags.DEFINE_boolean("sweep", False, "the study's Table 10 sweep instead of the run's phases", flag_values=fv)
+    flags.DEFINE_list("methods", ["lora_r64", "full"], "--sweep: lora_r64, full", flag_values=fv)
+    flags.DEFINE_list("ks", ["8", "16"], "--sweep: completions per prompt", flag_values=fv)
+    flags.DEFINE_list("tokens", ["2048", "4096"], "--sweep: completion tokens", flag_values=fv)
+    flags.DEFINE_boolean("no_sft", False, "--sweep: skip the SFT step", flag_values=fv)
+    try:
+        fv(["memory"] + list(argv))
+    except (flags.Error, AttributeError, KeyError) as e:  # an unknown flag, or an unknown config key
+        raise SystemExit(f"memory: {e!r} is not a flag of this command or a key of the config") from e
+    if fv.config is None:
+        raise SystemExit("memory: --config is required, e.g. --config=configs/grpo_v2.py")
+    return fv
 
 
-def _nbytes(tree: Any) -> int:
-    import jax
-    import numpy as np
-
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+# --- the run, from its config ------------------------------------------------------------------------
 
 
-def abstract_state(model_cfg, lora_rank: int, master_fp32: bool, learning_rate: float = 1e-5):
-    """(graphdef, trainable, frozen, opt_state, optimizer): abstract (ShapeDtypeStruct) states of the
-    model with `lora_rank` adapters (0: full-parameter) and its AdamW state."""
+def model_config(cfg, preset_flag: str = ""):
+    """The Qwen3Config the run builds: its preset, or model.path's config.json where that exists."""
+    import os
+
+    from jaxmath.model import config as model_lib
+
+    m = cfg.model
+    dtype = model_lib.dtype_from_name(m.dtype)
+    numerics = dict(dtype=dtype, param_dtype=model_lib.dtype_from_name(m.param_dtype or m.dtype), remat=m.remat,
+                    attention_impl=m.get("attention_impl") or None)
+    name = preset_flag or m.get("preset")
+    if not name and m.get("path") and os.path.isfile(os.path.join(m.path, "config.json")):
+        return m.path, model_lib.Qwen3Config.from_dir(m.path, **numerics)
+    name = name or DEFAULT_PRESET
+    return name, model_lib.preset(name, **numerics)
+
+
+def run_plan(cfg, model_cfg, *, micro_batch_rows: int = 0, sampler_rows: int = 0, sft_micro: int = 0):
+    """The `jaxmath.aot.plan.RunPlan` of a config (mode grpo, sft or eval), typed as main types it."""
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.config import build
+    from jaxmath.main import eval_config, grpo_configs, sft_config
+    from jaxmath.model.lora import LoRAConfig
+    from jaxmath.rollout.jax_sampler import SamplerConfig
+    from jaxmath.train_state import resolve_total_steps
+
+    mode = cfg.get("mode")
+    if mode == "grpo":
+        grpo, loss, optimizer = grpo_configs(cfg)
+        lora = build(LoRAConfig, cfg.lora, prefix="lora")
+        sampler = build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler") \
+            if cfg.rollout.engine == "jax" else None
+        evaluation = None
+        if grpo.eval_every:
+            e = eval_config(cfg, progress=False)
+            evaluation = plan_lib.Generation(e.batch_size, e.num_samples, e.max_prompt_tokens, e.max_new_tokens,
+                                             e.temperature, e.top_p)
+        plan = plan_lib.grpo_plan(
+            model_cfg, lora=lora, optimizer=optimizer, loss=loss, prompts=grpo.prompts_per_step,
+            rollout_prompts=grpo.prompts_sampled, num_generations=grpo.num_generations,
+            max_prompt_tokens=grpo.max_prompt_tokens, max_completion_tokens=grpo.max_completion_tokens,
+            prompt_bucket=grpo.prompt_bucket, temperature=grpo.temperature,
+            on_policy=grpo.num_iterations == 1 and loss.tis_cap == 0.0, tis_cap=loss.tis_cap, sampler=sampler,
+            evaluation=evaluation)
+    elif mode == "sft":
+        s = sft_config(cfg)
+        # The schedule's length changes no buffer; any length past the warmup compiles the same program.
+        optimizer = resolve_total_steps(s.optimizer, max(s.steps, s.optimizer.warmup_steps + 1))
+        plan = plan_lib.sft_plan(model_cfg, lora=s.lora, optimizer=optimizer,
+                                 batch=s.batch_size, micro=s.micro, seq=s.max_seq_len, chunk=s.chunk_size,
+                                 remat=s.remat, packed=s.pack)
+    elif mode == "eval":
+        e = eval_config(cfg)
+        sampler = build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
+        plan = plan_lib.eval_plan(model_cfg, sampler=sampler, evaluation=plan_lib.Generation(
+            e.batch_size, e.num_samples, e.max_prompt_tokens, e.max_new_tokens, e.temperature, e.top_p))
+    else:
+        raise SystemExit(f"memory: config.mode {mode!r} runs no model program; use a grpo, sft or eval config")
+    phases = dict(plan.phases)
+    for name in phases:
+        kind = name.split("/", 1)[1]
+        if micro_batch_rows and kind in ("step", "logprobs"):
+            phases[name] = micro_batch_rows
+        if sampler_rows and kind in ("prefill", "decode"):
+            phases[name] = sampler_rows
+        if sft_micro and kind in ("sft_step", "sft_loss"):
+            phases[name] = sft_micro
+    return dataclasses.replace(plan, phases=phases)
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f}"
+
+
+def phase_table(memories) -> str:
+    head = "| phase | rows | arguments | temporaries | outputs | resident | peak GB | attention | compile s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for m in memories:
+        lines.append(f"| {m.phase} | {m.rows or '-'} | {_gb(m.arguments)} | {_gb(m.temporaries)} | "
+                     f"{_gb(m.outputs - m.aliased)} | {_gb(m.resident)} | **{_gb(m.peak_bytes)}** | {m.attention} | "
+                     f"{m.compile_seconds if m.rows else 'estimate'} |")
+    return "\n".join(lines) + "\n"
+
+
+def decode_steps(plan, phase: str, traffic: dict) -> list[dict]:
+    """Per decode window: what one step must read (every weight once, the keys and values of the
+    window; it writes one slot) against the bytes of the buffers the compiled step reads and writes,
+    and the copies it makes."""
+    from jaxmath.aot.plan import sampler_bucket
+    from jaxmath.model.config import dtype_from_name
+    from jaxmath.model.qwen3 import KVCache
+    from jaxmath.rollout.jax_sampler import decode_windows
+
+    gen = plan.rollout if phase.startswith("rollout/") else plan.evaluation
+    c, rows = plan.model, plan.phases[phase]
+    cache_dtype = dtype_from_name(plan.sampler.cache_dtype) if plan.sampler.cache_dtype else c.dtype
+    weights = c.num_params() * np.dtype(c.param_dtype).itemsize
+    windows = decode_windows(sampler_bucket(plan.sampler, gen.prompt_tokens), gen.max_new_tokens,
+                             plan.sampler.decode_window)
+    out = []
+    for (end, slots), loop in zip(windows, traffic["loops"]):
+        need = weights + KVCache.nbytes_for(c, rows, slots, cache_dtype) + KVCache.nbytes_for(c, rows, 1, cache_dtype)
+        out.append({"window": slots, "steps_to": end, "must_read": int(need), "buffers_read": loop["read"],
+                    "buffers_written": loop["written"], "copies": loop["copies"], "copy_bytes": loop["copy_bytes"],
+                    "largest_copy": loop["largest_copy"]})
+    return out
+
+
+def rows_that_fit(plan, phase: str, rows: int, target, budget: float) -> tuple[int, int]:
+    """(rows, peak) of the largest halving of `rows` at which `phase` fits `budget` bytes, (0, 0) when
+    none does. Sampler rows stay a multiple of the samples per prompt, train rows divide the batch."""
+    from jaxmath.aot import plan as plan_lib
+
+    kind = phase.split("/", 1)[1]
+    if kind in ("prefill", "decode"):
+        k = (plan.rollout if phase.startswith("rollout/") else plan.evaluation).num_samples
+        candidates = [r for r in _halvings(rows) if r % k == 0]
+    else:
+        batch = plan.grpo.rows if plan.grpo is not None else plan.sft.batch
+        candidates = [r for r in _halvings(rows) if batch % r == 0]
+    for r in candidates:
+        peak = plan_lib.compiled_peak_bytes(plan, phase, r, target)
+        print(f"    {phase} at {r} rows: peak {_gb(peak)} GB", flush=True)
+        if peak <= budget:
+            return r, peak
+    return 0, 0
+
+
+def _halvings(rows: int) -> list[int]:
+    out = []
+    while rows > 1:
+        rows //= 2
+        out.append(rows)
+    return out
+
+
+def report(cfg, fv) -> dict[str, Any]:
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.aot.targets import load_target
+
+    target = load_target(fv.target)
+    model_name, model_cfg = model_config(cfg, fv.preset)
+    plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
+                    sft_micro=fv.sft_micro)
+    names = [p for p in plan.phases if not fv.phases or p in fv.phases]
+    unknown = sorted(set(fv.phases) - set(plan.phases))
+    if unknown:
+        raise SystemExit(f"memory: --phases {unknown} are not phases of this run; it has {list(plan.phases)}")
+    print(f"memory plan: the {cfg.mode} run of {fv['config'].config_filename} with {model_name}, for "
+          f"{target.name} ({target.description}, {_gb(target.capacity_bytes)} GB); phases {', '.join(names)}",
+          flush=True)
+    memories, fitting = [], {}
+    budget = target.capacity_bytes - fv.headroom_bytes
+    for name in names:
+        m = plan_lib.compile_phase(plan, name, plan.phases[name], target)
+        memories.append(m)
+        print(f"  {name}" + (f" at {m.rows} rows: peak {_gb(m.peak_bytes)} GB, attention {m.attention} "
+                             f"(compiled in {m.compile_seconds} s)" if m.rows else
+                             f" (estimate, not a compiled program): peak {_gb(m.peak_bytes)} GB"), flush=True)
+        if fv.fit and m.rows and m.peak_bytes > budget:
+            fitting[name] = rows_that_fit(plan, name, m.rows, target, budget)
+    peak = max(m.peak_bytes for m in memories)
+    fits = peak + fv.headroom_bytes <= target.capacity_bytes
+    print()
+    print(phase_table(memories))
+    print(f"peak {_gb(peak)} GB of {_gb(target.capacity_bytes)} GB ({target.name}), headroom "
+          f"{_gb(fv.headroom_bytes)} GB: {'fits' if fits else 'does NOT fit'}")
+    print()
+    print("| phase | copies outside loops | their GB | largest GB |")
+    print("|---|---|---|---|")
+    for m in memories:
+        if m.traffic is not None:
+            t = m.traffic
+            print(f"| {m.phase} | {t['copies']} | {_gb(t['copy_bytes'])} | {_gb(t['largest_copy'])} |")
+    for name, (rows, peak_at) in fitting.items():
+        print(f"{name} does not fit at {plan.phases[name]} rows; "
+              + (f"it fits at {rows} rows (peak {_gb(peak_at)} GB)" if rows else "no smaller row count fits"))
+    steps = {m.phase: decode_steps(plan, m.phase, m.traffic) for m in memories if m.phase.endswith("/decode")}
+    for phase, rows in steps.items():
+        print(f"\n{phase}, one step per window (GB): must read | buffers read | buffers written | copies (GB, largest)")
+        for r in rows:
+            print(f"  window {r['window']}: {_gb(r['must_read'])} | {_gb(r['buffers_read'])} | "
+                  f"{_gb(r['buffers_written'])} | {r['copies']} ({_gb(r['copy_bytes'])}, {_gb(r['largest_copy'])})")
+    return {"target": target.name, "capacity_bytes": target.capacity_bytes, "peak_bytes": int(peak), "fits": fits,
+            "headroom_bytes": int(fv.headroom_bytes), "model": model_name,
+            "phases": {m.phase: {"peak_bytes": int(m.peak_bytes), "attention": m.attention, "rows": m.rows,
+                                 "arguments": m.arguments, "temporaries": m.temporaries, "outputs": m.outputs,
+                                 "aliased": m.aliased, "resident": m.resident,
+                                 "compile_seconds": m.compile_seconds,
+                                 "copies": m.traffic and {k: v for k, v in m.traffic.items() if k != "loops"},
+                                 **({"decode_steps": steps[m.phase]} if m.phase in steps else {}),
+                                 **({"fits_at_rows": fitting[m.phase][0], "peak_bytes_at_those_rows":
+                                     int(fitting[m.phase][1])} if m.phase in fitting else {})}
+                       for m in memories}}
+
+
+# --- the study's Table 10 sweep ---------------------------------------------------------------------------
+
+
+def state_bytes(model_cfg, lora_rank: int, master_fp32: bool) -> dict[str, int]:
+    """weights, optimizer and gradient bytes of training `model_cfg` with `lora_rank` adapters (0:
+    full-parameter), from abstract shapes only (seconds, no compile).
+
+    weights: every parameter in model.param_dtype, plus the float32 LoRA adapters; optimizer: Adam's two
+    moments per trainable parameter in its dtype (optimizer.moment_dtype "auto": float32 adapters 8
+    bytes, bf16 weights 4 bytes) plus the float32 master copy when master_fp32; gradients: the step's
+    accumulator in each parameter's dtype (docs/PRECISION.md)."""
     import jax
     from flax import nnx
 
     from jaxmath import optim
+    from jaxmath.aot.plan import nbytes
     from jaxmath.model import lora as lora_lib
     from jaxmath.model.qwen3 import Qwen3
-    from jaxmath.rl import step as step_lib
 
     def build():
         model = Qwen3(model_cfg, rngs=nnx.Rngs(0))
@@ -82,86 +304,72 @@ def abstract_state(model_cfg, lora_rank: int, master_fp32: bool, learning_rate: 
             lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank))
         return model
 
-    model = nnx.eval_shape(build)
-    graphdef, trainable, frozen = step_lib.split_trainable(model)
-    optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=learning_rate, master_fp32=master_fp32))
+    _, trainable, frozen = lora_lib.split_trainable(nnx.eval_shape(build))
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-5, master_fp32=master_fp32))
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    return graphdef, trainable, frozen, opt_state, optimizer
-
-
-def state_bytes(model_cfg, lora_rank: int, master_fp32: bool) -> dict[str, int]:
-    """weights, optimizer and gradient bytes, from abstract shapes only (seconds, no compile)."""
-    import jax
-
-    from jaxmath import optim
-
-    _, trainable, frozen, opt_state, _ = abstract_state(model_cfg, lora_rank, master_fp32)
-    trainable_params = sum(int(x.size) for x in jax.tree.leaves(trainable))
+    params = sum(int(x.size) for x in jax.tree.leaves(trainable))
+    # The step's gradient accumulator, in each parameter's dtype (float32 adapters, bf16 weights).
     accumulator = jax.eval_shape(optim.grad_accumulator, trainable)
-    return {"weights": _nbytes(trainable) + _nbytes(frozen), "optimizer": _nbytes(opt_state),
-            "gradients": _nbytes(accumulator), "trainable_params": trainable_params}
+    return {"weights": nbytes(trainable) + nbytes(frozen), "optimizer": nbytes(opt_state),
+            "gradients": nbytes(accumulator), "trainable_params": params}
 
 
-def _compiled_temp_bytes(compiled) -> int:
-    stats = compiled.memory_analysis()
-    return int(stats.temp_size_in_bytes)
-
-
-def grpo_step_temp_bytes(model_cfg, plan: Plan, *, prompts: int, prompt_tokens: int, micro_batch_rows: int,
-                         logprob_chunk: int) -> tuple[int, float]:
-    """Temporary bytes of the compiled GRPO step (rows = K x prompts) and the compile seconds."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxmath.rl import step as step_lib
-
-    graphdef, trainable, frozen, opt_state, optimizer = abstract_state(model_cfg, plan.lora_rank, plan.master_fp32)
-    rows, t = plan.num_generations * prompts, plan.completion_tokens
-    loss_cfg = step_lib.LossConfig(micro_batch_rows=micro_batch_rows or rows, logprob_chunk=logprob_chunk)
-    step = step_lib.make_train_step(graphdef, optimizer, loss_cfg, on_policy=True)
-    spec = jax.ShapeDtypeStruct
-    batch = step_lib.Batch(tokens=spec((rows, prompt_tokens + t), jnp.int32),
-                           valid=spec((rows, prompt_tokens + t), jnp.bool_),
-                           completion_mask=spec((rows, t), jnp.bool_), advantages=spec((rows,), jnp.float32),
-                           old_logprobs=spec((rows, t), jnp.float32), engine_logprobs=spec((rows, t), jnp.float32))
-    began = time.perf_counter()
-    compiled = step.lower(trainable, frozen, opt_state, batch).compile()
-    return _compiled_temp_bytes(compiled), time.perf_counter() - began
-
-
-def sft_step_temp_bytes(model_cfg, lora_rank: int, master_fp32: bool, *, batch_size: int, micro: int,
-                        seq: int, chunk: int) -> tuple[int, float]:
-    """Temporary bytes of the compiled SFT step ([batch / micro, micro, seq]) and the compile seconds."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxmath import sft
-
-    graphdef, trainable, frozen, opt_state, optimizer = abstract_state(model_cfg, lora_rank, master_fp32)
-    step = sft.make_sft_step(graphdef, optimizer, chunk_size=chunk, remat=True)
-    shape = (batch_size // micro, micro, seq)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.bool_ if k == "loss_mask" else jnp.int32) for k in sft.BATCH_KEYS}
-    began = time.perf_counter()
-    compiled = step.lower(trainable, frozen, opt_state, batch).compile()
-    return _compiled_temp_bytes(compiled), time.perf_counter() - began
-
-
-def plan_bytes(model_cfg, plan: Plan, *, prompts: int, prompt_tokens: int, micro_batch_rows: int,
-               logprob_chunk: int, cache_dtype=None) -> dict[str, Any]:
-    """The Table 10 breakdown of one plan, in bytes (plus compile seconds)."""
+def sweep(cfg, fv) -> dict[str, dict]:
+    """Table 10: per method x K x tokens, the train step's temporaries and the rollout's KV cache."""
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.aot.targets import load_target
+    from jaxmath.model.lora import LoRAConfig
     from jaxmath.model.qwen3 import KVCache
+    from jaxmath.optim import OptimizerConfig
+    from jaxmath.rl.step import LossConfig
 
-    state = state_bytes(model_cfg, plan.lora_rank, plan.master_fp32)
-    temp, seconds = grpo_step_temp_bytes(model_cfg, plan, prompts=prompts, prompt_tokens=prompt_tokens,
-                                         micro_batch_rows=micro_batch_rows, logprob_chunk=logprob_chunk)
-    rows = plan.num_generations * prompts
-    kv = KVCache.nbytes_for(model_cfg, prompts + rows, prompt_tokens + plan.completion_tokens, cache_dtype)
-    activations = max(temp - state["gradients"], 0)
-    resident = state["weights"] + state["optimizer"]
-    merged_copy = _projection_bytes(model_cfg) if plan.lora_rank else 0
-    peak = max(resident + temp, resident + kv + merged_copy)
-    return {"weights": state["weights"], "optimizer": state["optimizer"], "gradients": state["gradients"],
-            "activations": activations, "kv_cache": kv, "peak": peak, "compile_seconds": round(seconds, 1)}
+    target = load_target(fv.target)
+    model_name, model_cfg = model_config(cfg, fv.preset)
+    prompts, prompt_tokens = cfg.rl.prompts_per_step, cfg.rl.max_prompt_tokens
+    micro, chunk, rank = fv.micro_batch_rows or cfg.loss.micro_batch_rows, cfg.loss.logprob_chunk, cfg.lora.rank or 64
+    print(f"memory sweep: {model_name} for {target.name}, {prompts} prompts x K, prompt {prompt_tokens} tokens, "
+          f"micro-batch {micro} rows", flush=True)
+    results: dict[str, dict] = {}
+    for method in fv.methods:
+        lora_rank = {"lora_r64": rank, "full": 0}[method]
+        state = state_bytes(model_cfg, lora_rank, lora_rank == 0)
+        resident = state["weights"] + state["optimizer"]
+        for k in map(int, fv.ks):
+            for tokens in map(int, fv.tokens):
+                plan = plan_lib.grpo_plan(
+                    model_cfg, lora=LoRAConfig(rank=lora_rank, alpha=2.0 * max(lora_rank, 1)),
+                    optimizer=OptimizerConfig(learning_rate=1e-5, master_fp32=lora_rank == 0),
+                    loss=LossConfig(micro_batch_rows=micro, logprob_chunk=chunk), prompts=prompts,
+                    num_generations=k, max_prompt_tokens=prompt_tokens, max_completion_tokens=tokens,
+                    prompt_bucket=cfg.rl.prompt_bucket, temperature=1.0, on_policy=True, tis_cap=0.0, sampler=None)
+                m = plan_lib.compile_phase(plan, "train/step", micro or k * prompts, target)
+                kv = KVCache.nbytes_for(model_cfg, prompts + k * prompts, prompt_tokens + tokens)
+                merged = _projection_bytes(model_cfg) if lora_rank else 0
+                key = f"{method}/{k}x{tokens}"
+                results[key] = {"weights": state["weights"], "optimizer": state["optimizer"],
+                                "gradients": state["gradients"],
+                                "activations": max(m.temporaries - state["gradients"], 0), "kv_cache": kv,
+                                "peak": max(resident + m.temporaries, resident + kv + merged),
+                                "attention": m.attention}
+                print(f"  {key}: peak {_gb(results[key]['peak'])} GB ({m.compile_seconds} s)", flush=True)
+    sft: dict[str, dict] = {}
+    if not fv.no_sft:
+        seq = max(map(int, fv.tokens))
+        for method in fv.methods:
+            lora_rank = {"lora_r64": rank, "full": 0}[method]
+            state = state_bytes(model_cfg, lora_rank, lora_rank == 0)
+            plan = plan_lib.sft_plan(model_cfg, lora=LoRAConfig(rank=lora_rank, alpha=2.0 * max(lora_rank, 1)),
+                                     optimizer=OptimizerConfig(learning_rate=1e-5, master_fp32=lora_rank == 0),
+                                     batch=32, micro=fv.sft_micro or 4, seq=seq, chunk=chunk, remat=True)
+            m = plan_lib.compile_phase(plan, "train/sft_step", fv.sft_micro or 4, target)
+            resident = state["weights"] + state["optimizer"]
+            sft[f"sft {method} 32x{seq}"] = {"weights": state["weights"], "optimizer": state["optimizer"],
+                                             "gradients": state["gradients"],
+                                             "activations": max(m.temporaries - state["gradients"], 0),
+                                             "kv_cache": 0, "peak": resident + m.temporaries, "attention": m.attention}
+    print()
+    print(table(results, sft, target))
+    return {k: {f: int(v[f]) for f in FIELDS} for k, v in results.items()}
 
 
 def _projection_bytes(model_cfg) -> int:
@@ -174,101 +382,35 @@ def _projection_bytes(model_cfg) -> int:
     return int(c.num_layers * per_layer * np.dtype(c.param_dtype).itemsize)
 
 
-def _load_config(path: str):
-    """The ml_collections config of a config file (`configs/grpo_v2.py`, or `file.py:arg`)."""
-    path, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_memory_config", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"--config={path} is not a Python config file; pass e.g. configs/grpo_v2.py")
-    module = importlib.util.module_from_spec(spec)
-    import sys
-    from pathlib import Path
-
-    root = str(Path(path).resolve().parent.parent)  # configs/ import their siblings as `configs.x`
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jaxmath.bench memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a GRPO config file, e.g. configs/grpo_v2.py")
-    p.add_argument("--preset", default="", help="model preset (default: qwen3-4b, or the config's model.preset)")
-    p.add_argument("--methods", default="lora_r64,full", help="comma list of lora_r64, full")
-    p.add_argument("--ks", default="8,16", help="completions per prompt")
-    p.add_argument("--tokens", default="2048,4096", help="max completion tokens")
-    p.add_argument("--micro_batch_rows", type=int, default=0,
-                   help="GRPO rows per micro-batch (default: the config's loss.micro_batch_rows)")
-    p.add_argument("--sft_micro", type=int, default=4, help="SFT micro-batch rows (batch 32)")
-    p.add_argument("--no_sft", action="store_true", help="skip the SFT step")
-    return p.parse_args(argv)
-
-
-def _gb(x: float) -> str:
-    return f"{x / GB:.1f}"
-
-
-def table(results: dict[str, dict], sft: dict[str, dict]) -> str:
+def table(results: dict[str, dict], sft: dict[str, dict], target) -> str:
     """Markdown in the layout of the study's Table 10, one column per plan, the study's beside."""
     names = list(results) + list(sft)
     cols = {**results, **sft}
-    head = "| GB | " + " | ".join(names) + " | study full | study LoRA r64 |"
-    lines = [head, "|---|" + "---|" * (len(names) + 2)]
+    lines = ["| GB | " + " | ".join(names) + " | study full | study LoRA r64 |", "|---|" + "---|" * (len(names) + 2)]
     for field in FIELDS:
         cells = [_gb(cols[n][field]) for n in names]
         lines.append(f"| {field} | " + " | ".join(cells) + f" | {_gb(STUDY['full'][field])} | "
                      f"{_gb(STUDY['lora_r64'][field])} |")
-    for label, capacity in CAPACITIES.items():
-        fits = ["yes" if cols[n]["peak"] <= capacity else "no" for n in names]
-        lines.append(f"| fits {label} | " + " | ".join(fits) + " | yes | yes |")
+    lines.append("| attention | " + " | ".join(cols[n]["attention"] for n in names) + " | | |")
+    fits = ["yes" if cols[n]["peak"] <= target.capacity_bytes else "no" for n in names]
+    lines.append(f"| fits {target.name} ({_gb(target.capacity_bytes)} GB) | " + " | ".join(fits) + " | yes | yes |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> dict[str, dict]:
-    args = _parse(argv)
-    import jax
+def main(argv: list[str]) -> dict:
+    from jaxmath.aot import targets
 
-    from jaxmath.model import config as model_config
-    from jaxmath.model import preset
-
-    cfg = _load_config(args.config)
-    name = args.preset or cfg.model.get("preset") or "qwen3-4b"
-    dtype = model_config.dtype_from_name(cfg.model.dtype)
-    param_dtype = model_config.dtype_from_name(cfg.model.param_dtype or cfg.model.dtype)
-    model_cfg = preset(name, dtype=dtype, param_dtype=param_dtype, remat=cfg.model.remat)
-    prompts, prompt_tokens = cfg.rl.prompts_per_step, cfg.rl.max_prompt_tokens
-    micro, chunk = args.micro_batch_rows or cfg.loss.micro_batch_rows, cfg.loss.logprob_chunk
-    rank = cfg.lora.rank or 64
-    print(f"memory plan: {name} (params {cfg.model.param_dtype or cfg.model.dtype}), "
-          f"{prompts} prompts x K, prompt {prompt_tokens} tokens, micro-batch {micro} rows, jax "
-          f"{jax.__version__} on {jax.devices()[0].platform}", flush=True)
-    results: dict[str, dict] = {}
-    for method in args.methods.split(","):
-        lora_rank = {"lora_r64": rank, "full": 0}[method]
-        for k in (int(x) for x in args.ks.split(",")):
-            for tokens in (int(x) for x in args.tokens.split(",")):
-                plan = Plan(method, lora_rank, master_fp32=lora_rank == 0, num_generations=k,
-                            completion_tokens=tokens)
-                key = f"{method}/{k}x{tokens}"
-                results[key] = plan_bytes(model_cfg, plan, prompts=prompts, prompt_tokens=prompt_tokens,
-                                          micro_batch_rows=micro, logprob_chunk=chunk)
-                print(f"  {key}: peak {_gb(results[key]['peak'])} GB (compiled in "
-                      f"{results[key]['compile_seconds']} s)", flush=True)
-    sft: dict[str, dict] = {}
-    if not args.no_sft:
-        for method in args.methods.split(","):
-            lora_rank = {"lora_r64": rank, "full": 0}[method]
-            state = state_bytes(model_cfg, lora_rank, lora_rank == 0)
-            seq = max(int(x) for x in args.tokens.split(","))
-            temp, seconds = sft_step_temp_bytes(model_cfg, lora_rank, lora_rank == 0, batch_size=32,
-                                                micro=args.sft_micro, seq=seq, chunk=chunk)
-            resident = state["weights"] + state["optimizer"]
-            sft[f"sft {method} 32x{seq}"] = {"weights": state["weights"], "optimizer": state["optimizer"],
-                                             "gradients": state["gradients"],
-                                             "activations": max(temp - state["gradients"], 0), "kv_cache": 0,
-                                             "peak": resident + temp, "compile_seconds": round(seconds, 1)}
-            print(f"  sft {method} 32x{seq} (micro {args.sft_micro}): peak {_gb(resident + temp)} GB", flush=True)
-    print()
-    print(table(results, sft))
-    return {k: {f: int(v[f]) for f in FIELDS} for k, v in results.items()}
+    fv = _flags(argv)
+    # Before jax starts its backends: the CPU as jax's platform (also for --target=cpu, where an
+    # installed CUDA plugin would otherwise try the absent GPU and print its failure).
+    targets.prepare_process()
+    if fv.target in targets.GPU_TARGETS:
+        try:
+            targets.require_plugin(fv.target)
+        except targets.TargetUnavailable as e:
+            raise SystemExit(str(e)) from None
+    cfg = fv.config
+    try:
+        return sweep(cfg, fv) if fv.sweep else report(cfg, fv)
+    except targets.TargetUnavailable as e:
+        raise SystemExit(str(e)) from None

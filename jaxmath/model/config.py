@@ -46,8 +46,10 @@ class Qwen3Config:
     # Rematerialization of each decoder layer in training: "none", "full" (save nothing inside a
     # layer) or "dots" (save matmul outputs without batch dims, recompute the rest).
     remat: str = "full"
-    # Training attention kernel, "xla" or "cudnn"; None = auto: cuDNN on a GPU in bf16/fp16 where the
-    # head size allows, XLA otherwise (`Attention.implementation_for`). The KV-cache path uses XLA.
+    # Training attention kernel, "xla" or "cudnn". None = auto, decided by the platform the model is
+    # placed on (`for_platform`, which `init_model` and `from_pretrained` call with their mesh's devices,
+    # and the memory bench with its compile target); a config still None when traced uses XLA. The
+    # KV-cache path always uses XLA.
     attention_impl: str | None = None
 
     def __post_init__(self):
@@ -73,6 +75,17 @@ class Qwen3Config:
 
     def replace(self, **changes) -> "Qwen3Config":
         return dataclasses.replace(self, **changes)
+
+    def for_platform(self, platform: str) -> "Qwen3Config":
+        """This config with an auto (None) `attention_impl` decided for `platform` ("gpu", "cuda",
+        "cpu", "tpu", as a jax Device's `.platform` says): cuDNN's fused attention on an NVIDIA GPU
+        when the compute dtype is bf16/fp16 and the head size is one cuDNN takes, XLA otherwise.
+        An explicit choice is kept."""
+        if self.attention_impl is not None:
+            return self
+        fits = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
+            self.head_dim <= 128 and self.head_dim % 8 == 0
+        return self.replace(attention_impl="cudnn" if fits and platform in ("gpu", "cuda") else "xla")
 
     def num_params(self) -> int:
         """Parameter count from shapes alone (no LoRA)."""

@@ -262,9 +262,12 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, *, param_dtype: Any = 
                     mesh: jax.sharding.Mesh | None = None, **config_overrides) -> Qwen3:
     """Load an HF-format Qwen3 directory (config.json + safetensors) as a jaxmath model.
 
-    dtype: compute dtype; param_dtype: storage dtype of the weights (defaults to dtype).
+    dtype: compute dtype; param_dtype: storage dtype of the weights (defaults to dtype). An auto
+    attention kernel (attention_impl None) is decided for the platform of the devices the weights go to.
     """
     config = Qwen3Config.from_dir(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+    config = config.for_platform(mesh.devices.flat[0].platform)
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     return nnx.merge(graphdef, load_state(path, config, abstract_state, mesh))

@@ -34,6 +34,7 @@ from jaxmath.model.config import Qwen3Config
 from jaxmath.model.sharding import constrain
 
 F32 = jnp.float32
+_LARGE_NEGATIVE = -0.7 * float(jnp.finfo(F32).max)  # a masked logit (as jax.nn.dot_product_attention's)
 
 
 class LoRAParam(nnx.Variable):
@@ -174,13 +175,19 @@ class Attention(nnx.Module):
                 constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, lora: bool,
-               causal: bool = False) -> jax.Array:
+               causal: bool = False, seq_lengths: jax.Array | None = None) -> jax.Array:
         """q [b, t, n, h], k/v [b, s, k, h], mask [b, 1, t, s] bool or None -> [b, t, d].
 
         causal: also restrict query i to keys <= i (q and k aligned from position 0). The mask may say
         the same; saying it here lets cuDNN skip the blocks above the diagonal, which it cannot infer
-        from a mask (it turns a mask into a dense additive bias)."""
-        implementation = self.implementation_for(q, cached=not causal)
+        from a mask (it turns a mask into a dense additive bias).
+        seq_lengths [b] int32 (cuDNN, causal only): right-padded rows whose first seq_lengths[i] tokens
+        are real; cuDNN masks the rest itself (its padding-causal mode), with no mask and no bias."""
+        implementation = self.implementation_for(cached=not causal)
+        if seq_lengths is not None and implementation == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, is_causal=True, query_seq_lengths=seq_lengths,
+                                               key_value_seq_lengths=seq_lengths, implementation="cudnn")
+            return self.o_proj(out, lora)
         # With a mask (which holds the causality already) only cuDNN gains from the flag; XLA would build
         # a second causal mask and combine the two (4.7 GB more in GRPO v2's 4B plan).
         is_causal = causal and (mask is None or implementation == "cudnn")
@@ -188,17 +195,30 @@ class Attention(nnx.Module):
                                            implementation=implementation)
         return self.o_proj(out, lora)
 
-    def implementation_for(self, q: jax.Array, cached: bool) -> str:
-        """The attention kernel: the configured one, or when none is ("auto") cuDNN's flash attention for
-        training on a GPU in bf16/fp16 with a head size it takes (1.5x XLA's SFT step on an H200) and
-        XLA elsewhere. The KV-cache path (prefill and one-query decode steps) always uses XLA."""
+    def attend_cached(self, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                      lora: bool) -> jax.Array:
+        """Attention over cache slots: q [b, t, n, h], keys/values [b, k, s, h] (the cache's layout),
+        mask [b, 1, t, s] -> [b, t, d]; the numerics of jax.nn.dot_product_attention's XLA path. Written
+        for the cache's layout: given [b, s, k, h] as that function wants, XLA kept the whole cache
+        transposed through the decode loops, two transposes of all of it per decode call and a
+        cache-sized temporary (docs/BENCHMARKS.md)."""
+        b, t, n, h = q.shape
+        kv = keys.shape[1]
+        grouped = q.reshape(b, t, kv, n // kv, h)
+        logits = jnp.einsum("btkgh,bksh->bkgts", grouped, keys, preferred_element_type=F32) * self.scale
+        logits = jnp.where(mask[:, :, None], logits, _LARGE_NEGATIVE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(b, t, n, h)
+        return self.o_proj(out, lora)
+
+    def implementation_for(self, cached: bool) -> str:
+        """The attention kernel: the configured one for training and scoring (`Qwen3Config.for_platform`
+        decides an auto choice from the device platform: cuDNN's flash attention on a GPU, 1.5x XLA's SFT
+        step on an H200), XLA when none was decided. The KV-cache path (prefill and one-query decode
+        steps) always uses XLA."""
         if cached:
             return "xla"
-        if self.implementation:
-            return self.implementation
-        head_dim = q.shape[-1]
-        fits = q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
-        return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+        return self.implementation or "xla"
 
 
 class MLP(nnx.Module):
@@ -227,24 +247,25 @@ class DecoderLayer(nnx.Module):
                                       param_dtype=c.param_dtype)
         self.mlp = MLP(c, rngs=rngs, stack=stack)
 
-    def __call__(self, h, cos, sin, mask, lora: bool = True):
-        """Causal self-attention over the sequence (further restricted by `mask` when given) and the MLP."""
+    def __call__(self, h, cos, sin, mask, lora: bool = True, seq_lengths=None):
+        """Causal self-attention over the sequence (further restricted by `mask`, or for cuDNN by
+        right-padded `seq_lengths`, when given) and the MLP."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        h = h + self.attn.attend(q, k, v, mask, lora, causal=True)
+        h = h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths)
         return h + self.mlp(self.post_attn_norm(h), lora)
 
     def decode(self, h, cos, sin, mask, k_cache, v_cache, layer_idx, write_index, lora: bool = True):
-        """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, s, k, h]
+        """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, k, s, h]
         at slot `write_index` and attends over the first mask.shape[-1] slots of the cache."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        start = (layer_idx, 0, write_index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-        _, b, _, kv_heads, head_dim = k_cache.shape
-        window = (1, b, mask.shape[-1], kv_heads, head_dim)
+        start = (layer_idx, 0, 0, write_index, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2)[None].astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2)[None].astype(v_cache.dtype), start)
+        _, b, kv_heads, _, head_dim = k_cache.shape
+        window = (1, b, kv_heads, mask.shape[-1], head_dim)
         keys, values = (jax.lax.dynamic_slice(c, (layer_idx, 0, 0, 0, 0), window)[0].astype(q.dtype)
                         for c in (k_cache, v_cache))
-        h = h + self.attn.attend(q, keys, values, mask, lora)
+        h = h + self.attn.attend_cached(q, keys, values, mask, lora)
         return h + self.mlp(self.post_attn_norm(h), lora), k_cache, v_cache
 
 
@@ -256,7 +277,7 @@ class DecoderLayer(nnx.Module):
 class KVCache:
     """Keys and values of every layer for a batch of sequences written slot by slot.
 
-    k, v:    [layers, batch, max_len, kv_heads, head_dim]
+    k, v:    [layers, batch, kv_heads, max_len, head_dim]
     valid:   [batch, max_len] bool, slots holding a real token (left padding stays False)
     lengths: [batch] int32, real tokens so far = the next RoPE position of each row
     index:   [] int32, the next slot to write (shared by all rows)
@@ -270,7 +291,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
+
+    @staticmethod
+    def shape_for(config: Qwen3Config, batch: int, max_len: int) -> tuple[int, ...]:
+        """The shape of k and v."""
+        return (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
 
     @staticmethod
     def nbytes_for(config: Qwen3Config, batch: int, max_len: int, dtype: Any = None) -> int:
@@ -332,22 +358,41 @@ class Qwen3(nnx.Module):
         return carry
 
     def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, lora: bool = True, remat: bool = False) -> jax.Array:
+                      segment_ids: jax.Array | None = None, seq_lengths: jax.Array | None = None,
+                      lora: bool = True, remat: bool = False) -> jax.Array:
         """Final-normed hidden states [batch, seq, embed] in the compute dtype.
 
         segment_ids [b, t] int: tokens attend causally within their own segment; 0 marks padding.
         Packed documents use 1, 2, 3, ...; a left- or right-padded batch uses its 0/1 attention mask.
-        None: one unpadded sequence per row, plain causal attention with no mask at all.
-        positions [b, t] int default to restarting at 0 in each segment.
+        seq_lengths [b] int (instead of segment_ids): right-padded rows, one sequence in the first
+        seq_lengths[i] positions of each. cuDNN takes the lengths as they are (no mask, no bias); XLA
+        gets the mask of segment ids 1...1 0...0, so both compute what segment_ids would.
+        None of the two: one unpadded sequence per row, plain causal attention with no mask at all.
+        positions [b, t] int default to restarting at 0 in each segment (0, 1, 2, ... with seq_lengths).
+
+        cuDNN's training attention refuses an odd sequence length in JAX 0.10 (its check counts a bias
+        even when there is none), so for cuDNN an odd-length batch runs one padding position longer
+        (the 5,119 positions of a 1,024-token prompt bucket and 4,096 completion tokens become 5,120).
         """
+        if segment_ids is not None and seq_lengths is not None:
+            raise ValueError("pass segment_ids or seq_lengths, not both")
+        b, t = input_ids.shape
+        cudnn = self.layers.attn.implementation_for(cached=False) == "cudnn"
+        if seq_lengths is not None and not cudnn:
+            segment_ids = (jnp.arange(t, dtype=jnp.int32)[None, :] < seq_lengths[:, None]).astype(jnp.int32)
+            seq_lengths = None
         if positions is None:
-            positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            positions = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
                          if segment_ids is None else positions_from_segments(segment_ids))
+        extra = t % 2 if cudnn else 0
+        if extra:  # one padding position: after every real token (causal), segment 0, past every length
+            input_ids, positions = (jnp.pad(x, ((0, 0), (0, extra))) for x in (input_ids, positions))
+            segment_ids = None if segment_ids is None else jnp.pad(segment_ids, ((0, 0), (0, extra)))
         cos, sin = rope_cos_sin(positions, self.config)
         mask = None if segment_ids is None else segment_mask(segment_ids)
-        h = self._scan_layers(lambda layer, h, _: layer(h, cos, sin, mask, lora), self.embed_tokens(input_ids),
-                              remat=remat)
-        return self.final_norm(h)
+        h = self._scan_layers(lambda layer, h, _: layer(h, cos, sin, mask, lora, seq_lengths),
+                              self.embed_tokens(input_ids), remat=remat)
+        return self.final_norm(h[:, :t] if extra else h)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training
@@ -367,7 +412,7 @@ class Qwen3(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        shape = KVCache.shape_for(c, batch, max_len)
         dtype = dtype or c.dtype
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
                        lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
@@ -414,6 +459,7 @@ def init_model(config: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | 
                rng_impl: str = "threefry2x32") -> Qwen3:
     """A randomly initialised model, built shapes-first: `nnx.eval_shape` gives the abstract state,
     then initialisation runs under jit with output shardings, so no device ever holds an unsharded copy.
+    An auto attention kernel (config.attention_impl None) is decided for the mesh's device platform.
 
     rng_impl: JAX's default "threefry2x32" draws the same weights on any mesh, but its counters and
     bits for every weight at once make the Qwen3-4B init program ask for a 35 GB temporary (4.4x the
@@ -421,9 +467,10 @@ def init_model(config: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | 
     benchmarks' random-weight presets use it, since their speed depends only on shapes."""
     from jaxmath.model.sharding import make_mesh, state_shardings
 
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+    config = config.for_platform(mesh.devices.flat[0].platform)
     abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
-    mesh = mesh or make_mesh(devices=jax.devices()[:1])
 
     @functools.partial(jax.jit, out_shardings=state_shardings(abstract_state, mesh))
     def init():

@@ -103,11 +103,25 @@ jax.tree_util.register_dataclass(
 def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *,
                         temperature: float, chunk: int, with_entropy: bool, lora: bool = True,
                         remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Logprobs [rows, T] and entropy [rows, T] of the completion tokens under the model."""
-    segment_ids = valid.astype(jnp.int32)
-    hidden = model.hidden_states(tokens[:, :-1], segment_ids=segment_ids[:, :-1], lora=lora, remat=remat)
-    prompt_len = tokens.shape[1] - completion_len
-    hidden = hidden[:, prompt_len - 1:]
+    """Logprobs [rows, T] and entropy [rows, T] of the completion tokens under the model.
+
+    tokens, valid [rows, P + T] in the Batch layout; each row's real tokens are one run (its prompt,
+    then its completion) holding at least one prompt token. The model sees each row moved left by its
+    prompt padding, one right-padded sequence of known length: cuDNN's attention takes the lengths
+    (no mask, no dense bias, any length), XLA the equivalent mask. The hidden states before the
+    completion tokens are then read at each row's own offset.
+    """
+    width = tokens.shape[1]
+    prompt_len = width - completion_len
+    lead = jnp.argmax(valid, axis=1).astype(jnp.int32)  # left padding of each row's prompt
+    lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    packed = jax.vmap(lambda row, shift: jnp.roll(row, -shift))(tokens, lead)
+    # The last position predicts nothing, so the model sees width - 1 of them.
+    hidden = model.hidden_states(packed[:, :-1], seq_lengths=jnp.minimum(lengths, width - 1), lora=lora,
+                                 remat=remat)
+    # Completion token j sits at prompt_len + j - lead; the hidden state one position earlier predicts it.
+    hidden = jax.vmap(lambda h, start: jax.lax.dynamic_slice_in_dim(h, start, completion_len))(
+        hidden, prompt_len - 1 - lead)
     return token_logprobs(hidden, model.head_weight, tokens[:, prompt_len:], temperature=temperature,
                           chunk_size=chunk, with_entropy=with_entropy)
 

@@ -10,8 +10,8 @@ For a batch of prompts and K samples each, `JaxSampler.generate`
    `max_new_tokens` that would fit;
 2. left-pads each sub-batch to a prompt-length bucket (powers of two by default), so shapes and
    compiles are reused across calls;
-3. prefills each prompt once per sub-batch (attending over the bucket's slots only) and
-   `jnp.repeat`s its KV cache to its sample rows;
+3. prefills each prompt once per sub-batch, in chunks of 256 tokens that each attend over the slots
+   written so far, and `jnp.repeat`s its KV cache to its sample rows;
 4. decodes under jitted `lax.while_loop`s that exit as soon as every row has finished, with the
    KV cache donated; attention reads a window of the cache that grows with the completion
    (`decode_windows`: the prompt bucket plus 64, 128, 256, ... slots) instead of all of it.
@@ -61,6 +61,8 @@ LORA_MODES = ("merge", "on_the_fly", "auto")
 _GROUP = 64
 # Stop ids are passed as a fixed-size array (padded with -1) so their number does not recompile.
 _STOP_SLOTS = 8
+# Prompt tokens per prefill chunk: bounds the attention scores of a long prompt bucket.
+_PREFILL_CHUNK = 256
 
 
 # The share of the device's free memory left unplanned. `sub_batch_cost` bounds the buffers of the
@@ -289,8 +291,14 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
     model = nnx.merge(graphdef, state)
     with jax.named_scope("prefill"):
         cache = model.init_cache(tokens.shape[0], cache_len, cache_dtype)
-        # The prompt fills slots [0, bucket): attending over those alone skips the empty rest of the cache.
-        hidden, cache = model.forward_with_cache(tokens, token_valid, cache, window=tokens.shape[1])
+        # The prompt goes in chunks, each attending over the slots written so far (not the whole cache):
+        # XLA's attention holds float32 scores [prompts, heads, chunk, end of chunk]: 4.3 GB for 64
+        # prompts of a 2,048 bucket at 256-token chunks, 34 GB in one piece.
+        bucket = tokens.shape[1]
+        for start in range(0, bucket, _PREFILL_CHUNK):
+            end = min(start + _PREFILL_CHUNK, bucket)
+            hidden, cache = model.forward_with_cache(tokens[:, start:end], token_valid[:, start:end], cache,
+                                                     window=end)
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     # Each prompt is prefilled once; its K sample rows share copies of its cache.
     cache = KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
@@ -373,8 +381,8 @@ def sub_batch_cost(config: Qwen3Config, *, prompt_len: int, max_new_tokens: int,
     """An upper bound of the memory of `_prefill` and `_decode` for a sub-batch, by the buffers they hold.
 
     prompt_len: the padded prompt (bucket); the cache holds prompt_len + max_new_tokens slots.
-    per prompt: its KV cache, and one prefill layer's temporaries: XLA's attention scores
-        [heads, prompt_len, prompt_len] (float32 logits, masked logits and exponentials, bf16
+    per prompt: its KV cache, and one prefill layer's temporaries: XLA's attention scores of one
+        prefill chunk, [heads, min(prompt_len, _PREFILL_CHUNK), prompt_len] (float32 logits, masked logits and exponentials, bf16
         probabilities: 14 bytes each; the KV-cache path never uses cuDNN), the MLP's
         [prompt_len, ffw] x 3 and the q/k/v, norms and residuals of each position.
     per row: its copy of the cache; the sampling working set (float32 logits of a vocabulary chunk,
@@ -390,7 +398,7 @@ def sub_batch_cost(config: Qwen3Config, *, prompt_len: int, max_new_tokens: int,
     kv_row = KVCache.nbytes_for(c, 1, cache_len, cache_dtype)
     qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
     per_token = c.hidden_size * 16 + c.intermediate_size * 3 * compute + qkv * 8
-    per_prompt = kv_row + prompt_len * per_token + c.num_heads * prompt_len * prompt_len * 14
+    per_prompt = kv_row + prompt_len * per_token + c.num_heads * min(prompt_len, _PREFILL_CHUNK) * prompt_len * 14
     width = c.vocab_size if full_vocab or not vocab_chunk else min(vocab_chunk, c.vocab_size)
     sampling = width * 4 * (4 if full_vocab else 2) + (c.vocab_size // max(width, 1) + 1) * 2 * 4
     window = 2 * cache_len * c.num_kv_heads * c.head_dim * 4  # one layer's keys and values, float32 at worst

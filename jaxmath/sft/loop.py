@@ -146,7 +146,7 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     manager = CheckpointManager(workdir / "checkpoints", keep_last=max(cfg.keep_last, 1))
     setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=cfg.lora, seed=cfg.seed, total_steps=total_steps,
                                         checkpoints=manager, mesh=mesh, make_optimizer=_optimizer)
-    step_fn, eval_step = _compiled_steps(setup.graphdef, setup.optimizer, cfg.chunk_size, cfg.remat)
+    step_fn, eval_step = _compiled_steps(setup.graphdef, setup.optimizer, cfg.chunk_size, cfg.remat, not cfg.pack)
     frozen, state = setup.frozen, setup.state
     trainable, opt_state, start = state.params, state.opt_state, state.step
     shard = _sharder(setup.mesh)
@@ -216,11 +216,13 @@ def _optimizer(optim_cfg: OptimizerConfig):
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_steps(graphdef, optimizer, chunk_size: int, remat: bool):
+def _compiled_steps(graphdef, optimizer, chunk_size: int, remat: bool, one_document_per_row: bool):
     """(step, eval_step) shared by runs with the same model structure and optimizer, so a second
-    run_sft in one process (a resumed run, a sweep, the demo) reuses the compiled step."""
-    return (make_sft_step(graphdef, optimizer, chunk_size=chunk_size, remat=remat),
-            make_eval_step(graphdef, chunk_size=chunk_size))
+    run_sft in one process (a resumed run, a sweep, the demo) reuses the compiled step.
+    one_document_per_row: unpacked rows (sft.pack=False), described to the model by their lengths."""
+    return (make_sft_step(graphdef, optimizer, chunk_size=chunk_size, remat=remat,
+                          one_document_per_row=one_document_per_row),
+            make_eval_step(graphdef, chunk_size=chunk_size, one_document_per_row=one_document_per_row))
 
 
 def _sharder(mesh: jax.sharding.Mesh | None):

@@ -28,31 +28,43 @@ F32 = jnp.float32
 
 
 def token_nll(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
-              chunk_size: int = 1024, remat: bool = True) -> tuple[jax.Array, jax.Array]:
+              chunk_size: int = 1024, remat: bool = True,
+              one_document_per_row: bool = False) -> tuple[jax.Array, jax.Array]:
     """Summed negative log-likelihood of the loss-masked targets and their count, both float32 scalars.
 
     batch: input_ids, targets, segment_ids, positions [rows, seq] int32; loss_mask [rows, seq] bool.
+    one_document_per_row: the rows are unpacked (`pack=False`: one document from position 0, then
+    padding), so the model takes each row's length instead of a segment mask, which cuDNN's attention
+    runs without a dense bias.
     """
     model = nnx.merge(graphdef, trainable, frozen)
-    hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"],
-                                 segment_ids=batch["segment_ids"], remat=remat)
+    if one_document_per_row:
+        # An empty padding row keeps one position, so its (ignored) attention stays finite.
+        lengths = jnp.maximum(jnp.sum(batch["segment_ids"] != 0, axis=1, dtype=jnp.int32), 1)
+        hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"], seq_lengths=lengths,
+                                     remat=remat)
+    else:
+        hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"], remat=remat)
     logprobs, _ = token_logprobs(hidden, model.head_weight, batch["targets"], chunk_size=chunk_size)
     weights = batch["loss_mask"].astype(F32)
     return -jnp.sum(logprobs * weights), jnp.sum(weights)
 
 
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, chunk_size: int = 1024,
-                  remat: bool = True) -> Callable:
+                  remat: bool = True, one_document_per_row: bool = False) -> Callable:
     """The jitted SFT update: `step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`,
     run under the mesh its arguments are on.
 
     batch: the BATCH_KEYS arrays shaped [accum, micro, seq] (`stack_micro`).
     trainable and opt_state are donated (their buffers are reused for the outputs).
     metrics: loss (mean NLL per loss token), grad_norm (before clipping), loss_tokens; float32 scalars.
+    one_document_per_row: unpacked rows (see `token_nll`).
     """
 
     def micro_loss(trainable, frozen, micro):
-        return token_nll(graphdef, trainable, frozen, micro, chunk_size=chunk_size, remat=remat)[0], ()
+        return token_nll(graphdef, trainable, frozen, micro, chunk_size=chunk_size, remat=remat,
+                         one_document_per_row=one_document_per_row)[0], ()
 
     def step(trainable, frozen, opt_state, batch):
         count = jnp.sum(batch["loss_mask"].astype(F32))
@@ -65,9 +77,10 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
     return sharding.jit_on_mesh(step, donate_argnums=(0, 2))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, *, chunk_size: int = 1024, one_document_per_row: bool = False) -> Callable:
     """Jitted `(trainable, frozen, batch [rows, seq]) -> (nll_sum, loss_tokens)` for held-out loss."""
-    return sharding.jit_on_mesh(lambda t, f, b: token_nll(graphdef, t, f, b, chunk_size=chunk_size, remat=False))
+    return sharding.jit_on_mesh(lambda t, f, b: token_nll(graphdef, t, f, b, chunk_size=chunk_size, remat=False,
+                                                          one_document_per_row=one_document_per_row))
 
 
 def stack_micro(arrays: dict[str, np.ndarray], accum_steps: int) -> dict[str, Any]:

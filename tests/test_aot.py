@@ -1,0 +1,216 @@
+"""Compiling a run's programs for a target (jaxmath.aot, `python -m jaxmath.bench memory`).
+
+On the CPU (always): the plan's shapes agree with the sampler's own planning, the HLO reader finds
+copies, in-place updates and kernels, and the bench reports every phase of a GRPO, SFT and eval
+config (a tiny model, compiled for this CPU). Marked `aot` (skipped without JAX's CUDA plugin, the
+`aot` extra): the real Qwen3-4B GRPO step at GRPO v2's shapes and one decode window, compiled for an
+H100, fit and use the kernels they should.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmath.aot import hlo, targets
+from jaxmath.aot import plan as plan_lib
+from jaxmath.bench import memory
+from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_BUDGET = 76e9  # 80 GB less the bench's 4 GB of headroom (issue 13)
+needs_plugin = pytest.mark.skipif(not targets.plugin_installed(),
+                                  reason="JAX's CUDA plugin is not installed (pip install -e '.[aot]')")
+
+
+def test_plan_shapes_follow_the_sampler():
+    for cfg in (SamplerConfig(), SamplerConfig(min_bucket=64), SamplerConfig(prompt_buckets=(100, 700, 1500))):
+        for length in (1, 16, 17, 100, 640, 1000, 1024, 1025, 1500):
+            assert plan_lib.sampler_bucket(cfg, length) == JaxSampler.bucket_for(SimpleNamespace(config=cfg), length)
+    # 8 prompts x 16 samples under max_batch_rows 256: one sub-batch of 128 rows; 64 rows: 4 prompts each
+    gen = plan_lib.Generation(prompts=8, num_samples=16, prompt_tokens=1024, max_new_tokens=4096)
+    assert plan_lib.sub_batch_rows(SamplerConfig(), gen) == 128
+    assert plan_lib.sub_batch_rows(SamplerConfig(max_batch_rows=64), gen) == 64
+    # 3 eval prompts pad to 4, as generate pads a sub-batch to a power of two
+    assert plan_lib.sub_batch_rows(SamplerConfig(), plan_lib.Generation(3, 1, 100, 10)) == 4
+
+
+def _compile_for_cpu(f, *args):
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) for a in args]
+    return jax.jit(f, donate_argnums=0).lower(*specs).compile().as_text()
+
+
+def test_traffic_counts_in_place_updates_slices_and_copies():
+    """A loop writing one row per step into a donated buffer updates it in place (no copy, one row
+    written per step); a transpose of the whole buffer is a copy of all of it."""
+    rows, width = 512, 256
+
+    def fill(buf, x):
+        def body(i, b):
+            row = jax.lax.dynamic_slice(b, (i, 0), (1, width)) * 2.0 + x[i]
+            return jax.lax.dynamic_update_slice(b, row, (i, 0))
+        return jax.lax.fori_loop(0, rows, body, buf)
+
+    buf, x = np.zeros((rows, width), np.float32), np.zeros((rows, width), np.float32)
+    report = hlo.program_traffic(_compile_for_cpu(fill, buf, x))
+    (loop,) = report["loops"]
+    assert loop["largest_copy"] < width * 4 and report["largest_copy"] < rows * width * 4  # loop counters only
+    assert loop["written"] <= 2 * width * 4  # one row (and loop scalars), not the buffer
+    assert loop["read"] < rows * width * 4 / 10
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    spec = jax.ShapeDtypeStruct((rows, width), jnp.float32, sharding=cpu)
+    transposed = hlo.program_traffic(jax.jit(lambda b: b.T).lower(spec).compile().as_text())
+    assert transposed["copies"] == 1 and transposed["largest_copy"] == rows * width * 4
+    computed = hlo.program_traffic(jax.jit(lambda b: b * 2.0).lower(spec).compile().as_text())
+    assert computed["copies"] == 0
+    assert hlo.array_bytes("(bf16[2,3]{1,0}, s32[4])") == 2 * 6 + 16
+
+
+def test_attention_kernel_read_from_hlo_text():
+    assert hlo.attention_kernel('custom_call_target="__cudnn$fmhaSoftmax"') == "cudnn"
+    assert hlo.attention_kernel('custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward"') == "cudnn+bias"
+    assert hlo.attention_kernel('custom_call_target="__cublas$gemm"') == "xla"
+
+
+TINY = ["--preset=tiny", "--target=cpu"]
+# ml_collections' config loader uses importlib's load_module (its deprecation, not ours)
+config_loader = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+
+def _plan(*argv):
+    fv = memory._flags(list(argv))
+    return memory.run_plan(fv.config, memory.model_config(fv.config, "tiny")[1], micro_batch_rows=fv.micro_batch_rows,
+                           sampler_rows=fv.sampler_rows, sft_micro=fv.sft_micro)
+
+
+@config_loader
+def test_each_config_lists_the_programs_its_run_executes():
+    grpo = _plan("--config=configs/grpo_v2.py")
+    assert list(grpo.phases) == ["rollout/prefill", "rollout/decode", "train/step", "sync/merge"]
+    assert grpo.phases["rollout/decode"] == 128 and grpo.phases["train/step"] == 16  # 8 prompts x 16; loss
+    assert grpo.grpo.prompt_tokens == 1024 and grpo.grpo.completion_tokens == 4096
+    # importance correction needs the old-policy pass; periodic evaluation generates with the sampler
+    assert "train/logprobs" in _plan("--config=configs/grpo_v2.py", "--config.rl.tis_cap=2.0").phases
+    lora = _plan("--config=configs/local_lora.py")
+    assert lora.phases["eval/decode"] == 64 and lora.evaluation.max_new_tokens == 2048
+    full = _plan("--config=configs/local_full.py", "--micro_batch_rows=4", "--sampler_rows=32")
+    assert "sync/merge" not in full.phases and full.phases["train/step"] == 4 and full.phases["rollout/decode"] == 32
+    # main's overrides: the prompt budget sets the train prompt bucket and the sampler's
+    p1500 = _plan("--config=configs/grpo_v2.py", "--config.rl.max_prompt_tokens=1500")
+    assert p1500.grpo.prompt_tokens == 1536 and plan_lib.sampler_bucket(p1500.sampler, 1500) == 2048
+    sft = _plan("--config=configs/sft_config_a.py", "--sft_micro=2")
+    assert list(sft.phases) == ["train/sft_step", "eval/sft_loss"] and sft.phases["train/sft_step"] == 2
+    assert not sft.sft.packed and sft.sft.batch == 32 and sft.sft.seq == 4096
+    ev = _plan("--config=configs/eval.py")
+    assert list(ev.phases) == ["eval/prefill", "eval/decode"] and ev.phases["eval/decode"] == 64
+    with pytest.raises(SystemExit, match="not a flag|key"):
+        memory._flags(["--config=configs/eval.py", "--config.eval.no_such_key=1"])
+
+
+@config_loader
+def test_memory_report_on_a_tiny_model():
+    """The decode loop and the train step of a tiny GRPO run compiled for this CPU (about 15 s)."""
+    shapes = ["--config.rl.max_prompt_tokens=40", "--config.rl.max_completion_tokens=24",
+              "--config.rl.num_generations=2", "--config.rl.prompts_per_step=4", "--config.loss.micro_batch_rows=4",
+              "--config.sampler.decode_window=8", "--phases=rollout/decode,train/step,sync/merge"]
+    out = memory.main(["--config=configs/grpo_v2.py", *TINY, *shapes])
+    assert out["target"] == "cpu" and out["fits"] and out["capacity_bytes"] > 0
+    assert list(out["phases"]) == ["rollout/decode", "train/step", "sync/merge"]
+    assert out["phases"]["train/step"]["rows"] == 4 and out["phases"]["rollout/decode"]["rows"] == 8
+    assert out["peak_bytes"] == max(p["peak_bytes"] for p in out["phases"].values())
+    assert out["phases"]["train/step"]["attention"] == "xla"  # a CPU
+    # prompt bucket 64 (40 tokens), 24 completion tokens: windows of 8, 16 and 24 new tokens
+    steps = out["phases"]["rollout/decode"]["decode_steps"]
+    assert [s["window"] for s in steps] == [64 + 8, 64 + 16, 64 + 24]
+    assert all(s["buffers_read"] >= s["must_read"] * 0.5 for s in steps)
+
+
+@config_loader
+def test_gpu_target_without_the_plugin_names_the_extra(monkeypatch):
+    monkeypatch.setattr(targets, "plugin_installed", lambda: False)
+    with pytest.raises(SystemExit, match=r"\.\[aot\]"):
+        memory.main(["--config=configs/grpo_v2.py", "--target=h100", "--preset=tiny"])
+
+
+def test_targets_describe_their_devices():
+    h100, h200 = targets.load_target("h100"), targets.load_target("h200")
+    assert h100.device_bytes == 84_929_347_584 and h100.capacity_bytes == 80e9 and h100.platform == "gpu"
+    assert h200.device_bytes == 150_149_398_528 and h200.capacity_bytes == 141e9 and "H200" in h200.description
+    with pytest.raises(ValueError, match="h100, h200, cpu"):
+        targets.load_target("a100")
+
+
+# --- compiled for an H100 (the aot extra) ---------------------------------------------------------------
+
+
+def _grpo_v2_plan(**changes):
+    from jaxmath.model import preset
+    from jaxmath.model.lora import LoRAConfig
+    from jaxmath.optim import OptimizerConfig
+    from jaxmath.rl.step import LossConfig
+
+    model = preset("qwen3-4b-instruct-2507", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="full")
+    kwargs = dict(lora=LoRAConfig(rank=64, alpha=128.0), optimizer=OptimizerConfig(learning_rate=4e-5),
+                  loss=LossConfig(micro_batch_rows=16, logprob_chunk=1024), prompts=8, num_generations=16,
+                  max_prompt_tokens=1024, max_completion_tokens=4096, prompt_bucket=64, temperature=1.0,
+                  on_policy=True, tis_cap=0.0, sampler=SamplerConfig(max_batch_rows=64))
+    return plan_lib.grpo_plan(model, **{**kwargs, **changes})
+
+
+@pytest.mark.aot
+@needs_plugin
+def test_h100_grpo_v2_step_fits_with_cudnn_attention():
+    """GRPO v2's train step (Qwen3-4B, LoRA r64, prompt bucket 1,024 + 4,096 completion tokens: 5,119
+    positions, which JAX's cuDNN wrapper refuses as it is) compiles for an H100 at the config's 16
+    rows per micro-batch, with cuDNN's fused attention and no dense bias, within 76 GB."""
+    plan = _grpo_v2_plan()
+    memory_ = plan_lib.compile_phase(plan, "train/step", 16, targets.load_target("h100"))
+    assert memory_.attention == "cudnn"
+    assert memory_.peak_bytes <= H100_BUDGET, memory_
+
+
+@pytest.mark.aot
+@needs_plugin
+def test_h100_decode_window_updates_the_cache_in_place():
+    """One decode window of GRPO v2's rollout shape (Qwen3-4B, 64 rows, 1,024-token prompt bucket, its
+    first window of 64 new tokens) compiled for an H100: it fits, the cache is updated in place, and no
+    copy of the whole cache or of a layer's cache is made."""
+    from jaxmath.model.qwen3 import KVCache
+
+    plan = _grpo_v2_plan(max_completion_tokens=64, sampler=SamplerConfig(max_batch_rows=64, decode_window=0))
+    memory_ = plan_lib.compile_phase(plan, "rollout/decode", 64, targets.load_target("h100"))
+    assert memory_.peak_bytes <= H100_BUDGET, memory_
+    cache = KVCache.nbytes_for(plan.model, 64, 1024 + 64)
+    layer_window = cache // plan.model.num_layers
+    (loop,) = memory_.traffic["loops"]
+    # No copy of the cache, or of a layer's cache, outside the loop (the cache used to be transposed
+    # whole on the way in and out); per step, what XLA copies is at most one layer's live window (it
+    # materializes the dynamic slices that feed its matmuls: docs/BENCHMARKS.md).
+    assert memory_.traffic["largest_copy"] < cache // plan.model.num_layers // 2
+    assert 0 < loop["largest_copy"] <= layer_window
+    assert memory_.aliased >= cache  # the donated cache is updated in place and returned
+
+
+@pytest.mark.aot
+@needs_plugin
+@config_loader
+def test_memory_cli_for_h100_on_a_tiny_model():
+    """The command line as a user runs it (its own process: the plugin's environment set up by the
+    command), last line JSON."""
+    cmd = [sys.executable, "-m", "jaxmath.bench", "memory", "--config=configs/grpo_v2.py", "--target=h100",
+           "--preset=tiny", "--config.rl.max_completion_tokens=64", "--config.sampler.decode_window=0",
+           "--phases=train/step"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["target"] == "h100" and result["fits"]
+    assert result["phases"]["train/step"]["attention"] == "cudnn"
