@@ -99,7 +99,7 @@ def test_each_config_lists_the_programs_its_run_executes():
     assert grpo.phases["rollout/decode"] == 128 and grpo.phases["train/step"] == 16  # 8 prompts x 16; loss
     assert grpo.grpo.prompt_tokens == 1024 and grpo.grpo.completion_tokens == 4096
     # importance correction needs the old-policy pass; periodic evaluation generates with the sampler
-    assert "train/logprobs" in _plan("--config=configs/grpo_v2.py", "--config.rl.tis_cap=2.0").phases
+    assert "train/logprobs" in _plan("--config=configs/grpo_v2.py", "--config.loss.tis_cap=2.0").phases
     lora = _plan("--config=configs/local_lora.py")
     assert lora.phases["eval/decode"] == 64 and lora.evaluation.max_new_tokens == 2048
     full = _plan("--config=configs/local_full.py", "--micro_batch_rows=4", "--sampler_rows=32")
@@ -162,7 +162,7 @@ def _grpo_v2_plan(**changes):
     kwargs = dict(lora=LoRAConfig(rank=64, alpha=128.0), optimizer=OptimizerConfig(learning_rate=4e-5),
                   loss=LossConfig(micro_batch_rows=16, logprob_chunk=1024), prompts=8, num_generations=16,
                   max_prompt_tokens=1024, max_completion_tokens=4096, prompt_bucket=64, temperature=1.0,
-                  on_policy=True, tis_cap=0.0, sampler=SamplerConfig(max_batch_rows=64))
+                  on_policy=True, sampler=SamplerConfig(max_batch_rows=64))
     return plan_lib.grpo_plan(model, **{**kwargs, **changes})
 
 

@@ -150,7 +150,7 @@ def sub_batch_rows(cfg: SamplerConfig, gen: Generation) -> int:
 
 def grpo_plan(model: Qwen3Config, *, lora: LoRAConfig, optimizer: OptimizerConfig, loss: LossConfig,
               prompts: int, num_generations: int, max_prompt_tokens: int, max_completion_tokens: int,
-              prompt_bucket: int, temperature: float, on_policy: bool, tis_cap: float,
+              prompt_bucket: int, temperature: float, on_policy: bool,
               sampler: SamplerConfig | None, evaluation: Generation | None = None,
               rollout_prompts: int = 0) -> RunPlan:
     """The GRPO run's phases: rollout prefill and decode (JAX sampler), the old-policy / reference
@@ -158,10 +158,9 @@ def grpo_plan(model: Qwen3Config, *, lora: LoRAConfig, optimizer: OptimizerConfi
     prompts: groups per train step; rollout_prompts: prompts sampled per step (more with DAPO-style
     group filtering; 0: the same)."""
     rows = prompts * num_generations
-    loss = dataclasses.replace(loss, tis_cap=tis_cap)
     logprob_pass = not on_policy or loss.beta > 0
     grpo = GRPOShapes(rows=rows, prompt_tokens=bucket(max_prompt_tokens, prompt_bucket),
-                      completion_tokens=max_completion_tokens, on_policy=on_policy, tis_cap=tis_cap,
+                      completion_tokens=max_completion_tokens, on_policy=on_policy, tis_cap=loss.tis_cap,
                       logprob_pass=logprob_pass)
     rollout = Generation(rollout_prompts or prompts, num_generations, max_prompt_tokens, max_completion_tokens,
                          temperature)

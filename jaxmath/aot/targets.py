@@ -71,7 +71,10 @@ class Target:
         if self.is_gpu:
             from jax.experimental import topologies
 
-            mesh = topologies.make_mesh(_gpu_topology(self.name), (1,), ("x",))
+            from jaxmath.model.sharding import MESH_AXES
+
+            # The project's mesh axes, each of size 1, so the sharding tables resolve as on a real run.
+            mesh = topologies.make_mesh(_gpu_topology(self.name), (1,) * len(MESH_AXES), MESH_AXES)
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return jax.sharding.SingleDeviceSharding(self.device())
 

@@ -122,7 +122,7 @@ def run_plan(cfg, model_cfg, *, micro_batch_rows: int = 0, sampler_rows: int = 0
             rollout_prompts=grpo.prompts_sampled, num_generations=grpo.num_generations,
             max_prompt_tokens=grpo.max_prompt_tokens, max_completion_tokens=grpo.max_completion_tokens,
             prompt_bucket=grpo.prompt_bucket, temperature=grpo.temperature,
-            on_policy=grpo.num_iterations == 1 and loss.tis_cap == 0.0, tis_cap=loss.tis_cap, sampler=sampler,
+            on_policy=grpo.num_iterations == 1 and loss.tis_cap == 0.0, sampler=sampler,
             evaluation=evaluation)
     elif mode == "sft":
         s = sft_config(cfg)
@@ -341,7 +341,7 @@ def sweep(cfg, fv) -> dict[str, dict]:
                     optimizer=OptimizerConfig(learning_rate=1e-5, master_fp32=lora_rank == 0),
                     loss=LossConfig(micro_batch_rows=micro, logprob_chunk=chunk), prompts=prompts,
                     num_generations=k, max_prompt_tokens=prompt_tokens, max_completion_tokens=tokens,
-                    prompt_bucket=cfg.rl.prompt_bucket, temperature=1.0, on_policy=True, tis_cap=0.0, sampler=None)
+                    prompt_bucket=cfg.rl.prompt_bucket, temperature=1.0, on_policy=True, sampler=None)
                 m = plan_lib.compile_phase(plan, "train/step", micro or k * prompts, target)
                 kv = KVCache.nbytes_for(model_cfg, prompts + k * prompts, prompt_tokens + tokens)
                 merged = _projection_bytes(model_cfg) if lora_rank else 0
