@@ -77,12 +77,16 @@ def eval_config(cfg, **derived):
 
 
 def vllm_config(cfg, lora_cfg=None):
-    """VLLMConfig from the vllm section; vLLM loads model.path, and takes LoRA syncs when lora.rank > 0."""
+    """VLLMConfig from the vllm section; vLLM loads model.path in model.dtype (unless vllm.dtype says
+    otherwise), and takes LoRA syncs when lora.rank > 0."""
     from jaxmath.config import build
     from jaxmath.rollout.vllm import VLLMConfig
 
     lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled, max_lora_rank=max(lora_cfg.rank, 1))
-    return build(VLLMConfig, cfg.get("vllm", {}), prefix="vllm", model_path=cfg.model.path, **lora)
+    section = dict(cfg.get("vllm", {}))
+    if section.get("dtype", "auto") == "auto":  # compute in the trainer's dtype (VLLMConfig.dtype says why)
+        section["dtype"] = cfg.model.get("dtype", "auto")
+    return build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path, **lora)
 
 
 def sft_config(cfg):

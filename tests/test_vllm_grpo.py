@@ -43,8 +43,10 @@ def test_grpo_with_vllm_engine(tmp_path, tiny_model, data_dir, lora_rank):
     for r in rows:
         for key in ("time/rollout", "time/train", "time/sync", "sync/seconds", "loss", "reward_mean"):
             assert key in r, key
-        # vLLM's logprobs of its own samples agree with the trainer's on the same weights, up to the
-        # float32 noise of different kernels (measured: mean 8e-4, a few 1e-3 on single tokens)
-        assert r["mismatch/abs_mean"] < 1e-3 and r["mismatch/abs_max"] < 0.05, r
+        # vLLM computes in the trainer's float32 (vllm.dtype "auto" follows model.dtype), so its logprobs
+        # of its own samples agree with the trainer's on the same weights up to float32 kernel noise
+        # (measured: mean 1e-6, max 3e-6; vLLM's own "auto" ran this float32 checkpoint in bfloat16,
+        # mean 8e-4 to 1.2e-3, max 3.6e-3 after the step-1 sync)
+        assert r["mismatch/abs_mean"] < 1e-4 and r["mismatch/abs_max"] < 1e-3, r
     if lora_rank == 0:
         assert rows[0]["update_norm"] > 0  # weight decay moved the weights that step 2 sampled from

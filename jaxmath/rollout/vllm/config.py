@@ -22,6 +22,9 @@ class VLLMConfig:
                  on a CPU; a server started by `server_command` with 0 takes 0.9 of its own GPU, 0.3 on a CPU.
     enable_lora: required to sync LoRA adapters (adapters only, PEFT format); max_lora_rank >= rank.
                  The trainer sets both from its lora.* settings.
+    dtype:       the dtype vLLM computes in. The trainer passes its model.dtype when this is "auto":
+                 vLLM's own "auto" would compute a float32 checkpoint in half precision, so its
+                 logprobs would differ from a float32 trainer's by the rounding, not the weights.
     sync_method: "load_weights" (in-memory, bucketed; colocated only), "file" (safetensors in
                  shm_dir, read by the engine) or "auto" (load_weights when colocated, else file).
     cpu_kvcache_gib: KV cache size on a CPU build (VLLM_CPU_KVCACHE_SPACE) unless already set.
