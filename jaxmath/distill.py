@@ -408,12 +408,12 @@ class Journal:
 
 
 def _grade(cfg: DistillConfig, record: dict) -> dict:
-    """The grade row for a reply record."""
-    from jaxmath.reward import extract_boxed, grade
+    """The grade row for a reply record: the training reward's verdict (`grade_completion`, the last
+    \\boxed{} answer only, as the study's reward)."""
+    from jaxmath.reward import grade_completion
 
-    extracted = extract_boxed(record["trace"])
-    correct = extracted is not None and grade(extracted, record["answer"], timeout=cfg.grade_timeout)
-    return {"kind": "grade", "id": record["id"], "correct": bool(correct), "extracted": extracted}
+    graded = grade_completion(record["trace"], record["answer"], timeout=cfg.grade_timeout)
+    return {"kind": "grade", "id": record["id"], "correct": graded.correct, "extracted": graded.answer}
 
 
 def _ask(cfg: DistillConfig, problem: dict, journal: Journal, in_flight: _InFlight) -> dict | None:

@@ -190,13 +190,17 @@ def score(examples: Sequence[datasets.Example], completions: Sequence[Sequence[s
     """
     from jaxmath import reward  # pylint: disable=import-outside-toplevel
 
-    extracted = [[reward.extract_answer(text, fallback=fallback) for text in row] for row in completions]
-    # Boxing the extracted answer hands the grader exactly the answer we extracted, whatever fallback
-    # found it, and keeps one extraction rule in force.
-    pairs = [(f"\\boxed{{{answer}}}", ex.answer) for ex, row in zip(examples, extracted) for answer in row
-             if answer is not None]
-    verdicts = iter(reward.grade_batch(pairs, workers=cfg.workers, timeout=cfg.timeout))
-    correct = [[answer is not None and bool(next(verdicts)) for answer in row] for row in extracted]
+    # The training reward's and distillation's grader (`grade_completions`), so a completion gets the
+    # same verdict and the same extracted answer here as in training.
+    flat = reward.grade_completions([text for row in completions for text in row],
+                                    [ex.answer for ex, row in zip(examples, completions) for _ in row],
+                                    fallback=fallback, workers=cfg.workers, timeout=cfg.timeout)
+    graded, start = [], 0
+    for row in completions:
+        graded.append(flat[start:start + len(row)])
+        start += len(row)
+    extracted = [[item.answer for item in row] for row in graded]
+    correct = [[item.correct for item in row] for row in graded]
 
     def equivalent(a: str, b: str) -> bool:
         return reward.equivalent(a, b, timeout=cfg.timeout)
