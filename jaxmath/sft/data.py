@@ -128,11 +128,18 @@ class RunPlan:
 
 def plan_run(examples: Sequence[TokenizedExample], cfg,
              eval_examples: Sequence[TokenizedExample] | None = None) -> RunPlan:
-    """The run's training documents (cut to max_seq_len), its hold-out and its batches.
+    """The run's training documents (the first cfg.max_documents when > 0, cut to max_seq_len), its
+    hold-out and its batches.
 
     The hold-out (cfg.eval_fraction of the documents, when no `eval_examples` are given) comes out
     of the training set before batches are planned, so it lowers the step count: the study's
     configs (configs/sft_sweep.py) keep it off, their counts assume every trace trains."""
+    examples = list(examples)
+    if cfg.max_documents:
+        if len(examples) < cfg.max_documents:
+            logging.warning("sft.max_documents=%d but the trace files hold %d documents; training on all",
+                            cfg.max_documents, len(examples))
+        examples = examples[:cfg.max_documents]
     train = prepare(examples, cfg.max_seq_len, "train")
     if eval_examples is None and cfg.eval_fraction > 0:
         train, eval_examples = split_eval(train, cfg.eval_fraction, cfg.seed)

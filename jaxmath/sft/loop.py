@@ -64,6 +64,8 @@ class SFTConfig:
                       hold `messages`, or `problem` with `trace` (jaxmath.distill output) or `traces`
     train_sources:    keep only rows whose `source` is listed (empty: all rows)
     max_trace_chars:  drop traces at least this long (0 keeps all; the study filtered OpenR1 at 4,000)
+    max_documents:    > 0: train on the first this many documents, in train_files order (sweep v3's
+                      5.4k mix: every custom trace, then OpenR1 traces up to 5,400)
     """
 
     batch_size: int = 32
@@ -86,6 +88,7 @@ class SFTConfig:
     train_files: tuple[str, ...] = ()
     train_sources: tuple[str, ...] = ()
     max_trace_chars: int = 0
+    max_documents: int = 0
 
     def __post_init__(self):
         micro = self.micro_batch_size or self.batch_size
@@ -96,6 +99,8 @@ class SFTConfig:
             raise ValueError(f"sft.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ValueError("set sft.steps > 0 or sft.epochs > 0 (steps=0 means: run `epochs` passes)")
+        if self.max_documents < 0:
+            raise ValueError(f"sft.max_documents must be >= 0 (0: all), got {self.max_documents}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"sft.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
