@@ -151,13 +151,6 @@ def _in_dependency_order(jobs: dict[str, Job], order: list[str]) -> list[Job]:
     return out
 
 
-def job_commands(config: str, root: Path, overrides: list[str], eval_overrides: list[str],
-                 python: str = sys.executable) -> list[list[str]]:
-    """The train, export and eval commands of one configuration on its own (no other job's outputs)."""
-    cfg = _load(config)
-    return [list(c) for c in _job(config, cfg, root, [], [], overrides, eval_overrides, [], [], python).commands]
-
-
 def sbatch_script(jobs: list[Job], root: Path, sbatch_args: list[str]) -> str:
     """A shell script submitting one single-GPU SLURM job per configuration, each held until the jobs
     it needs have succeeded (`--dependency=afterok`)."""
