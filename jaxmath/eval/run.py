@@ -5,8 +5,9 @@
 engine main.py constructs; the `file` backend grades completions someone else generated and needs
 neither engine nor tokenizer.
 
-Answers are taken from the last `\\boxed{}` only (the study requires boxed answers on every
-benchmark); `answer_fallback` opts a benchmark into one of `jaxmath.reward.extract_answer`'s
+Completions are graded by the training reward's function (`jaxmath.reward.grade_completions`), so a
+completion gets the same answer and verdict here as in training and distillation. Answers are taken
+from the last `\\boxed{}` only (the study requires boxed answers on every benchmark); `answer_fallback` opts a benchmark into one of `jaxmath.reward.extract_answer`'s
 fallbacks, e.g. "gsm8k=gsm8k".
 
 Writes under `<workdir>/eval/`: results.json, results.md (Table 4 / Table 11 layout) and
