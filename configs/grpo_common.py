@@ -3,14 +3,34 @@ local_lora.py and sft_then_rl.py, on top of jaxmath's defaults (`jaxmath.config.
 the dataclasses' own: `GRPOConfig`, `LossConfig`, `OptimizerConfig`, `LoRAConfig`, ...). Not a
 config to run: each of those files is one row of the study's Table 3 and states what differs.
 
-The defaults follow the study where it speaks (LoRA rank 64 on all seven projections, K=8,
-2,048 completion tokens, TRL's GRPO loss). Assumptions where the study is silent, stated here so
+The study ran its rows on two frameworks and names neither's optimizer or loss settings, so each row
+takes them from the framework it ran on (`FRAMEWORK`), and `SETTINGS` says where each value comes from.
+
+Tinker rows (grpo_v1, grpo_v2, grpo_v3, sft_then_rl): Adam as Tinker's `tinker.types.AdamParams`
+defaults it (src/tinker/types/optimizer.py in thinking-machines-lab/tinker, tinker 0.30.4, commit
+1e5777e; the same in its API reference, tinker-docs.thinkingmachines.ai/tinker/api-reference/types/
+adamparams): beta1 0.9, beta2 0.95, eps 1e-12, weight decay 0.0, grad_clip_norm 0.0 ("0.0 means no
+clipping"). The learning rate is passed with every `optim_step`, so it is constant unless the caller
+schedules it; the study names no schedule, so constant. Tinker computes the loss server-side from
+the client's per-token advantages; the study describes the loss only as its Eq. 3, so these rows keep
+jaxmath's per-sequence token mean and no engine/trainer correction (assumptions, not Tinker's).
+
+TRL rows (local_full, local_lora; TRL + vLLM colocate on one H100): TRL 0.24 (October 2025), a
+version with the vLLM colocate mode and sleep mode the study describes, before the sequence-level
+importance-sampling modes of TRL PR #4530 (merged 2025-11-25). Its GRPOConfig defaults: loss_type
+"dapo" (token losses summed and divided by the active tokens of the whole accumulated batch:
+`loss.loss_agg = "token_mean"`), vllm_importance_sampling_correction True with
+vllm_importance_sampling_cap 2.0 (token-level truncated importance sampling, pi_trainer / pi_vllm
+capped at 2: `loss.tis_cap = 2.0`), epsilon 0.2, beta 0.0; transformers' TrainingArguments
+defaults: lr_scheduler_type "linear" with no warmup (lr to 0 over the run: `optimizer.schedule =
+"linear"`), AdamW (torch) betas (0.9, 0.999), eps 1e-8, weight decay 0.0, max_grad_norm 1.0.
+
+Assumptions where the study and both frameworks are silent (or where jaxmath chose), stated here so
 nobody mistakes them for the study's:
 - prompts per step: 8 (`rl.prompts_per_step`), derived from the local full-parameter run (998 steps
   for 2 epochs of 3,994 problems); used for every row so step counts compare;
-- clip epsilon 0.2 on both sides (TRL's default), advantage std is TRL's sample std, eps 1e-4;
-- LoRA alpha 128 for rank 64 (scale 2); AdamW betas (0.9, 0.999), no weight decay, grad clip 1.0,
-  constant learning rate (Tinker's default);
+- advantage std is the sample std, eps 1e-4;
+- LoRA alpha 128 for rank 64 (scale 2);
 - sampling temperature 1.0 for training rollouts, no top-p / top-k;
 - training prompts are zero-shot (the few-shot prefix is an evaluation convention in the study).
 
@@ -18,17 +38,77 @@ What every row sets on top: 16 rows per train micro-batch, vLLM's context at 8,1
 periodic evaluation (`rl.eval_every`) on MATH-500.
 """
 
+import dataclasses
+
 import ml_collections
 
 from jaxmath.config import defaults
+from jaxmath.optim import OptimizerConfig
+from jaxmath.rl.step import LossConfig
+
+TINKER = "Tinker AdamParams default (tinker 0.30.4, src/tinker/types/optimizer.py)"
+TINKER_LR = "Tinker: the learning rate is given per optim_step; the study names no schedule"
+TRL = "TRL 0.24 GRPOConfig default"
+HF = "transformers TrainingArguments default (TRL 0.24's trainer)"
+STUDY = "the study (Eq. 3, beta = 0)"
+ASSUMED = "assumption: the study is silent, jaxmath's default"
+
+# Which framework ran each row of Table 3 (study section 3.2 and Table 3's Framework column).
+FRAMEWORK = {"grpo_v1": "tinker", "grpo_v2": "tinker", "grpo_v3": "tinker", "sft_then_rl": "tinker",
+             "local_full": "trl", "local_lora": "trl"}
+
+# Per framework: {config key: (value, where it comes from)}. Every key here is what the row runs
+# with (tests/test_configs.py checks the built dataclasses); `study_row` assigns the values that
+# differ from jaxmath's defaults.
+SETTINGS = {
+    "tinker": {
+        "optimizer.b1": (0.9, TINKER),
+        "optimizer.b2": (0.95, TINKER),
+        "optimizer.eps": (1e-12, TINKER),
+        "optimizer.weight_decay": (0.0, TINKER),
+        "optimizer.max_grad_norm": (0.0, TINKER + ": grad_clip_norm 0.0, no clipping"),
+        "optimizer.schedule": ("constant", TINKER_LR),
+        "loss.beta": (0.0, STUDY),
+        "loss.eps_low": (0.2, ASSUMED + " (TRL's epsilon)"),
+        "loss.eps_high": (0.2, ASSUMED),
+        "loss.loss_agg": ("seq_mean_token_mean", ASSUMED + " (Eq. 3 is per sequence)"),
+        "loss.tis_cap": (0.0, ASSUMED + " (no engine/trainer correction)"),
+    },
+    "trl": {
+        "optimizer.b1": (0.9, HF),
+        "optimizer.b2": (0.999, HF),
+        "optimizer.eps": (1e-8, HF),
+        "optimizer.weight_decay": (0.0, HF),
+        "optimizer.max_grad_norm": (1.0, HF),
+        "optimizer.schedule": ("linear", HF + ": lr_scheduler_type linear, warmup 0"),
+        "optimizer.end_lr_ratio": (0.0, HF + ": linear decay to 0"),
+        "loss.beta": (0.0, STUDY + "; also " + TRL),
+        "loss.eps_low": (0.2, TRL + ": epsilon 0.2"),
+        "loss.eps_high": (0.2, TRL + ": epsilon_high = epsilon"),
+        "loss.loss_agg": ("token_mean", TRL + ": loss_type 'dapo'"),
+        "loss.is_level": ("token", TRL + ": token-level truncation (the only mode before PR #4530)"),
+        "loss.tis_cap": (2.0, TRL + ": vllm_importance_sampling_correction True, cap 2.0"),
+    },
+}
 
 
 def study_row(name: str, *, learning_rate: float) -> ml_collections.ConfigDict:
-    """A row's config before its own settings: runs/<name>, the row's learning rate, the shared settings."""
+    """A row's config before its own settings: runs/<name>, the row's learning rate, its framework's
+    optimizer and loss settings (`SETTINGS[FRAMEWORK[name]]`), the shared settings."""
     c = defaults("grpo")
     c.workdir = f"runs/{name}"
     c.optimizer.learning_rate = learning_rate
+    for key, (value, _) in SETTINGS[FRAMEWORK[name]].items():
+        section, field = key.split(".")
+        if _dataclass_default(section, field) != value:  # the defaults already hold the rest
+            c[section][field] = value
     c.loss.micro_batch_rows = 16
     c.vllm.max_model_len = 8192
     c.eval.benchmarks = "math500"
     return c
+
+
+def _dataclass_default(section: str, field: str):
+    """The default of `field` in the dataclass behind config section `section` (loss or optimizer)."""
+    cls = {"loss": LossConfig, "optimizer": OptimizerConfig}[section]
+    return next(f.default for f in dataclasses.fields(cls) if f.name == field)

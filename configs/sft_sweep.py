@@ -19,17 +19,26 @@ at SFTConfig's defaults: Config A's.
 | a   | 3,825 custom traces (Config A)     | 2e-4  | 2      | 238   | 32 (the study's)      |
 | b   | 3,825 custom traces (Config B)     | 5e-4  | 1      | 119   | 32                    |
 
+No row holds documents out for an eval loss (`sft.eval_fraction` 0, the default): a hold-out leaves
+the training set before batches are planned, and the step counts above assume every trace trains
+(2% held out gave Config A 234 steps). Pass `--config.sft.eval_fraction=0.02` to watch an eval loss
+at the cost of those steps.
+
 The study states the batch (32) only for Configs A and B; the v1-v3 batches are the ones that give
 its step counts with a partial last batch dropped per epoch. 861 / 32 gives 26 steps per epoch, so
 v4 runs a fixed 53 steps (two passes and one batch of a third), which is the study's count.
 
 Data: `sft.train_files` are read from `data.dir`: `traces.jsonl` is the output of
 configs/distill.py (rows carry their `source`; v1/v2 keep the OlympiadBench ones), `openr1.jsonl`
-is OpenR1-Math-220k in the jaxmath schema (`python -m jaxmath.data.datasets`; rows with `traces`).
-The study did not publish its v3 mix or the v4 length cut: v3 here is all custom traces plus OpenR1
-traces under 4,000 characters (the filter the study mentions), v4 keeps custom traces under 1,200
-characters; the run log prints the document count, compare it with the table and adjust
-`sft.max_trace_chars`.
+is OpenR1-Math-220k in the jaxmath schema (rows with `traces`; `python -m jaxmath.data.datasets --out DIR`
+writes it into DIR with the other data files: link it beside traces.jsonl).
+The study did not publish its v3 mix or the v4 length cut. v3 here is 5,400 documents
+(`sft.max_documents`): every custom trace (3,825 in the study), then OpenR1 traces in file order up
+to 5,400 (1,575 at the study's count), unfiltered: the study blames v3's regression on OpenR1's long
+traces (median ~7,300 characters), and its <4,000-character filter, which kept 9.4% of OpenR1, was a
+separate try (`--config.sft.max_trace_chars=4000`, which also cuts custom traces). v4 keeps custom
+traces under 1,200 characters; the run log prints the document count, compare it with the table
+and adjust `sft.max_trace_chars`.
 """
 
 import ml_collections
@@ -42,7 +51,7 @@ ROWS = {
            "sft.train_sources": "olympiadbench"},
     "v2": {"optimizer.learning_rate": 5e-4, "sft.epochs": 3, "sft.train_sources": "olympiadbench"},
     "v3": {"optimizer.learning_rate": 5e-4, "sft.epochs": 2, "sft.batch_size": 64,
-           "sft.train_files": "traces.jsonl,openr1.jsonl", "sft.max_trace_chars": 4000},
+           "sft.train_files": "traces.jsonl,openr1.jsonl", "sft.max_documents": 5400},
     "v4": {"optimizer.learning_rate": 5e-4, "sft.epochs": 2, "steps": 53, "sft.max_trace_chars": 1200},
     "a": {"sft.epochs": 2},  # the SFT defaults are Config A's (jaxmath.sft.SFTConfig)
     "b": {"optimizer.learning_rate": 5e-4},
@@ -58,8 +67,6 @@ def get_config(arg: str = "a") -> ml_collections.ConfigDict:
     config.data.dir = "runs/distill"  # where configs/distill.py writes the traces
     config.sft.train_files = "traces.jsonl"
     config.sft.micro_batch_size = 4  # gradient accumulation: batch_size / micro_batch_size micro-batches
-    config.sft.eval_fraction = 0.02
-    config.sft.eval_every = 20
     config.update_from_flattened_dict(ROWS[arg])
     config.lock()
     return config

@@ -5,8 +5,9 @@
 The study served Qwen3-235B-A22B-Instruct-2507 with vLLM, asked it every MATH level 4-5 problem
 and 500 OlympiadBench numerical problems, and kept the 3,825 answers graded correct. Here each
 problem is sent as the same user turn evaluation uses (`jaxmath.data.prompts.user_turn`: the
-problem, then the \\boxed{} instruction); the reply is graded like the RL reward (last \\boxed{}
-against the gold answer with `jaxmath.reward`).
+problem, then the \\boxed{} instruction); the reply is graded by the RL reward's own function
+(`jaxmath.reward.grade_completion`: the last \\boxed{} against the gold answer), so a kept trace is
+one the reward and the evaluation would also call correct.
 
 Sources: data set names of `jaxmath.data.datasets.FILES` or .jsonl paths, each optionally
 `NAME:COUNT` for COUNT problems chosen by `select_problems` (the COUNT whose sha256(id) is smallest,
@@ -408,12 +409,12 @@ class Journal:
 
 
 def _grade(cfg: DistillConfig, record: dict) -> dict:
-    """The grade row for a reply record."""
-    from jaxmath.reward import extract_boxed, grade
+    """The grade row for a reply record: the training reward's verdict (`grade_completion`, the last
+    \\boxed{} answer only, as the study's reward)."""
+    from jaxmath.reward import grade_completion
 
-    extracted = extract_boxed(record["trace"])
-    correct = extracted is not None and grade(extracted, record["answer"], timeout=cfg.grade_timeout)
-    return {"kind": "grade", "id": record["id"], "correct": bool(correct), "extracted": extracted}
+    graded = grade_completion(record["trace"], record["answer"], timeout=cfg.grade_timeout)
+    return {"kind": "grade", "id": record["id"], "correct": graded.correct, "extracted": graded.answer}
 
 
 def _ask(cfg: DistillConfig, problem: dict, journal: Journal, in_flight: _InFlight) -> dict | None:

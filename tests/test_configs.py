@@ -188,3 +188,27 @@ def _with_eval_data_dir():
     cfg.unlock()
     cfg.eval.data_dir = "elsewhere"
     return cfg
+
+
+def test_each_grpo_row_runs_its_frameworks_optimizer_and_loss():
+    """configs/grpo_common.py names, per row of Table 3, where each optimizer and loss setting comes
+    from (Tinker's AdamParams for the Tinker rows, TRL 0.24 for the local ones) and the row's built
+    dataclasses hold those values."""
+    common = config_lib.load_module(str(ROOT / "configs" / "grpo_common.py"))
+    assert set(common.FRAMEWORK) == {"grpo_v1", "grpo_v2", "grpo_v3", "sft_then_rl", "local_full", "local_lora"}
+    for row, framework in common.FRAMEWORK.items():
+        _, loss, optimizer = main.grpo_configs(load_config(str(ROOT / "configs" / f"{row}.py")))
+        built = {"loss": loss, "optimizer": optimizer}
+        for key, (value, source) in common.SETTINGS[framework].items():
+            section, field = key.split(".")
+            assert getattr(built[section], field) == value, (row, key, source)
+            assert source, (row, key)
+    tinker, trl = common.SETTINGS["tinker"], common.SETTINGS["trl"]
+    # Tinker's AdamParams defaults (beta2 0.95, eps 1e-12, no clipping), constant learning rate.
+    assert {k: tinker[k][0] for k in ("optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.max_grad_norm",
+                                      "optimizer.schedule")} == {
+        "optimizer.b1": 0.9, "optimizer.b2": 0.95, "optimizer.eps": 1e-12, "optimizer.max_grad_norm": 0.0,
+        "optimizer.schedule": "constant"}
+    # TRL: per-token aggregation over the batch ("dapo"), vLLM IS correction on (cap 2), linear decay.
+    assert {k: trl[k][0] for k in ("loss.loss_agg", "loss.tis_cap", "optimizer.schedule")} == {
+        "loss.loss_agg": "token_mean", "loss.tis_cap": 2.0, "optimizer.schedule": "linear"}

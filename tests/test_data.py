@@ -143,6 +143,47 @@ def test_map_openr1_row_keeps_verified_short_traces():
     assert datasets.map_openr1_row(row, 0, max_trace_chars=10).meta["traces"] == ["short ok"]
 
 
+# Rows in OpenR1-Math-220k's schema (open-r1/OpenR1-Math-220k README: problem, solution, answer,
+# problem_type, question_type, source, uuid, is_reasoning_complete, generations,
+# correctness_math_verify, correctness_llama, finish_reasons, correctness_count, messages).
+OPENR1_FIXTURE = [
+    {"problem": "Find $x$ if $2x = 8$.", "solution": "x = 4", "answer": "4", "problem_type": "Algebra",
+     "question_type": "math-word-problem", "source": "olympiads", "uuid": "a1", "is_reasoning_complete": [True, True],
+     "generations": ["<think>2x=8</think> So \\boxed{4}.", "x = 5, \\boxed{5}"],
+     "correctness_math_verify": [True, False], "correctness_llama": None, "finish_reasons": None,
+     "correctness_count": 1, "messages": []},
+    {"problem": "Compute $1+1$.", "solution": "2", "answer": "2", "problem_type": "Algebra",
+     "question_type": "math-word-problem", "source": "amc_aime", "uuid": "b2", "is_reasoning_complete": [True],
+     "generations": ["\\boxed{3}"], "correctness_math_verify": [False], "correctness_llama": None,
+     "finish_reasons": None, "correctness_count": 0, "messages": []},
+    {"problem": "What is $3^2$?", "solution": "9", "answer": "9", "problem_type": "Number Theory",
+     "question_type": "math-word-problem", "source": "cn_contest", "uuid": "c3", "is_reasoning_complete": [True, True],
+     "generations": ["\\boxed{9}", "Squaring, \\boxed{9}."], "correctness_math_verify": [True, True],
+     "correctness_llama": None, "finish_reasons": None, "correctness_count": 2, "messages": []},
+]
+
+
+def test_download_all_writes_the_openr1_file(tmp_path, monkeypatch):
+    """`python -m jaxmath.data.datasets --out data` writes openr1.jsonl (what the SFT sweep's v3 reads):
+    one row per problem with a verified trace, `traces` holding only the verified ones. The hub is
+    replaced by the fixture (OpenR1 rows) and empty sets for the other files."""
+    asked = []
+
+    def hub(path, name, split):
+        asked.append((path, name, split))
+        return OPENR1_FIXTURE if path == "open-r1/OpenR1-Math-220k" else []
+
+    monkeypatch.setattr(datasets, "_hub_rows", hub)
+    written = datasets.download_all(tmp_path)
+    assert written[datasets.OPENR1_FILE] == 2 and ("open-r1/OpenR1-Math-220k", "default", "train") in asked
+    rows = [json.loads(line) for line in (tmp_path / datasets.OPENR1_FILE).read_text().splitlines()]
+    assert [(r["id"], r["problem"], r["traces"]) for r in rows] == [
+        ("a1", "Find $x$ if $2x = 8$.", ["<think>2x=8</think> So \\boxed{4}."]),
+        ("c3", "What is $3^2$?", ["\\boxed{9}", "Squaring, \\boxed{9}."])]
+    assert [r["data_source"] for r in rows] == ["olympiads", "cn_contest"]
+    assert datasets.OPENR1_FILE not in datasets.download_all(tmp_path / "no_openr1", openr1=False)
+
+
 def test_hub_loader_without_datasets_package_says_what_to_install(monkeypatch):
     import builtins
     real_import = builtins.__import__

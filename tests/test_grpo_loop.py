@@ -81,6 +81,44 @@ def test_early_stop_on_gradient_floor(tmp_path):
     assert len(_metrics(tmp_path)) == 2
 
 
+def test_each_early_stop_signal_at_the_studys_thresholds():
+    """The study's signals (section 5.5) on synthetic metrics: reward ~0.95, grad norm ~1e-7, the
+    engine/trainer ratio ~0.1; each stops the run after `patience` consecutive steps, a step off the
+    signal resets its count, and a step without the ratio metric does not count."""
+    cfg = loop.GRPOConfig(early_stop_reward=0.95, early_stop_grad_norm=1e-7, early_stop_ratio=0.1,
+                          early_stop_patience=3)
+    calm = {"reward_mean": 0.6, "grad_norm": 0.02, "mismatch/ratio_min": 0.8}
+    for metric, saturated, reason in (("reward_mean", 0.96, "reward_mean >= 0.95"),
+                                      ("grad_norm", 5e-8, "grad_norm <= 1e-07"),
+                                      ("mismatch/ratio_min", 0.08, "mismatch/ratio_min <= 0.1")):
+        streak: dict = {}
+        steps = [saturated, saturated, calm[metric], saturated, saturated, saturated]
+        reasons = [loop.early_stop_reason({**calm, metric: v}, cfg, streak) for v in steps]
+        assert reasons[:5] == [""] * 5, metric
+        assert reasons[5].startswith(reason), reasons[5]
+    # Just short of each threshold nothing stops; without mismatch metrics the ratio never counts.
+    near = {"reward_mean": 0.94, "grad_norm": 2e-7, "mismatch/ratio_min": 0.11}
+    streak = {}
+    assert [loop.early_stop_reason(near, cfg, streak) for _ in range(5)] == [""] * 5
+    streak = {}
+    no_tokens = {"reward_mean": 0.5, "grad_norm": 0.1}
+    assert [loop.early_stop_reason(no_tokens, cfg, streak) for _ in range(5)] == [""] * 5
+    with pytest.raises(ValueError, match="early_stop"):
+        loop.GRPOConfig(early_stop_ratio=-0.1)
+
+
+def test_the_loop_stops_on_the_ratio_with_a_log_line_and_a_final_checkpoint(tmp_path, caplog):
+    """ratio_min of the JAX sampler vs the trainer is ~1, so a threshold of 2 holds from step 1."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _, result = _run(tmp_path, 6, early_stop_ratio=2.0, early_stop_patience=3, checkpoint_every=5)
+    assert result["stopped_early"].startswith("mismatch/ratio_min <= 2"), result["stopped_early"]
+    assert len(_metrics(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # saved at the stop, not only every 5
+    assert any("stopping early at step 3: mismatch/ratio_min" in r.getMessage() for r in caplog.records)
+
+
 def test_kl_reference_several_iterations_and_importance_correction(tmp_path):
     """LoRA with a KL term (reference = adapters off), 2 policy updates per batch (old logprobs from a
     separate pass) and truncated importance sampling: the run completes and logs each term."""

@@ -61,16 +61,82 @@ def test_dry_run_gives_each_config_its_own_workdir_and_runs_nothing(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
-def test_print_only_prints_one_sbatch_job_per_config(tmp_path):
-    out = _sweep(f"--root={tmp_path}", "--configs=configs/grpo_v1.py,configs/local_lora.py", "--print_only",
-                 "--sbatch_arg=--partition=gpu")
+def test_print_only_chains_sbatch_jobs_by_their_dependencies(tmp_path):
+    out = _sweep(f"--root={tmp_path}", "--configs=configs/grpo_v1.py,configs/grpo_v3.py,configs/grpo_v2.py",
+                 "--print_only", "--sbatch_arg=--partition=gpu")
     assert out.returncode == 0, out.stderr
-    jobs = [shlex.split(line) for line in out.stdout.strip().splitlines()]
-    assert [j[0] for j in jobs] == ["sbatch", "sbatch"]
-    assert "--job-name=jaxmath-grpo_v1" in jobs[0] and "--job-name=jaxmath-local_lora" in jobs[1]
-    assert "--partition=gpu" in jobs[0]
-    wrap = next(a for a in jobs[1] if a.startswith("--wrap="))
-    assert f"--workdir={tmp_path / 'local_lora'}" in wrap and " && " in wrap
+    lines = out.stdout.strip().splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == ["job_grpo_v1", "job_grpo_v2", "job_grpo_v3"]
+    jobs = [shlex.split(line.split("=", 1)[1][2:-1]) for line in lines]  # job_x=$(sbatch ...)
+    assert [j[0] for j in jobs] == ["sbatch"] * 3 and all("--parsable" in j and "--partition=gpu" in j for j in jobs)
+    assert "--job-name=jaxmath-grpo_v3" in jobs[2] and "--dependency=afterok:${job_grpo_v2}" in lines[2]
+    assert "--dependency" not in lines[0] + lines[1]
+    wrap = next(a for a in jobs[2] if a.startswith("--wrap="))
+    assert f"--config.init.checkpoint={tmp_path / 'grpo_v2'}" in wrap and " && " in wrap
+
+
+def test_sweep_runs_each_job_after_the_jobs_whose_outputs_it_reads(tmp_path):
+    """The whole default sweep (Tables 12 and 3) with a fake job runner that makes each command's
+    outputs: every job finds its inputs under the sweep root when it starts; v3 continues v2,
+    sft_then_rl starts from Config A's export (not the sweep's base model), local_lora is exported at
+    its best step; a failed job skips the jobs that need it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "launch" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = sweep  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(sweep)
+    ran: list[list[str]] = []
+
+    def fake(cmd: list[str], fail: str = "") -> int:
+        flags = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+        for key in ("config.init.checkpoint", "config.model.path"):
+            if key in flags and flags[key].startswith(str(tmp_path)):
+                must = Path(flags[key]) / ("checkpoints" if key == "config.init.checkpoint" else "config.json")
+                assert must.exists(), (cmd, must)  # the input is there when the job starts
+        ran.append(cmd)
+        if cmd[2] == "jaxmath.main" and not flags["workdir"].endswith("eval"):
+            if fail and flags["workdir"].endswith(fail):
+                return 1
+            (Path(flags["workdir"]) / "checkpoints" / "1").mkdir(parents=True)
+            if "sft_sweep" in flags["config"]:  # SFT exports itself
+                (Path(flags["workdir"]) / "export").mkdir()
+                (Path(flags["workdir"]) / "export" / "config.json").write_text("{}")
+        elif cmd[2] == "jaxmath.convert.jax_to_hf":
+            Path(flags["out"]).mkdir()
+            (Path(flags["out"]) / "config.json").write_text("{}")
+        return 0
+
+    base = ["--set=--config.model.path=/models/base", "--grpo_set=--config.data.dir=/data",
+            "--sft_set=--config.data.dir=/traces"]
+    assert sweep.main([f"--root={tmp_path}", *base], runner=fake) == 1  # no eval results: the table is empty
+    trains = [c for c in ran if c[2] == "jaxmath.main" and "--config=configs/eval.py" not in c]
+    order = [sweep.run_name(c[3].split("=", 1)[1]) for c in trains]
+    assert order.index("grpo_v2") < order.index("grpo_v3") and order.index("sft_sweep_a") < order.index("sft_then_rl")
+    assert len(order) == 12
+    by_name = dict(zip(order, trains))
+    assert f"--config.init.checkpoint={tmp_path / 'grpo_v2'}" in by_name["grpo_v3"]
+    assert f"--config.model.path={tmp_path / 'sft_sweep_a' / 'export'}" in by_name["sft_then_rl"]
+    assert "--config.model.path=/models/base" not in by_name["sft_then_rl"]
+    assert "--config.data.dir=/traces" in by_name["sft_sweep_a"] and "--config.data.dir=/data" in by_name["grpo_v1"]
+    exports = {Path(c[3].split("=", 1)[1]).parent.name: c for c in ran if c[2] == "jaxmath.convert.jax_to_hf"}
+    assert "--best" in exports["local_lora"] and "--best" not in exports["grpo_v2"]
+    evals = [c for c in ran if "--config=configs/eval.py" in c]
+    assert len(evals) == 12 and all("--config.data.dir=/data" in c for c in evals)
+
+    # grpo_v2 fails: grpo_v3 (which needs it) is skipped, the rest still run.
+    ran.clear()
+    other = tmp_path / "again"
+    assert sweep.main([f"--root={other}", "--configs=configs/grpo_v2.py,configs/grpo_v3.py,configs/grpo_v1.py",
+                       *base], runner=lambda cmd: fake(cmd, fail="grpo_v2")) == 1
+    started = [Path(dict(a[2:].split("=", 1) for a in c if a.startswith("--workdir=")).get("workdir", "")).name
+               for c in ran if c[2] == "jaxmath.main"]
+    assert "grpo_v3" not in started and "grpo_v1" in started
+
+
+def test_a_job_whose_input_no_job_writes_is_refused(tmp_path):
+    out = _sweep(f"--root={tmp_path}", "--configs=configs/grpo_v3.py", "--dry_run")
+    assert out.returncode != 0 and "init.checkpoint=runs/grpo_v2" in out.stderr and "--configs" in out.stderr
 
 
 def test_unknown_config_and_shell_launchers_fail_clearly(tmp_path):
@@ -104,3 +170,27 @@ def test_gpu_checks_commands_parse_with_their_benchmarks():
     unknown = subprocess.run(["bash", str(ROOT / "launch" / "gpu_checks.sh"), "nope"], capture_output=True,
                              text=True, cwd=ROOT, timeout=60)
     assert unknown.returncode == 2 and "known: versions rollout" in unknown.stderr
+
+
+def test_export_best_picks_the_step_with_the_best_eval_accuracy(tmp_path):
+    """`jax_to_hf --best` (the sweep's export of local_lora) resolves a run's checkpoints to the step
+    whose saved eval_accuracy is highest, not the newest; a run without that metric is refused."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from jaxmath.checkpoint import CheckpointManager, TrainState
+    from jaxmath.convert.common import ConvertError
+    from jaxmath.convert.jax_to_hf import best_step_dir
+
+    def state(step):
+        return TrainState({"w": jnp.ones((2,)) * step}, (), step, {"index": step}, jax.random.key(0), {})
+
+    with CheckpointManager(tmp_path / "checkpoints", keep_last=5, best_metric="eval_accuracy") as manager:
+        for step, accuracy in ((10, 0.80), (20, 0.87), (30, 0.86)):
+            manager.save(step, state(step), metrics={"eval_accuracy": accuracy}, force=True)
+    assert best_step_dir(str(tmp_path / "checkpoints")) == str(tmp_path / "checkpoints" / "20")
+    with CheckpointManager(tmp_path / "plain" / "checkpoints") as manager:
+        manager.save(5, state(5), metrics={"loss": 1.0}, force=True)
+    with pytest.raises(ConvertError, match="rl.keep_best"):
+        best_step_dir(str(tmp_path / "plain" / "checkpoints"))

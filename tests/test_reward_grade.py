@@ -143,3 +143,32 @@ def test_gsm8k_and_aime_integers():
     rows = _jsonl("gsm8k_test.jsonl")[:200] + _jsonl("aime2024.jsonl")
     assert all(grade(f"The answer is \\boxed{{{row['answer']}}}.", row["answer"]) for row in rows)
     assert not any(grade(f"\\boxed{{{int(float(row['answer'])) + 1}}}", row["answer"]) for row in rows)
+
+
+def test_reward_evaluation_and_distillation_give_the_same_verdicts():
+    """One grading function (`grade_completion` / `grade_completions`) behind the training reward,
+    evaluation's scoring and distillation's filter: on the development cases and on answers whose
+    boxes are adjacent, nested or unboxed, the three paths agree on the answer read and the verdict."""
+    from jaxmath import distill
+    from jaxmath.data.datasets import Example
+    from jaxmath.eval.run import EvalConfig, score
+    from jaxmath.reward import correctness_rewards, grade_completion, warmup
+
+    warmup(1)  # a cold symbolic worker would make the first path's slow cases time out, not differ
+    crafted = [("\\boxed{1}, \\boxed{2}", "1, 2"), ("\\boxed{1}\\boxed{2}", "2"), ("so \\boxed{\\frac{1}{2}}", "0.5"),
+               ("\\boxed{x = 3}", "3"), ("The answer is 7.", "7"), ("\\boxed{\\boxed{5}}", "5"),
+               ("first \\boxed{4} then \\boxed{6}", "4"), ("\\boxed{}", "0"), ("\\fbox{12}", "12")]
+    cases = [(c["pred"], c["gold"]) for c in _cases("mined_dev.jsonl")[:150]] + crafted
+    texts, golds = [t for t, _ in cases], [g for _, g in cases]
+
+    rewards, reward_answers = correctness_rewards(texts, golds, timeout=5.0)
+    examples = [Example(id=str(i), problem="", answer=g) for i, g in enumerate(golds)]
+    _, records = score(examples, [[t] for t in texts], EvalConfig(data_dir="unused", timeout=5.0, progress=False))
+    cfg = distill.DistillConfig(endpoint="http://teacher:8000/v1", grade_timeout=5.0)
+    rows = [distill._grade(cfg, {"id": str(i), "trace": t, "answer": g}) for i, (t, g) in enumerate(cases)]
+
+    reference = [grade_completion(t, g, timeout=5.0) for t, g in cases]
+    assert [r.correct for r in reference] == [bool(r) for r in rewards] == [rec["correct"][0] for rec in records] \
+        == [row["correct"] for row in rows]
+    assert [r.answer for r in reference] == reward_answers == [rec["extracted"][0] for rec in records] \
+        == [row["extracted"] for row in rows]

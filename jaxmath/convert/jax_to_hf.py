@@ -5,6 +5,8 @@
     # a training run (newest step) or one step of it; LoRA adapters merged into the base weights
     python -m jaxmath.convert.jax_to_hf --ckpt=runs/grpo/checkpoints --out=/models/grpo-merged --merge_lora \
         [--base_model=/models/Qwen3-4B-Instruct-2507] [--lora_alpha=128]
+    # the step of a run with the best evaluation (GRPO with rl.keep_best; the study's local LoRA at step 50)
+    python -m jaxmath.convert.jax_to_hf --ckpt=runs/local_lora/checkpoints --best --out=/models/local-lora --merge_lora
     # only the adapters of a LoRA run, in PEFT format (vLLM's --lora-modules, peft.PeftModel)
     python -m jaxmath.convert.jax_to_hf --ckpt=runs/grpo/checkpoints --out=/models/grpo-adapter --adapter_only
 
@@ -28,6 +30,8 @@ flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16", "float16"],
 flags.DEFINE_bool("merge_lora", False, "fold LoRA adapters of a run checkpoint into the base weights")
 flags.DEFINE_bool("adapter_only", False, "export only the LoRA adapters of a run checkpoint, in PEFT format "
                   "(adapter_model.safetensors + adapter_config.json); no base weights are read")
+flags.DEFINE_bool("best", False, "--ckpt is a run's checkpoints directory: export its step with the best "
+                  "eval_accuracy (recorded by GRPO runs with rl.keep_best > 0) instead of the newest")
 flags.DEFINE_string("base_model", "", "HF directory of the run's base model; default: model.path of the run config")
 flags.DEFINE_float("lora_alpha", None, "LoRA alpha, when the run config does not record lora.alpha")
 flags.mark_flags_as_required(["ckpt", "out"])
@@ -38,13 +42,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
     f = flags.FLAGS
     try:
+        ckpt = best_step_dir(f.ckpt) if f.best else f.ckpt
         if f.adapter_only and f.merge_lora:
             raise ConvertError("--adapter_only and --merge_lora exclude each other: pick the adapters alone (PEFT) "
                                "or full weights with the adapters folded in")
         if f.adapter_only:
-            summary = export_adapter(f.ckpt, f.out, dtype=f.dtype, base_model=f.base_model, lora_alpha=f.lora_alpha)
+            summary = export_adapter(ckpt, f.out, dtype=f.dtype, base_model=f.base_model, lora_alpha=f.lora_alpha)
         else:
-            summary = export_hf(f.ckpt, f.out, dtype=f.dtype, merge_lora=f.merge_lora, base_model=f.base_model,
+            summary = export_hf(ckpt, f.out, dtype=f.dtype, merge_lora=f.merge_lora, base_model=f.base_model,
                                 lora_alpha=f.lora_alpha)
     except (ConvertError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
@@ -52,6 +57,27 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     logging.info("exported %s", summary)
     print(json.dumps(summary))
+
+
+def best_step_dir(run_checkpoints: str, metric: str = "eval_accuracy") -> str:
+    """The step directory of `run_checkpoints` (RUN/checkpoints) whose saved `metric` is best (highest)."""
+    from pathlib import Path
+
+    from jaxmath.checkpoint import CheckpointManager
+
+    if not Path(run_checkpoints).is_dir():
+        raise ConvertError(f"--ckpt {run_checkpoints} does not exist; --best takes a run's checkpoints directory")
+    manager = CheckpointManager(run_checkpoints, best_metric=metric)
+    try:
+        step = manager.best_step()
+        value = (manager.metrics(step) or {}).get(metric) if step is not None else None
+    finally:
+        manager.close()
+    if value is None:
+        raise ConvertError(f"no step of {run_checkpoints} recorded {metric}; --best needs a GRPO run with "
+                           "rl.eval_every and rl.keep_best > 0 (drop --best to export the newest step)")
+    logging.info("best step of %s: %d (%s %.4f)", run_checkpoints, step, metric, value)
+    return str(Path(run_checkpoints) / str(step))
 
 
 def export_adapter(ckpt: str, out: str, *, dtype: str = "", base_model: str = "",

@@ -300,15 +300,23 @@ def hub_olympiadbench(*, numerical_only: bool = True) -> list[Example]:
     return [ex for ex in examples if ex.meta["answer_type"] == "Numerical"] if numerical_only else examples
 
 
-def hub_openr1_math(*, config: str = "default", max_trace_chars: int = 0) -> list[Example]:
-    """OpenR1-Math-220k for the SFT sweep (Table 12, v3); problems without a kept trace are dropped."""
-    examples = _map_all(_hub_rows("open-r1/OpenR1-Math-220k", config, "train"), map_openr1_row,
-                        max_trace_chars=max_trace_chars)
-    return [ex for ex in examples if ex.meta["traces"]]
+# The SFT sweep's OpenR1 file (Table 12, v3), beside the FILES; rows hold `problem` and `traces`
+# (every DeepSeek-R1 generation Math-Verify marked correct), what jaxmath.sft.load_sft_examples reads.
+OPENR1_FILE = "openr1.jsonl"
 
 
-def download_all(out_dir: str | os.PathLike) -> dict[str, int]:
-    """Writes every FILES entry from the hub into `out_dir`; returns rows written per file."""
+def write_openr1(rows: Iterable[dict], path: str | os.PathLike, *, max_trace_chars: int = 0) -> int:
+    """OpenR1-Math-220k rows (the hub's schema: problem, answer, uuid, generations,
+    correctness_math_verify, ...) as the SFT trace file `path`; problems without a verified trace are
+    left out. Returns the rows written."""
+    examples = [ex for ex in _map_all(rows, map_openr1_row, max_trace_chars=max_trace_chars) if ex.meta["traces"]]
+    return write_jsonl(examples, path)
+
+
+def download_all(out_dir: str | os.PathLike, *, openr1: bool = True) -> dict[str, int]:
+    """Writes every FILES entry from the hub into `out_dir`, and with `openr1` the SFT sweep's
+    OPENR1_FILE (OpenR1-Math-220k's default config, 94k problems, about 5 GB to download); returns
+    rows written per file."""
     builders = {
         "math_train": lambda: hub_math_train(),
         "math_train_hard": lambda: hub_math_train(hard_only=True),
@@ -320,12 +328,19 @@ def download_all(out_dir: str | os.PathLike) -> dict[str, int]:
         "olympiadbench": hub_olympiadbench,
         "olympiadbench_all": lambda: hub_olympiadbench(numerical_only=False),
     }
-    return {FILES[name]: write_jsonl(build(), Path(out_dir) / FILES[name]) for name, build in builders.items()}
+    written = {FILES[name]: write_jsonl(build(), Path(out_dir) / FILES[name]) for name, build in builders.items()}
+    if openr1:
+        written[OPENR1_FILE] = write_openr1(_hub_rows("open-r1/OpenR1-Math-220k", "default", "train"),
+                                            Path(out_dir) / OPENR1_FILE)
+    return written
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build the JSONL data folder from the Hugging Face hub.")
     parser.add_argument("--out", default="data", help="folder to write the JSONL files into")
+    parser.add_argument("--skip_openr1", action="store_true",
+                        help=f"do not write {OPENR1_FILE} (only the SFT sweep's v3 row reads it; ~5 GB download)")
     logging.basicConfig(level=logging.INFO)
-    for file_name, rows in download_all(parser.parse_args().out).items():
+    args = parser.parse_args()
+    for file_name, rows in download_all(args.out, openr1=not args.skip_openr1).items():
         print(f"{file_name}: {rows} rows")

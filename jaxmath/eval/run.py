@@ -5,8 +5,9 @@
 engine main.py constructs; the `file` backend grades completions someone else generated and needs
 neither engine nor tokenizer.
 
-Answers are taken from the last `\\boxed{}` only (the study requires boxed answers on every
-benchmark); `answer_fallback` opts a benchmark into one of `jaxmath.reward.extract_answer`'s
+Completions are graded by the training reward's function (`jaxmath.reward.grade_completions`), so a
+completion gets the same answer and verdict here as in training and distillation. Answers are taken
+from the last `\\boxed{}` only (the study requires boxed answers on every benchmark); `answer_fallback` opts a benchmark into one of `jaxmath.reward.extract_answer`'s
 fallbacks, e.g. "gsm8k=gsm8k".
 
 Writes under `<workdir>/eval/`: results.json, results.md (Table 4 / Table 11 layout) and
@@ -190,13 +191,17 @@ def score(examples: Sequence[datasets.Example], completions: Sequence[Sequence[s
     """
     from jaxmath import reward  # pylint: disable=import-outside-toplevel
 
-    extracted = [[reward.extract_answer(text, fallback=fallback) for text in row] for row in completions]
-    # Boxing the extracted answer hands the grader exactly the answer we extracted, whatever fallback
-    # found it, and keeps one extraction rule in force.
-    pairs = [(f"\\boxed{{{answer}}}", ex.answer) for ex, row in zip(examples, extracted) for answer in row
-             if answer is not None]
-    verdicts = iter(reward.grade_batch(pairs, workers=cfg.workers, timeout=cfg.timeout))
-    correct = [[answer is not None and bool(next(verdicts)) for answer in row] for row in extracted]
+    # The training reward's and distillation's grader (`grade_completions`), so a completion gets the
+    # same verdict and the same extracted answer here as in training.
+    flat = reward.grade_completions([text for row in completions for text in row],
+                                    [ex.answer for ex, row in zip(examples, completions) for _ in row],
+                                    fallback=fallback, workers=cfg.workers, timeout=cfg.timeout)
+    graded, start = [], 0
+    for row in completions:
+        graded.append(flat[start:start + len(row)])
+        start += len(row)
+    extracted = [[item.answer for item in row] for row in graded]
+    correct = [[item.correct for item in row] for row in graded]
 
     def equivalent(a: str, b: str) -> bool:
         return reward.equivalent(a, b, timeout=cfg.timeout)

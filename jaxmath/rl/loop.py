@@ -50,8 +50,16 @@ class GRPOConfig:
     num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
     filter_groups:         replace zero-variance groups with informative ones from `oversample` x
                            prompts_per_step sampled prompts (shapes stay static)
-    early_stop_reward:     stop when reward_mean stays >= this for `early_stop_patience` steps (0: off)
-    early_stop_grad_norm:  stop when grad_norm stays <= this for `early_stop_patience` steps (0: off)
+    early_stop_*:          the study's three saturation signals (section 5.5: "reward ~0.95 by step 50,
+                           gradient norms dropping to ~1e-7 and the importance sampling ratio falling to
+                           ~0.1"); the run stops, with a checkpoint and a log line naming the signal,
+                           when one holds for `early_stop_patience` consecutive steps (0: that signal off):
+      early_stop_reward:     reward_mean >= this (the study: 0.95)
+      early_stop_grad_norm:  grad_norm <= this (the study: 1e-7)
+      early_stop_ratio:      mismatch/ratio_min <= this (the study: 0.1), the smallest per-token ratio
+                             pi_trainer / pi_engine of the step's completions. On-policy the loss's own
+                             ratio is exactly 1; the study's ratio is TRL's vLLM importance-sampling
+                             ratio (sampling/importance_sampling_ratio/min), this one.
     """
 
     steps: int = 100
@@ -77,6 +85,7 @@ class GRPOConfig:
     plot_every: int = 10
     early_stop_reward: float = 0.0
     early_stop_grad_norm: float = 0.0
+    early_stop_ratio: float = 0.0
     early_stop_patience: int = 3
     warn_truncation: float = 0.5
     warn_zero_std: float = 0.8
@@ -89,6 +98,10 @@ class GRPOConfig:
             raise ValueError("num_generations must be >= 2: GRPO's advantages compare completions of a prompt")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if min(self.early_stop_reward, self.early_stop_grad_norm, self.early_stop_ratio) < 0 or \
+                self.early_stop_patience < 1:
+            raise ValueError("rl.early_stop_reward / _grad_norm / _ratio must be >= 0 (0: off) and "
+                             f"rl.early_stop_patience >= 1, got patience {self.early_stop_patience}")
         if self.filter_groups and self.oversample < 1.0:
             raise ValueError("filter_groups needs oversample >= 1.0 (prompts sampled per group kept)")
 
@@ -169,7 +182,7 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step + 1)
     timer = metrics_lib.PhaseTimer()
     last: dict[str, Any] = {}
-    streak = {"reward": 0, "grad": 0}
+    streak: dict[str, int] = {}
     stopped_early = ""
     bar = metrics_lib.progress(cfg.steps, desc="grpo")
     bar.update(start_step)
@@ -253,13 +266,14 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
             logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
                                                             "completion_len_mean", "mismatch/abs_mean"),
                                               seconds_key="step_seconds"))
-            stopped_early = _early_stop(m, cfg, streak)
+            stopped_early = early_stop_reason(m, cfg, streak)
             if stopped_early or step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
                 _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
             if cfg.plot_every and step_no % cfg.plot_every == 0:
                 metrics_lib.plot_metrics(workdir)
             if stopped_early:
-                logging.warning("stopping early at step %d: %s", step_no, stopped_early)
+                logging.warning("stopping early at step %d: %s; the final checkpoint is step %d", step_no,
+                                stopped_early, step_no)
                 break
     finally:
         bar.close()
@@ -300,13 +314,27 @@ def _warn(m: dict, cfg: GRPOConfig, step: int) -> None:
                         100 * m["frac_zero_std"])
 
 
-def _early_stop(m: dict, cfg: GRPOConfig, streak: dict) -> str:
-    if cfg.early_stop_reward > 0:
-        streak["reward"] = streak["reward"] + 1 if m["reward_mean"] >= cfg.early_stop_reward else 0
-        if streak["reward"] >= cfg.early_stop_patience:
-            return f"reward_mean >= {cfg.early_stop_reward} for {cfg.early_stop_patience} steps"
-    if cfg.early_stop_grad_norm > 0:
-        streak["grad"] = streak["grad"] + 1 if m["grad_norm"] <= cfg.early_stop_grad_norm else 0
-        if streak["grad"] >= cfg.early_stop_patience:
-            return f"grad_norm <= {cfg.early_stop_grad_norm} for {cfg.early_stop_patience} steps"
+# (signal, metric, the config field holding its threshold, whether the signal is metric >= threshold)
+EARLY_STOP_SIGNALS = (
+    ("reward", "reward_mean", "early_stop_reward", True),
+    ("grad_norm", "grad_norm", "early_stop_grad_norm", False),
+    ("ratio", "mismatch/ratio_min", "early_stop_ratio", False),
+)
+
+
+def early_stop_reason(m: dict, cfg: GRPOConfig, streak: dict[str, int]) -> str:
+    """Why the run should stop after this step ("" to go on), given its metrics `m`.
+
+    streak: consecutive steps each signal has held so far, updated in place (start with {}). A step
+    without the signal's metric (no completion tokens to compare) breaks its streak."""
+    for name, metric, field, at_least in EARLY_STOP_SIGNALS:
+        threshold = getattr(cfg, field)
+        if threshold <= 0:
+            continue
+        value = m.get(metric)
+        holds = value is not None and (value >= threshold if at_least else value <= threshold)
+        streak[name] = streak.get(name, 0) + 1 if holds else 0
+        if streak[name] >= cfg.early_stop_patience:
+            return (f"{metric} {'>=' if at_least else '<='} {threshold:g} for {cfg.early_stop_patience} "
+                    f"consecutive steps (rl.{field}; now {value:.3g})")
     return ""

@@ -14,7 +14,7 @@ The train-state set-up and the accumulated update are `jaxmath.train_state`'s, s
 from jaxmath.data.chat import TokenizedExample, tokenize_chat
 from jaxmath.data.packing import BATCH_KEYS, pack_examples, pack_plan, truncate
 from jaxmath.model.lora import split_trainable
-from jaxmath.sft.data import load_sft_examples, plan_batches
+from jaxmath.sft.data import load_sft_examples, plan_batches, plan_run
 from jaxmath.sft.loop import SFTConfig, export, run_sft
 from jaxmath.sft.step import make_eval_step, make_sft_step, stack_micro, token_nll
 
@@ -29,6 +29,7 @@ __all__ = [
     "pack_examples",
     "pack_plan",
     "plan_batches",
+    "plan_run",
     "run_sft",
     "split_trainable",
     "stack_micro",

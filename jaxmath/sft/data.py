@@ -1,7 +1,10 @@
 """SFT data: trace files to tokenized chat documents, and the order in which a run sees them.
 
     examples = load_sft_examples(paths, tokenizer)          # JSONL traces -> TokenizedExample list
-    batches, epochs = plan_batches(lengths, cfg)            # the whole run's batches, from (seed, epoch)
+    plan = plan_run(examples, cfg)                          # hold-out, then the whole run's batches
+
+`plan_run` is what `run_sft` trains on, so a step count computed with it (tests/test_sft.py, at the
+study's trace counts) is the run's.
 
 Data order is a pure function of (seed, epoch): each pass shuffles the documents with
 `np.random.default_rng([seed, epoch])`, packs them (first fit) or gives each its own row, and cuts
@@ -11,6 +14,7 @@ checkpoint's data cursor is just the step number.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -110,3 +114,35 @@ def plan_batches(lengths: Sequence[int], cfg) -> tuple[list[list[list[int]]], li
     if cfg.steps:
         batches, epochs = batches[:cfg.steps], epochs[:cfg.steps]
     return batches, epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What one SFT run trains on: the documents, the held-out ones, and [step][row] -> document."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    batches: list[list[list[int]]]
+    epochs: list[int]
+
+
+def plan_run(examples: Sequence[TokenizedExample], cfg,
+             eval_examples: Sequence[TokenizedExample] | None = None) -> RunPlan:
+    """The run's training documents (the first cfg.max_documents when > 0, cut to max_seq_len), its
+    hold-out and its batches.
+
+    The hold-out (cfg.eval_fraction of the documents, when no `eval_examples` are given) comes out
+    of the training set before batches are planned, so it lowers the step count: the study's
+    configs (configs/sft_sweep.py) keep it off, their counts assume every trace trains."""
+    examples = list(examples)
+    if cfg.max_documents:
+        if len(examples) < cfg.max_documents:
+            logging.warning("sft.max_documents=%d but the trace files hold %d documents; training on all",
+                            cfg.max_documents, len(examples))
+        examples = examples[:cfg.max_documents]
+    train = prepare(examples, cfg.max_seq_len, "train")
+    if eval_examples is None and cfg.eval_fraction > 0:
+        train, eval_examples = split_eval(train, cfg.eval_fraction, cfg.seed)
+    held_out = prepare(eval_examples, cfg.max_seq_len, "eval") if eval_examples else []
+    batches, epochs = plan_batches([len(e.input_ids) - 1 for e in train], cfg)
+    return RunPlan(train, held_out, batches, epochs)

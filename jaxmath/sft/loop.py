@@ -3,7 +3,7 @@
     result = run_sft(model, examples, SFTConfig(...), workdir, tokenizer=tokenizer)
 
 The train state comes from `jaxmath.train_state.init_or_restore` (the set-up GRPO uses too), the
-batches from `jaxmath.sft.data.plan_batches`, rebuilt whole on resume, so N steps + resume + N
+batches from `jaxmath.sft.data.plan_run`, rebuilt whole on resume, so N steps + resume + N
 steps equals 2N steps.
 
 Outputs under `workdir`: checkpoints/<step>/ (trainable params, optimizer state, step, cursor, key,
@@ -51,7 +51,8 @@ class SFTConfig:
     epochs, steps:    steps=0 runs `epochs` passes over the data, each pass floor(rows / batch_size)
                       steps (a partial last batch is dropped: 3,825 traces / 32 = 119 steps, the study's
                       count); steps > 0 runs exactly that many, starting further passes as needed
-    eval_fraction:    fraction of the examples held out for eval loss when no eval set is given
+    eval_fraction:    fraction of the examples held out for eval loss when no eval set is given; they
+                      leave the training set, so the step count drops (off in the study's configs)
     eval_every:       steps between eval-loss measurements (0 = only at the end)
     checkpoint_every: steps between checkpoints (0 = only at the end); keep_last of them are kept
     lora:             rank > 0 trains fresh adapters only (base frozen); rank 0 trains every nnx.Param
@@ -63,6 +64,8 @@ class SFTConfig:
                       hold `messages`, or `problem` with `trace` (jaxmath.distill output) or `traces`
     train_sources:    keep only rows whose `source` is listed (empty: all rows)
     max_trace_chars:  drop traces at least this long (0 keeps all; the study filtered OpenR1 at 4,000)
+    max_documents:    > 0: train on the first this many documents, in train_files order (sweep v3's
+                      5.4k mix: every custom trace, then OpenR1 traces up to 5,400)
     """
 
     batch_size: int = 32
@@ -85,6 +88,7 @@ class SFTConfig:
     train_files: tuple[str, ...] = ()
     train_sources: tuple[str, ...] = ()
     max_trace_chars: int = 0
+    max_documents: int = 0
 
     def __post_init__(self):
         micro = self.micro_batch_size or self.batch_size
@@ -95,6 +99,8 @@ class SFTConfig:
             raise ValueError(f"sft.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ValueError("set sft.steps > 0 or sft.epochs > 0 (steps=0 means: run `epochs` passes)")
+        if self.max_documents < 0:
+            raise ValueError(f"sft.max_documents must be >= 0 (0: all), got {self.max_documents}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"sft.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
@@ -131,11 +137,8 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     Resumes from the latest checkpoint in <workdir>/checkpoints if there is one.
     """
     workdir = Path(workdir)
-    examples = sft_data.prepare(examples, cfg.max_seq_len, "train")
-    if eval_examples is None and cfg.eval_fraction > 0:
-        examples, eval_examples = sft_data.split_eval(examples, cfg.eval_fraction, cfg.seed)
-    eval_examples = sft_data.prepare(eval_examples, cfg.max_seq_len, "eval") if eval_examples else []
-    batches, epochs = sft_data.plan_batches([len(e.input_ids) - 1 for e in examples], cfg)
+    plan = sft_data.plan_run(examples, cfg, eval_examples)
+    examples, eval_examples, batches, epochs = plan.train, plan.eval, plan.batches, plan.epochs
     total_steps = len(batches)
 
     try:
