@@ -64,6 +64,15 @@ def test_extract_boxed():
     assert extract_boxed("answer \\boxed 5.") == "5"
     assert extract_boxed("no box here") is None
     assert extract_boxed("truncated \\boxed{12") == "12"
+    # a box whose whole content is a box holds the inner content; boxes inside an expression stay
+    assert extract_boxed("\\boxed{\\boxed{5}}") == "5"
+    assert extract_boxed("\\boxed{ \\fbox{x^2} }") == "x^2"
+    assert extract_boxed("\\boxed{\\boxed{1}+\\boxed{2}}") == "\\boxed{1}+\\boxed{2}"
+
+
+def test_nested_box_is_decided_without_the_symbolic_worker():
+    # was False on a cold process at timeout 1: "\\boxed{5}" vs "5" went to the symbolic worker
+    assert grade("\\boxed{\\boxed{5}}", "5", timeout=0.05)
 
 
 def test_extract_answer_fallbacks():

@@ -76,8 +76,19 @@ def _box_spans(text: str) -> list[tuple[int, int, str]]:
             continue
         while spans and spans[-1][0] < span[1]:
             spans.pop()  # inner box of this one
-        spans.append(span)
+        spans.append((span[0], span[1], _unwrap_nested(span[2])))
     return spans[::-1]
+
+
+def _unwrap_nested(content: str) -> str:
+    """`\\boxed{\\boxed{5}}` answers 5: a box whose whole content is another box holds that box's content."""
+    for _ in range(MAX_BOX_COMMANDS):
+        command = next((c for c in _BOX_COMMANDS if content.startswith(c)), None)
+        inner = _read_box(content, 0, command) if command else None
+        if inner is None or inner[1] != len(content):
+            return content
+        content = inner[2]
+    return content
 
 
 def extract_boxed(text: str) -> str | None:
