@@ -101,6 +101,6 @@ def fit_context(config: VLLMConfig, longest_request: int, what: str = "the longe
     if positions is not None and window > positions:
         source = "vllm.max_model_len" if config.max_model_len else what
         raise ConfigError(f"{source} needs {window} tokens but the model at {config.model_path} has "
-                          f"max_position_embeddings={positions}; shorten the prompts or max_new_tokens, or use a "
-                          f"model with more positions")
+                          f"max_position_embeddings={positions}; lower those settings or use a model with more "
+                          f"positions")
     return dataclasses.replace(config, max_model_len=window)
