@@ -68,6 +68,7 @@ COVERAGE = {
     "python -m jaxmath.main --config=configs/demo.py --config.steps=3 --workdir=/tmp/demo_smoke":
         "tests/test_demo.py::test_demo_command_contract_and_rerun",
     "python -m pytest -q tests": "the test suite itself",
+    'python -m pytest -q -m "not slow" tests': "the test suite itself",
     "python -m jaxmath.bench memory --config=configs/grpo_v2.py --target=h100 "
     "[--config.rl.max_prompt_tokens=1500] [--fit]": "tests/test_aot.py (needs JAX's CUDA plugin, the aot extra)",
     DISTILL: "not run: needs a teacher endpoint (an OpenAI-compatible server); tests/test_distill.py runs "
