@@ -165,11 +165,13 @@ def test_eval_greedy(model, tmp_path, engine):
 
 
 @pytest.mark.slow
-def test_eval_majority_voting(model, tmp_path):
+@pytest.mark.parametrize("engine", ["jax", pytest.param("vllm", marks=[needs_vllm, pytest.mark.vllm])])
+def test_eval_majority_voting(model, tmp_path, engine):
+    """Table 11's voting: 64 samples at temperature 0.7, maj@k and pass@k up to 64."""
     argv = as_user(EVAL_VOTING, model=model, data=str(FIXTURE_DATA_DIR), workdir=tmp_path, **{"eval.limit": 1})
-    _ok(run(argv))
+    _ok(run(argv + [f"--config.eval.backend={engine}"]))
     results = _results(tmp_path)
-    _check_eval(results, ["math500", "aime24", "aime25"], 1, "jax", samples=64)
+    _check_eval(results, ["math500", "aime24", "aime25"], 1, engine, samples=64)
     assert set(results["math500"]["maj@k"]) == {"1", "2", "4", "8", "16", "32", "64"}
 
 
