@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from jaxmath import main
-from jaxmath.config import ConfigError, load_config
+from jaxmath.config import ConfigError, build, load_config
+from jaxmath.model.lora import LoRAConfig
 from jaxmath.rollout.vllm.config import VLLMConfig, fit_context, model_positions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -50,13 +51,17 @@ RUNNABLE = sorted(p.stem for p in CONFIGS.glob("*.py") if "def get_config" in p.
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
-def test_every_config_that_can_use_vllm_has_the_section(name):
+def test_every_config_that_can_use_vllm_has_the_section(name, tmp_path):
+    """... and its vllm settings fit its requests on Qwen3-4B-Instruct-2507's 262,144 positions."""
     config = load_config(str(CONFIGS / f"{name}.py"))
     can_use_vllm = config.mode in ("eval", "grpo")  # eval.backend=vllm / rollout.engine=vllm
     assert ("vllm" in config) == can_use_vllm, name
     if can_use_vllm:
         tokens, what = main.longest_request(config)
         assert tokens > 0 and "max_prompt_tokens" in what
+        config.model.path = _model(tmp_path, 262144)
+        lora = build(LoRAConfig, config.lora, prefix="lora") if "lora" in config else None
+        assert main.vllm_config(config, lora).max_model_len >= tokens
 
 
 def test_longest_request_of_the_eval_config():
