@@ -10,8 +10,11 @@ head_dim 32 (vLLM's CPU attention takes 32/64/128, not 40). The tokenizer and it
 the real Qwen3 files in tests/fixtures/data/qwen_tokenizer. The weights are random (seeded), ~10M
 parameters, almost all the embedding.
 
-The published config.json is not stored beside the repository; the values below are the hub file's,
-field by field (Qwen/Qwen3-4B-Instruct-2507, config.json).
+The published config.json is not stored beside the repository and the hub is not reachable from the
+project's machines: QWEN3_4B_INSTRUCT_2507 is written out from the model card's published values
+(36 layers, 2560 wide, 32/8 heads of 128, 262,144 positions, rope theta 5,000,000, tied embeddings)
+in the layout transformers 4.51 writes; jaxmath.model.config's "qwen3-4b-instruct-2507" preset agrees.
+generation_config.json holds the card's recommended sampling (temperature 0.7, top_p 0.8, top_k 20).
 """
 
 import argparse
