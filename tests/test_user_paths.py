@@ -14,7 +14,7 @@ tokens and chat template) at 2 layers of width 64, so random completions run to 
 limits: the runs are slow on 2 cores (minutes to hours each), so they run only with
 JAXMATH_USER_PATHS=1 (and are marked `slow`); the coverage check, the file-backend evaluation, the
 one-line refusal of a model too short for the request and `test_no_test_skips_for_want_of_shared`
-always run.
+(the last two `slow`) always run.
 """
 
 import json
@@ -205,6 +205,7 @@ def test_eval_file_backend(tmp_path):
 
 @needs_vllm
 @pytest.mark.vllm
+@pytest.mark.slow  # ~65 s at load average 20: the model is written, then main stops before vLLM starts
 def test_vllm_refuses_a_model_too_short_in_one_line(tmp_path):
     """A model of 1,024 positions cannot hold the eval's 2,048-token prompt bucket + 4,096 new tokens:
     refused before vLLM starts, in one line that names max_position_embeddings."""
@@ -299,6 +300,7 @@ DATA_TESTS = ["tests/test_data.py", "tests/test_prompts.py", "tests/test_eval_fi
 BESIDE_THE_REPOSITORY = ("/ " + '"shared"', "make_bench" + "_model")
 
 
+@pytest.mark.slow  # ~160 s at load average 20: ~130 data tests in a subprocess
 def test_no_test_skips_for_want_of_shared(tmp_path):
     """With ../shared taken away (JAXMATH_NO_SHARED=1), the tests that read data run on the fixtures:
     the only skips are the full-count checks. Every other test file uses `data_dir`/`tokenizer_dir`
