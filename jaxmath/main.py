@@ -78,15 +78,34 @@ def eval_config(cfg, **derived):
 
 def vllm_config(cfg, lora_cfg=None):
     """VLLMConfig from the vllm section; vLLM loads model.path in model.dtype (unless vllm.dtype says
-    otherwise), and takes LoRA syncs when lora.rank > 0."""
+    otherwise), and takes LoRA syncs when lora.rank > 0. Its max_model_len is fitted to the run's
+    longest request (`longest_request`), or refused up front when the model's max_position_embeddings
+    cannot hold it."""
     from jaxmath.config import build
     from jaxmath.rollout.vllm import VLLMConfig
+    from jaxmath.rollout.vllm.config import fit_context
 
     lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled, max_lora_rank=max(lora_cfg.rank, 1))
     section = dict(cfg.get("vllm", {}))
     if section.get("dtype", "auto") == "auto":  # compute in the trainer's dtype (VLLMConfig.dtype says why)
         section["dtype"] = cfg.model.get("dtype", "auto")
-    return build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path, **lora)
+    config = build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path, **lora)
+    return fit_context(config, *longest_request(cfg))
+
+
+def longest_request(cfg) -> tuple[int, str]:
+    """(tokens, how they add up) of the longest request a run gives its rollout engine: the prompt
+    bucket plus the completion budget, of the GRPO rollouts and of the evaluation, whichever is longer."""
+    requests = []
+    if "rl" in cfg:
+        requests.append((cfg.rl.max_prompt_tokens + cfg.rl.max_completion_tokens,
+                         f"rl.max_prompt_tokens + rl.max_completion_tokens = {cfg.rl.max_prompt_tokens} + "
+                         f"{cfg.rl.max_completion_tokens}"))
+    if "eval" in cfg and ("rl" not in cfg or cfg.rl.eval_every):
+        requests.append((cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens,
+                         f"eval.max_prompt_tokens + eval.max_new_tokens = {cfg.eval.max_prompt_tokens} + "
+                         f"{cfg.eval.max_new_tokens}"))
+    return max(requests)
 
 
 def sft_config(cfg):

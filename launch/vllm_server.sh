@@ -13,7 +13,7 @@
 # command and runs nothing; `python -m jaxmath.rollout.vllm --help` lists the flags.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
-    echo "usage: [GPU=1] $0 MODEL_PATH [--port=8000] [--dtype=auto] [--max_model_len=4096] [--enable_lora ...]" >&2
+    echo "usage: [GPU=1] $0 MODEL_PATH [--port=8000] [--dtype=auto] [--max_model_len=0 (fit the model)] [--enable_lora ...]" >&2
     exit 2
 fi
 export CUDA_VISIBLE_DEVICES=${GPU:-1}

@@ -1,5 +1,11 @@
-"""Test setup: the CPU as jax's platform with 8 fake devices (set before jax is imported) and the shared
-data location."""
+"""Test setup: the CPU as jax's platform with 8 fake devices (set before jax is imported) and where
+tests find data.
+
+Every test runs on what the repository carries: the Qwen tokenizer files and a few rows of every data
+file under tests/fixtures/data. The staged data folder beside the repository (../shared/data, the
+full files) is used where present, and only `full_data_dir` needs it: the full-count checks, which skip
+without it with FULL_DATA_SKIP as the reason. JAXMATH_NO_SHARED=1 makes the suite behave as on a clone
+without ../shared (tests/test_user_paths.py checks that nothing else skips then)."""
 
 import os
 import pathlib
@@ -15,23 +21,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-DATA_DIR = SHARED / "data"
-TOKENIZER_DIR = DATA_DIR / "qwen_tokenizer"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURE_DATA_DIR = FIXTURES / "data"
+TOKENIZER_DIR = FIXTURE_DATA_DIR / "qwen_tokenizer"
+TRACES_FILE = FIXTURES / "traces.jsonl"
+SHARED_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+FULL_DATA_SKIP = "full-count check: needs the staged data folder ../shared/data"
+
+
+def full_data_present() -> bool:
+    return SHARED_DATA_DIR.is_dir() and os.environ.get("JAXMATH_NO_SHARED", "") in ("", "0")
+
+
+DATA_DIR = SHARED_DATA_DIR if full_data_present() else FIXTURE_DATA_DIR
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> pathlib.Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} (the shared data folder beside the repository) is not present")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def data_dir(shared_dir) -> pathlib.Path:
+def data_dir() -> pathlib.Path:
+    """The staged data folder when present, else the fixtures (a few rows of every file)."""
     return DATA_DIR
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(shared_dir) -> pathlib.Path:
+def full_data_dir() -> pathlib.Path:
+    """The full staged files, for count checks only; skips (FULL_DATA_SKIP) where they are absent."""
+    if not full_data_present():
+        pytest.skip(FULL_DATA_SKIP)
+    return SHARED_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> pathlib.Path:
     return TOKENIZER_DIR

@@ -1,37 +1,46 @@
-"""Loaders: counts against the staged files, clear errors, and the hub row mappers on hand-built rows."""
+"""Loaders on the data the tests carry (or the staged files), counts against the full staged files,
+clear errors, and the hub row mappers on hand-built rows."""
 
 import json
 import logging
-from pathlib import Path
-
 import pytest
 
 from jaxmath.data import datasets
+from tests.conftest import DATA_DIR
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"staged data folder {DATA_DIR} is absent")
+COUNTS = {"math500": 500, "gsm8k": 1319, "gsm8k_train": 7473, "aime24": 30, "aime25": 30, "olympiadbench": 572,
+          "olympiadbench_all": 675}
 
 
-@pytest.mark.parametrize("name, count", [
-    ("math500", 500), ("gsm8k", 1319), ("gsm8k_train", 7473), ("aime24", 30), ("aime25", 30),
-    ("olympiadbench", 572), ("olympiadbench_all", 675),
-])
-def test_benchmark_counts(name, count):
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_benchmark_rows(name):
     examples = datasets.load(name, DATA_DIR)
-    assert len(examples) == count
-    assert len({ex.id for ex in examples}) == count
+    assert examples and len({ex.id for ex in examples}) == len(examples)
     assert all(ex.answer.strip() and ex.problem for ex in examples)
     assert all(ex.meta["source"] == name for ex in examples)
 
 
-def test_math_train_raw_and_dropped_counts(caplog):
+@pytest.mark.parametrize("name, count", sorted(COUNTS.items()))
+def test_benchmark_counts(name, count, full_data_dir):
+    assert len(datasets.load(name, full_data_dir)) == count
+
+
+def test_math_train_raw_and_dropped_counts(full_data_dir):
+    raw_all = datasets.load_math_train(full_data_dir, empty_answers="keep")
+    raw_hard = datasets.load_math_train(full_data_dir, hard_only=True, empty_answers="keep")
+    assert (len(raw_all), len(raw_hard)) == (7500, 3994)  # the study's counts are the raw file counts
+    usable_all = datasets.load("math_train", full_data_dir)
+    usable_hard = datasets.load("math_train_hard", full_data_dir)
+    assert (len(usable_all), len(usable_hard)) == (7498, 3992)
+
+
+def test_math_train_drops_the_two_empty_answers(caplog):
     raw_all = datasets.load_math_train(DATA_DIR, empty_answers="keep")
     raw_hard = datasets.load_math_train(DATA_DIR, hard_only=True, empty_answers="keep")
-    assert (len(raw_all), len(raw_hard)) == (7500, 3994)  # the study's counts are the raw file counts
     with caplog.at_level(logging.WARNING):
         usable_all = datasets.load("math_train", DATA_DIR)
         usable_hard = datasets.load("math_train_hard", DATA_DIR)
-    assert (len(usable_all), len(usable_hard)) == (7498, 3992)
+    assert (len(raw_all) - len(usable_all), len(raw_hard) - len(usable_hard)) == (2, 2)
     assert "train/number_theory/7115.json" in caplog.text and "train/number_theory/7117.json" in caplog.text
     assert {ex.meta["level"] for ex in usable_hard} == {4, 5}
 
@@ -78,7 +87,7 @@ def test_duplicate_id_is_an_error(tmp_path):
 
 def test_write_then_read_round_trip(tmp_path):
     examples = datasets.load("aime25", DATA_DIR)
-    assert datasets.write_jsonl(examples, tmp_path / "aime2025.jsonl") == 30
+    assert datasets.write_jsonl(examples, tmp_path / "aime2025.jsonl") == len(examples)
     assert datasets.load("aime25", tmp_path) == examples
 
 

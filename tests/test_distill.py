@@ -269,10 +269,10 @@ def test_sources_with_a_count_and_the_chosen_subset():
     assert distill.select_problems(examples, 0) == examples == distill.select_problems(examples, 99)
 
 
-def test_default_sources_are_the_studys(data_dir):
+def test_default_sources_are_the_studys(full_data_dir):
     """MATH L4-5 (3,994 less the 2 with an empty gold answer) and 500 of the 572 OlympiadBench numerical
     problems, ids unique."""
-    cfg = distill.DistillConfig(endpoint="http://h/v1", data_dir=str(data_dir))
+    cfg = distill.DistillConfig(endpoint="http://h/v1", data_dir=str(full_data_dir))
     problems = distill.load_problems(cfg)
     per_source = {s: sum(p["source"] == s for p in problems) for s in ("math_train_hard", "olympiadbench")}
     assert per_source == {"math_train_hard": 3992, "olympiadbench": 500}

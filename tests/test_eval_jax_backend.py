@@ -15,19 +15,16 @@ from jaxmath.model import from_pretrained
 from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
 from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP
 
+from tests.conftest import DATA_DIR
+from tests.tiny_qwen import write_tiny_qwen3
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-pytestmark = pytest.mark.skipif(not (SHARED / "data" / "gsm8k_test.jsonl").is_file(),
-                                reason=f"staged data folder {SHARED / 'data'} is absent")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """The `tiny` preset of shared/bench/make_bench_model.py: 2 layers, 64 wide, 151,936-token vocabulary."""
-    out = tmp_path_factory.mktemp("tiny_qwen")
-    subprocess.run([sys.executable, str(SHARED / "bench" / "make_bench_model.py"), str(out), "--preset", "tiny"],
-                   check=True, capture_output=True)
-    return out
+    """tests/tiny_qwen.py: Qwen3-4B-Instruct-2507's config at 2 layers, 64 wide, 151,936-token vocabulary."""
+    return write_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen"))
 
 
 def _check_results(results, workdir, benchmark, n, max_new_tokens):
@@ -50,7 +47,7 @@ def test_evaluate_with_jax_sampler(tiny_dir, tmp_path):
     model = from_pretrained(str(tiny_dir), dtype=jnp.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
     engine = JaxSampler(model, SamplerConfig())
-    cfg = EvalConfig(benchmarks="gsm8k", data_dir=str(SHARED / "data"), limit=3, max_new_tokens=16, few_shot=0,
+    cfg = EvalConfig(benchmarks="gsm8k", data_dir=str(DATA_DIR), limit=3, max_new_tokens=16, few_shot=0,
                      temperature=0.0, progress=False)
     results = evaluate(engine, tokenizer, cfg, tmp_path, {"model": str(tiny_dir)})
     records = _check_results(results, tmp_path, "gsm8k", 3, 16)
@@ -74,7 +71,7 @@ def test_evaluate_with_jax_sampler(tiny_dir, tmp_path):
 def test_main_eval_mode_subprocess(tiny_dir, tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxmath.main", "--config=configs/eval.py", f"--config.model.path={tiny_dir}",
-           f"--config.data.dir={SHARED / 'data'}", "--config.eval.limit=2", "--config.eval.max_new_tokens=8",
+           f"--config.data.dir={DATA_DIR}", "--config.eval.limit=2", "--config.eval.max_new_tokens=8",
            "--config.eval.benchmarks=gsm8k", "--config.eval.progress=False",
            f"--workdir={workdir}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

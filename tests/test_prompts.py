@@ -7,14 +7,13 @@ import pytest
 from jaxmath.data import datasets, prompts
 from jaxmath.reward.extract import extract_boxed
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (SHARED / "qwen_tokenizer").is_dir(), reason="Qwen tokenizer files absent")
+from tests.conftest import DATA_DIR as SHARED, TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(SHARED / "qwen_tokenizer"))
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 def test_zero_shot_prompt_is_the_chat_template(tokenizer):

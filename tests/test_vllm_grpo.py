@@ -19,11 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, shared_dir):
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, str(shared_dir / "bench" / "make_bench_model.py"), str(out), "--preset", "tiny"],
-                   check=True, capture_output=True)
-    return str(out)
+def tiny_model(tmp_path_factory):
+    from tests.tiny_qwen import write_tiny_qwen3
+
+    return str(write_tiny_qwen3(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.mark.parametrize("lora_rank", [8, 0])
@@ -35,7 +34,7 @@ def test_grpo_with_vllm_engine(tmp_path, tiny_model, data_dir, lora_rank):
            "--config.rollout.engine=vllm", f"--config.lora.rank={lora_rank}", "--config.loss.micro_batch_rows=4",
            "--config.optimizer.learning_rate=0.01", "--config.optimizer.weight_decay=1.0",
            "--config.optimizer.master_fp32=False", "--config.model.attention_impl=",
-           "--config.vllm.max_model_len=2048", "--config.mesh.fsdp=1", f"--workdir={tmp_path}"]
+           "--config.mesh.fsdp=1", f"--workdir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

@@ -69,7 +69,7 @@ class ColocatedEngine(VLLMEngineBase):
 
         utilization = c.gpu_memory_utilization or _measured_utilization() or CPU_DEFAULT_MEMORY_UTILIZATION
         kwargs: dict[str, Any] = dict(
-            model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len, seed=c.seed,
+            model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len or None, seed=c.seed,
             gpu_memory_utilization=utilization, enforce_eager=c.enforce_eager,
             enable_prefix_caching=c.enable_prefix_caching, logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=c.enable_sleep_mode)

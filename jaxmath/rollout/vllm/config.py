@@ -4,6 +4,8 @@ build it, the engines and `server.server_command` read it."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 MODES = ("colocated", "server")
 SYNC_METHODS = ("auto", "load_weights", "file")
@@ -17,6 +19,9 @@ class VLLMConfig:
 
     mode:        "colocated" (an in-process engine, `ColocatedEngine`) or "server" (a vLLM server at
                  `url`, driven over HTTP by `ServerEngine`)
+    max_model_len: vLLM's context window (prompt + completion tokens); 0 (the default) sizes it to the
+                 longest request the run makes (its prompt bucket plus max_new_tokens), set by `fit_context`
+                 before the engine starts. Either way it must fit the model's max_position_embeddings.
     gpu_memory_utilization: vLLM's share of device memory (on a CPU, of host memory); 0 derives it on a
                  GPU from JAX's measured peak (`colocated.derive_gpu_memory_utilization`), and uses 0.3
                  on a CPU; a server started by `server_command` with 0 takes 0.9 of its own GPU, 0.3 on a CPU.
@@ -35,7 +40,7 @@ class VLLMConfig:
     url: str = ""
     served_model_name: str = ""
     dtype: str = "auto"
-    max_model_len: int = 4096
+    max_model_len: int = 0
     gpu_memory_utilization: float = 0.0
     enable_lora: bool = False
     max_lora_rank: int = 64
@@ -66,5 +71,39 @@ class VLLMConfig:
                              "`python -m jaxmath.rollout.vllm MODEL_PATH --port=8000` (launch/vllm_server.sh)")
         if not 0 <= self.gpu_memory_utilization < 1:
             raise ValueError(f"vllm.gpu_memory_utilization must be in [0, 1), got {self.gpu_memory_utilization}")
+        if self.max_model_len < 0:
+            raise ValueError(f"vllm.max_model_len must be >= 0 (0: fit the longest request), got {self.max_model_len}")
         if self.sync_bucket_mb < 1:
             raise ValueError(f"vllm.sync_bucket_mb must be >= 1, got {self.sync_bucket_mb}")
+
+
+def model_positions(model_path: str) -> int | None:
+    """The model's max_position_embeddings from `model_path`/config.json (None where the folder has no
+    config.json, e.g. a hub id vLLM resolves itself)."""
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        hf_config = json.load(f)
+    positions = hf_config.get("max_position_embeddings", hf_config.get("text_config", {}).get("max_position_embeddings"))
+    return int(positions) if positions else None
+
+
+def fit_context(config: VLLMConfig, longest_request: int, what: str = "the longest request") -> VLLMConfig:
+    """`config` with max_model_len set for requests of up to `longest_request` tokens (prompt bucket plus
+    max_new_tokens; `what` says how it adds up, for the message) when it is 0, checked against the
+    model's max_position_embeddings. Raises ConfigError, before vLLM starts, when the model cannot hold it.
+    """
+    from jaxmath.config import ConfigError
+
+    positions = model_positions(config.model_path)
+    window = config.max_model_len or longest_request
+    if window < longest_request:
+        raise ConfigError(f"vllm.max_model_len={window} is below {what} ({longest_request} tokens); set "
+                          f"--config.vllm.max_model_len=0 to fit it, or shorten the prompts or max_new_tokens")
+    if positions is not None and window > positions:
+        source = "vllm.max_model_len" if config.max_model_len else what
+        raise ConfigError(f"{source} needs {window} tokens but the model at {config.model_path} has "
+                          f"max_position_embeddings={positions}; lower those settings or use a model with more "
+                          f"positions")
+    return dataclasses.replace(config, max_model_len=window)

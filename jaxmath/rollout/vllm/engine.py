@@ -84,9 +84,9 @@ class VLLMEngineBase(RolloutEngine):
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts) + params.max_new_tokens
-        if longest > self.config.max_model_len:
+        if self.config.max_model_len and longest > self.config.max_model_len:
             raise ValueError(f"prompt + max_new_tokens reaches {longest} tokens, above vllm.max_model_len="
-                             f"{self.config.max_model_len}; raise vllm.max_model_len or shorten the request")
+                             f"{self.config.max_model_len}; set vllm.max_model_len=0 (fit the request) or shorten it")
         return pack(prompts, self._generate_rows(prompts, params), params)
 
     def _generate_rows(self, prompts: list[list[int]], params: SamplingParams) -> list[Row]:

@@ -45,12 +45,14 @@ def server_command(config: VLLMConfig) -> tuple[list[str], dict[str, str]]:
     url = urllib.parse.urlsplit(config.url)
     argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", config.model_path,
             "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 80), "--dtype", config.dtype,
-            "--max-model-len", str(config.max_model_len), "--seed", str(config.seed),
+            "--seed", str(config.seed),
             "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION,
             "--gpu-memory-utilization", str(_server_utilization(config)),
             # Sampling fields a request leaves out take vLLM's neutral values, not the model's
             # generation_config.json (as in the colocated engine, which passes whole SamplingParams).
             "--generation-config", "vllm"]
+    if config.max_model_len:  # 0: vLLM's default, the model's max_position_embeddings
+        argv += ["--max-model-len", str(config.max_model_len)]
     if config.served_model_name:
         argv += ["--served-model-name", config.served_model_name]
     if config.enforce_eager:

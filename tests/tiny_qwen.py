@@ -1,0 +1,87 @@
+"""A tiny random Qwen3 in HF format that looks like Qwen3-4B-Instruct-2507 apart from its sizes, for
+tests that run the documented commands (no download, nothing from ../shared).
+
+    python tests/tiny_qwen.py OUT_DIR [--max_position_embeddings=N]
+
+config.json is Qwen3-4B-Instruct-2507's (as published on the hub, written by transformers 4.51:
+`rope_theta` at the top level, 262,144 positions, bos/eos 151643/151645, tied embeddings, the full
+151,936-row vocabulary) with the layer sizes shrunk: hidden 64, 2 layers, 4 query / 2 KV heads of
+head_dim 32 (vLLM's CPU attention takes 32/64/128, not 40). The tokenizer and its chat template are
+the real Qwen3 files in tests/fixtures/data/qwen_tokenizer. The weights are random (seeded), ~10M
+parameters, almost all the embedding.
+
+The published config.json is not stored beside the repository and the hub is not reachable from the
+project's machines: QWEN3_4B_INSTRUCT_2507 is written out from the model card's published values
+(36 layers, 2560 wide, 32/8 heads of 128, 262,144 positions, rope theta 5,000,000, tied embeddings)
+in the layout transformers 4.51 writes; jaxmath.model.config's "qwen3-4b-instruct-2507" preset agrees.
+generation_config.json holds the card's recommended sampling (temperature 0.7, top_p 0.8, top_k 20).
+"""
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "data" / "qwen_tokenizer"
+
+QWEN3_4B_INSTRUCT_2507 = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2560,
+    "initializer_range": 0.02,
+    "intermediate_size": 9728,
+    "max_position_embeddings": 262144,
+    "max_window_layers": 36,
+    "model_type": "qwen3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 5000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_window_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+def write_tiny_qwen3(out_dir: str | os.PathLike, *, max_position_embeddings: int = 262144, seed: int = 0) -> Path:
+    """Writes the model (config.json, model.safetensors, generation_config.json, tokenizer) to `out_dir`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    hf_config = {**QWEN3_4B_INSTRUCT_2507, **TINY_SIZES, "max_position_embeddings": max_position_embeddings,
+                 "torch_dtype": "float32"}
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "transformers_version", "torch_dtype")}
+    model = Qwen3ForCausalLM(Qwen3Config(**fields)).eval()
+    model.save_pretrained(out)
+    # the file as transformers 4 wrote it (transformers 5 would nest rope_theta in rope_parameters)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": True,
+         "temperature": 0.7, "top_p": 0.8, "top_k": 20}, indent=2) + "\n")
+    for name in os.listdir(TOKENIZER_DIR):
+        shutil.copyfile(TOKENIZER_DIR / name, out / name)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--max_position_embeddings", type=int, default=262144)
+    args = parser.parse_args()
+    write_tiny_qwen3(args.out, max_position_embeddings=args.max_position_embeddings)
