@@ -103,7 +103,6 @@ def study_row(name: str, *, learning_rate: float) -> ml_collections.ConfigDict:
         if _dataclass_default(section, field) != value:  # the defaults already hold the rest
             c[section][field] = value
     c.loss.micro_batch_rows = 16
-    c.vllm.max_model_len = 8192
     c.eval.benchmarks = "math500"
     return c
 
