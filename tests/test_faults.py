@@ -27,6 +27,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import jax
@@ -332,6 +333,128 @@ def test_an_exception_while_grading_keeps_the_reply(tmp_path, problem_file, monk
         summary = distill.run_distill(_config(teacher.url, problem_file), tmp_path)
         assert sorted(teacher.requests()) == sorted(set(PROBLEMS) - answered)
     assert summary["graded"] == 6 and _kept(tmp_path) == CORRECT
+
+
+class FakeProxy:
+    """An HTTP proxy on 127.0.0.1 that relays to the target and records each request line: absolute-URL
+    requests ("POST http://host:port/path HTTP/1.1") and CONNECT tunnels ("CONNECT host:port HTTP/1.0").
+    It stops by itself after `lifetime` seconds."""
+
+    def __init__(self, lifetime: float = 30.0):
+        self.request_lines: list[str] = []
+        self.proxy_authorization: list[str] = []
+        self.stopped = threading.Event()
+        self._deadline = time.monotonic() + lifetime
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set() and time.monotonic() < self._deadline:
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+        self._listener.close()
+
+    def _handle(self, client: socket.socket) -> None:
+        upstream = None
+        try:
+            client.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, rest = data.split(b"\r\n\r\n", 1)
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            self.request_lines.append(request_line)
+            self.proxy_authorization += [line.split(":", 1)[1].strip() for line in header_lines
+                                         if line.lower().startswith("proxy-authorization:")]
+            method, target, version = request_line.split(" ")
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:  # forward with the origin-form request line, as a real proxy does
+                parts = urllib.parse.urlsplit(target)
+                upstream = socket.create_connection((parts.hostname, parts.port), timeout=10)
+                kept = [line for line in header_lines if not line.lower().startswith("proxy-authorization:")]
+                upstream.sendall("\r\n".join([f"{method} {parts.path} {version}", *kept]).encode("latin-1")
+                                 + b"\r\n\r\n")
+            upstream.sendall(rest)
+            pump = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+            pump.start()
+            self._pump(client, upstream)
+            pump.join(10)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        self._thread.join(5)
+
+    def __enter__(self) -> FakeProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+
+
+def test_the_environments_proxy_is_used_and_no_proxy_bypasses_it(tmp_path, problem_file, monkeypatch):
+    """http_proxy carries every request of an http endpoint (as absolute-URL requests, with the proxy's
+    credentials); no_proxy listing the host sends them directly; https_proxy carries an https endpoint
+    through a CONNECT tunnel (the fake teacher does not speak TLS, so the try then fails in the TLS
+    layer, as in test_a_tls_failure_is_retried_then_recorded); a socks5 proxy is refused in one line
+    before any request. Before, distill ignored the proxy settings. About 5 s."""
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    with FaultyTeacher() as teacher, FakeProxy() as proxy:
+        monkeypatch.setenv("http_proxy", proxy.url.replace("http://", "http://user:p%40ss@"))
+        summary = distill.run_distill(_config(teacher.url, problem_file), tmp_path / "proxied")
+        assert summary["graded"] == 6 and _kept(tmp_path / "proxied") == CORRECT
+        assert len(proxy.request_lines) == 6
+        assert all(line == f"POST {teacher.url}/chat/completions HTTP/1.1" for line in proxy.request_lines)
+        assert set(proxy.proxy_authorization) == {"Basic dXNlcjpwQHNz"}  # base64("user:p@ss")
+
+        monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+        summary = distill.run_distill(_config(teacher.url, problem_file), tmp_path / "direct")
+        assert summary["graded"] == 6 and len(proxy.request_lines) == 6 and len(teacher.requests()) == 12
+
+        monkeypatch.delenv("no_proxy")
+        monkeypatch.setenv("https_proxy", proxy.url)
+        https_cfg = _config(teacher.url.replace("http://", "https://"), problem_file, max_retries=0)
+        with pytest.raises(distill.RequestFailed, match="SSL"):
+            distill.request_completion(https_cfg, [{"role": "user", "content": PROBLEMS[0]}])
+        port = urllib.parse.urlsplit(teacher.url).port
+        assert proxy.request_lines[6:] == [f"CONNECT 127.0.0.1:{port} HTTP/1.0"]  # http.client's CONNECT
+        assert teacher.requests()[-1] == "(TLS handshake)"  # the tunnel reached the teacher
+
+        monkeypatch.setenv("http_proxy", "socks5://127.0.0.1:1080")
+        with pytest.raises(distill.DistillError, match="speaks only to http:// proxies") as info:
+            distill.run_distill(_config(teacher.url, problem_file), tmp_path / "socks")
+        assert "\n" not in str(info.value) and len(teacher.requests()) == 13
 
 
 _DISTILL_CHILD = textwrap.dedent("""
