@@ -682,6 +682,7 @@ def save_pytree(path: str | Path, tree: Any) -> None:
 
     `path` must not exist yet; orbax writes it atomically (tmp dir, then rename).
     """
+    orbax_calls.install()
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(Path(path).absolute(), _to_savable(tree))
 
@@ -692,6 +693,7 @@ def load_pytree(path: str | Path, target: Any = None) -> Any:
     target: structure, dtypes and shardings to restore into (arrays or ShapeDtypeStructs, or an
       nnx.State); with None, leaves come back as host numpy arrays in nested dicts.
     """
+    orbax_calls.install()
     path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"no pytree checkpoint at {path}; write one with save_pytree or convert/hf_to_jax")
@@ -711,11 +713,16 @@ def load_pytree(path: str | Path, target: Any = None) -> Any:
 
 def _read_numpy_tree(path: Path) -> Any:
     """The orbax PyTree at `path` as host numpy arrays in nested dicts, whatever topology saved it."""
-    with orbax_calls.holding_errors(), ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path)
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        return checkpointer.restore(path, restore_args=_numpy_restore_args(tree))
+    orbax_calls.install()
+    # The handler, not a Checkpointer: an item directory of a step (`<step>/params`) has no step
+    # metadata file, which a Checkpointer would warn about.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        with orbax_calls.holding_errors():
+            tree = handler.metadata(path).tree
+            return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree)))
+    finally:
+        handler.close()
 
 
 @dataclasses.dataclass(frozen=True)
