@@ -7,7 +7,7 @@ One step directory `<directory>/<step>/` holds everything a GRPO or SFT loop nee
     rng/                PRNG key data (uint32), orbax PyTree
     meta/meta.json      step, data cursor, how to rebuild the key and the params container
     config/config.json  the run config, readable by people and by `main.py` on resume
-    metrics/metrics     the metrics given to `save` (orbax writes it; used to pick the best step)
+    metrics/metrics     the metrics given to `save`, when a best_metric ranks steps (orbax writes it)
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a save
 killed half-way is never listed as a step. This module makes a checkpoint prove itself:
@@ -24,9 +24,9 @@ killed half-way is never listed as a step. This module makes a checkpoint prove 
   step directory and the reason; the partial write is removed and the previous step stays intact.
 
 Errors meant for the user are `CheckpointError`s whose message is one line saying what to do; the
-orbax exception stays chained behind it (`__cause__`) for debugging. While this module is inside an
-orbax call, orbax's own error logs (a traceback from each of its threads) are held back, since the
-same failure reaches the caller as that one line; outside such calls they are cut to their first line.
+orbax exception stays chained behind it (`__cause__`) for debugging. `jaxmath.orbax_calls` makes every
+orbax call finish all the reads and writes it started, also when it fails (so a failed restore or
+save leaves nothing running behind it), and holds back orbax's own error logs during the call.
 
 Boundary: this module knows pytrees, JSON and `nnx.State`, nothing about models or loops. It does
 not decide when to save; the loops call `save` at their own cadence.
@@ -34,15 +34,12 @@ not decide when to save; the loops call `save` at their own cadence.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import logging as pylogging
 import math
-import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,12 +52,18 @@ from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from jaxmath import checksum
+from jaxmath import checksum, orbax_calls
+from jaxmath.orbax_calls import one_line, os_errno, reason
 
 # Bump when the on-disk layout changes, so an old checkpoint fails with a message, not a KeyError.
 # 2 added the digests in meta.json; a version-1 checkpoint still restores, unverified.
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
+
+# What restore() does when the newest step is damaged (see CheckpointManager); config keys
+# rl.on_damaged and sft.on_damaged take these values.
+ON_DAMAGED = ("fall_back", "refuse")
+OnDamaged = Literal["fall_back", "refuse"]
 
 _ARRAY_ITEMS = ("params", "opt_state", "rng")
 _JSON_ITEMS = {"meta": "meta.json", "config": "config.json"}
@@ -82,32 +85,6 @@ class DamagedCheckpointError(CheckpointError):
         super().__init__(f"checkpoint {path} is damaged: {what}")
 
 
-def _one_line(text: str, limit: int = 240) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _os_errno(error: BaseException) -> int | None:
-    """The OS error number behind `error`, if any (TensorStore reports it as `[os_error_code='28']`
-    inside a ValueError)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return seen.errno
-        match = re.search(r"os_error_code='?(\d+)", str(seen))
-        if match:
-            return int(match.group(1))
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _reason(error: BaseException) -> str:
-    """What went wrong, in a few words: the OS error if there is one, else the exception's first 240
-    characters."""
-    number = _os_errno(error)
-    return os.strerror(number) if number else _one_line(f"{type(error).__name__}: {error}")
-
-
 _WRITE_ADVICE = {
     errno.ENOSPC: "free space on that disk (or move the workdir)",
     errno.EDQUOT: "free space within your quota (or move the workdir)",
@@ -116,51 +93,6 @@ _WRITE_ADVICE = {
     errno.EPERM: "make the directory writable",
     errno.EROFS: "move the workdir to a writable file system",
 }
-
-
-# Orbax error records raised while this module is inside an orbax call, innermost call last.
-_held_orbax_errors: list[list[pylogging.LogRecord]] = []
-
-
-class _OrbaxErrorFilter(pylogging.Filter):
-    """Holds back or shortens orbax's error logs (see the module docstring)."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if record.levelno < pylogging.ERROR or "orbax" not in record.pathname.replace(os.sep, "/").split("/"):
-            return True
-        if _held_orbax_errors:
-            _held_orbax_errors[-1].append(record)
-            return False
-        record.msg, record.args = "orbax: " + _one_line(record.getMessage()), ()
-        record.exc_info, record.exc_text = None, None
-        record.levelno, record.levelname = pylogging.WARNING, "WARNING"
-        return True
-
-
-def _install_orbax_error_filter() -> None:
-    absl_logger = pylogging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxErrorFilter) for f in absl_logger.filters):
-        absl_logger.addFilter(_OrbaxErrorFilter())
-
-
-def _release(held: list[pylogging.LogRecord]) -> None:
-    """Stops holding into `held` (found by identity: two empty lists are equal)."""
-    for i, candidate in enumerate(_held_orbax_errors):
-        if candidate is held:
-            del _held_orbax_errors[i]
-            return
-
-
-@contextlib.contextmanager
-def _holding_orbax_errors():
-    held: list[pylogging.LogRecord] = []
-    _held_orbax_errors.append(held)
-    try:
-        yield held
-    finally:
-        _release(held)
-        for record in held:  # shown with --verbosity=1
-            logging.debug("orbax (held back): %s", _one_line(record.getMessage(), 2000))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +222,71 @@ def _best_fn(metric: str, mode: str):
     return fn
 
 
+def _check_step_files(path: Path) -> None:
+    """Fails early, naming the directory, if a step directory lacks files a finished save writes."""
+    missing = [name for name in _ITEMS if not (path / name).is_dir()]
+    if not (path / _STEP_METADATA_FILE).is_file():
+        missing.append(_STEP_METADATA_FILE)
+    for name, filename in _JSON_ITEMS.items():
+        if (path / name).is_dir() and not (path / name / filename).is_file():
+            missing.append(f"{name}/{filename}")
+    if missing:
+        raise DamagedCheckpointError(path, f"it is missing {', '.join(missing)} (cut short by a full disk or "
+                                           "an interrupted copy?)")
+
+
+def _read_step_json(path: Path, item: str) -> Any:
+    try:
+        return json.loads((path / item / _JSON_ITEMS[item]).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpointError(path, f"{item}/{_JSON_ITEMS[item]} is unreadable ({reason(e)})") from e
+
+
+def _read_meta_and_config(path: Path) -> tuple[dict, Any, bool]:
+    """(meta without its own digest, config, whether the step carries digests), both JSON files checked
+    against their digests."""
+    meta = _read_step_json(path, "meta")
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(path, "meta/meta.json is not a JSON object")
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {path} has format_version {version}, this jaxmath reads {_READABLE_VERSIONS}; "
+            "restore it with the jaxmath version that wrote it"
+        )
+    verified = version >= 2
+    if verified:
+        recorded_digest = meta.pop("meta_sha256", None)
+        if recorded_digest != _json_digest(meta):
+            raise DamagedCheckpointError(path, "meta/meta.json does not match its checksum")
+    else:
+        logging.warning("checkpoint %s predates checksums (format_version 1): restoring it unverified", path)
+    config = _read_step_json(path, "config")
+    if verified and _json_digest(config) != meta["config_sha256"]:
+        raise DamagedCheckpointError(path, "config/config.json does not match its checksum")
+    return meta, config, verified
+
+
+def _verify(path: Path, recorded: dict[str, dict[str, list]], arrays: dict[str, Any]) -> None:
+    """Raises DamagedCheckpointError naming the first array whose bits differ from the saved ones.
+
+    recorded and arrays: {item name: ...} for the items read. An array restored into a different
+    dtype (the target asked for a cast) is not compared."""
+    wrong = []
+    for name, tree in arrays.items():
+        found = checksum.digests(tree)
+        for array_path, (dtype, shape, digest) in recorded[name].items():
+            got = found.get(array_path)
+            if got is None:
+                wrong.append(f"{name}/{array_path} (missing)")
+            elif got[0] == dtype and (list(got[1]) != list(shape) or got[2] != digest):
+                wrong.append(f"{name}/{array_path}")
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise DamagedCheckpointError(path, f"array {wrong[0]}{more} differs from its saved checksum (flipped "
+                                           "or truncated data)")
+
+
 class CheckpointManager:
     """Saves and restores `TrainState`s under one directory, one subdirectory per step.
 
@@ -311,7 +308,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         best_mode: Literal["max", "min"] = "max",
         async_save: bool = False,
-        on_damaged: Literal["fall_back", "refuse"] = "fall_back",
+        on_damaged: OnDamaged = "fall_back",
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 so a run can always resume; got {keep_last}")
@@ -319,9 +316,9 @@ class CheckpointManager:
             raise ValueError("keep_best > 0 needs best_metric, the metrics key that ranks steps")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
-        if on_damaged not in ("fall_back", "refuse"):
-            raise ValueError(f"on_damaged must be 'fall_back' or 'refuse'; got {on_damaged!r}")
-        _install_orbax_error_filter()
+        if on_damaged not in ON_DAMAGED:
+            raise ValueError(f"on_damaged must be one of {ON_DAMAGED}; got {on_damaged!r}")
+        orbax_calls.install()
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.on_damaged = on_damaged
@@ -330,9 +327,9 @@ class CheckpointManager:
         # reports a failed background write only in its logs, so they are held until we know.
         self._unconfirmed: tuple[int, list[pylogging.LogRecord]] | None = None
         policies: list[Any] = [ocp_managers.LatestN(n=keep_last)]
-        # Orbax records a step's metrics only when a best_fn is set; a constant one keeps them on
-        # disk for people even when nothing is ranked.
-        best_fn = lambda metrics: 0.0  # noqa: E731
+        # Orbax records metrics only with a best_fn, and then asks for them on every save (warning
+        # "Requested `tracked_metric`" when given none); so both exist only when a metric ranks steps.
+        best_fn = None
         if best_metric is not None:
             best_fn = _best_fn(best_metric, best_mode)
             if keep_best > 0:
@@ -361,7 +358,7 @@ class CheckpointManager:
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except OSError as e:
-            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {_reason(e)}; choose a "
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {reason(e)}; choose a "
                                   "writable workdir") from e
 
     # -- saving -----------------------------------------------------------------------------------
@@ -369,7 +366,8 @@ class CheckpointManager:
     def save(self, step: int, state: TrainState, metrics: dict | None = None, force: bool = False) -> bool:
         """Writes `state` as step `step`; returns False if that step is already saved.
 
-        metrics: scalars recorded with the step; `metrics[best_metric]` ranks it for keep_best.
+        metrics: scalars recorded with the step when the manager has a best_metric (which ranks it
+          for keep_best; a step without it ranks last); ignored otherwise (the loops log them anyway).
         force: save even if orbax's save policy would skip this step (it never overwrites).
         Raises CheckpointError (one line) when the write fails; the previous step is left intact.
         """
@@ -409,31 +407,32 @@ class CheckpointManager:
             config=ocp.args.JsonSave(state.config),
         )
         clean_metrics = None
-        if metrics is not None:
-            # JSON has no NaN/inf; None keeps the file valid and ranks the step last.
-            clean_metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        if self.best_metric is not None:
+            # JSON has no NaN/inf; None keeps the file valid and ranks the step last (so does {}).
+            clean_metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in (metrics or {}).items()}
         background: list[pylogging.LogRecord] = []
         if self._async_save:
-            _held_orbax_errors.append(background)
+            orbax_calls.hold(background)
         try:
-            with _holding_orbax_errors():
+            with orbax_calls.holding_errors():
                 saved = self._manager.save(int(step), args=args, metrics=clean_metrics, force=force)
         except Exception as e:
-            _release(background)
+            orbax_calls.release(background)
             raise self._write_failed(int(step), e) from e
         if saved and self._async_save:
             self._unconfirmed = (int(step), background)
         else:
-            _release(background)
+            orbax_calls.release(background)
         return saved
 
     def _write_failed(self, step: int, error: BaseException) -> CheckpointError:
         """Removes the partial write of `step` and says what happened, in one line."""
-        with _holding_orbax_errors():  # orbax's writer threads may still be busy with the partial step
+        with orbax_calls.holding_errors():  # orbax's writer threads may still be busy with the partial step
             try:
                 self._manager.wait_until_finished()
             except Exception:  # noqa: BLE001 - the same failure, already being reported
                 pass
+            orbax_calls.join_background_work()
         if jax.process_index() == 0:
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
@@ -443,7 +442,7 @@ class CheckpointManager:
             previous = f"the previous checkpoint ({self.step_dir(earlier[-1])}) is intact"
         else:
             previous = "there is no earlier checkpoint"
-        number = _os_errno(error)
+        number = os_errno(error)
         free = ""
         if number in (errno.ENOSPC, errno.EDQUOT):
             try:
@@ -452,7 +451,7 @@ class CheckpointManager:
                 pass
         advice = _WRITE_ADVICE.get(number, "fix the cause")
         return CheckpointError(
-            f"could not write checkpoint step {step} to {self.step_dir(step)}: {_reason(error)}{free}; "
+            f"could not write checkpoint step {step} to {self.step_dir(step)}: {reason(error)}{free}; "
             f"{previous}. To resume from it, {advice} and rerun the same command"
         )
 
@@ -461,18 +460,18 @@ class CheckpointManager:
         if self._unconfirmed is None:
             return
         (step, background), self._unconfirmed = self._unconfirmed, None
-        with _holding_orbax_errors() as held:
+        with orbax_calls.holding_errors() as held:
             try:
                 self._manager.wait_until_finished()
                 self._manager.check_for_errors()
                 error = None
             except Exception as e:  # noqa: BLE001 - reported as one line below
                 error = e
-        _release(background)
+        orbax_calls.release(background)
         held = background + held
         if error is None and (self.step_dir(step) / _STEP_METADATA_FILE).is_file():
             for record in held:  # the step is safe; what orbax complained about is still shown
-                logging.warning("orbax: %s", _one_line(record.getMessage()))
+                logging.warning("orbax: %s", one_line(record.getMessage()))
             return
         if error is None:
             error = RuntimeError(held[-1].getMessage() if held else "orbax did not commit it")
@@ -586,50 +585,17 @@ class CheckpointManager:
         return aside
 
     def _check_complete(self, step: int) -> Path:
-        """Fails early, naming the directory, if a step directory lacks files a finished save writes."""
         path = self.step_dir(step)
         if not path.is_dir():
             raise CheckpointError(
                 f"no checkpoint at {path}; available steps in {self.directory}: {self.all_steps()}"
             )
-        missing = [name for name in _ITEMS if not (path / name).is_dir()]
-        if not (path / _STEP_METADATA_FILE).is_file():
-            missing.append(_STEP_METADATA_FILE)
-        for name, filename in _JSON_ITEMS.items():
-            if (path / name).is_dir() and not (path / name / filename).is_file():
-                missing.append(f"{name}/{filename}")
-        if missing:
-            raise DamagedCheckpointError(path, f"it is missing {', '.join(missing)} (cut short by a full disk or "
-                                               "an interrupted copy?)")
+        _check_step_files(path)
         return path
-
-    def _read_json(self, path: Path, item: str) -> Any:
-        try:
-            return json.loads((path / item / _JSON_ITEMS[item]).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DamagedCheckpointError(path, f"{item}/{_JSON_ITEMS[item]} is unreadable ({_reason(e)})") from e
 
     def _restore_step(self, step: int, target: TrainState | None) -> TrainState:
         path = self._check_complete(step)
-        meta = self._read_json(path, "meta")
-        if not isinstance(meta, dict):
-            raise DamagedCheckpointError(path, "meta/meta.json is not a JSON object")
-        version = meta.get("format_version")
-        if version not in _READABLE_VERSIONS:
-            raise CheckpointError(
-                f"checkpoint {path} has format_version {version}, this jaxmath reads {_READABLE_VERSIONS}; "
-                "restore it with the jaxmath version that wrote it"
-            )
-        verified = version >= 2
-        if verified:
-            recorded_digest = meta.pop("meta_sha256", None)
-            if recorded_digest != _json_digest(meta):
-                raise DamagedCheckpointError(path, "meta/meta.json does not match its checksum")
-        else:
-            logging.warning("checkpoint %s predates checksums (format_version 1): restoring it unverified", path)
-        config = self._read_json(path, "config")
-        if verified and _json_digest(config) != meta["config_sha256"]:
-            raise DamagedCheckpointError(path, "config/config.json does not match its checksum")
+        meta, config, verified = _read_meta_and_config(path)
         empty_items = set(meta.get("empty_items", []))
         if target is not None:
             targets = {
@@ -648,27 +614,27 @@ class CheckpointManager:
             array_args = {name: self._pytree_restore(tree) for name, tree in targets.items()}
         else:
             try:
-                with _holding_orbax_errors():
+                with orbax_calls.holding_errors():
                     item_meta = self._manager.item_metadata(step)
                 array_args = {
                     name: ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(item_meta[name].tree))
                     for name in _ARRAY_ITEMS
                 }
             except Exception as e:
-                raise DamagedCheckpointError(path, f"orbax cannot read its metadata ({_reason(e)})") from e
+                raise DamagedCheckpointError(path, f"orbax cannot read its metadata ({reason(e)})") from e
         try:
-            with _holding_orbax_errors():
+            with orbax_calls.holding_errors():
                 restored = self._manager.restore(step, args=ocp.args.Composite(**array_args))
         except Exception as e:
             if not verified:  # without recorded shapes, a target that does not fit looks the same
                 raise CheckpointError(
-                    f"checkpoint {path} could not be read ({_reason(e)}): it is damaged, or the model, LoRA or "
+                    f"checkpoint {path} could not be read ({reason(e)}): it is damaged, or the model, LoRA or "
                     "optimizer settings differ from the ones it was saved with"
                 ) from e
-            raise DamagedCheckpointError(path, f"orbax cannot read its arrays ({_reason(e)})") from e
+            raise DamagedCheckpointError(path, f"orbax cannot read its arrays ({reason(e)})") from e
         arrays = {name: getattr(restored, name) for name in _ARRAY_ITEMS}
         if verified:
-            self._verify(path, meta["arrays"], arrays)
+            _verify(path, meta["arrays"], arrays)
         key_data = arrays["rng"]["key_data"]
         if meta["rng_impl"] is not None:
             key = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"])
@@ -693,31 +659,12 @@ class CheckpointManager:
         )
 
     @staticmethod
-    def _verify(path: Path, recorded: dict[str, dict[str, list]], arrays: dict[str, Any]) -> None:
-        """Raises DamagedCheckpointError naming the first array whose bits differ from the saved ones.
-
-        An array restored into a different dtype (the target asked for a cast) is not compared."""
-        wrong = []
-        for name in _ARRAY_ITEMS:
-            found = checksum.digests(arrays[name])
-            for array_path, (dtype, shape, digest) in recorded[name].items():
-                got = found.get(array_path)
-                if got is None:
-                    wrong.append(f"{name}/{array_path} (missing)")
-                elif got[0] == dtype and (list(got[1]) != list(shape) or got[2] != digest):
-                    wrong.append(f"{name}/{array_path}")
-        if wrong:
-            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-            raise DamagedCheckpointError(path, f"array {wrong[0]}{more} differs from its saved checksum (flipped "
-                                               "or truncated data)")
-
-    @staticmethod
     def _pytree_restore(target: Any) -> ocp.args.PyTreeRestore:
         return ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target))
 
 
 def restore_or_none(directory: str | Path, target: TrainState | None = None, *,
-                    on_damaged: Literal["fall_back", "refuse"] = "fall_back") -> TrainState | None:
+                    on_damaged: OnDamaged = "fall_back") -> TrainState | None:
     """Auto-resume: the newest good TrainState in `directory`, or None when there is nothing to resume."""
     if not Path(directory).is_dir():
         return None
@@ -735,6 +682,7 @@ def save_pytree(path: str | Path, tree: Any) -> None:
 
     `path` must not exist yet; orbax writes it atomically (tmp dir, then rename).
     """
+    orbax_calls.install()
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(Path(path).absolute(), _to_savable(tree))
 
@@ -745,21 +693,67 @@ def load_pytree(path: str | Path, target: Any = None) -> Any:
     target: structure, dtypes and shardings to restore into (arrays or ShapeDtypeStructs, or an
       nnx.State); with None, leaves come back as host numpy arrays in nested dicts.
     """
+    orbax_calls.install()
     path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"no pytree checkpoint at {path}; write one with save_pytree or convert/hf_to_jax")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        try:
-            if target is None:
-                metadata = checkpointer.metadata(path)
-                tree = getattr(metadata, "item_metadata", metadata)
-                tree = getattr(tree, "tree", tree)
-                return checkpointer.restore(path, restore_args=_numpy_restore_args(tree))
-            savable = _to_savable(target)
+    try:
+        if target is None:
+            return _read_numpy_tree(path)
+        savable = _to_savable(target)
+        with orbax_calls.holding_errors(), ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, item=savable, restore_args=_restore_args_for(savable))
-        except Exception as e:
-            raise CheckpointError(
-                f"could not read pytree checkpoint {path} ({type(e).__name__}: {e}); it may be partial "
-                "or corrupt (re-create it) or not match target's structure"
-            ) from e
+    except Exception as e:
+        raise CheckpointError(
+            f"could not read pytree checkpoint {path} ({reason(e)}); it may be partial or corrupt (re-create it) "
+            "or not match target's structure"
+        ) from e
     return _from_savable(restored, target)
+
+
+def _read_numpy_tree(path: Path) -> Any:
+    """The orbax PyTree at `path` as host numpy arrays in nested dicts, whatever topology saved it."""
+    orbax_calls.install()
+    # The handler, not a Checkpointer: an item directory of a step (`<step>/params`) has no step
+    # metadata file, which a Checkpointer would warn about.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        with orbax_calls.holding_errors():
+            tree = handler.metadata(path).tree
+            return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree)))
+    finally:
+        handler.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParams:
+    """The trainable params of one step: host numpy arrays in nested dicts (None if the step saved
+    none), with the step number and the run config saved beside them."""
+
+    step: int
+    params: Any
+    config: Any
+
+
+def read_params(step_dir: str | Path) -> StepParams:
+    """The params of one step directory, verified against their saved digests, read without a
+    CheckpointManager: for tools that read a run which may still be training (the exporters), since
+    opening a manager on the run directory removes its in-flight temporary step.
+
+    Raises DamagedCheckpointError (one line) when the step is partial, unreadable or its data differs
+    from the digests; CheckpointError when it is not a step directory or its format is unknown.
+    """
+    path = Path(step_dir).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint step at {path}; pass a step directory <run>/checkpoints/<step>")
+    _check_step_files(path)
+    meta, config, verified = _read_meta_and_config(path)
+    if "params" in meta.get("empty_items", []):
+        return StepParams(step=int(meta["step"]), params=None, config=config)
+    try:
+        params = _read_numpy_tree(path / "params")
+    except Exception as e:
+        raise DamagedCheckpointError(path, f"orbax cannot read its params ({reason(e)})") from e
+    if verified:
+        _verify(path, {"params": meta["arrays"]["params"]}, {"params": params})
+    return StepParams(step=int(meta["step"]), params=params, config=config)

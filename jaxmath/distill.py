@@ -43,7 +43,10 @@ What cannot be lost:
 - One run per output at a time (an exclusive lock on the journal), so two runs cannot ask twice.
 
 Only the standard library talks HTTP (http.client, a thread pool), so nothing beyond jaxmath is needed
-on the machine that runs this; HTTP(S)_PROXY is not used.
+on the machine that runs this. Proxies come from the environment as urllib and curl read them:
+http_proxy / https_proxy (or upper case) name an http:// proxy, no_proxy lists hosts reached directly;
+an https endpoint goes through the proxy in a CONNECT tunnel (TLS end to end), an http one as an
+absolute-URL request. Credentials in the proxy URL are sent as Proxy-Authorization (Basic).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import fcntl
+import base64
 import hashlib
 import http.client
 import json
@@ -60,6 +64,7 @@ import statistics
 import threading
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +91,8 @@ class DistillConfig:
     max_retries:     retries per request after the first try; backoff_seconds doubles each time
                      (capped at 60 s, with +-50% jitter so clients do not retry in lockstep)
     timeout:         wall-clock seconds per try: connect, send, wait and read together
+                     (the endpoint is reached through the http_proxy / https_proxy of the environment
+                     unless no_proxy covers its host; see the module docstring)
     temperature, top_p, max_tokens: sampling; the study does not state them
     output:          the traces file; relative paths are under the run directory
     system_prompt:   optional system turn; instruction is appended to each problem
@@ -224,12 +231,51 @@ class _InFlight:
             cutoff()
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], timeout: float, in_flight: _InFlight):
-    """One POST; returns (status, Retry-After header, body bytes). The whole try, reading included, ends
-    by `timeout` seconds: a watchdog shuts the socket down then (a socket timeout bounds each read only)."""
+def proxy_for(url: str) -> urllib.parse.SplitResult | None:
+    """The http:// proxy the environment names for `url` (http_proxy or https_proxy by its scheme, read
+    as urllib reads them), or None when there is none or no_proxy covers the host. Raises DistillError
+    for a proxy this client cannot speak to (socks5://, https://)."""
     parts = urllib.parse.urlsplit(url)
-    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_type(parts.hostname, parts.port, timeout=min(timeout, CONNECT_TIMEOUT_SECONDS))
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2]):
+        return None
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if proxy_parts.scheme != "http" or not proxy_parts.hostname:
+        raise DistillError(f"the environment's {parts.scheme}_proxy is {proxy!r}, but distill speaks only to http:// "
+                           f"proxies; set an http:// one, or add {parts.hostname} to no_proxy to connect directly")
+    return proxy_parts
+
+
+def _connect_via(parts: urllib.parse.SplitResult, proxy: urllib.parse.SplitResult | None, timeout: float,
+                 headers: dict[str, str]) -> tuple[http.client.HTTPConnection, str]:
+    """(an unopened connection, the request target) for the URL `parts`, through `proxy` if given:
+    https in a CONNECT tunnel, http as an absolute-URL request. May add Proxy-Authorization to headers."""
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    https = parts.scheme == "https"
+    if proxy is None:
+        connection_type = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        return connection_type(parts.hostname, parts.port, timeout=timeout), path
+    auth = {}
+    if proxy.username is not None:
+        user_pass = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+        auth["Proxy-Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode()
+    if https:
+        connection = http.client.HTTPSConnection(proxy.hostname, proxy.port or 80, timeout=timeout)
+        connection.set_tunnel(parts.hostname, parts.port or 443, headers=auth)
+        return connection, path
+    headers.update(auth)
+    return http.client.HTTPConnection(proxy.hostname, proxy.port or 80, timeout=timeout), urllib.parse.urlunsplit(
+        parts._replace(fragment=""))
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float, in_flight: _InFlight,
+          proxy: urllib.parse.SplitResult | None = None):
+    """One POST, through `proxy` if given; returns (status, Retry-After header, body bytes). The whole
+    try, reading included, ends by `timeout` seconds: a watchdog shuts the socket down then (a socket
+    timeout bounds each read only)."""
+    parts = urllib.parse.urlsplit(url)
+    headers = dict(headers)
+    connection, target = _connect_via(parts, proxy, min(timeout, CONNECT_TIMEOUT_SECONDS), headers)
     expired = threading.Event()
     started = time.monotonic()
 
@@ -251,8 +297,7 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float, in_fli
         if expired.is_set():
             raise TimeoutError("connected only after the deadline")
         connection.sock.settimeout(max(0.001, timeout - (time.monotonic() - started)))
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request("POST", path, body=body, headers=headers)
+        connection.request("POST", target, body=body, headers=headers)
         response = connection.getresponse()
         data = response.read()
         if expired.is_set() and not in_flight.stop.is_set():
@@ -294,6 +339,7 @@ def request_completion(cfg: DistillConfig, messages: list[dict[str, str]], *, la
     if key:
         headers["Authorization"] = f"Bearer {key}"
     url = chat_url(cfg.endpoint)
+    proxy = proxy_for(url)
     tries = cfg.max_retries + 1
     last_error, retry_after = "", None
     for attempt in range(tries):
@@ -305,7 +351,7 @@ def request_completion(cfg: DistillConfig, messages: list[dict[str, str]], *, la
                 raise _Stopped()
         retry_after = None
         try:
-            status, retry_after, data = _post(url, body, headers, cfg.timeout, in_flight)
+            status, retry_after, data = _post(url, body, headers, cfg.timeout, in_flight, proxy)
         except (OSError, http.client.HTTPException) as e:  # reset, refused, TLS, timeout, torn replies
             last_error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             continue
@@ -505,6 +551,7 @@ def _write_traces(records: dict[str, dict], output: Path) -> None:
 def run_distill(cfg: DistillConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     """Asks the teacher every problem without a reply yet, grades, writes the files; returns the summary
     (see the module docstring)."""
+    proxy = proxy_for(chat_url(cfg.endpoint))  # a proxy setting that cannot work stops the run here
     output = Path(workdir) / cfg.output
     output.parent.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg)
@@ -515,8 +562,9 @@ def run_distill(cfg: DistillConfig, workdir: str | os.PathLike) -> dict[str, Any
             if "trace" in record and "correct" not in record:
                 journal.append(_grade(cfg, record))
         pending = [p for p in problems if "trace" not in records.get(p["id"], {})]
-        logging.info("distill: %d problems, %d answered before, %d to ask %s", len(problems),
-                     len(problems) - len(pending), len(pending), cfg.endpoint)
+        logging.info("distill: %d problems, %d answered before, %d to ask %s%s", len(problems),
+                     len(problems) - len(pending), len(pending), cfg.endpoint,
+                     f" through the proxy {proxy.hostname}:{proxy.port or 80}" if proxy else "")
         failed = _ask_all(cfg, pending, journal)
         records = merge_journal(read_rows(journal.path))
         _write_traces(records, output)

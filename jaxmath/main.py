@@ -199,12 +199,14 @@ def _init_from_run(model, run_dir: str, lora_cfg, optim_cfg, seed: int) -> None:
     from jaxmath import checkpoint as ckpt_lib
     from jaxmath import train_state
 
-    manager = ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints"))
-    if manager.latest_step() is None:
-        raise SystemExit(f"init.checkpoint={run_dir} has no checkpoints under {manager.directory}; run the "
-                         "earlier configuration (e.g. configs/grpo_v2.py) with that workdir first")
-    setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=lora_cfg, seed=seed,
-                                        total_steps=optim_cfg.total_steps, checkpoints=manager)
+    # refuse: a damaged latest checkpoint must stop the run, not silently start it from an older step
+    # (and rename the other run's files).
+    with ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints"), on_damaged="refuse") as manager:
+        if manager.latest_step() is None:
+            raise SystemExit(f"init.checkpoint={run_dir} has no checkpoints under {manager.directory}; run the "
+                             "earlier configuration (e.g. configs/grpo_v2.py) with that workdir first")
+        setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=lora_cfg, seed=seed,
+                                            total_steps=optim_cfg.total_steps, checkpoints=manager)
     nnx.update(model, setup.state.params)
     logging.info("initialised from %s step %d", manager.directory, setup.state.step)
 

@@ -172,6 +172,27 @@ def test_errors_name_the_problem(hf_dir, lora_model, tmp_path):
         common.export_hf(str(run_dir), str(tmp_path / "b"), merge_lora=True)
 
 
+def test_a_bit_flipped_run_checkpoint_is_refused_by_export(hf_dir, tmp_path):
+    """One flipped bit in a run step's parameter data: the export stops with one error line naming
+    the step and the array (before, it exported the wrong value), and writes no weights."""
+    src, _ = hf_dir
+    run_dir = tmp_path / "run"
+    _save_run(run_dir, 3, nnx.state(from_pretrained(str(src), dtype=jnp.float32), nnx.Param), {})
+    data = max((p for p in (run_dir / "3" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    flipped = bytearray(data.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10
+    data.write_bytes(bytes(flipped))
+    out = tmp_path / "out"
+    proc = run_cli("jaxmath.convert.jax_to_hf", f"--ckpt={run_dir}", f"--out={out}", f"--base_model={src}", ok=False)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"checkpoint {run_dir / '3'} is damaged: array params/" in errors[0]
+    assert "differs from its saved checksum" in errors[0] and "Nothing was exported" in errors[0]
+    assert "Traceback" not in proc.stderr and "Encountered error" not in proc.stderr
+    assert not (out / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("script,flag", [("hf_to_jax", "--hf_dir"), ("jax_to_hf", "--ckpt")])
 def test_convert_scripts_forward_to_jaxmath_convert(script, flag):
     """The old commands keep working: `python convert/<script>.py` runs jaxmath.convert.<script>."""

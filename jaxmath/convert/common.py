@@ -14,7 +14,8 @@ Two sources are understood:
   LoRA adapters for a LoRA run, so the base model comes from the run config's `model.path` (or an
   explicit base directory).
 
-Run checkpoints are read with plain orbax PyTree restores, never through an orbax CheckpointManager:
+Run checkpoints are read with `jaxmath.checkpoint.read_params`, which checks the params against the
+digests saved with them (a damaged step is refused, not exported) and never opens a CheckpointManager:
 opening a manager on a live run directory removes its in-flight temporary step, and exporting must not
 disturb a run that is still training.
 """
@@ -35,7 +36,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxmath.checkpoint import CheckpointError, load_pytree, save_pytree
+from jaxmath.checkpoint import CheckpointError, load_pytree, read_params, save_pytree
 from jaxmath.model import LoRAParam, Qwen3, Qwen3Config, from_pretrained, save_pretrained
 from jaxmath.model.config import dtype_from_name
 from jaxmath.model.hf_io import TOKENIZER_FILES, CheckpointReader
@@ -237,25 +238,17 @@ def _select(tree: dict, keep, prefix: tuple = ()) -> dict:
     return out
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path} is unreadable ({e}); the checkpoint step is damaged, pass another step") from e
-
-
 def load_run(path: Path) -> RunCheckpoint:
-    meta = _read_json(path / "meta" / "meta.json")
-    config = _read_json(path / "config" / "config.json")
-    if "params" in meta.get("empty_items", []):
-        raise ConvertError(f"{path} saved no parameters (its trainable state was empty); nothing to export")
-    logging.info("restoring params of step %s from %s", meta.get("step"), path)
+    """One run step's params and config, verified against the digests saved with them: a damaged step
+    (flipped or truncated data, a missing file) is refused in one line, never exported."""
+    logging.info("restoring params from %s", path)
     try:
-        params = load_pytree(path / "params")
+        step = read_params(path)
     except CheckpointError as e:
-        raise ConvertError(f"could not read {path / 'params'}: {e}") from e
-    return RunCheckpoint(path=path, step=int(meta.get("step", -1)), params=params, config=config)
+        raise ConvertError(f"{e}. Nothing was exported; pass an earlier step directory ({path.parent}/<step>)") from e
+    if step.params is None:
+        raise ConvertError(f"{path} saved no parameters (its trainable state was empty); nothing to export")
+    return RunCheckpoint(path=path, step=step.step, params=step.params, config=step.config)
 
 
 def base_model_dir(run: RunCheckpoint, base_model: str = "") -> str:

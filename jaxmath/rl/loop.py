@@ -60,6 +60,9 @@ class GRPOConfig:
                              pi_trainer / pi_engine of the step's completions. On-policy the loss's own
                              ratio is exactly 1; the study's ratio is TRL's vLLM importance-sampling
                              ratio (sampling/importance_sampling_ratio/min), this one.
+    on_damaged:            when the newest checkpoint of the workdir is damaged on resume: "fall_back"
+                           (one warning line, rename it `<step>.damaged`, resume from the newest good
+                           one) or "refuse" (stop with one line; nothing is moved)
     """
 
     steps: int = 100
@@ -81,6 +84,7 @@ class GRPOConfig:
     checkpoint_every: int = 50
     keep_last: int = 3
     keep_best: int = 0
+    on_damaged: str = "fall_back"
     eval_every: int = 0
     plot_every: int = 10
     early_stop_reward: float = 0.0
@@ -104,6 +108,8 @@ class GRPOConfig:
                              f"rl.early_stop_patience >= 1, got patience {self.early_stop_patience}")
         if self.filter_groups and self.oversample < 1.0:
             raise ValueError("filter_groups needs oversample >= 1.0 (prompts sampled per group kept)")
+        if self.on_damaged not in ckpt_lib.ON_DAMAGED:
+            raise ValueError(f"rl.on_damaged must be one of {ckpt_lib.ON_DAMAGED}, got {self.on_damaged!r}")
 
     @property
     def prompts_sampled(self) -> int:
@@ -163,123 +169,125 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                          "adapters off; full-parameter KL (a second copy of the weights) is not supported")
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
                                          keep_best=cfg.keep_best,
-                                         best_metric="eval_accuracy" if cfg.keep_best else None)
-    setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=lora_cfg, seed=cfg.seed, total_steps=cfg.steps,
-                                        checkpoints=manager)
-    graphdef, frozen, mesh, optim_cfg = setup.graphdef, setup.frozen, setup.mesh, setup.optim_cfg
-    trainable, opt_state, start_step, key = (setup.state.params, setup.state.opt_state, setup.state.step,
-                                             setup.state.rng_key)
-    data = PromptIterator(examples, cfg.seed, setup.state.data_cursor if setup.restored else None)
-    on_policy = cfg.num_iterations == 1 and loss_cfg.tis_cap == 0.0
-    train_step = step_lib.make_train_step(graphdef, setup.optimizer, loss_cfg, on_policy=on_policy,
-                                          temperature=cfg.temperature,
-                                          max_completion_tokens=cfg.max_completion_tokens)
-    logprob_fn = step_lib.make_logprob_fn(graphdef, loss_cfg, temperature=cfg.temperature)
-    fallback = cfg.answer_fallback or None
-    engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+                                         best_metric="eval_accuracy" if cfg.keep_best else None,
+                                         on_damaged=cfg.on_damaged)
+    # Closed on every way out (a damaged checkpoint refused, a failed step), so no orbax thread
+    # or pending write outlives the loop.
+    with manager:
+        setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=lora_cfg, seed=cfg.seed, total_steps=cfg.steps,
+                                            checkpoints=manager)
+        graphdef, frozen, mesh, optim_cfg = setup.graphdef, setup.frozen, setup.mesh, setup.optim_cfg
+        trainable, opt_state, start_step, key = (setup.state.params, setup.state.opt_state, setup.state.step,
+                                                 setup.state.rng_key)
+        data = PromptIterator(examples, cfg.seed, setup.state.data_cursor if setup.restored else None)
+        on_policy = cfg.num_iterations == 1 and loss_cfg.tis_cap == 0.0
+        train_step = step_lib.make_train_step(graphdef, setup.optimizer, loss_cfg, on_policy=on_policy,
+                                              temperature=cfg.temperature,
+                                              max_completion_tokens=cfg.max_completion_tokens)
+        logprob_fn = step_lib.make_logprob_fn(graphdef, loss_cfg, temperature=cfg.temperature)
+        fallback = cfg.answer_fallback or None
+        engine.update_weights(nnx.merge(graphdef, trainable, frozen))
 
-    # metrics lines are numbered from 1; the checkpointed step itself was already written
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step + 1)
-    timer = metrics_lib.PhaseTimer()
-    last: dict[str, Any] = {}
-    streak: dict[str, int] = {}
-    stopped_early = ""
-    bar = metrics_lib.progress(cfg.steps, desc="grpo")
-    bar.update(start_step)
-    try:
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            key, seed = _rollout_seed(key)
-            batch_examples = data.next(cfg.prompts_sampled)
-            prompt_ids = encode(batch_examples)
-            params = SamplingParams(max_new_tokens=cfg.max_completion_tokens, num_samples=cfg.num_generations,
-                                    temperature=cfg.temperature, seed=seed, stop_token_ids=tuple(stop_token_ids))
-            with timer.phase("rollout"):
-                rollout = engine.generate(prompt_ids, params)
-            texts = [decode(ids) for ids in rollout.completion_token_lists()]
-            golds = [batch_examples[i].answer for i in rollout.prompt_index]
-            with timer.phase("reward"):
-                rewards, answers = correctness_rewards(texts, golds, fallback=fallback, workers=cfg.reward_workers,
-                                                       timeout=cfg.reward_timeout)
-            rewards = np.asarray(rewards, np.float32)
-            all_stats = {k: float(v) for k, v in grpo.group_stats(rewards, cfg.num_generations).items()}
-            informative = int(round(all_stats["frac_mixed"] * cfg.prompts_sampled))
-            if cfg.filter_groups:
-                rows, informative = grpo.select_groups(rewards, cfg.num_generations, cfg.prompts_per_step,
-                                                       np.random.default_rng(seed))
-                rollout = _select_rows(rollout, rows)
-                rewards = rewards[rows]
-            advantages = np.asarray(grpo.group_advantages(rewards, cfg.num_generations, scale=cfg.adv_scale,
-                                                          std=cfg.adv_std, eps=cfg.adv_eps))
-            prompt_len = step_lib.bucket(max(len(p) for p in rollout.prompt_ids), cfg.prompt_bucket)
-            batch = step_lib.build_batch(rollout, prompt_len, advantages)
-            device_batch = sharding.shard_batch(batch, mesh)
-            completion_len = batch.completion_len
-            if not on_policy or loss_cfg.beta > 0:
-                with timer.phase("logprob"):
-                    if not on_policy:
-                        device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
-                                                               device_batch.valid, completion_len)
-                    if loss_cfg.beta > 0:
-                        device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
-                                                               device_batch.valid, completion_len, lora=False)
-                    jax.block_until_ready(device_batch.old_logprobs)
-            asleep = engine.sleep()  # a colocated engine frees its memory for the train phase
-            with timer.phase("train"):
-                for iteration in range(cfg.num_iterations):
-                    trainable, opt_state, step_metrics, logprobs = train_step(trainable, frozen, opt_state,
-                                                                              device_batch)
-                    if iteration == 0:  # the policy that the engine sampled from, before any update
-                        trainer_logprobs = logprobs
-                step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            with timer.phase("sync"):
-                if asleep:
-                    engine.wake_up()
-                sync = engine.update_weights(nnx.merge(graphdef, trainable, frozen))
-            phases = timer.pop()
-            lengths = rollout.completion_lengths
-            tokens = int(lengths.sum())
-            m: dict[str, Any] = {
-                **step_metrics, **all_stats, **phases, **sync,
-                **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
-                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                "informative_groups": informative,
-                "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
-                "truncation_rate": float((rollout.finish_reason == FINISH_LENGTH).mean()),
-                "parse_failure_rate": float(np.mean([a is None for a in answers])),
-                "lr": optim.lr_at(optim_cfg, step),
-                "tokens_per_s/rollout": tokens / max(phases.get("time/rollout", 0.0), 1e-9),
-                "tokens_per_s/train": tokens * cfg.num_iterations / max(phases.get("time/train", 0.0), 1e-9),
-                "epoch": data.epoch,
-            }
-            step_no = step + 1
-            if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or step_no == cfg.steps):
-                with timer.phase("eval"):
-                    m.update(evaluate(nnx.merge(graphdef, trainable, frozen), step_no))
-                m.update(timer.pop())
-            m["step_seconds"] = time.perf_counter() - t0
-            writer.write(step_no, m)
-            last = m
-            _warn(m, cfg, step_no)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}")
-            logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
-                                                            "completion_len_mean", "mismatch/abs_mean"),
-                                              seconds_key="step_seconds"))
-            stopped_early = early_stop_reason(m, cfg, streak)
-            if stopped_early or step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
-                _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
-            if cfg.plot_every and step_no % cfg.plot_every == 0:
-                metrics_lib.plot_metrics(workdir)
-            if stopped_early:
-                logging.warning("stopping early at step %d: %s; the final checkpoint is step %d", step_no,
-                                stopped_early, step_no)
-                break
-    finally:
-        bar.close()
-        writer.close()
-        manager.wait_until_finished()
-        manager.close()
+        # metrics lines are numbered from 1; the checkpointed step itself was already written
+        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step + 1)
+        timer = metrics_lib.PhaseTimer()
+        last: dict[str, Any] = {}
+        streak: dict[str, int] = {}
+        stopped_early = ""
+        bar = metrics_lib.progress(cfg.steps, desc="grpo")
+        bar.update(start_step)
+        try:
+            for step in range(start_step, cfg.steps):
+                t0 = time.perf_counter()
+                key, seed = _rollout_seed(key)
+                batch_examples = data.next(cfg.prompts_sampled)
+                prompt_ids = encode(batch_examples)
+                params = SamplingParams(max_new_tokens=cfg.max_completion_tokens, num_samples=cfg.num_generations,
+                                        temperature=cfg.temperature, seed=seed, stop_token_ids=tuple(stop_token_ids))
+                with timer.phase("rollout"):
+                    rollout = engine.generate(prompt_ids, params)
+                texts = [decode(ids) for ids in rollout.completion_token_lists()]
+                golds = [batch_examples[i].answer for i in rollout.prompt_index]
+                with timer.phase("reward"):
+                    rewards, answers = correctness_rewards(texts, golds, fallback=fallback, workers=cfg.reward_workers,
+                                                           timeout=cfg.reward_timeout)
+                rewards = np.asarray(rewards, np.float32)
+                all_stats = {k: float(v) for k, v in grpo.group_stats(rewards, cfg.num_generations).items()}
+                informative = int(round(all_stats["frac_mixed"] * cfg.prompts_sampled))
+                if cfg.filter_groups:
+                    rows, informative = grpo.select_groups(rewards, cfg.num_generations, cfg.prompts_per_step,
+                                                           np.random.default_rng(seed))
+                    rollout = _select_rows(rollout, rows)
+                    rewards = rewards[rows]
+                advantages = np.asarray(grpo.group_advantages(rewards, cfg.num_generations, scale=cfg.adv_scale,
+                                                              std=cfg.adv_std, eps=cfg.adv_eps))
+                prompt_len = step_lib.bucket(max(len(p) for p in rollout.prompt_ids), cfg.prompt_bucket)
+                batch = step_lib.build_batch(rollout, prompt_len, advantages)
+                device_batch = sharding.shard_batch(batch, mesh)
+                completion_len = batch.completion_len
+                if not on_policy or loss_cfg.beta > 0:
+                    with timer.phase("logprob"):
+                        if not on_policy:
+                            device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
+                                                                   device_batch.valid, completion_len)
+                        if loss_cfg.beta > 0:
+                            device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
+                                                                   device_batch.valid, completion_len, lora=False)
+                        jax.block_until_ready(device_batch.old_logprobs)
+                asleep = engine.sleep()  # a colocated engine frees its memory for the train phase
+                with timer.phase("train"):
+                    for iteration in range(cfg.num_iterations):
+                        trainable, opt_state, step_metrics, logprobs = train_step(trainable, frozen, opt_state,
+                                                                                  device_batch)
+                        if iteration == 0:  # the policy that the engine sampled from, before any update
+                            trainer_logprobs = logprobs
+                    step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                with timer.phase("sync"):
+                    if asleep:
+                        engine.wake_up()
+                    sync = engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+                phases = timer.pop()
+                lengths = rollout.completion_lengths
+                tokens = int(lengths.sum())
+                m: dict[str, Any] = {
+                    **step_metrics, **all_stats, **phases, **sync,
+                    **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
+                    "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                    "informative_groups": informative,
+                    "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+                    "truncation_rate": float((rollout.finish_reason == FINISH_LENGTH).mean()),
+                    "parse_failure_rate": float(np.mean([a is None for a in answers])),
+                    "lr": optim.lr_at(optim_cfg, step),
+                    "tokens_per_s/rollout": tokens / max(phases.get("time/rollout", 0.0), 1e-9),
+                    "tokens_per_s/train": tokens * cfg.num_iterations / max(phases.get("time/train", 0.0), 1e-9),
+                    "epoch": data.epoch,
+                }
+                step_no = step + 1
+                if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or step_no == cfg.steps):
+                    with timer.phase("eval"):
+                        m.update(evaluate(nnx.merge(graphdef, trainable, frozen), step_no))
+                    m.update(timer.pop())
+                m["step_seconds"] = time.perf_counter() - t0
+                writer.write(step_no, m)
+                last = m
+                _warn(m, cfg, step_no)
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}")
+                logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
+                                                                "completion_len_mean", "mismatch/abs_mean"),
+                                                  seconds_key="step_seconds"))
+                stopped_early = early_stop_reason(m, cfg, streak)
+                if stopped_early or step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
+                    _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
+                if cfg.plot_every and step_no % cfg.plot_every == 0:
+                    metrics_lib.plot_metrics(workdir)
+                if stopped_early:
+                    logging.warning("stopping early at step %d: %s; the final checkpoint is step %d", step_no,
+                                    stopped_early, step_no)
+                    break
+        finally:
+            bar.close()
+            writer.close()
     nnx.update(model, trainable)
     metrics_lib.plot_metrics(workdir)
     return {**last, "stopped_early": stopped_early}

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmath import train_state
-from jaxmath.checkpoint import CheckpointManager, TrainState
+from jaxmath.checkpoint import ON_DAMAGED, CheckpointManager, TrainState
 from jaxmath.data.chat import TokenizedExample
 from jaxmath.data.packing import pack_examples, pack_plan
 from jaxmath.metrics import MetricsWriter, log_line, progress
@@ -55,6 +55,9 @@ class SFTConfig:
                       leave the training set, so the step count drops (off in the study's configs)
     eval_every:       steps between eval-loss measurements (0 = only at the end)
     checkpoint_every: steps between checkpoints (0 = only at the end); keep_last of them are kept
+    on_damaged:       when the newest checkpoint of the workdir is damaged on resume: "fall_back"
+                      (one warning line, rename it `<step>.damaged`, resume from the newest good one)
+                      or "refuse" (stop with one line; nothing is moved)
     lora:             rank > 0 trains fresh adapters only (base frozen); rank 0 trains every nnx.Param
     optimizer:        AdamW and its schedule; total_steps 0 is the run's step count
     chunk_size:       token positions per LM-head chunk
@@ -78,6 +81,7 @@ class SFTConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_last: int = 2
+    on_damaged: str = "fall_back"
     seed: int = 0
     log_every: int = 1
     lora: LoRAConfig = LoRAConfig()
@@ -103,6 +107,8 @@ class SFTConfig:
             raise ValueError(f"sft.max_documents must be >= 0 (0: all), got {self.max_documents}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"sft.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.on_damaged not in ON_DAMAGED:
+            raise ValueError(f"sft.on_damaged must be one of {ON_DAMAGED}, got {self.on_damaged!r}")
 
     @property
     def micro(self) -> int:
@@ -146,49 +152,51 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     except ValueError as e:
         raise ValueError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
                          f"{cfg.batch_size}); {e}. Lower optimizer.warmup_steps or raise steps/epochs") from e
-    manager = CheckpointManager(workdir / "checkpoints", keep_last=max(cfg.keep_last, 1))
-    setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=cfg.lora, seed=cfg.seed, total_steps=total_steps,
-                                        checkpoints=manager, mesh=mesh, make_optimizer=_optimizer)
-    step_fn, eval_step = _compiled_steps(setup.graphdef, setup.optimizer, cfg.chunk_size, cfg.remat, not cfg.pack)
-    frozen, state = setup.frozen, setup.state
-    trainable, opt_state, start = state.params, state.opt_state, state.step
-    shard = _sharder(setup.mesh)
-    config_json = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    manager = CheckpointManager(workdir / "checkpoints", keep_last=max(cfg.keep_last, 1), on_damaged=cfg.on_damaged)
+    # Closed on every way out (a damaged checkpoint refused, a failed step), so no orbax thread
+    # or pending write outlives the loop.
+    with manager:
+        setup = train_state.init_or_restore(model, optim_cfg, lora_cfg=cfg.lora, seed=cfg.seed, total_steps=total_steps,
+                                            checkpoints=manager, mesh=mesh, make_optimizer=_optimizer)
+        step_fn, eval_step = _compiled_steps(setup.graphdef, setup.optimizer, cfg.chunk_size, cfg.remat, not cfg.pack)
+        frozen, state = setup.frozen, setup.state
+        trainable, opt_state, start = state.params, state.opt_state, state.step
+        shard = _sharder(setup.mesh)
+        config_json = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
-    def save(step: int, metrics: dict) -> None:
-        saved = TrainState(trainable, opt_state, step, {"step": step, "epoch": epochs[step - 1]}, state.rng_key,
-                           config_json)
-        manager.save(step, saved, metrics={k: v for k, v in metrics.items() if k in ("loss", "eval_loss")})
+        def save(step: int) -> None:  # metrics.jsonl has the step's metrics; nothing ranks SFT checkpoints
+            saved = TrainState(trainable, opt_state, step, {"step": step, "epoch": epochs[step - 1]}, state.rng_key,
+                               config_json)
+            manager.save(step, saved)
 
-    last: dict[str, float] = {}
-    throughput = []
-    end = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
-    # Records are numbered by updates done (1..), so the checkpoint at `start` covers records <= start.
-    with MetricsWriter(workdir, tensorboard=False, resume_step=start + 1) as writer:
-        bar = progress(end - start, desc="sft")
-        for step in range(start, end):
-            arrays = pack_examples(examples, cfg.max_seq_len, batches[step], num_rows=cfg.batch_size)
-            real_tokens = int((arrays["segment_ids"] > 0).sum())
-            t0 = time.perf_counter()
-            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state,
-                                                    shard(stack_micro(arrays, cfg.accum_steps), micro=True))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - t0
-            last = {**metrics, "lr": lr_at(setup.optim_cfg, step), "epoch": epochs[step], "step_seconds": seconds,
-                    "tokens": real_tokens, "tokens_per_s": real_tokens / seconds}
-            throughput.append(last["tokens_per_s"])
-            done = step + 1
-            if eval_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-                last["eval_loss"] = _eval_loss(eval_step, trainable, frozen, eval_examples, cfg, shard)
-            writer.write(done, last)
-            if cfg.log_every and (done % cfg.log_every == 0 or done == end):
-                log_line(done, last, ("loss", "eval_loss", "grad_norm", "lr", "tokens_per_s"),
-                         seconds_key="step_seconds")
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
-                save(done, last)
-            bar.update(1)
-        bar.close()
-    manager.close()
+        last: dict[str, float] = {}
+        throughput = []
+        end = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
+        # Records are numbered by updates done (1..), so the checkpoint at `start` covers records <= start.
+        with MetricsWriter(workdir, tensorboard=False, resume_step=start + 1) as writer:
+            bar = progress(end - start, desc="sft")
+            for step in range(start, end):
+                arrays = pack_examples(examples, cfg.max_seq_len, batches[step], num_rows=cfg.batch_size)
+                real_tokens = int((arrays["segment_ids"] > 0).sum())
+                t0 = time.perf_counter()
+                trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state,
+                                                        shard(stack_micro(arrays, cfg.accum_steps), micro=True))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - t0
+                last = {**metrics, "lr": lr_at(setup.optim_cfg, step), "epoch": epochs[step], "step_seconds": seconds,
+                        "tokens": real_tokens, "tokens_per_s": real_tokens / seconds}
+                throughput.append(last["tokens_per_s"])
+                done = step + 1
+                if eval_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+                    last["eval_loss"] = _eval_loss(eval_step, trainable, frozen, eval_examples, cfg, shard)
+                writer.write(done, last)
+                if cfg.log_every and (done % cfg.log_every == 0 or done == end):
+                    log_line(done, last, ("loss", "eval_loss", "grad_norm", "lr", "tokens_per_s"),
+                             seconds_key="step_seconds")
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
+                    save(done)
+                bar.update(1)
+            bar.close()
 
     nnx.update(model, trainable)
     result = {"steps": end, "total_steps": total_steps, "train_documents": len(examples),
