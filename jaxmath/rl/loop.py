@@ -250,11 +250,11 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
             _warn(m, cfg, step_no)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}")
-            logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
-                                                            "completion_len_mean", "mismatch/abs_mean"),
-                                              seconds_key="step_seconds"))
+            metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",  # logs it once
+                                              "completion_len_mean", "mismatch/abs_mean"), seconds_key="step_seconds")
             stopped_early = _early_stop(m, cfg, streak)
-            if stopped_early or step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
+            due = cfg.checkpoint_every and step_no % cfg.checkpoint_every == 0  # checkpoint_every 0: at the end only
+            if stopped_early or due or step_no == cfg.steps:
                 _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
             if cfg.plot_every and step_no % cfg.plot_every == 0:
                 metrics_lib.plot_metrics(workdir)
