@@ -279,8 +279,8 @@ def _check_plan(path: Path, plan: dict) -> None:
         if changed:
             listed = ", ".join(f"{k}: {saved.get(k)!r} -> {plan.get(k)!r}" for k in changed[:6])
             raise ConfigError(f"{path.parent} holds a demo run with other settings ({listed}); rerun with those, "
-                              "pass --config.resume=false to start over (the old run is moved aside), or choose "
-                              "another --workdir")
+                              "pass --config.resume=false to start over (the old run is moved aside), or pass a "
+                              "fresh --workdir")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan, indent=2))

@@ -176,8 +176,11 @@ def _load_model(cfg, mesh):
         return model, tokenizer
     if m.preset:
         return init_model(preset(m.preset, dtype=dtype, param_dtype=param_dtype, **overrides), mesh=mesh), None
-    raise SystemExit("config.model.path is empty: pass --config.model.path=DIR, an HF-format Qwen3 folder "
-                     "(e.g. `huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`)")
+    raise SystemExit(_NO_MODEL)
+
+
+_NO_MODEL = ("config.model.path is empty: pass --config.model.path=DIR, an HF-format Qwen3 folder "
+             "(e.g. `huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`)")
 
 
 # --- typed configs: each mode's sections as the dataclasses of jaxmath.config.MODES -----------------
@@ -420,6 +423,8 @@ def validate(cfg) -> None:
             vllm_config(cfg, lora_cfg if mode == "grpo" else None)
     if needs_model:
         model = build(ModelConfig, cfg.model, prefix="model")
+        if not model.path and not model.preset:
+            raise ConfigError(_NO_MODEL)
         if model.path and not os.path.isdir(model.path):
             what = "is a file" if os.path.exists(model.path) else "does not exist"
             raise ConfigError(f"model.path {model.path} {what}; download Qwen3-4B-Instruct-2507 in HF format "
