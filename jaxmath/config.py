@@ -550,8 +550,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 # Keys whose change still resumes the run a workdir holds (anything else is refused, naming the keys):
 # `steps` only upwards (a longer run continues the checkpoints), the evaluation's size, how often to
-# plot and log, and the run directory / resume switch themselves.
-RESUMABLE = ("steps", "eval.limit", "rl.plot_every", "sft.log_every", "workdir", "resume")
+# plot and log, distillation's problem set (a later pass adds to the journal: another source, more
+# problems), and the run directory / resume switch themselves.
+RESUMABLE = ("steps", "eval.limit", "rl.plot_every", "sft.log_every", "distill.sources", "distill.limit",
+             "workdir", "resume")
 
 
 def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -74,7 +74,7 @@ def _config(name: str, **overrides):
     ("distill", "distill.concurrency", 0, "distill.concurrency=0"),
 ])
 def test_a_bad_setting_is_refused_naming_its_key(name, key, value, message):
-    with pytest.raises(ConfigError, match=None) as caught:
+    with pytest.raises(ConfigError) as caught:
         main.validate(_config(name, **{key: value}))
     assert message in str(caught.value)
 
@@ -245,3 +245,23 @@ def test_sigint_during_the_demo_keeps_whole_checkpoints_and_logs_each_step_once(
     assert grpo_log.count("] step 1 |") == 1 and grpo_log.count("] step 2 |") == 1
     saved = sorted(int(p) for p in os.listdir(tmp_path / "grpo" / "checkpoints") if p.isdigit())
     assert saved and saved[-1] >= 1 and not glob.glob(str(tmp_path / "**" / "*tmp*"), recursive=True)
+
+
+def test_a_mesh_larger_than_the_devices_is_a_setting():
+    with pytest.raises(ConfigError, match="needs 64 devices.*--config.mesh"):
+        main._mesh(_config("demo", **{"mesh.data": 64}))
+
+
+def test_machine_errors_say_what_to_do():
+    import errno
+
+    full = main._message(OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/3"))
+    assert "/w/checkpoints/3" in full and "free space" in full and "resumes" in full
+    assert "read-only" in main._message(OSError(errno.EROFS, "Read-only file system", "/w"))
+
+
+def test_a_later_distillation_pass_may_ask_other_problems():
+    saved = _config("distill").to_dict()
+    assert resume_conflicts(saved, {**saved, "distill": {**saved["distill"], "sources": "gsm8k_train",
+                                                         "limit": 20}}) == []
+    assert resume_conflicts(saved, {**saved, "distill": {**saved["distill"], "model": "other"}}) != []
