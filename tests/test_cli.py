@@ -150,6 +150,9 @@ _DRIVER = textwrap.dedent("""
         logging.info("step 7 | loss 0.1")
         raise {error}
 
+    import tqdm
+    write = tqdm.tqdm.write
+    tqdm.tqdm.write = classmethod(lambda cls, text, **kw: write("[above the bar] " + text, **kw))
     m.MODES["demo"] = fake
     sys.argv = ["jaxmath.main", "--config=configs/demo.py", "--workdir=" + sys.argv[1]]
     m.run()
@@ -169,7 +172,8 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_no_probe_noise(tmp_path):
     assert "interrupted: the last checkpoint is " + str(tmp_path / "w" / "grpo" / "checkpoints" / "7") in out.stderr
     assert "run the same command to resume" in out.stderr and "Traceback" not in out.stderr
     assert "Unable to initialize backend" not in out.stderr and "'tpu'" not in out.stderr
-    assert out.stderr.count("step 7 | loss 0.1") == 1  # the log line, once
+    assert out.stderr.count("step 7 | loss 0.1") == 1  # the log line, once, written above any progress bar
+    assert [line for line in out.stderr.splitlines() if "step 7 |" in line][0].startswith("[above the bar] I")
 
 
 def test_a_bug_still_shows_its_traceback(tmp_path):

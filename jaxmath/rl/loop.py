@@ -50,6 +50,7 @@ class GRPOConfig:
     num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
     filter_groups:         replace zero-variance groups with informative ones from `oversample` x
                            prompts_per_step sampled prompts (shapes stay static)
+    checkpoint_every:      steps between checkpoints (0: at the end only; the last step is always saved)
     early_stop_reward:     stop when reward_mean stays >= this for `early_stop_patience` steps (0: off)
     early_stop_grad_norm:  stop when grad_norm stays <= this for `early_stop_patience` steps (0: off)
     """
