@@ -3,12 +3,13 @@ fix, --help and --keys, a workdir that remembers its run, Ctrl-C, and a log that
 
 Fast tests check settings in-process (`main.validate`, `main.prepare_workdir`) and run `jaxmath.main` in a
 subprocess only where the exit path itself is the contract (about 10 processes that stop before any
-model work: ~60 s on 2 loaded cores). The slow test interrupts a real demo run.
+model work: ~80 s on 2 loaded cores). The slow tests interrupt a real demo run and train GRPO 3 steps.
 """
 
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,8 +80,8 @@ def test_a_bad_setting_is_refused_naming_its_key(name, key, value, message):
     assert message in str(caught.value)
 
 
-def test_checkpoint_every_zero_means_at_the_end():
-    main.validate(_config("demo", checkpoint_every=0))  # accepted; rl.loop saves at the last step only
+def test_checkpoint_every_zero_is_accepted():
+    main.validate(_config("demo", checkpoint_every=0))  # "at the end only" (rl.loop, sft.loop)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
@@ -269,3 +270,27 @@ def test_a_later_distillation_pass_may_ask_other_problems():
     assert resume_conflicts(saved, {**saved, "distill": {**saved["distill"], "sources": "gsm8k_train",
                                                          "limit": 20}}) == []
     assert resume_conflicts(saved, {**saved, "distill": {**saved["distill"], "model": "other"}}) != []
+
+
+@pytest.mark.slow
+def test_grpo_logs_each_step_once_and_checkpoint_every_zero_saves_at_the_end(tmp_path):
+    """The GRPO loop on the demo task at its smallest (tests/test_grpo_loop.py helper): 1-4 min on 2 loaded cores."""
+    import logging as pylogging
+
+    from tests.test_grpo_loop import _run
+
+    records = []
+    handler = pylogging.Handler()
+    handler.emit = records.append
+    absl_logger = pylogging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.addHandler(handler)
+    absl_logger.setLevel(pylogging.INFO)
+    try:
+        _run(tmp_path, 3, checkpoint_every=0)
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(level)
+    steps = [r.getMessage().split(" |")[0] for r in records if re.match(r"step \d+ \|", r.getMessage())]
+    assert steps == ["step 1", "step 2", "step 3"]  # before: each step twice
+    assert sorted(p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == ["3"]
