@@ -22,7 +22,7 @@ import importlib.util
 import os
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import ml_collections
 from ml_collections import config_dict
@@ -163,11 +163,17 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """The top level of every config: the mode `jaxmath.main` runs, and its run directory
-    ("" = runs/<mode>; the --workdir flag wins over both)."""
+    """The top level of every config: the mode `jaxmath.main` runs and its run directory.
+
+    workdir: "" = runs/<config file stem> (the --workdir flag wins over both)
+    resume:  a workdir that holds a run continues it when the settings match (config.json; more
+             steps or another eval limit are fine, see RESUMABLE); false moves the old run aside
+             to <workdir>.old-<time> and starts over
+    """
 
     mode: str
     workdir: str = ""
+    resume: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,9 +356,219 @@ def load_module(path: str) -> types.ModuleType:
     return module
 
 
+# --- settings checked before any work ---------------------------------------------------------------
+
+# Invariants of the keys a user sets, by their dotted name (a top-level key without a section), checked
+# by `check_settings` before anything loads: a Range, or a tuple of the allowed values. The dataclasses'
+# __post_init__ add their cross-field rules; this table is the one place for the range of each key.
+class Range(typing.NamedTuple):
+    """Inclusive bounds (None: open); `text` says the bound when low/high do not (e.g. "> 0")."""
+
+    low: float | None
+    high: float | None = None
+    text: str = ""
+
+    def bound(self) -> str:
+        if self.text:
+            return self.text
+        return f">= {self.low}" if self.high is None else f"in [{self.low}, {self.high}]"
+
+
+_AT_LEAST_1, _AT_LEAST_0, _FRACTION = Range(1), Range(0), Range(0.0, 1.0)
+_POSITIVE = Range(1e-300, None, "> 0")
+_UNIT = Range(1e-300, 1.0, "in (0, 1]")
+RULES: dict[str, tuple] = {
+    "steps": Range(1),
+    "checkpoint_every": Range(0, None, ">= 1, or 0 to save at the end only"),
+    "model.dtype": ("bfloat16", "float16", "float32"),
+    "model.param_dtype": ("", "bfloat16", "float16", "float32"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention_impl": ("", "xla", "cudnn"),
+    "data.limit": _AT_LEAST_0,
+    "prompt.few_shot": _AT_LEAST_0,
+    "rollout.engine": ("jax", "vllm"),
+    **{f"rl.{k}": _AT_LEAST_1 for k in ("prompts_per_step", "max_prompt_tokens", "max_completion_tokens",
+                                         "prompt_bucket", "keep_last", "early_stop_patience")},
+    **{f"rl.{k}": _AT_LEAST_0 for k in ("keep_best", "eval_every", "plot_every", "reward_workers", "adv_eps",
+                                         "early_stop_reward", "early_stop_grad_norm")},
+    "rl.num_generations": Range(2, None, ">= 2 (GRPO compares the completions of a prompt)"),
+    "rl.reward_timeout": _POSITIVE,
+    "rl.warn_truncation": _FRACTION,
+    "rl.warn_zero_std": _FRACTION,
+    **{f"loss.{k}": _AT_LEAST_0 for k in ("eps_low", "eps_high", "beta", "micro_batch_rows")},
+    "loss.logprob_chunk": _AT_LEAST_1,
+    "optimizer.learning_rate": _AT_LEAST_0,
+    "optimizer.total_steps": _AT_LEAST_0,
+    "optimizer.end_lr_ratio": _FRACTION,
+    "optimizer.b1": _FRACTION,
+    "optimizer.b2": _FRACTION,
+    "optimizer.eps": _AT_LEAST_0,
+    "optimizer.weight_decay": _AT_LEAST_0,
+    "optimizer.max_grad_norm": _AT_LEAST_0,
+    "lora.alpha": _POSITIVE,
+    "eval.limit": _AT_LEAST_0,
+    "eval.temperature": _AT_LEAST_0,
+    "eval.top_p": _UNIT,
+    **{f"eval.{k}": _AT_LEAST_1 for k in ("num_samples", "max_new_tokens", "max_prompt_tokens", "batch_size")},
+    **{f"eval.{k}": _AT_LEAST_0 for k in ("few_shot", "workers")},
+    "eval.timeout": _POSITIVE,
+    "vllm.max_model_len": _AT_LEAST_1,
+    "vllm.gpu_memory_utilization": _FRACTION,
+    "vllm.request_timeout_s": _POSITIVE,
+    "vllm.max_concurrent_requests": _AT_LEAST_1,
+    "vllm.sync_bucket_mb": _AT_LEAST_1,
+    "vllm.cpu_kvcache_gib": _AT_LEAST_0,
+    **{f"sft.{k}": _AT_LEAST_1 for k in ("batch_size", "keep_last", "chunk_size")},
+    **{f"sft.{k}": _AT_LEAST_0 for k in ("micro_batch_size", "epochs", "eval_every", "log_every",
+                                          "max_trace_chars")},
+    **{f"distill.{k}": _AT_LEAST_0 for k in ("limit", "max_retries", "backoff_seconds", "temperature")},
+    **{f"distill.{k}": _AT_LEAST_1 for k in ("concurrency", "max_tokens")},
+    "distill.timeout": _POSITIVE,
+    "distill.grade_timeout": _POSITIVE,
+    "distill.top_p": _UNIT,
+    **{f"demo.{k}": _AT_LEAST_1 for k in ("digits", "num_train", "num_eval", "hidden_size", "intermediate_size",
+                                           "num_layers", "num_heads", "num_kv_heads", "head_dim", "min_sft_steps",
+                                           "default_steps", "sft_eval_every", "sft_batch_size")},
+    **{f"demo.{k}": _AT_LEAST_0 for k in ("sft_steps", "sft_warmup_steps")},
+    "demo.drop_carry": _FRACTION,
+    "demo.drop_chained_carry": _FRACTION,
+    "demo.sft_learning_rate": _POSITIVE,
+}
+# Per mode: SFT's steps may be 0 (= run sft.epochs passes).
+_MODE_RULES = {"sft": {"steps": Range(0, None, ">= 0 (0 runs sft.epochs passes)")}}
+
+
+def flat_items(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a (nested) ConfigDict or dict."""
+    out = {}
+    for key, value in dict(_to_plain(config) or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_items(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _violation(key: str, value: Any, rule: Range | tuple) -> str | None:
+    """What is wrong with `key=value` under `rule`, or None (a required key left unset is build's to say)."""
+    if value is None:
+        return None
+    if isinstance(rule, Range):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} must be a number, got {value!r}"
+        if (rule.low is not None and value < rule.low) or (rule.high is not None and value > rule.high):
+            return f"{key}={value!r} is out of range: it must be {rule.bound()}"
+        return None
+    if value not in rule:
+        return f"{key}={value!r} is not one of {list(rule)}"
+    return None
+
+
+def check_settings(config: Mapping[str, Any] | Any) -> None:
+    """Raises ConfigError naming the first key whose value breaks its rule (`RULES`), before any work."""
+    values = flat_items(config)
+    rules = {**RULES, **_MODE_RULES.get(values.get("mode", ""), {})}
+    for key, value in values.items():
+        if key in rules:
+            problem = _violation(key, value, rules[key])
+            if problem:
+                raise ConfigError(f"{problem}; set --config.{key}=...")
+
+
+def nearest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The valid key closest to a mistyped one (difflib), e.g. "stepz" -> "steps"."""
+    import difflib
+
+    tail = key.rsplit(".", 1)[-1]
+    matches = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not matches:  # a right name in the wrong section: match on the last part
+        by_tail = {k.rsplit(".", 1)[-1]: k for k in keys}
+        matches = [by_tail[m] for m in difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.7)]
+    return matches[0] if matches else None
+
+
+def key_docs(cls: type) -> dict[str, str]:
+    """{field: meaning} from a dataclass's docstring (`name: text` lines, also `a/b:` and `a, b:`) and the
+    comments beside its fields."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    current: list[str] = []
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        head = re.match(r"^\s*([\w ,/.]+?):\s+(\S.*)$", line)
+        listed = re.split(r"[,/ ]+|\s*\.\.\s*", head.group(1).strip()) if head else []
+        if head and all(n in names for n in listed if n):
+            if ".." in head.group(1):  # `a .. b`: every field from a to b
+                first, last = names.index(listed[0]), names.index(listed[-1])
+                listed = names[first:last + 1]
+            current = [n for n in listed if n]
+            for n in current:
+                docs[n] = head.group(2).strip()
+        elif current and line.startswith(" ") and line.strip():
+            for n in current:
+                docs[n] += " " + line.strip()
+        else:
+            current = []
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    for name, comment in re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M):
+        if name in names and name not in docs:
+            docs[name] = comment.strip()
+    return docs
+
+
+def describe_keys(config: Mapping[str, Any] | Any) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, meaning) of every key of `config` (a mode's config), in section order."""
+    mode = config["mode"]
+    values = flat_items(config)
+    rows, seen = [], set()
+    for section in MODES[mode]:
+        docs = key_docs(section.dataclass())
+        for name in list(section.top) + section.keys():
+            key = f"{section.name}.{name}" if section.name and name not in section.top else name
+            if key in values and key not in seen:
+                seen.add(key)
+                rows.append((key, values[key], docs.get(name, "")))
+    rows += [(k, v, "") for k, v in values.items() if k not in seen]
+    return rows
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """The ConfigDict of `path.py` or `path.py:arg` (what --config=... names), for tools other than
     main (benchmarks, the sweep, tests)."""
     path, _, arg = spec.partition(":")
     module = load_module(path)
     return module.get_config(arg) if arg else module.get_config()
+
+
+# --- what a rerun in the same workdir may change --------------------------------------------------
+
+# Keys whose change still resumes the run a workdir holds (anything else is refused, naming the keys):
+# `steps` only upwards (a longer run continues the checkpoints), the evaluation's size, how often to
+# plot and log, distillation's problem set (a later pass adds to the journal: another source, more
+# problems), and the run directory / resume switch themselves.
+RESUMABLE = ("steps", "eval.limit", "rl.plot_every", "sft.log_every", "distill.sources", "distill.limit",
+             "workdir", "resume")
+
+
+def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """'key: old -> new' for each setting that differs between a workdir's saved config and this run's
+    and that resuming does not allow (see RESUMABLE); empty when the run may continue."""
+    old, now = flat_items(saved), flat_items(new)
+    conflicts = []
+    for key in sorted(set(old) | set(now)):
+        before, after = old.get(key, "<absent>"), now.get(key, "<absent>")
+        if before == after:
+            continue
+        if key == "steps" and isinstance(before, int) and isinstance(after, int) and after > before:
+            continue
+        if key in RESUMABLE and key != "steps":
+            continue
+        note = " (fewer steps)" if key == "steps" and isinstance(before, int) and isinstance(after, int) else ""
+        conflicts.append(f"{key}: {before!r} -> {after!r}{note}")
+    return conflicts

@@ -269,7 +269,9 @@ def _stops(begin: int, end: int, every: int) -> list[int]:
 def _check_plan(path: Path, plan: dict) -> None:
     """Records what this workdir's runs are (the first time) and refuses to mix runs: the arms' weights
     and the reused evaluations belong to one setting, so a rerun with another one would resume
-    checkpoints and report evaluations that are not its own."""
+    checkpoints and report evaluations that are not its own. jaxmath.main's config.json check comes
+    first and allows more steps; this one also holds the branch point derived from them, which more
+    steps move, so a longer demo starts in a fresh workdir (or with --config.resume=false)."""
     plan = json.loads(json.dumps(plan, default=str))
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -277,7 +279,8 @@ def _check_plan(path: Path, plan: dict) -> None:
         if changed:
             listed = ", ".join(f"{k}: {saved.get(k)!r} -> {plan.get(k)!r}" for k in changed[:6])
             raise ConfigError(f"{path.parent} holds a demo run with other settings ({listed}); rerun with those, "
-                              "or pass a fresh --workdir (or delete that one) to start over")
+                              "pass --config.resume=false to start over (the old run is moved aside), or pass a "
+                              "fresh --workdir")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan, indent=2))

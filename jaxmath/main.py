@@ -1,17 +1,32 @@
 """The entry point: `python -m jaxmath.main --config=configs/<name>.py [--config.key=value ...] --workdir=W`.
 
-Parses the locked config (an unknown override is an error), builds the device mesh, and dispatches
-on `config.mode`. This is the only module that reads the ConfigDict: each `_run_<mode>` turns its
-sections into the typed dataclasses the library takes (`jaxmath.config.MODES` says which), filling
-the few fields that come from another setting (`eval.data_dir` from `data.dir`, ...) itself.
+`--help` lists the configs; `--keys` prints a config's keys with their values and meaning; `--debug`
+shows the traceback behind a one-line error.
+
+Parses the locked config (an unknown override is an error naming the nearest key), checks every
+setting the mode uses before any work (`jaxmath.config.check_settings`, then each section built as
+its dataclass), prepares the workdir (a workdir remembers its run in config.json: a rerun with other
+settings is refused unless resuming allows the change, `jaxmath.config.RESUMABLE`), builds the device
+mesh, and dispatches on `config.mode`. This is the only module that reads the ConfigDict: each
+`_run_<mode>` turns its sections into the typed dataclasses the library takes (`jaxmath.config.MODES`
+says which), filling the few fields that come from another setting (`eval.data_dir` from `data.dir`,
+...) itself.
+
+Errors the user can fix (bad settings, missing or unreadable files, a full disk, permissions, too few
+devices, a damaged checkpoint, a rejecting teacher endpoint) end in one line and exit code 2; Ctrl-C
+says where the last checkpoint is and exits 130; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging as pylogging
 import os
 import sys
+import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,24 +34,124 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from configs/, e.g. configs/demo.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for checkpoints, metrics and results "
-                                                "(default: config.workdir).")
+                                                "(default: config.workdir, else runs/<config file name>).")
+_KEYS = flags.DEFINE_bool("keys", False, "Print the config's keys with their values and meaning, then exit.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback behind a one-line error.")
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+_config_spec = ""  # what --config named (path[:arg]), recorded by the flags parser
 
 
-def _workdir(cfg) -> str:
-    from jaxmath.config import RunConfig, build
+def _fail(message: str, debug: bool) -> None:
+    """Ends the run with one line on stderr (the traceback first under --debug) and exit code 2."""
+    if debug:
+        traceback.print_exc()
+    line = " ".join(str(message).split())
+    print(f"error: {line}" + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
 
-    run = build(RunConfig, {"mode": cfg.mode, "workdir": cfg.get("workdir", "")}, prefix="config")
-    workdir = _WORKDIR.value or run.workdir or os.path.join("runs", run.mode)
-    os.makedirs(workdir, exist_ok=True)
-    return workdir
+
+def _config_files() -> list[tuple[str, str]]:
+    """(path, first line of its docstring) of each config in configs/ that defines get_config."""
+    import ast
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(CONFIGS_DIR, "*.py"))):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        if any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+            paragraph = " ".join((ast.get_docstring(tree) or "").strip().split("\n\n")[0].split())
+            sentence = paragraph.split(". ")[0].rstrip(".")
+            if len(sentence) > 100:
+                sentence = sentence[:100].rsplit(" ", 1)[0] + " ..."
+            out.append((os.path.relpath(path), sentence))
+    return out
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {path:<28} {purpose}" for path, purpose in _config_files())
+    return f"""usage: python -m jaxmath.main --config=CONFIG [--config.KEY=VALUE ...] [--workdir=DIR] [--keys] [--debug]
+
+Post-training Qwen3 on math with JAX: GRPO, SFT, evaluation, distillation and the demo.
+
+configs:
+{rows}
+
+  --config.KEY=VALUE  override a setting, e.g. --config.steps=3 --config.eval.limit=50
+  --keys              print the config's keys with their values and meaning, then exit:
+                        python -m jaxmath.main --config=configs/demo.py --keys
+  --workdir=DIR       the run directory (default: config.workdir, else runs/<config file name>);
+                      rerunning a command resumes there, --config.resume=false starts over
+  --debug             show the traceback behind a one-line error
+  --helpfull          every absl flag
+"""
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+    keys = []
+    for arg in argv:
+        if arg.startswith("--config.") or arg.startswith("--noconfig."):
+            keys.append(arg.split("=", 1)[0].split(".", 1)[1])
+    return keys
+
+
+def _config_arg(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a person's help, and one line (exit 2) for a missing config file, an
+    unknown key (naming the nearest one) or a value of the wrong type."""
+    global _config_spec
+    debug = "--debug" in argv
+    if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:]):
+        print(usage())
+        sys.exit(0)
+    spec = _config_arg(argv)
+    if spec:
+        from jaxmath.config import flat_items, load_config, nearest_key
+
+        path = spec.partition(":")[0]
+        if not os.path.isfile(path):
+            names = [p for p, _ in _config_files()]
+            near = nearest_key(path, names)
+            hint = f"did you mean {near}? " if near else ""
+            _fail(f"config file {path} not found; {hint}`python -m jaxmath.main --help` lists the configs", debug)
+        try:
+            keys = list(flat_items(load_config(spec)))
+        except Exception as e:  # the user's config file: its own error, in one line
+            _fail(f"config file {spec} failed to load: {type(e).__name__}: {e}", debug)
+        for key in _override_keys(argv):
+            if key not in keys:
+                near = nearest_key(key, keys)
+                hint = f"; did you mean --config.{near}?" if near else ""
+                _fail(f"unknown config key {key!r} in {spec}{hint} (`--keys` lists them)", debug)
+        _config_spec = spec
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # a value of the wrong type, an unknown flag: absl names the flag
+        _fail(str(e).splitlines()[0] if str(e) else repr(e), debug)
 
 
 def _mesh(cfg):
-    from jaxmath.config import MeshConfig, build
+    import jax
+
+    from jaxmath.config import ConfigError, MeshConfig, build
     from jaxmath.model import sharding
 
     m = build(MeshConfig, cfg.get("mesh", {}), prefix="mesh")
-    return sharding.make_mesh(m.data, m.fsdp, m.tp)
+    try:
+        return sharding.make_mesh(m.data, m.fsdp, m.tp)
+    except ValueError as e:
+        raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tp to fit the {jax.device_count()} devices "
+                          "(one of them -1 takes the rest)") from e
 
 
 def _load_model(cfg, mesh):
@@ -61,8 +176,11 @@ def _load_model(cfg, mesh):
         return model, tokenizer
     if m.preset:
         return init_model(preset(m.preset, dtype=dtype, param_dtype=param_dtype, **overrides), mesh=mesh), None
-    raise SystemExit("config.model.path is empty: pass --config.model.path=DIR, an HF-format Qwen3 folder "
-                     "(e.g. `huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`)")
+    raise SystemExit(_NO_MODEL)
+
+
+_NO_MODEL = ("config.model.path is empty: pass --config.model.path=DIR, an HF-format Qwen3 folder "
+             "(e.g. `huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`)")
 
 
 # --- typed configs: each mode's sections as the dataclasses of jaxmath.config.MODES -----------------
@@ -287,45 +405,224 @@ MODES = {
 }
 
 
+def validate(cfg) -> None:
+    """Every setting the mode uses, checked before any work: each key's range (`check_settings`), each
+    section built as its dataclass (types, unknown keys, the dataclasses' own rules), and the paths
+    the run reads. Raises ConfigError naming the key."""
+    from jaxmath.config import (ConfigError, DataConfig, InitConfig, ModelConfig, PromptConfig, RolloutConfig,
+                                build, check_settings)
+
+    check_settings(cfg)
+    mode = cfg.mode
+    if mode in ("grpo", "demo"):
+        grpo_cfg, _, _ = grpo_configs(cfg)
+    if mode == "demo":
+        from jaxmath.demo import DemoConfig
+
+        build(DemoConfig, cfg.demo, prefix="demo")
+    if mode == "sft":
+        sft_config(cfg)
+    if mode == "distill":
+        distill_config(cfg)
+    needs_model = mode in ("grpo", "sft") or (mode == "eval" and eval_config(cfg).backend != "file")
+    if mode == "grpo":
+        from jaxmath.model.lora import LoRAConfig
+
+        lora_cfg = build(LoRAConfig, cfg.lora, prefix="lora")
+        build(DataConfig, cfg.data, prefix="data")
+        build(PromptConfig, cfg.prompt, prefix="prompt")
+        init = build(InitConfig, cfg.init, prefix="init")
+        engine = build(RolloutConfig, cfg.rollout, prefix="rollout").engine
+        if grpo_cfg.eval_every:
+            eval_config(cfg, progress=False)
+        if init.checkpoint and not os.path.isdir(init.checkpoint):
+            raise ConfigError(f"init.checkpoint {init.checkpoint} is not a directory; point it at the earlier "
+                              "run's workdir")
+    if mode == "eval":
+        engine = eval_config(cfg).backend
+    if mode in ("grpo", "eval"):
+        from jaxmath.rollout.jax_sampler import SamplerConfig
+
+        build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
+        if engine == "vllm":
+            vllm_config(cfg, lora_cfg if mode == "grpo" else None)
+    if needs_model:
+        model = build(ModelConfig, cfg.model, prefix="model")
+        if not model.path and not model.preset:
+            raise ConfigError(_NO_MODEL)
+        if model.path and not os.path.isdir(model.path):
+            what = "is a file" if os.path.exists(model.path) else "does not exist"
+            raise ConfigError(f"model.path {model.path} {what}; download Qwen3-4B-Instruct-2507 in HF format "
+                              "(huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR) and pass "
+                              "--config.model.path=DIR")
+    if mode in ("grpo", "sft", "eval") and not os.path.isdir(cfg.data.dir):
+        raise ConfigError(f"data.dir {cfg.data.dir} is not a directory; write the data with "
+                          "`python -m jaxmath.data.datasets --out DIR` and pass --config.data.dir=DIR")
+
+
+def _workdir(cfg) -> str:
+    from jaxmath.config import RunConfig, build
+
+    run = build(RunConfig, {k: cfg[k] for k in ("mode", "workdir", "resume") if k in cfg}, prefix="config")
+    if _WORKDIR.value or run.workdir:
+        return _WORKDIR.value or run.workdir
+    stem = os.path.splitext(os.path.basename(_config_spec.partition(":")[0]))[0] or run.mode
+    arg = _config_spec.partition(":")[2]
+    return os.path.join("runs", f"{stem}-{arg}" if arg else stem)
+
+
+def prepare_workdir(cfg, workdir: str) -> None:
+    """A workdir remembers its run in config.json. A rerun there continues it when the settings match,
+    apart from what resuming allows (`jaxmath.config.RESUMABLE`); other differences are refused, naming
+    the keys. `resume=false` moves the old run aside (to <workdir>.old-<time>, nothing deleted) and starts
+    over. Then writes this run's config.json."""
+    from jaxmath.config import ConfigError, resume_conflicts
+
+    saved_path = os.path.join(workdir, "config.json")
+    new = json.loads(cfg.to_json_best_effort())
+    held = os.path.isdir(workdir) and bool(os.listdir(workdir))
+    if held and not cfg.get("resume", True):
+        aside = f"{os.path.normpath(workdir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(workdir, aside)
+        logging.warning("config.resume=false: starting over; the previous run in %s was moved to %s", workdir, aside)
+    elif os.path.isfile(saved_path):
+        try:
+            with open(saved_path) as f:
+                saved = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{saved_path} is unreadable ({e}); pass --config.resume=false to move the old run "
+                              "aside and start over, or another --workdir") from e
+        conflicts = resume_conflicts(saved, new) if isinstance(saved, dict) else ["config.json: not a config"]
+        if conflicts:
+            raise ConfigError(f"{workdir} holds a run with other settings ({'; '.join(conflicts[:8])}); rerun with "
+                              "those, pass --config.resume=false to start over (the old run is moved aside), or "
+                              "choose another --workdir")
+        logging.info("resuming the run in %s", workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(saved_path, "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+
+
+def _last_checkpoint(workdir: str) -> str | None:
+    """The newest finished checkpoint step directory under `workdir` (any of its runs), or None."""
+    steps = [p for p in glob.glob(os.path.join(glob.escape(workdir), "**", "checkpoints", "*"), recursive=True)
+             if os.path.basename(p).isdigit() and os.path.isdir(p)]
+    return max(steps, key=os.path.getmtime) if steps else None
+
+
+def _interrupted(workdir: str | None) -> None:
+    last = _last_checkpoint(workdir) if workdir else None
+    where = (f"the last checkpoint is {last}" if last else
+             f"no checkpoint was saved yet{' in ' + workdir if workdir else ''}")
+    print(f"interrupted: {where}; run the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions caused by the user's input or the machine: reported in one line."""
+    from jaxmath.checkpoint import CheckpointError
+    from jaxmath.config import ConfigError
+    from jaxmath.distill import DistillError
+
+    return (ConfigError, CheckpointError, DistillError, OSError, UnicodeDecodeError, json.JSONDecodeError,
+            app.UsageError)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free space there and rerun the same command (it resumes from the last checkpoint)",
+    errno.EDQUOT: "free space there and rerun the same command (it resumes from the last checkpoint)",
+    errno.EACCES: "make it readable/writable or choose another --workdir",
+    errno.EPERM: "make it readable/writable or choose another --workdir",
+    errno.EROFS: "the filesystem is read-only: choose another --workdir",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a directory was expected: check the path",
+    errno.EISDIR: "a file was expected: check the path",
+}
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in _OS_HINTS:
+        return f"{e}; {_OS_HINTS[e.errno]}"
+    return str(e) or type(e).__name__
+
+
 class _QuietLibraries(pylogging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the run log; its warnings and errors still show."""
+    """Keeps orbax's per-save INFO chatter and jax's backend probing ("Unable to initialize backend
+    'tpu'") out of the run log; their warnings and errors still show."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        if record.levelno >= pylogging.WARNING:
+            return True
+        return "/orbax/" not in record.pathname and not record.name.startswith("jax._src.xla_bridge")
+
+
+class _AboveTheBar:
+    """The log's stream: each line written above a progress bar (tqdm.write), never through it."""
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr, end="")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def close(self) -> None:  # stderr stays open
+        pass
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.key=value")
-    cfg = _CONFIG.value
-    if cfg is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-    mode = cfg.get("mode")
-    if mode not in MODES:
-        raise app.UsageError(f"config.mode {mode!r} is not one of {sorted(MODES)}")
-    # A multi-host job joins here, before any jax device is touched (one process: a no-op).
-    from jaxmath.distributed import initialize_from_env
-
-    initialize_from_env()
-    workdir = _workdir(cfg)
-    logging.info("jaxmath %s: workdir %s", mode, workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    from jaxmath.config import ConfigError
-
+    debug = _DEBUG.value
+    workdir = None
     try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.key=value")
+        cfg = _CONFIG.value
+        if cfg is None:
+            raise app.UsageError("--config is required, e.g. --config=configs/demo.py (--help lists the configs)")
+        if _KEYS.value:
+            _print_keys(cfg)
+            return
+        mode = cfg.get("mode")
+        if mode not in MODES:
+            raise app.UsageError(f"config.mode {mode!r} is not one of {sorted(MODES)}")
+        validate(cfg)
+        # A multi-host job joins here, before any jax device is touched (one process: a no-op).
+        from jaxmath.distributed import initialize_from_env
+
+        initialize_from_env()
+        workdir = _workdir(cfg)
+        prepare_workdir(cfg, workdir)
+        logging.info("jaxmath %s: workdir %s", mode, workdir)
         result = MODES[mode](cfg, workdir)
-    except (FileNotFoundError, ConfigError) as e:  # bad input from the user: the message says what to do
-        raise SystemExit(f"error: {e}") from e
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        _interrupted(workdir)
+    except SystemExit as e:  # a message the code raised for the user (an exit code passes through)
+        if isinstance(e.code, str):
+            _fail(e.code, debug)
+        raise
+    except _user_errors() as e:
+        _fail(_message(e), debug)
     if isinstance(result, dict):
         summary = {k: v for k, v in result.items() if k != "meta"}
         logging.info("done: %s", json.dumps(summary, default=str)[:2000])
 
 
+def _print_keys(cfg) -> None:
+    from jaxmath.config import describe_keys
+
+    for key, value, meaning in describe_keys(cfg):
+        shown = json.dumps(value) if not isinstance(value, str) else repr(value)
+        print(f"{key} = {shown}" + (f"    # {meaning}" if meaning else ""))
+
+
 def run() -> None:
-    flags.FLAGS.alsologtostderr = True
-    app.run(main)
+    handler = logging.get_absl_handler()
+    handler.addFilter(_QuietLibraries())
+    handler.python_handler.stream = _AboveTheBar()
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

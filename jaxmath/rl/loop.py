@@ -50,6 +50,7 @@ class GRPOConfig:
     num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
     filter_groups:         replace zero-variance groups with informative ones from `oversample` x
                            prompts_per_step sampled prompts (shapes stay static)
+    checkpoint_every:      steps between checkpoints (0: at the end only; the last step is always saved)
     early_stop_*:          the study's three saturation signals (section 5.5: "reward ~0.95 by step 50,
                            gradient norms dropping to ~1e-7 and the importance sampling ratio falling to
                            ~0.1"); the run stops, with a checkpoint and a log line naming the signal,
@@ -273,11 +274,11 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 _warn(m, cfg, step_no)
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4f}")
-                logging.info(metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",
-                                                                "completion_len_mean", "mismatch/abs_mean"),
-                                                  seconds_key="step_seconds"))
+                metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",  # logs it once
+                                                  "completion_len_mean", "mismatch/abs_mean"), seconds_key="step_seconds")
                 stopped_early = early_stop_reason(m, cfg, streak)
-                if stopped_early or step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
+                due = cfg.checkpoint_every and step_no % cfg.checkpoint_every == 0  # 0: at the end only
+                if stopped_early or due or step_no == cfg.steps:
                     _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
                 if cfg.plot_every and step_no % cfg.plot_every == 0:
                     metrics_lib.plot_metrics(workdir)
