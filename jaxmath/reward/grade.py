@@ -40,7 +40,7 @@ from fractions import Fraction
 from jaxmath.reward import numeric, pool
 from jaxmath.reward.extract import answer_candidates, choice_answer, extract_answer, gold_choice
 from jaxmath.reward.normalize import clean, has_percent, parse_number, unit_of, within_caps
-from jaxmath.reward.structure import Leaf, Relation, compare, is_name, parse
+from jaxmath.reward.structure import Leaf, Relation, compare, parse
 
 MAX_TEXT_CHARS = 200_000
 MAX_ANSWER_CHARS = 2_000
