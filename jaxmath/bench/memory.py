@@ -227,6 +227,8 @@ def report(cfg, fv) -> dict[str, Any]:
     model_name, model_cfg = model_config(cfg, fv.preset)
     plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
                     sft_micro=fv.sft_micro)
+    if not fv.sampler_rows:  # the sub-batch rows the sampler chooses on the target, by its memory
+        plan = plan_lib.on_target(plan, target)
     names = [p for p in plan.phases if not fv.phases or p in fv.phases]
     unknown = sorted(set(fv.phases) - set(plan.phases))
     if unknown:
