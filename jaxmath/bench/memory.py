@@ -3,8 +3,9 @@ device? Every program the run executes, compiled for the target at the shapes th
 
 The run is read from its config file with overrides exactly as `python -m jaxmath.main` reads it
 (`--config.rl.max_prompt_tokens=1500`), and `jaxmath.aot.plan` lists its phases: for GRPO the sampler's
-prefill and decode loop (one sub-batch: the config's `sampler.max_batch_rows`, the rollout's cache
-length, every decode window), the old-policy / reference logprob pass where the run needs one, the
+prefill and decode loop (one sub-batch at the rows the sampler chooses on the target by memory,
+`jaxmath.aot.plan.generation_rows`, at most `sampler.max_batch_rows`; the rollout's cache length,
+every decode window), the old-policy / reference logprob pass where the run needs one, the
 train step (micro-batches of `loss.micro_batch_rows`), the weight sync's LoRA merge (an estimate: it
 runs eagerly) and periodic evaluation's generation; for SFT the train step (`sft.micro_batch_size`)
 and the held-out loss; for the eval config its generation. Each is compiled for the target
@@ -17,8 +18,9 @@ Nothing is allocated.
 its memory follows); `jaxmath.aot.plan.compiled_peak_bytes` is the same measurement for a planner.
 A run fits when its largest phase plus --headroom_bytes (default 4 GB) is within the target's
 capacity (for an H100 80GB, 80e9 of the 84.9e9 bytes CUDA reports: a run fits when its peak is at
-most 76e9). On a real GPU, JAX's allocator takes 75% of the device unless told otherwise
-(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it 80.7e9 bytes of an H100).
+most 76e9). On a real GPU, JAX's allocator takes 75% of the device unless told otherwise;
+`python -m jaxmath.main` sets XLA_CLIENT_MEM_FRACTION=0.95 (80.7e9 bytes of an H100) unless the user
+set a fraction.
 
 --sweep prints the study's Table 10 layout instead (LoRA r64 / full-parameter x K x completion
 length, the train step and SFT step of this config, compiled for the target). The last line is JSON.
