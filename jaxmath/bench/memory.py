@@ -414,6 +414,9 @@ def main(argv: list[str]) -> dict:
         except targets.TargetUnavailable as e:
             raise SystemExit(str(e)) from None
     cfg = fv.config
+    if cfg.get("mode") not in ("grpo", "sft", "eval"):  # e.g. distill: its teacher is a vLLM server
+        raise SystemExit(f"memory: config.mode {cfg.get('mode')!r} runs no model program of jaxmath's; "
+                         "use a grpo, sft or eval config")
     try:
         return sweep(cfg, fv) if fv.sweep else report(cfg, fv)
     except targets.TargetUnavailable as e:
