@@ -28,8 +28,14 @@ import sys
 import time
 import traceback
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# A run's GPU memory plan (docs/BENCHMARKS.md, "Memory on one H100") counts on ~95% of the device; JAX
+# preallocates 75% unless told otherwise. Read when jax creates its GPU client, so set before any jax
+# work; a fraction the user set (under either name: jax refuses both at once) is kept.
+if not (os.environ.get("XLA_CLIENT_MEM_FRACTION") or os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")):
+    os.environ["XLA_CLIENT_MEM_FRACTION"] = "0.95"
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from configs/, e.g. configs/demo.py.",
                                           lock_config=True)
@@ -267,6 +273,30 @@ def grpo_configs(cfg):
     return grpo_cfg, loss_cfg, optim_cfg
 
 
+def fit_micro_batch_rows(cfg, loss_cfg, target=None):
+    """loss_cfg with loss.micro_batch_rows fitted to the device, before any weight loads: 0 (auto)
+    becomes the largest that fits, a value that cannot fit is refused (ConfigError naming the knob
+    and the largest value that fits; `jaxmath.aot.fit`). target: the device (default: this process's
+    GPU); on a CPU, or over a mesh of several devices (one device's plan would overstate a sharded
+    step), loss_cfg is returned as it is (0: the whole batch at once)."""
+    import dataclasses
+
+    import jax
+
+    from jaxmath.aot import fit
+    from jaxmath.bench import memory
+
+    target = target or fit.local_target()
+    if target is None or (target.name == "local" and jax.device_count() > 1):
+        return loss_cfg
+    _, model_cfg = memory.model_config(cfg)
+    plan = memory.run_plan(cfg, model_cfg)
+    rows = fit.micro_batch_rows(plan, target, loss_cfg.micro_batch_rows)
+    if rows != loss_cfg.micro_batch_rows:
+        logging.info("loss.micro_batch_rows: %d rows per micro-batch fit %s", rows, target.description)
+    return dataclasses.replace(loss_cfg, micro_batch_rows=rows)
+
+
 def _run_eval(cfg, workdir: str) -> dict:
     from jaxmath.eval.run import evaluate
 
@@ -342,6 +372,7 @@ def _run_grpo(cfg, workdir: str) -> dict:
     init = build(InitConfig, cfg.init, prefix="init")
     rollout = build(RolloutConfig, cfg.rollout, prefix="rollout")
     eval_cfg = eval_config(cfg, progress=False) if grpo_cfg.eval_every else None
+    loss_cfg = fit_micro_batch_rows(cfg, loss_cfg)
     mesh = _mesh(cfg)
     model, tokenizer = _load_model(cfg, mesh)
     if tokenizer is None:

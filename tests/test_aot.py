@@ -9,6 +9,7 @@ H100, fit and use the kernels they should.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -149,6 +150,72 @@ def test_targets_describe_their_devices():
         targets.load_target("a100")
 
 
+# --- fitting by construction (jaxmath.aot.fit) --------------------------------------------------------------
+
+
+def test_largest_fitting_rows_for_a_capacity():
+    """Auto picks the largest candidate within the budget, with few evaluations; a requested value is
+    kept when it fits and refused, naming the knob, the value and what fits, when it does not."""
+    from jaxmath.aot import fit
+    from jaxmath.config import ConfigError
+
+    calls = []
+
+    def peak_of(rows):  # a fake cost: 10 GB resident + 3 GB per row
+        calls.append(rows)
+        return int(10e9 + 3e9 * rows)
+
+    candidates = fit.divisors(128)
+    assert candidates == [1, 2, 4, 8, 16, 32, 64, 128]
+    for capacity, expected in ((80e9, 16), (40e9, 8), (250e9, 64), (12e9, 0)):
+        budget = fit.budget_bytes(fit.with_capacity(targets.load_target("cpu"), capacity))
+        rows, peak = fit.largest_fitting(candidates, peak_of, budget)
+        assert rows == expected and peak <= budget
+        if rows and rows < 128:
+            assert peak_of(candidates[candidates.index(rows) + 1]) > budget
+    calls.clear()
+    assert fit.choose_rows("loss.micro_batch_rows", 0, candidates, peak_of, 72e9) == 16
+    assert len(calls) <= 4  # bisection over 8 candidates
+    assert fit.choose_rows("loss.micro_batch_rows", 8, candidates, peak_of, 72e9) == 8
+    with pytest.raises(ConfigError, match=r"^loss\.micro_batch_rows=32 does not fit: .* the largest value that fits "
+                                          r"is 16 "):
+        fit.choose_rows("loss.micro_batch_rows", 32, candidates, peak_of, 72e9)
+    with pytest.raises(ConfigError, match=r"loss\.micro_batch_rows=0 \(auto\): not even 1 row"):
+        fit.choose_rows("loss.micro_batch_rows", 0, candidates, peak_of, 11e9)
+
+
+@pytest.mark.slow
+@config_loader
+def test_main_fits_the_micro_batch_to_the_device_before_weights_load():
+    """`jaxmath.main.fit_micro_batch_rows` on a tiny GRPO run (4 rows) compiled for this CPU, with a
+    capacity between the train step's peaks at 1 and 4 rows: auto (0) takes the largest rows that fit,
+    a value too large is refused with one line naming the knob and what fits (about 60 s; 6 compiles)."""
+    from jaxmath import main
+    from jaxmath.aot import fit
+    from jaxmath.config import ConfigError
+
+    fv = memory._flags(["--config=configs/grpo_v2.py", "--config.model.preset=tiny",
+                        "--config.rl.max_prompt_tokens=40", "--config.rl.max_completion_tokens=256",
+                        "--config.rl.num_generations=2", "--config.rl.prompts_per_step=2"])
+    cfg = fv.config
+    _, loss_cfg, _ = main.grpo_configs(cfg)
+    plan = memory.run_plan(cfg, memory.model_config(cfg)[1])
+    cpu = targets.load_target("cpu")
+    peak = {rows: plan_lib.compiled_peak_bytes(plan, "train/step", rows, cpu) for rows in (1, 4)}
+    assert peak[1] < peak[4]  # the step's logits grow with the rows
+    target = fit.with_capacity(cpu, (peak[1] + peak[4]) / 2 / (1 - fit.MARGIN))
+    auto = main.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=0), target)
+    assert auto.micro_batch_rows in (1, 2)
+    with pytest.raises(ConfigError) as refused:
+        main.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=4), target)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("loss.micro_batch_rows=4 does not fit")
+    assert f"the largest value that fits is {auto.micro_batch_rows}" in message
+    # On this CPU (no GPU memory limit to plan against) nothing is refused or changed.
+    assert fit.local_target() is None
+    assert main.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=4)).micro_batch_rows == 4
+
+
 # --- compiled for an H100 (the aot extra) ---------------------------------------------------------------
 
 
@@ -214,3 +281,30 @@ def test_memory_cli_for_h100_on_a_tiny_model():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["target"] == "h100" and result["fits"]
     assert result["phases"]["train/step"]["attention"] == "cudnn"
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@needs_plugin
+@config_loader
+def test_grpo_v2_fits_a_device_by_construction():
+    """GRPO v2 as shipped, at the small "bench" model shape, for an H100 cut to 2 GB: the sampler's
+    sub-batch rows (chosen by memory, as `JaxSampler.plan` does) and the auto micro-batch rows
+    (`jaxmath.aot.fit`) both come out below the config's, and every program the run executes,
+    compiled for that device at those rows, fits it: the fitting logic and the AOT plan agree."""
+    from jaxmath.aot import fit
+
+    fv = memory._flags(["--config=configs/grpo_v2.py", "--config.model.preset=bench"])
+    plan = memory.run_plan(fv.config, memory.model_config(fv.config)[1])
+    target = fit.with_capacity(targets.load_target("h100"), 2e9)
+    fitted = plan_lib.on_target(plan, target)
+    micro = fit.micro_batch_rows(fitted, target, requested=0)
+    assert 0 < fitted.phases["rollout/decode"] < plan.phases["rollout/decode"] == 128
+    assert 0 < micro < plan.grpo.rows and plan.grpo.rows % micro == 0
+    for phase, rows in fitted.phases.items():
+        rows = micro if phase.startswith("train/") else rows
+        m = plan_lib.compile_phase(fitted, phase, rows, target)
+        budget = fit.budget_bytes(target) if phase.startswith("train/") else target.capacity_bytes
+        assert m.peak_bytes <= budget, (phase, rows, m.peak_bytes)
+        if phase == "train/step":
+            assert m.attention == "cudnn"

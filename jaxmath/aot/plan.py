@@ -39,7 +39,7 @@ from jaxmath.model.config import Qwen3Config, dtype_from_name
 from jaxmath.model.lora import LoRAConfig
 from jaxmath.optim import OptimizerConfig
 from jaxmath.rl.step import LossConfig, bucket
-from jaxmath.rollout.jax_sampler import SamplerConfig, decode_windows
+from jaxmath.rollout.jax_sampler import MEMORY_MARGIN, SamplerConfig, decode_windows, rows_that_fit, sub_batch_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +140,50 @@ def sampler_bucket(cfg: SamplerConfig, length: int) -> int:
     return max(cfg.min_bucket, 1 << max(0, (length - 1).bit_length()))
 
 
-def sub_batch_rows(cfg: SamplerConfig, gen: Generation) -> int:
-    """Rows of the sampler's largest sub-batch for `gen` (as `JaxSampler.generate` splits and pads it:
-    at most max_batch_rows // K prompts, padded to a power of two)."""
-    per_batch = max(1, cfg.max_batch_rows // gen.num_samples)
+def sub_batch_rows(cfg: SamplerConfig, gen: Generation, fit_rows: int | None = None) -> int:
+    """Rows of the sampler's largest sub-batch for `gen` (as `JaxSampler.plan` splits and pads it: at
+    most min(max_batch_rows, fit_rows) rows, whole groups of K padded to a power of two prompts, or
+    fit_rows samples of one prompt when not one group fits). fit_rows: the rows its memory budget
+    admits (`rows_that_fit`); None: no memory limit."""
+    rows = cfg.max_batch_rows if fit_rows is None else min(cfg.max_batch_rows, fit_rows)
+    if rows < gen.num_samples:
+        return rows
+    per_batch = rows // gen.num_samples
     prompts = min(per_batch, gen.prompts)
     return min(per_batch, 1 << (prompts - 1).bit_length()) * gen.num_samples
+
+
+def sampler_budget(plan: "RunPlan", target: Target) -> int:
+    """The bytes a sampler sub-batch may take on `target` (as `JaxSampler.memory_budget`: the
+    configured sampler.memory_budget_bytes, else the device's memory less what the run holds there
+    while it generates — the trainer's weights and optimizer state, the merged LoRA kernels — less
+    MEMORY_MARGIN)."""
+    if plan.sampler.memory_budget_bytes:
+        return plan.sampler.memory_budget_bytes
+    state = _abstract_state(plan, plan.model, None)
+    in_use = _trainer_bytes(state) + state.sampler_copy_bytes
+    return int((target.capacity_bytes - in_use) * (1 - MEMORY_MARGIN))
+
+
+def generation_rows(plan: "RunPlan", phase: str, target: Target) -> int:
+    """Rows of the largest sub-batch the sampler runs for `phase` ("rollout/..." or "eval/...") on
+    `target`: what its memory budget admits (`sub_batch_cost`, `rows_that_fit`), at most max_batch_rows.
+    0 when not even one row fits."""
+    gen = plan.rollout if phase.startswith("rollout/") else plan.evaluation
+    cfg = plan.sampler
+    cache_dtype = dtype_from_name(cfg.cache_dtype) if cfg.cache_dtype else plan.model.dtype
+    cost = sub_batch_cost(plan.model, prompt_len=sampler_bucket(cfg, gen.prompt_tokens),
+                          max_new_tokens=gen.max_new_tokens, cache_dtype=cache_dtype, vocab_chunk=cfg.vocab_chunk,
+                          full_vocab=gen.truncate or cfg.vocab_chunk == 0)
+    fit = rows_that_fit(cost, sampler_budget(plan, target), gen.num_samples)
+    return sub_batch_rows(cfg, gen, fit) if fit else 0
+
+
+def on_target(plan: "RunPlan", target: Target) -> "RunPlan":
+    """`plan` with its generation phases at the rows the sampler chooses on `target` by memory."""
+    phases = {name: generation_rows(plan, name, target) if name.endswith(("/prefill", "/decode")) else rows
+              for name, rows in plan.phases.items()}
+    return dataclasses.replace(plan, phases=phases)
 
 
 def grpo_plan(model: Qwen3Config, *, lora: LoRAConfig, optimizer: OptimizerConfig, loss: LossConfig,
@@ -215,6 +253,8 @@ def nbytes(tree: Any) -> int:
 
 
 def _place(tree: Any, sharding) -> Any:
+    if sharding is None:
+        return tree
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 

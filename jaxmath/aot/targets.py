@@ -20,8 +20,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
+
 GPU_TARGETS = ("h100", "h200")
 TARGETS = GPU_TARGETS + ("cpu",)
+LOCAL = "local"  # the GPU this process runs on (not a --target choice: `jaxmath.aot.fit.local_target`)
 # The memory each GPU is sold with, in bytes: a run is planned against the smaller of this and what
 # CUDA reports (84.9e9 on an H100 80GB, 150.1e9 on an H200), which leaves the CUDA context, library
 # workspaces and allocator slack outside the plan.
@@ -37,7 +40,7 @@ class TargetUnavailable(RuntimeError):
 class Target:
     """A compile target.
 
-    name:           "h100", "h200" or "cpu"
+    name:           "h100", "h200", "cpu", or "local" (this process's GPU)
     platform:       the jax Device platform its programs run on ("gpu" or "cpu"); decides the
                     attention kernel (`Qwen3Config.for_platform`)
     capacity_bytes: device memory a run may fill: for a GPU the smaller of its nominal size and CUDA's
@@ -57,11 +60,14 @@ class Target:
         return self.platform == "gpu"
 
     def device(self):
-        """The jax Device programs are compiled for: a deviceless GPU, or this process's first CPU."""
-        if self.is_gpu:
-            return _gpu_topology(self.name).devices[0]
+        """The jax Device programs are compiled for: a deviceless GPU, this process's own device
+        ("local", `jaxmath.aot.fit.local_target`), or this process's first CPU."""
         import jax
 
+        if self.name == LOCAL:
+            return jax.devices()[0]
+        if self.is_gpu:
+            return _gpu_topology(self.name).devices[0]
         return jax.devices("cpu")[0]
 
     def sharding(self):
@@ -74,7 +80,10 @@ class Target:
             from jaxmath.model.sharding import MESH_AXES
 
             # The project's mesh axes, each of size 1, so the sharding tables resolve as on a real run.
-            mesh = topologies.make_mesh(_gpu_topology(self.name), (1,) * len(MESH_AXES), MESH_AXES)
+            if self.name == LOCAL:
+                mesh = jax.sharding.Mesh(np.array([self.device()]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+            else:
+                mesh = topologies.make_mesh(_gpu_topology(self.name), (1,) * len(MESH_AXES), MESH_AXES)
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return jax.sharding.SingleDeviceSharding(self.device())
 

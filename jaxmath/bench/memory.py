@@ -3,8 +3,9 @@ device? Every program the run executes, compiled for the target at the shapes th
 
 The run is read from its config file with overrides exactly as `python -m jaxmath.main` reads it
 (`--config.rl.max_prompt_tokens=1500`), and `jaxmath.aot.plan` lists its phases: for GRPO the sampler's
-prefill and decode loop (one sub-batch: the config's `sampler.max_batch_rows`, the rollout's cache
-length, every decode window), the old-policy / reference logprob pass where the run needs one, the
+prefill and decode loop (one sub-batch at the rows the sampler chooses on the target by memory,
+`jaxmath.aot.plan.generation_rows`, at most `sampler.max_batch_rows`; the rollout's cache length,
+every decode window), the old-policy / reference logprob pass where the run needs one, the
 train step (micro-batches of `loss.micro_batch_rows`), the weight sync's LoRA merge (an estimate: it
 runs eagerly) and periodic evaluation's generation; for SFT the train step (`sft.micro_batch_size`)
 and the held-out loss; for the eval config its generation. Each is compiled for the target
@@ -17,8 +18,9 @@ Nothing is allocated.
 its memory follows); `jaxmath.aot.plan.compiled_peak_bytes` is the same measurement for a planner.
 A run fits when its largest phase plus --headroom_bytes (default 4 GB) is within the target's
 capacity (for an H100 80GB, 80e9 of the 84.9e9 bytes CUDA reports: a run fits when its peak is at
-most 76e9). On a real GPU, JAX's allocator takes 75% of the device unless told otherwise
-(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it 80.7e9 bytes of an H100).
+most 76e9). On a real GPU, JAX's allocator takes 75% of the device unless told otherwise;
+`python -m jaxmath.main` sets XLA_CLIENT_MEM_FRACTION=0.95 (80.7e9 bytes of an H100) unless the user
+set a fraction.
 
 --sweep prints the study's Table 10 layout instead (LoRA r64 / full-parameter x K x completion
 length, the train step and SFT step of this config, compiled for the target). The last line is JSON.
@@ -227,6 +229,8 @@ def report(cfg, fv) -> dict[str, Any]:
     model_name, model_cfg = model_config(cfg, fv.preset)
     plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
                     sft_micro=fv.sft_micro)
+    if not fv.sampler_rows:  # the sub-batch rows the sampler chooses on the target, by its memory
+        plan = plan_lib.on_target(plan, target)
     names = [p for p in plan.phases if not fv.phases or p in fv.phases]
     unknown = sorted(set(fv.phases) - set(plan.phases))
     if unknown:
@@ -410,6 +414,9 @@ def main(argv: list[str]) -> dict:
         except targets.TargetUnavailable as e:
             raise SystemExit(str(e)) from None
     cfg = fv.config
+    if cfg.get("mode") not in ("grpo", "sft", "eval"):  # e.g. distill: its teacher is a vLLM server
+        raise SystemExit(f"memory: config.mode {cfg.get('mode')!r} runs no model program of jaxmath's; "
+                         "use a grpo, sft or eval config")
     try:
         return sweep(cfg, fv) if fv.sweep else report(cfg, fv)
     except targets.TargetUnavailable as e:

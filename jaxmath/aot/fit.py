@@ -1,0 +1,109 @@
+"""Sizes that fit by construction: the rows per train micro-batch a run uses, chosen from the device's
+memory and the train step's compiled memory, or a user's value refused before any weight loads.
+
+    rows = micro_batch_rows(plan, target, requested=0)      # 0: the largest rows that fit ("auto")
+    rows = micro_batch_rows(plan, target, requested=16)     # 16, or ConfigError naming the knob
+
+The budget is the target's capacity less a margin (`budget_bytes`); a phase's memory is its compiled
+peak (`jaxmath.aot.plan.compiled_peak_bytes`: XLA's buffer assignment for that device, plus what the
+run holds beside the program), so the rows chosen are those of the program the run will execute.
+Candidates are the divisors of the step's rows (a micro-batch must divide the batch), searched by
+bisection since memory grows with rows: a handful of compiles.
+
+The sampler's sub-batch rows are chosen by the sampler itself at every request (`JaxSampler.plan`,
+`rows_that_fit`); `jaxmath.aot.plan.generation_rows` is the same choice for a target.
+
+`local_target()` is the device this process runs on, as a Target: on a GPU its capacity is what the
+device reports (`memory_stats()["bytes_limit"]`, which follows XLA_PYTHON_CLIENT_MEM_FRACTION); on a
+CPU there is none, and nothing is refused (XLA's CPU programs are not what a GPU run executes, and
+host RAM is shared with everything else on the machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from jaxmath.aot.targets import Target
+from jaxmath.config import ConfigError
+
+# The share of the device left outside the plan: allocator fragmentation, cuDNN workspaces, the
+# runtime's own buffers (as the sampler's MEMORY_MARGIN).
+MARGIN = 0.1
+KNOB = "loss.micro_batch_rows"
+
+
+def budget_bytes(target: Target) -> int:
+    """Bytes one phase of a run may peak at on `target`."""
+    return int(target.capacity_bytes * (1 - MARGIN))
+
+
+def divisors(total: int) -> list[int]:
+    """The divisors of `total`, ascending: the micro-batch rows a batch of `total` rows admits."""
+    return [d for d in range(1, total + 1) if total % d == 0]
+
+
+def largest_fitting(candidates: Sequence[int], peak_of: Callable[[int], int], budget: int) -> tuple[int, int]:
+    """(rows, peak) for the largest of ascending `candidates` whose `peak_of(rows)` is within `budget`,
+    (0, 0) when none is. peak_of must grow with rows (bisection: log2(len) calls)."""
+    low, high, best = 0, len(candidates) - 1, (0, 0)
+    while low <= high:
+        mid = (low + high) // 2
+        peak = peak_of(candidates[mid])
+        if peak <= budget:
+            best, low = (candidates[mid], peak), mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def choose_rows(knob: str, requested: int, candidates: Sequence[int], peak_of: Callable[[int], int],
+                budget: int) -> int:
+    """`requested` rows when they fit `budget`, the largest candidate that fits when requested is 0
+    (auto); ConfigError naming the knob, its value and the largest value that fits otherwise."""
+    gb = 1e9
+    if requested:
+        peak = peak_of(requested)
+        if peak <= budget:
+            return requested
+        fit, _ = largest_fitting([c for c in candidates if c < requested], peak_of, budget)
+        raise ConfigError(
+            f"{knob}={requested} does not fit: its peak is {peak / gb:.1f} GB of a {budget / gb:.1f} GB budget; "
+            + (f"the largest value that fits is {fit} (or 0 to choose it)" if fit else
+               "no value fits; shorten the sequences or train fewer parameters"))
+    fit, _ = largest_fitting(candidates, peak_of, budget)
+    if not fit:
+        raise ConfigError(f"{knob}=0 (auto): not even 1 row fits a {budget / gb:.1f} GB budget; shorten the "
+                          "sequences or train fewer parameters")
+    return fit
+
+
+def micro_batch_rows(plan, target: Target, requested: int) -> int:
+    """Rows per GRPO train micro-batch for `plan` (`jaxmath.aot.plan.RunPlan`) on `target`: requested
+    if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
+    is 0. The train step and, where the run has one, the logprob pass must both fit."""
+    from jaxmath.aot import plan as plan_lib
+
+    phases = [p for p in ("train/logprobs", "train/step") if p in plan.phases]
+
+    def peak_of(rows: int) -> int:
+        return max(plan_lib.compiled_peak_bytes(plan, p, rows, target) for p in phases)
+
+    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget_bytes(target))
+
+
+def local_target() -> Target | None:
+    """This process's first device as a Target when it is a GPU reporting its memory limit; None on a
+    CPU (no refusal there) or a device that does not report one."""
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    limit = int(stats["bytes_limit"])
+    return Target("local", "gpu", limit, f"{device.device_kind} (this process's device)", limit)
+
+
+def with_capacity(target: Target, capacity_bytes: int) -> Target:
+    return dataclasses.replace(target, capacity_bytes=int(capacity_bytes))
