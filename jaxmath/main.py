@@ -553,9 +553,10 @@ def _user_errors() -> tuple[type, ...]:
     """Exceptions caused by the user's input or the machine: reported in one line."""
     from jaxmath.checkpoint import CheckpointError
     from jaxmath.config import ConfigError
+    from jaxmath.data.datasets import DataError
     from jaxmath.distill import DistillError
 
-    return (ConfigError, CheckpointError, DistillError, OSError, UnicodeDecodeError, json.JSONDecodeError,
+    return (ConfigError, CheckpointError, DistillError, DataError, OSError, UnicodeDecodeError, json.JSONDecodeError,
             app.UsageError)
 
 

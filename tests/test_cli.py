@@ -294,3 +294,15 @@ def test_grpo_logs_each_step_once_and_checkpoint_every_zero_saves_at_the_end(tmp
     steps = [r.getMessage().split(" |")[0] for r in records if re.match(r"step \d+ \|", r.getMessage())]
     assert steps == ["step 1", "step 2", "step 3"]  # before: each step twice
     assert sorted(p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == ["3"]
+
+
+def test_a_malformed_data_file_is_one_line(tmp_path):
+    """A data file with a broken row (here: not JSON) names the file and line, exit 2, no traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "math500.jsonl").write_text('{"id": "a", "problem": "1+1", "answer": "2"}\n{"id": "b", "problem\n')
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(json.dumps({"id": "a", "completion": "\\boxed{2}"}) + "\n")
+    out = _cli("--config=configs/eval.py", "--config.eval.backend=file", "--config.eval.benchmarks=math500",
+               f"--config.eval.completions={completions}", f"--config.data.dir={data}", f"--workdir={tmp_path / 'w'}")
+    _one_line_error(out, "math500.jsonl:2", "not valid JSON")

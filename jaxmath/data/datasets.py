@@ -23,6 +23,11 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """A data file the user supplied is malformed (bad JSON, a missing field, a duplicate id): the
+    message names the file, the line and what to fix; `jaxmath.main` prints it as one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One problem.
@@ -82,23 +87,23 @@ def read_jsonl(path: str | os.PathLike, *, source: str, empty_answers: str = "er
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e}); each line must be one JSON object") from e
+                raise DataError(f"{where} is not valid JSON ({e}); each line must be one JSON object") from e
             for key in ("id", "problem"):
                 if not isinstance(row.get(key), str) or not row[key]:
-                    raise ValueError(f"{where} has no string '{key}'; every row needs id, problem and answer")
+                    raise DataError(f"{where} has no string '{key}'; every row needs id, problem and answer")
             example_id = row["id"]
             if not isinstance(row.get("answer"), str):
-                raise ValueError(
+                raise DataError(
                     f"{where} (id {example_id}) has no string 'answer'; fix the row or remove it from the file"
                 )
             if example_id in seen:
-                raise ValueError(f"{where}: duplicate id {example_id}; ids must be unique within a file")
+                raise DataError(f"{where}: duplicate id {example_id}; ids must be unique within a file")
             seen.add(example_id)
             if not row["answer"].strip() and empty_answers != "keep":
                 if empty_answers == "drop":
                     dropped.append(example_id)
                     continue
-                raise ValueError(
+                raise DataError(
                     f"{where} (id {example_id}) has an empty answer, so it cannot be graded; "
                     "remove the row or give it an answer"
                 )

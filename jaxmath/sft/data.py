@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from jaxmath.data.chat import TokenizedExample, tokenize_chat
+from jaxmath.data.datasets import DataError
 from jaxmath.data.packing import pack_plan, truncate
 from jaxmath.data.prompts import build_messages
 
@@ -48,7 +49,11 @@ def load_sft_examples(paths: Sequence[str | os.PathLike], tokenizer: Any, *, max
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_number} is not valid JSON ({e}); each line must be one "
+                                    "JSON object") from e
                 if sources and row.get("source") not in sources:
                     continue
                 if "messages" in row:
@@ -60,7 +65,7 @@ def load_sft_examples(paths: Sequence[str | os.PathLike], tokenizer: Any, *, max
                     chats = [build_messages(row["problem"]) + [{"role": "assistant", "content": t}] for t in traces
                              if not max_trace_chars or len(t) < max_trace_chars]
                 else:
-                    raise ValueError(f"{path}:{line_number} has neither `messages` nor `problem` with "
+                    raise DataError(f"{path}:{line_number} has neither `messages` nor `problem` with "
                                      "`trace`/`traces`; see jaxmath.sft.data.load_sft_examples")
                 examples += [tokenize_chat(tokenizer, chat, enable_thinking=enable_thinking) for chat in chats]
     return examples
