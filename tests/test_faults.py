@@ -240,26 +240,27 @@ def _distill_warnings(caplog) -> list[str]:
 def test_every_transport_fault_is_retried_and_nothing_is_lost(tmp_path, problem_file, caplog):
     """500 twice, a truncated body, a garbage status line, a reset, a trickle and a hang, one per problem.
     Lost: nothing (six replies, four kept). Seen: one warning line per failed try, naming the fault.
-    The trickle and the hang are cut off at distill.timeout (1 s) of wall clock; before, a trickle held
-    a request for as long as it kept sending."""
+    The trickle and the hang are cut off at distill.timeout (2 s here: at 1 s an ordinary reply on a
+    machine at load 15 could miss it and be retried) of wall clock; before, a trickle held a request
+    for as long as it kept sending."""
     plan = dict(zip(PROBLEMS, [["500", "500"], ["truncated"], ["bad_status"], ["reset"], ["trickle"], ["hang"]]))
     start = time.monotonic()
     with FaultyTeacher(plan) as teacher:
-        summary = distill.run_distill(_config(teacher.url, problem_file), tmp_path)
+        summary = distill.run_distill(_config(teacher.url, problem_file, timeout=2.0), tmp_path)
         elapsed = time.monotonic() - start
         for problem, steps in plan.items():  # each fault once (the 500 twice), then the right answer
             assert teacher.behaviours(problem) == steps + ["ok"], problem
         trickle = next(entry for entry in teacher.log if entry["behaviour"] == "trickle")
         while trickle["seconds"] is None and time.monotonic() - start < 20:  # the teacher notices the cut
             time.sleep(0.05)
-    assert trickle["seconds"] < 3.0  # cut off at 1 s, not after the ~40 s the trickle takes
-    assert elapsed < 15, elapsed
+    assert trickle["seconds"] < 5.0  # cut off at 2 s, not after the ~40 s the trickle takes
+    assert elapsed < 20, elapsed
     assert summary["graded"] == 6 and summary["kept"] == 4 and summary["failed_requests"] == 0
     assert _kept(tmp_path) == CORRECT
     warnings = _distill_warnings(caplog)
     assert all("\n" not in w for w in warnings) and len(warnings) == 7
     seen = " ".join(warnings)
-    for fault in ("HTTP 500", "IncompleteRead", "BadStatusLine", "no complete reply within distill.timeout=1 s"):
+    for fault in ("HTTP 500", "IncompleteRead", "BadStatusLine", "no complete reply within distill.timeout=2 s"):
         assert fault in seen, fault
     assert "Connection" in seen  # the reset: RemoteDisconnected or ConnectionResetError
 
