@@ -182,7 +182,7 @@ DONE_WHEN = ("python -m jaxmath.main --config=configs/eval.py --config.eval.back
              "--config.eval.limit=2 --config.data.dir=DATA --workdir=W")
 
 
-@pytest.mark.slow  # 19-43 s at load average 3-4 (two models written, then 9 short generations with transformers)
+@pytest.mark.slow  # 18-43 s at load average 3.5 (two models written, then 9 short generations with transformers)
 def test_brief_model_ends_its_answers_early(model, brief):
     """The `brief` model ends a 4-shot answer within a few tokens, greedy and sampled at temperature 1;
     the plain model, otherwise the same, runs on (so the runs below would take the full 4,096 tokens)."""
