@@ -1,7 +1,7 @@
 """A tiny random Qwen3 in HF format that looks like Qwen3-4B-Instruct-2507 apart from its sizes, for
 tests that run the documented commands (no download, nothing from ../shared).
 
-    python tests/tiny_qwen.py OUT_DIR [--max_position_embeddings=N]
+    python tests/tiny_qwen.py OUT_DIR [--max_position_embeddings=N] [--answers_briefly]
 
 config.json is Qwen3-4B-Instruct-2507's (as published on the hub, written by transformers 4.51:
 `rope_theta` at the top level, 262,144 positions, bos/eos 151643/151645, tied embeddings, the full
@@ -15,6 +15,17 @@ project's machines: QWEN3_4B_INSTRUCT_2507 is written out from the model card's 
 (36 layers, 2560 wide, 32/8 heads of 128, 262,144 positions, rope theta 5,000,000, tied embeddings)
 in the layout transformers 4.51 writes; jaxmath.model.config's "qwen3-4b-instruct-2507" preset agrees.
 generation_config.json holds the card's recommended sampling (temperature 0.7, top_p 0.8, top_k 20).
+
+`answers_briefly=True` writes the same random model with one direction built into its weights so that
+it ends its answers soon, as a trained model does, and the documented commands keep their shipped
+4,096-token limits yet finish in seconds: otherwise a random model never emits <|im_end|> and every
+completion runs to the limit (one GRPO v2 step and one vLLM evaluation of 2 problems took 20+ min on 2
+cores). Hidden coordinate 0 of every tied-embedding row gets a small positive component, <|im_end|>
+(the eos of the chat template and generation_config) a large one, and the final norm's weight
+emphasises that coordinate, so <|im_end|>'s logit is a large multiple of how much of it the last
+position carries. Measured with transformers on the fixture prompts (4-shot): near-greedy decoding
+ends at the first token (an argmax of a random model has no way to count, so it stops at once or
+never; this stops at once), temperature 0.7 after 1-4 tokens, temperature 1 after 1-6.
 """
 
 import argparse
@@ -57,8 +68,29 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, ma
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
-def write_tiny_qwen3(out_dir: str | os.PathLike, *, max_position_embeddings: int = 262144, seed: int = 0) -> Path:
-    """Writes the model (config.json, model.safetensors, generation_config.json, tokenizer) to `out_dir`."""
+EOS = 151645  # <|im_end|>
+# the brief answers' direction (see the module docstring); tuned on the fixture prompts with transformers
+BRIEF_SHARED, BRIEF_SPREAD, BRIEF_EOS, BRIEF_NORM = 0.02, 0.05, 0.3, 10.0
+
+
+def _answer_briefly(model, seed: int) -> None:
+    """Builds the early-<|im_end|> direction (hidden coordinate 0) into `model`'s tied embedding and final norm."""
+    import torch
+
+    with torch.no_grad():
+        embedding = model.model.embed_tokens.weight  # [vocab, hidden], also the output head (tied)
+        spread = torch.randn(embedding.shape[0], generator=torch.Generator().manual_seed(seed + 1)).abs()
+        embedding[:, 0] = BRIEF_SHARED + BRIEF_SPREAD * spread
+        embedding[EOS, 0] = BRIEF_EOS
+        model.model.norm.weight[0] = BRIEF_NORM
+
+
+def write_tiny_qwen3(out_dir: str | os.PathLike, *, max_position_embeddings: int = 262144, seed: int = 0,
+                     answers_briefly: bool = False) -> Path:
+    """Writes the model (config.json, model.safetensors, generation_config.json, tokenizer) to `out_dir`.
+
+    answers_briefly: build in the direction that makes it end its answers within a few tokens (module docstring).
+    """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -68,6 +100,8 @@ def write_tiny_qwen3(out_dir: str | os.PathLike, *, max_position_embeddings: int
     torch.manual_seed(seed)
     fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "transformers_version", "torch_dtype")}
     model = Qwen3ForCausalLM(Qwen3Config(**fields)).eval()
+    if answers_briefly:
+        _answer_briefly(model, seed)
     model.save_pretrained(out)
     # the file as transformers 4 wrote it (transformers 5 would nest rope_theta in rope_parameters)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -83,5 +117,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--max_position_embeddings", type=int, default=262144)
+    parser.add_argument("--answers_briefly", action="store_true", help="end answers within a few tokens")
     args = parser.parse_args()
-    write_tiny_qwen3(args.out, max_position_embeddings=args.max_position_embeddings)
+    write_tiny_qwen3(args.out, max_position_embeddings=args.max_position_embeddings,
+                     answers_briefly=args.answers_briefly)
