@@ -129,3 +129,35 @@ def test_a_step_moves_probability_toward_rewarded_completions():
     mask = np.asarray(batch.completion_mask)
     change = ((np.asarray(after) - np.asarray(before)) * mask).sum(1)
     assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), change
+
+
+@pytest.mark.parametrize("loss_agg", ["constant", pytest.param("seq_mean_token_mean", marks=pytest.mark.slow)])
+def test_a_narrower_completion_width_gives_the_same_update(loss_agg):
+    """The loop trains on `completion_bucket(longest, max_new_tokens)` columns, not max_new_tokens: the
+    columns past every row's end are padding, so the update, metrics and logprobs are the same."""
+    short = _rollout(completion_len=5)
+    wide = Rollout(prompt_ids=short.prompt_ids, completion_ids=np.pad(short.completion_ids, ((0, 0), (0, 11))),
+                   logprobs=np.pad(short.logprobs, ((0, 0), (0, 11))),
+                   completion_mask=np.pad(short.completion_mask, ((0, 0), (0, 11))),
+                   finish_reason=short.finish_reason, prompt_index=short.prompt_index)
+    advantages = np.random.RandomState(1).randn(8).astype(np.float32)
+    longest = int(wide.completion_lengths.max())
+    assert step_lib.completion_bucket(longest, 16, smallest=4) == 8
+    results = {}
+    for width in (16, 8):
+        batch = jax.tree.map(jnp.asarray, step_lib.build_batch(wide, prompt_len=8, advantages=advantages,
+                                                               completion_len=width))
+        graphdef, trainable, frozen = step_lib.split_trainable(_model(True))
+        opt = optax.sgd(1.0)
+        cfg = step_lib.LossConfig(loss_agg=loss_agg, logprob_chunk=7)
+        train_step = step_lib.make_train_step(graphdef, opt, cfg, on_policy=False, max_completion_tokens=16)
+        b = step_lib.Batch(**{**vars(batch), "old_logprobs": batch.engine_logprobs + 0.05})
+        trainable, _, metrics, logprobs = train_step(trainable, frozen, opt.init(trainable), b)
+        results[width] = (jax.device_get(trainable), jax.device_get(metrics), np.asarray(logprobs)[:, :8])
+    for a, b in zip(jax.tree.leaves(results[16][0]), jax.tree.leaves(results[8][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in results[16][1]:
+        np.testing.assert_allclose(results[8][1][k], results[16][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(results[8][2], results[16][2], atol=1e-6)
+    with pytest.raises(ValueError, match="must hold the longest completion"):
+        step_lib.build_batch(wide, prompt_len=8, advantages=advantages, completion_len=longest - 1)

@@ -223,7 +223,9 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 advantages = np.asarray(grpo.group_advantages(rewards, cfg.num_generations, scale=cfg.adv_scale,
                                                               std=cfg.adv_std, eps=cfg.adv_eps))
                 prompt_len = step_lib.bucket(max(len(p) for p in rollout.prompt_ids), cfg.prompt_bucket)
-                batch = step_lib.build_batch(rollout, prompt_len, advantages)
+                width = step_lib.completion_bucket(int(rollout.completion_lengths.max(initial=0)),
+                                                   rollout.completion_ids.shape[1])
+                batch = step_lib.build_batch(rollout, prompt_len, advantages, completion_len=width)
                 device_batch = sharding.shard_batch(batch, mesh)
                 completion_len = batch.completion_len
                 if not on_policy or loss_cfg.beta > 0:

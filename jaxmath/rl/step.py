@@ -190,12 +190,23 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def build_batch(rollout, prompt_len: int, advantages: np.ndarray, old_logprobs: np.ndarray | None = None,
-                ref_logprobs: np.ndarray | None = None, pad_id: int = 0) -> Batch:
+                ref_logprobs: np.ndarray | None = None, pad_id: int = 0, completion_len: int = 0) -> Batch:
     """Host arrays of a `Batch` from a `Rollout` (rows grouped by prompt).
 
-    prompt_len: the padded prompt width P (>= the longest prompt; a bucket keeps shapes static).
+    prompt_len:     the padded prompt width P (>= the longest prompt; a bucket keeps shapes static).
+    completion_len: the completion width T (>= the longest completion; `completion_bucket`); 0 keeps the
+                    rollout's own width (max_new_tokens). Columns past every row's end are all padding,
+                    masked out of every loss and metric, so a narrower T changes no result, only the cost.
     """
-    rows, completion_len = rollout.completion_ids.shape
+    rows, width = rollout.completion_ids.shape
+    completion_len = completion_len or width
+    longest = int(np.asarray(rollout.completion_mask).sum(axis=1).max(initial=0))
+    if not longest <= completion_len <= width:
+        raise ValueError(f"completion_len {completion_len} must hold the longest completion ({longest}) and be at "
+                         f"most the rollout's width {width}")
+    rollout_ids = rollout.completion_ids[:, :completion_len]
+    rollout_mask = np.asarray(rollout.completion_mask, bool)[:, :completion_len]
+    rollout_logprobs = rollout.logprobs[:, :completion_len]
     tokens = np.full((rows, prompt_len + completion_len), pad_id, np.int32)
     valid = np.zeros((rows, prompt_len + completion_len), bool)
     for row in range(rows):
@@ -204,14 +215,25 @@ def build_batch(rollout, prompt_len: int, advantages: np.ndarray, old_logprobs: 
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the padded width {prompt_len}")
         tokens[row, prompt_len - len(prompt):prompt_len] = prompt
         valid[row, prompt_len - len(prompt):prompt_len] = True
-    mask = np.asarray(rollout.completion_mask, bool)
-    tokens[:, prompt_len:] = np.where(mask, rollout.completion_ids, pad_id)
+    mask = rollout_mask
+    tokens[:, prompt_len:] = np.where(mask, rollout_ids, pad_id)
     valid[:, prompt_len:] = mask
-    engine = np.where(mask, rollout.logprobs, 0.0).astype(np.float32)
+    engine = np.where(mask, rollout_logprobs, 0.0).astype(np.float32)
     return Batch(tokens=tokens, valid=valid, completion_mask=mask,
                  advantages=np.asarray(advantages, np.float32),
                  old_logprobs=engine if old_logprobs is None else np.asarray(old_logprobs, np.float32),
                  engine_logprobs=engine, ref_logprobs=ref_logprobs)
+
+
+def completion_bucket(longest: int, max_width: int, smallest: int = 64) -> int:
+    """The train step's completion width for a rollout whose longest completion has `longest` tokens:
+    the next power of two from `smallest` up, at most `max_width` (max_new_tokens). A step whose
+    completions all ended early trains on fewer positions, and the step compiles for at most
+    log2(max_width / smallest) + 1 widths over a run."""
+    width = smallest
+    while width < longest:
+        width *= 2
+    return min(width, max_width)
 
 
 def bucket(length: int, multiple: int = 64) -> int:
