@@ -446,7 +446,11 @@ def validate(cfg) -> None:
     check_settings(cfg)
     mode = cfg.mode
     if mode in ("grpo", "demo"):
-        grpo_cfg, _, _ = grpo_configs(cfg)
+        grpo_cfg, loss_cfg, _ = grpo_configs(cfg)
+        rows, micro = grpo_cfg.prompts_per_step * grpo_cfg.num_generations, loss_cfg.micro_batch_rows
+        if 0 < micro < rows and rows % micro:
+            raise ConfigError(f"loss.micro_batch_rows={micro} does not divide the step's {rows} rows "
+                              f"(rl.prompts_per_step x rl.num_generations); use a divisor of {rows}, or 0 to fit it")
     if mode == "demo":
         from jaxmath.demo import DemoConfig
 

@@ -99,9 +99,10 @@ def init_or_restore(model: nnx.Module, optim_cfg: optim.OptimizerConfig, *, lora
 
 
 def micro_batches(tree: Any, micro_rows: int) -> Any:
-    """Inside jit: every [rows, ...] leaf as [rows / micro_rows, micro_rows, ...] (0: one micro-batch)."""
+    """Inside jit: every [rows, ...] leaf as [rows / micro_rows, micro_rows, ...] (0, or at least the
+    batch's rows: one micro-batch)."""
     rows = jax.tree.leaves(tree)[0].shape[0]
-    micro_rows = micro_rows or rows
+    micro_rows = min(micro_rows or rows, rows)
     if rows % micro_rows:
         raise ValueError(f"batch rows {rows} must be a multiple of micro_batch_rows {micro_rows}")
     return jax.tree.map(lambda x: x.reshape((rows // micro_rows, micro_rows) + x.shape[1:]), tree)

@@ -68,6 +68,7 @@ def _config(name: str, **overrides):
     ("grpo_v2", "optimizer.b2", 1.5, "optimizer.b2=1.5"),
     ("grpo_v2", "vllm.gpu_memory_utilization", 1.2, "vllm.gpu_memory_utilization=1.2"),
     ("grpo_v2", "loss.loss_agg", "mean_of_everything", "loss_agg must be one of"),
+    ("grpo_v2", "loss.micro_batch_rows", 24, "loss.micro_batch_rows=24 does not divide the step's 128 rows"),
     ("eval", "eval.backend", "tpu", "eval.backend must be one of"),
     ("eval", "eval.num_samples", 0, "eval.num_samples=0"),
     ("sft_config_a", "sft.batch_size", 0, "sft.batch_size=0"),

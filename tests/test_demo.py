@@ -104,6 +104,7 @@ def _lines(path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
+@pytest.mark.slow  # the demo command twice, ~1.5 min
 def test_demo_command_contract_and_rerun(tmp_path):
     """The README's first command at a tiny size: both arms, every figure in [0, 1], the plots, and
     a second run of the same command that reuses the finished work instead of training again.

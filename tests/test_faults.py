@@ -578,6 +578,7 @@ def _abandoned_orbax_tasks() -> list[str]:
             if isinstance(task, asyncio.Task) and not task.done() and task.get_loop().is_closed()]
 
 
+@pytest.mark.slow  # three SFT runs
 def test_sft_on_damaged_setting_refuses_or_falls_back(tmp_path):
     """sft.on_damaged (and, through the same CheckpointManager argument, rl.on_damaged), and
     main._init_from_run, which always refuses: a bit flipped in the newest SFT checkpoint (step 2).

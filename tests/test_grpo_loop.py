@@ -40,6 +40,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow  # four GRPO runs per case
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_resume_is_exact(tmp_path, lora_rank):
     straight, _ = _run(tmp_path / "straight", 4, lora_rank=lora_rank)
@@ -69,12 +70,14 @@ def test_metrics_contract_and_plots(tmp_path):
     assert result["stopped_early"] == ""
 
 
+@pytest.mark.slow  # a GRPO run
 def test_group_filtering_keeps_shapes_and_counts(tmp_path):
     _run(tmp_path, 2, filter_groups=True, oversample=2.0)
     rows = _metrics(tmp_path)
     assert all(0 <= r["informative_groups"] <= 2 for r in rows)
 
 
+@pytest.mark.slow  # a GRPO run
 def test_early_stop_on_gradient_floor(tmp_path):
     _, result = _run(tmp_path, 6, early_stop_grad_norm=1e9, early_stop_patience=2)
     assert "grad_norm" in result["stopped_early"]

@@ -35,8 +35,11 @@ def _rollout(rows=8, group=4, prompt_lens=(3, 6), completion_len=5, seed=0) -> R
                    prompt_index=np.repeat(np.arange(len(prompts)), group).astype(np.int32))
 
 
-@pytest.mark.parametrize("loss_agg,with_lora", [("seq_mean_token_mean", True), ("token_mean", True),
-                                                ("constant", True), ("seq_mean_token_mean", False)])
+@pytest.mark.parametrize("loss_agg,with_lora", [
+    pytest.param("seq_mean_token_mean", True, marks=pytest.mark.slow),
+    pytest.param("token_mean", True, marks=pytest.mark.slow),
+    pytest.param("constant", True, marks=pytest.mark.slow),
+    ("seq_mean_token_mean", False)])
 def test_micro_batches_give_the_same_update(loss_agg, with_lora):
     rollout = _rollout()
     advantages = np.random.RandomState(1).randn(8).astype(np.float32)
@@ -64,6 +67,7 @@ def test_micro_batches_give_the_same_update(loss_agg, with_lora):
         np.testing.assert_allclose(lp, ref_lp, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the step and a teacher-forced pass
 def test_step_logprobs_equal_teacher_forced_model_logprobs():
     rollout = _rollout(seed=2)
     batch = step_lib.build_batch(rollout, prompt_len=8, advantages=np.zeros(8, np.float32))

@@ -266,6 +266,7 @@ def test_token_logprobs_match_full_log_softmax():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # two backward compiles
 def test_remat_does_not_change_gradients():
     cfg = jm.preset("tiny", vocab_size=300, dtype=jnp.float32, param_dtype=jnp.float32)
     ids = jnp.asarray(np.random.RandomState(8).randint(0, 300, (2, 9)))

