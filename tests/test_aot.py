@@ -117,6 +117,7 @@ def test_each_config_lists_the_programs_its_run_executes():
         memory._flags(["--config=configs/eval.py", "--config.eval.no_such_key=1"])
 
 
+@pytest.mark.slow  # ~15 s of compiles
 @config_loader
 def test_memory_report_on_a_tiny_model():
     """The decode loop and the train step of a tiny GRPO run compiled for this CPU (about 15 s)."""

@@ -103,6 +103,7 @@ def _scaled_lora(model, factor: float) -> nnx.State:
     return jax.tree.map(lambda x: x * factor, nnx.state(model, LoRAParam))
 
 
+@pytest.mark.slow  # ~18 s: a LoRA run and its export
 def test_lora_run_exports_merged_model(hf_dir, lora_model, tmp_path):
     src, _ = hf_dir
     run_dir = tmp_path / "run"

@@ -68,6 +68,7 @@ def test_evaluate_with_jax_sampler(tiny_dir, tmp_path):
     assert engine.last_stats["decode_steps"] and engine.last_stats["decode_steps"][0] <= 16
 
 
+@pytest.mark.slow  # a subprocess eval, ~17 s
 def test_main_eval_mode_subprocess(tiny_dir, tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxmath.main", "--config=configs/eval.py", f"--config.model.path={tiny_dir}",

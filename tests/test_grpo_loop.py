@@ -55,6 +55,7 @@ def test_resume_is_exact(tmp_path, lora_rank):
             assert a[key] == b[key], (key, a["step"])
 
 
+@pytest.mark.slow  # a GRPO run, ~14 s
 def test_metrics_contract_and_plots(tmp_path):
     _, result = _run(tmp_path, 2)
     rows = _metrics(tmp_path)
@@ -122,6 +123,7 @@ def test_the_loop_stops_on_the_ratio_with_a_log_line_and_a_final_checkpoint(tmp_
     assert any("stopping early at step 3: mismatch/ratio_min" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # a GRPO run, ~18 s
 def test_kl_reference_several_iterations_and_importance_correction(tmp_path):
     """LoRA with a KL term (reference = adapters off), 2 policy updates per batch (old logprobs from a
     separate pass) and truncated importance sampling: the run completes and logs each term."""

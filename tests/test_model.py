@@ -241,6 +241,7 @@ def test_clear_errors_for_bad_directories(tmp_path):
         jm.from_pretrained(src)
 
 
+@pytest.mark.slow  # ~18 s of compiles
 def test_token_logprobs_match_full_log_softmax():
     cfg = jm.preset("tiny", vocab_size=300, dtype=jnp.float32, param_dtype=jnp.float32)
     model = jm.init_model(cfg, seed=1)

@@ -111,6 +111,7 @@ BATCH = [("\\Gamma(1000001)", "42"), ("\\sum_{k=1}^{4} k", "10"), ("\\sum_{k=1}^
 BATCH_TIMEOUT_S = 0.6
 
 
+@pytest.mark.slow  # 20 reruns, ~15 s
 def test_grade_batch_with_workers_gives_the_same_verdicts_over_20_reruns():
     warmup(2)
     expected = grade_batch(BATCH, workers=0, timeout=BATCH_TIMEOUT_S)
