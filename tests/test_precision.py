@@ -9,44 +9,25 @@ import pytest
 from flax import nnx
 
 import jaxmath.model as jm
-from jaxmath import optim, sft
-from jaxmath.model import lora, sharding
+from jaxmath import optim
+from jaxmath.bench.precision import random_sft_batches, sft_updates, tiny_model_holding
+from jaxmath.model import lora
 
 SEQ, VOCAB = 32, 256
 
 
 def _model(param_dtype, dtype, base: nnx.State) -> jm.Qwen3:
     """The tiny model in the given dtypes holding `base`'s values (bf16 ones, so exact in both)."""
-    model = nnx.eval_shape(lambda: jm.Qwen3(jm.preset("tiny", vocab_size=VOCAB, dtype=dtype, param_dtype=param_dtype),
-                                            rngs=nnx.Rngs(0)))
-    nnx.update(model, jax.tree.map(lambda x: jnp.array(x, dtype=param_dtype, copy=True), base))
-    return model
+    return tiny_model_holding(base, param_dtype, dtype, VOCAB)
 
 
 def _batches(rows: int, accum: int, count: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.RandomState(0)
-    out = []
-    for _ in range(count):
-        ids = rng.randint(1, VOCAB, (rows, SEQ + 1)).astype(np.int32)
-        arrays = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((rows, SEQ), np.int32),
-                  "positions": np.tile(np.arange(SEQ, dtype=np.int32), (rows, 1)),
-                  "loss_mask": np.ones((rows, SEQ), bool)}
-        out.append(sft.stack_micro(arrays, accum))
-    return out
+    return random_sft_batches(count, rows, SEQ, VOCAB, accum)
 
 
 def _train(model, cfg: optim.OptimizerConfig, batches, steps: int):
-    """(trainable, optimizer state) after `steps` SFT updates cycling through `batches`, placed on
-    a one-device mesh as the SFT loop places them (so the step compiles once)."""
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    graphdef, trainable, frozen = sft.split_trainable(model)
-    trainable, frozen = sharding.shard_state(trainable, mesh), sharding.shard_state(frozen, mesh)
-    optimizer = optim.make_optimizer(cfg)
-    state = sharding.init_optimizer_state(optimizer, trainable, mesh)
-    step = sft.make_sft_step(graphdef, optimizer, chunk_size=SEQ, remat=False)
-    with sharding.use_mesh(mesh):
-        for t in range(steps):
-            trainable, state, _ = step(trainable, frozen, state, batches[t % len(batches)])
+    """(trainable, optimizer state) after `steps` SFT updates cycling through `batches` (compiled once)."""
+    trainable, state, step = sft_updates(model, cfg, batches, steps, chunk_size=SEQ)
     assert step._cache_size() == 1
     return trainable, state
 

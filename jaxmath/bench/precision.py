@@ -129,6 +129,58 @@ def synthetic(steps: int, lr: float, weights: int, micro: int, seed: int = 0,
     return results
 
 
+def tiny_model_holding(base, param_dtype, dtype, vocab: int):
+    """The tiny Qwen3 in `param_dtype` weights computing in `dtype`, holding `base`'s values (bf16 ones, so
+    exact in either dtype)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxmath.model as jm
+
+    model = nnx.eval_shape(lambda: jm.Qwen3(jm.preset("tiny", vocab_size=vocab, dtype=dtype, param_dtype=param_dtype),
+                                            rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(lambda x: jnp.array(x, dtype=param_dtype, copy=True), base))
+    return model
+
+
+def random_sft_batches(count: int, rows: int, seq: int, vocab: int, accum: int) -> list[dict[str, Any]]:
+    """`count` SFT batches of seeded random token ids, every position trained, each as `accum` micro-batches."""
+    import numpy as np
+
+    from jaxmath import sft
+
+    rng = np.random.RandomState(0)
+    out = []
+    for _ in range(count):
+        ids = rng.randint(1, vocab, (rows, seq + 1)).astype(np.int32)
+        out.append(sft.stack_micro({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                                    "segment_ids": np.ones((rows, seq), np.int32),
+                                    "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+                                    "loss_mask": np.ones((rows, seq), bool)}, accum))
+    return out
+
+
+def sft_updates(model, cfg, batches: list, steps: int, chunk_size: int):
+    """(trainable, optimizer state, the jitted step) after `steps` SFT updates cycling through `batches`,
+    placed on a one-device mesh as the SFT loop places them (so the step compiles once)."""
+    import jax
+
+    from jaxmath import optim, sft
+    from jaxmath.model import sharding
+
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    graphdef, trainable, frozen = sft.split_trainable(model)
+    trainable, frozen = sharding.shard_state(trainable, mesh), sharding.shard_state(frozen, mesh)
+    optimizer = optim.make_optimizer(cfg)
+    state = sharding.init_optimizer_state(optimizer, trainable, mesh)
+    step = sft.make_sft_step(graphdef, optimizer, chunk_size=chunk_size, remat=False)
+    with sharding.use_mesh(mesh):
+        for t in range(steps):
+            trainable, state, _ = step(trainable, frozen, state, batches[t % len(batches)])
+    return trainable, state, step
+
+
 def model(steps: int = 50, lr: float = 5e-6) -> dict[str, dict[str, float]]:
     """The OptimizerConfig layouts through the SFT step of a tiny Qwen3, against float32 weights."""
     import jax
@@ -137,34 +189,16 @@ def model(steps: int = 50, lr: float = 5e-6) -> dict[str, dict[str, float]]:
     from flax import nnx
 
     import jaxmath.model as jm
-    from jaxmath import optim, sft
-    from jaxmath.model import sharding
+    from jaxmath import optim
 
     seq, vocab, rows, accum = 32, 256, 8, 4
     base = nnx.state(jm.init_model(jm.preset("tiny", vocab_size=vocab, dtype=jnp.bfloat16,
                                              param_dtype=jnp.bfloat16), seed=0))
-    rng = np.random.RandomState(0)
-    batches = []
-    for _ in range(5):
-        ids = rng.randint(1, vocab, (rows, seq + 1)).astype(np.int32)
-        batches.append(sft.stack_micro({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                                        "segment_ids": np.ones((rows, seq), np.int32),
-                                        "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
-                                        "loss_mask": np.ones((rows, seq), bool)}, accum))
+    batches = random_sft_batches(5, rows, seq, vocab, accum)
 
     def train(param_dtype, cfg):
-        m = nnx.eval_shape(lambda: jm.Qwen3(jm.preset("tiny", vocab_size=vocab, dtype=jnp.bfloat16,
-                                                      param_dtype=param_dtype), rngs=nnx.Rngs(0)))
-        nnx.update(m, jax.tree.map(lambda x: jnp.array(x, dtype=param_dtype, copy=True), base))
-        mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        graphdef, trainable, frozen = sft.split_trainable(m)
-        trainable, frozen = sharding.shard_state(trainable, mesh), sharding.shard_state(frozen, mesh)
-        optimizer = optim.make_optimizer(cfg)
-        state = sharding.init_optimizer_state(optimizer, trainable, mesh)
-        step = sft.make_sft_step(graphdef, optimizer, chunk_size=seq, remat=False)
-        with sharding.use_mesh(mesh):
-            for t in range(steps):
-                trainable, state, _ = step(trainable, frozen, state, batches[t % len(batches)])
+        m = tiny_model_holding(base, param_dtype, jnp.bfloat16, vocab)
+        trainable, state, _ = sft_updates(m, cfg, batches, steps, chunk_size=seq)
         precise = state.master if cfg.master_fp32 else trainable
         return [np.asarray(x, np.float64) for x in jax.tree.leaves(precise)], \
             [np.asarray(x, np.float64) for x in jax.tree.leaves(trainable)]
