@@ -16,8 +16,9 @@ Grading completions generated elsewhere (one benchmark; rows {"id": ..., "comple
     python -m jaxmath.main --config=configs/eval.py --config.eval.backend=file \
         --config.eval.benchmarks=math500 --config.eval.completions=F.jsonl
 
-`--config.eval.limit=N` evaluates the first N problems (smoke runs); `--config.eval.backend=vllm`
-switches engines (`vllm.*` sets them up). `data.dir` must hold the JSONL files; build it with
+`--config.eval.limit=N` evaluates the first N problems (smoke runs). Generation runs on vLLM (as the
+design card says; `vllm.*` sets it up); `--config.eval.backend=jax` runs it on the in-process JAX
+sampler instead, with nothing more to install. `data.dir` must hold the JSONL files; build it with
 `python -m jaxmath.data.datasets --out data` where the Hugging Face hub is reachable. The `eval` keys
 are the fields of `jaxmath.eval.run.EvalConfig` (`data_dir` comes from `data.dir`); the defaults
 are the study's: the five benchmarks, temperature 0.01, a 4-shot prefix, 4,096 new tokens. Outputs
@@ -31,6 +32,7 @@ from jaxmath.config import defaults
 
 def get_config() -> ml_collections.ConfigDict:
     config = defaults("eval")  # eval.*: jaxmath.eval.run.EvalConfig's fields at their defaults (the study's)
+    config.eval.backend = "vllm"
     config.model.remat = "none"  # no backward pass
     config.lock()
     return config

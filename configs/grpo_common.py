@@ -34,8 +34,10 @@ nobody mistakes them for the study's:
 - sampling temperature 1.0 for training rollouts, no top-p / top-k;
 - training prompts are zero-shot (the few-shot prefix is an evaluation convention in the study).
 
-What every row sets on top: 16 rows per train micro-batch, vLLM's context at 8,192 tokens, and the
-periodic evaluation (`rl.eval_every`) on MATH-500.
+What every row sets on top: rollouts and the periodic evaluation on vLLM colocated with the JAX trainer
+(the design card's path: `rollout.engine = "vllm"`; `--config.rollout.engine=jax` runs them on the
+in-process JAX sampler instead, with nothing more to install), the device split between the two by
+`jaxmath.aot.colocate`, 16 rows per train micro-batch, and the periodic evaluation on MATH-500.
 """
 
 import dataclasses
@@ -102,6 +104,7 @@ def study_row(name: str, *, learning_rate: float) -> ml_collections.ConfigDict:
         section, field = key.split(".")
         if _dataclass_default(section, field) != value:  # the defaults already hold the rest
             c[section][field] = value
+    c.rollout.engine = "vllm"
     c.loss.micro_batch_rows = 16
     c.eval.benchmarks = "math500"
     return c

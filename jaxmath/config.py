@@ -207,7 +207,8 @@ class InitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """engine: "jax" (the in-process sampler, `sampler.*`) or "vllm" (`vllm.*`)."""
+    """engine: the engine of the rollouts and of the periodic evaluation: "vllm" (`vllm.*`; the study
+    configs) or "jax" (the in-process sampler, `sampler.*`; nothing to install)."""
 
     engine: str = "jax"
 
@@ -263,7 +264,8 @@ _MODEL = Section("model", "jaxmath.config:ModelConfig")
 _MESH = Section("mesh", "jaxmath.config:MeshConfig")
 _DATA_DIR = Section("data", "jaxmath.config:DataConfig", only=("dir",))
 _VLLM = Section("vllm", "jaxmath.rollout.vllm.config:VLLMConfig", derived=(
-    ("model_path", "model.path"), ("enable_lora", "lora.rank > 0"), ("max_lora_rank", "lora.rank")))
+    ("model_path", "model.path"), ("enable_lora", "lora.rank > 0"), ("max_lora_rank", "lora.rank"),
+    ("kv_cache_memory_bytes", "the device plan"), ("max_num_seqs", "the device plan")))
 _RUN_LENGTH = ("steps", "seed", "checkpoint_every")
 _GRPO = Section("rl", "jaxmath.rl.loop:GRPOConfig", top=_RUN_LENGTH)
 _GRPO_LOSS = (_GRPO, Section("loss", "jaxmath.rl.step:LossConfig"),
@@ -276,7 +278,8 @@ MODES: dict[str, tuple[Section, ...]] = {
              Section("rollout", "jaxmath.config:RolloutConfig"),
              Section("sampler", "jaxmath.rollout.jax_sampler:SamplerConfig"), _VLLM,
              Section("eval", "jaxmath.eval.run:EvalConfig",
-                     derived=(("data_dir", "data.dir"), ("progress", "off during training")))),
+                     derived=(("data_dir", "data.dir"), ("progress", "off during training"),
+                              ("backend", "rollout.engine")))),
     "sft": (_RUN, _MODEL, _MESH, _DATA_DIR,
             Section("sft", "jaxmath.sft.loop:SFTConfig", top=_RUN_LENGTH,
                     derived=(("lora", "the lora section"), ("optimizer", "the optimizer section"))),

@@ -28,14 +28,8 @@ import sys
 import time
 import traceback
 
-# A run's GPU memory plan (docs/BENCHMARKS.md, "Memory on one H100") counts on ~95% of the device; JAX
-# preallocates 75% unless told otherwise. Read when jax creates its GPU client, so set before any jax
-# work; a fraction the user set (under either name: jax refuses both at once) is kept.
-if not (os.environ.get("XLA_CLIENT_MEM_FRACTION") or os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")):
-    os.environ["XLA_CLIENT_MEM_FRACTION"] = "0.95"
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from configs/, e.g. configs/demo.py.",
                                           lock_config=True)
@@ -193,18 +187,23 @@ _NO_MODEL = ("config.model.path is empty: pass --config.model.path=DIR, an HF-fo
 
 
 def eval_config(cfg, **derived):
-    """EvalConfig from the eval section; data_dir comes from data.dir."""
+    """EvalConfig from the eval section; data_dir comes from data.dir. In a GRPO run the periodic
+    evaluation runs on the rollout engine (backend = rollout.engine), without a progress bar."""
     from jaxmath.config import build
     from jaxmath.eval.run import EvalConfig
+
+    if cfg.get("mode") == "grpo":
+        derived = {"backend": cfg.rollout.engine, "progress": False, **derived}
 
     return build(EvalConfig, cfg.eval, prefix="eval", data_dir=cfg.data.dir, **derived)
 
 
-def vllm_config(cfg, lora_cfg=None):
+def vllm_config(cfg, lora_cfg=None, plan=None):
     """VLLMConfig from the vllm section; vLLM loads model.path in model.dtype (unless vllm.dtype says
     otherwise), and takes LoRA syncs when lora.rank > 0. Its max_model_len is fitted to the run's
     longest request (`longest_request`), or refused up front when the model's max_position_embeddings
-    cannot hold it."""
+    cannot hold it. plan: the run's device plan (`jaxmath.aot.colocate.DevicePlan`), whose memory
+    settings vLLM takes."""
     from jaxmath.config import build
     from jaxmath.rollout.vllm import VLLMConfig
     from jaxmath.rollout.vllm.config import fit_context
@@ -213,8 +212,91 @@ def vllm_config(cfg, lora_cfg=None):
     section = dict(cfg.get("vllm", {}))
     if section.get("dtype", "auto") == "auto":  # compute in the trainer's dtype (VLLMConfig.dtype says why)
         section["dtype"] = cfg.model.get("dtype", "auto")
+    if plan is not None:
+        section["gpu_memory_utilization"] = plan.gpu_memory_utilization
+        lora.update(kv_cache_memory_bytes=plan.kv_cache_bytes, max_num_seqs=plan.max_num_seqs)
     config = build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path, **lora)
     return fit_context(config, *longest_request(cfg))
+
+
+# --- the device: one plan before jax touches it ------------------------------------------------------
+
+PLAN_TARGET_ENV = "JAXMATH_PLAN_TARGET"  # plan for this named target instead of the local device
+_XLA_FRACTIONS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+_device_plan = None  # the run's DevicePlan where vLLM is colocated on a GPU (prepare_device)
+
+
+def _plan_target():
+    """The device a colocated run is planned for, found without jax: the named target of
+    JAXMATH_PLAN_TARGET, else this process's GPU as torch sees it (torch comes with vLLM); None on a
+    machine without a GPU (vLLM's CPU build has its own KV-cache setting, `vllm.cpu_kvcache_gib`)."""
+    from jaxmath.aot import targets
+    from jaxmath.config import ConfigError
+
+    name = os.environ.get(PLAN_TARGET_ENV, "")
+    if name:
+        if name not in targets.GPU_TARGETS:
+            raise ConfigError(f"{PLAN_TARGET_ENV}={name!r} is not a GPU target; choose one of {targets.GPU_TARGETS}")
+        return targets.load_target(name)
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    kind = torch.cuda.get_device_name()
+    nominal = next((b for n, b in targets.NOMINAL_BYTES.items() if n.upper() in kind.upper()), total)
+    return targets.Target(targets.LOCAL, "gpu", min(total, nominal), f"{kind} (this process's device)", total)
+
+
+def prepare_device(cfg):
+    """Sets JAX's allocator before jax creates its device client, from the run's device plan.
+
+    A run whose rollouts or evaluation run on a vLLM in this process, on a GPU, splits the device by
+    `jaxmath.aot.colocate` (its one line is logged; one that cannot fit is refused, naming the setting
+    to change); a fraction the user set for XLA is refused there, since the plan sets the allocator.
+    Any other run gives JAX 95% of the device (XLA_CLIENT_MEM_FRACTION; JAX's own default is 75%) unless
+    the user set a fraction. Returns the plan, or None."""
+    global _device_plan
+    from jaxmath.aot import run as run_lib
+    from jaxmath.config import ConfigError
+
+    _device_plan = None
+    target = _plan_target() if run_lib.colocated_engine(cfg) else None
+    if target is None:
+        if not any(os.environ.get(name) for name in _XLA_FRACTIONS):
+            os.environ["XLA_CLIENT_MEM_FRACTION"] = "0.95"
+        return None
+    user_set = [name for name in _XLA_FRACTIONS + ("XLA_PYTHON_CLIENT_ALLOCATOR",) if os.environ.get(name)]
+    if user_set:
+        raise ConfigError(f"{', '.join(user_set)} is set, but this run shares the GPU with a colocated vLLM and "
+                              "its device plan sets JAX's allocator; unset it (the plan is printed at the start)")
+    plan = run_lib.device_plan(cfg, target)
+    os.environ.update(plan.jax_env)
+    logging.info("%s", plan.summary())
+    _device_plan = plan
+    return plan
+
+
+def engines_line(cfg) -> str:
+    """Which engine runs each phase of the run, for its first log lines."""
+    from jaxmath.aot import run as run_lib
+
+    def vllm(kind: str) -> str:
+        mode = cfg.get("vllm", {}).get("mode", "colocated")
+        return f"vLLM ({mode}{', sleeping through the train phase' if run_lib.colocated_engine(cfg) and cfg.vllm.get('enable_sleep_mode', True) else ''})"
+
+    if cfg.mode == "grpo":
+        engine = vllm("rollout") if cfg.rollout.engine == "vllm" else "the JAX sampler (sampler.*)"
+        evaluation = f"; evaluation on {engine}" if cfg.rl.eval_every else ""
+        return (f"engines: rollouts on {engine}{evaluation}; logprobs and the train step on JAX "
+                f"(--config.rollout.engine={'jax' if cfg.rollout.engine == 'vllm' else 'vllm'} switches the rollouts)")
+    if cfg.mode == "eval":
+        backend = cfg.eval.backend
+        engine = {"vllm": vllm("eval"), "jax": "the JAX sampler (sampler.*)", "file": "no engine (graded files)"}[backend]
+        return f"engines: evaluation on {engine}"
+    return f"engines: {cfg.mode} on JAX"
 
 
 def longest_request(cfg) -> tuple[int, str]:
@@ -284,14 +366,19 @@ def fit_micro_batch_rows(cfg, loss_cfg, target=None):
     import jax
 
     from jaxmath.aot import fit
-    from jaxmath.bench import memory
+    from jaxmath.aot import run as run_lib
 
+    budget = None
+    if target is None and _device_plan is not None:  # JAX's share of a device it shares with vLLM
+        if _device_plan.target != "local":  # planned for a named target, run here: nothing to fit
+            return loss_cfg
+        target, budget = fit.local_target(_device_plan.capacity_bytes), _device_plan.jax_budget_bytes
     target = target or fit.local_target()
     if target is None or (target.name == "local" and jax.device_count() > 1):
         return loss_cfg
-    _, model_cfg = memory.model_config(cfg)
-    plan = memory.run_plan(cfg, model_cfg)
-    rows = fit.micro_batch_rows(plan, target, loss_cfg.micro_batch_rows)
+    _, model_cfg = run_lib.model_config(cfg)
+    plan = run_lib.run_plan(cfg, model_cfg)
+    rows = fit.micro_batch_rows(plan, target, loss_cfg.micro_batch_rows, budget=budget)
     if rows != loss_cfg.micro_batch_rows:
         logging.info("loss.micro_batch_rows: %d rows per micro-batch fit %s", rows, target.description)
     return dataclasses.replace(loss_cfg, micro_batch_rows=rows)
@@ -415,7 +502,7 @@ def _rollout_engine(cfg, kind: str, model, mesh, lora_cfg=None):
         return JaxSampler(model, build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler"), mesh=mesh)
     from jaxmath.rollout.vllm import make_engine
 
-    return make_engine(vllm_config(cfg, lora_cfg))
+    return make_engine(vllm_config(cfg, lora_cfg, _device_plan))
 
 
 def _run_demo(cfg, workdir: str) -> dict:
@@ -481,6 +568,7 @@ def validate(cfg) -> None:
         build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
         if engine == "vllm":
             vllm_config(cfg, lora_cfg if mode == "grpo" else None)
+            require_vllm(cfg)
     if needs_model:
         model = build(ModelConfig, cfg.model, prefix="model")
         if not model.path and not model.preset:
@@ -493,6 +581,21 @@ def validate(cfg) -> None:
     if mode in ("grpo", "sft", "eval") and not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"data.dir {cfg.data.dir} is not a directory; write the data with "
                           "`python -m jaxmath.data.datasets --out DIR` and pass --config.data.dir=DIR")
+
+
+def require_vllm(cfg) -> None:
+    """A run on vLLM stops before any work where vllm is not installed, naming the extra and the
+    override that runs it on JAX instead."""
+    import importlib.util
+
+    from jaxmath.config import ConfigError
+
+    if cfg.get("vllm", {}).get("mode", "colocated") == "server" or importlib.util.find_spec("vllm") is not None:
+        return
+    key = "rollout.engine" if cfg.mode == "grpo" else "eval.backend"
+    raise ConfigError(f"{key}=vllm needs vLLM, which is not installed: pip install -e '.[vllm]' (vLLM's CPU build; "
+                      "on a CUDA machine '.[vllm-cuda]'), or run on JAX with --config."
+                      f"{key}=jax")
 
 
 def _workdir(cfg) -> str:
@@ -623,6 +726,8 @@ def main(argv: list[str]) -> None:
         if mode not in MODES:
             raise app.UsageError(f"config.mode {mode!r} is not one of {sorted(MODES)}")
         validate(cfg)
+        # JAX's allocator from the run's device plan, before any jax device is touched.
+        prepare_device(cfg)
         # A multi-host job joins here, before any jax device is touched (one process: a no-op).
         from jaxmath.distributed import initialize_from_env
 
@@ -630,6 +735,7 @@ def main(argv: list[str]) -> None:
         workdir = _workdir(cfg)
         prepare_workdir(cfg, workdir)
         logging.info("jaxmath %s: workdir %s", mode, workdir)
+        logging.info("%s", engines_line(cfg))
         result = MODES[mode](cfg, workdir)
     except KeyboardInterrupt:
         if debug:

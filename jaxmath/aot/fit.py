@@ -78,10 +78,12 @@ def choose_rows(knob: str, requested: int, candidates: Sequence[int], peak_of: C
     return fit
 
 
-def micro_batch_rows(plan, target: Target, requested: int) -> int:
+def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None) -> int:
     """Rows per GRPO train micro-batch for `plan` (`jaxmath.aot.plan.RunPlan`) on `target`: requested
     if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
-    is 0. The train step and, where the run has one, the logprob pass must both fit."""
+    is 0. The train step and, where the run has one, the logprob pass must both fit. budget: the
+    bytes JAX's programs may peak at (default `budget_bytes(target)`; a device shared with vLLM
+    passes JAX's share from `jaxmath.aot.colocate`)."""
     from jaxmath.aot import plan as plan_lib
 
     phases = [p for p in ("train/logprobs", "train/step") if p in plan.phases]
@@ -89,15 +91,20 @@ def micro_batch_rows(plan, target: Target, requested: int) -> int:
     def peak_of(rows: int) -> int:
         return max(plan_lib.compiled_peak_bytes(plan, p, rows, target) for p in phases)
 
-    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget_bytes(target))
+    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of,
+                       budget_bytes(target) if budget is None else budget)
 
 
-def local_target() -> Target | None:
-    """This process's first device as a Target when it is a GPU reporting its memory limit; None on a
+def local_target(capacity_bytes: int = 0) -> Target | None:
+    """This process's first device as a Target when it is a GPU reporting its memory limit (or, with
+    capacity_bytes, any GPU: a device plan's capacity, where JAX's allocator reports none); None on a
     CPU (no refusal there) or a device that does not report one."""
     import jax
 
     device = jax.devices()[0]
+    if device.platform == "gpu" and capacity_bytes:
+        return Target("local", "gpu", int(capacity_bytes), f"{device.device_kind} (this process's device)",
+                      int(capacity_bytes))
     stats = device.memory_stats() if device.platform == "gpu" else None
     if not stats or "bytes_limit" not in stats:
         return None

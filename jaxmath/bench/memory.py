@@ -39,7 +39,6 @@ STUDY = {"full": dict(weights=8e9, optimizer=32e9, gradients=8e9, activations=10
          "lora_r64": dict(weights=8e9, optimizer=0.5e9, gradients=0.3e9, activations=10e9, kv_cache=8e9,
                           peak=27e9)}
 FIELDS = ("weights", "optimizer", "gradients", "activations", "kv_cache", "peak")
-DEFAULT_PRESET = "qwen3-4b-instruct-2507"  # the study's model
 
 
 def _flags(argv: list[str]):
@@ -47,6 +46,7 @@ def _flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    from jaxmath.aot import run as run_lib
     from jaxmath.aot.targets import TARGETS
 
     fv = flags.FlagValues()
@@ -55,7 +55,7 @@ def _flags(argv: list[str]):
                                     sys_argv=["memory"] + list(argv))
     flags.DEFINE_enum("target", "cpu", TARGETS, "the device to compile for", flag_values=fv)
     flags.DEFINE_string("preset", "", f"model preset (default: model.preset, model.path's config.json, "
-                                      f"else {DEFAULT_PRESET})", flag_values=fv)
+                                      f"else {run_lib.DEFAULT_PRESET})", flag_values=fv)
     flags.DEFINE_integer("micro_batch_rows", 0, "GRPO rows per train micro-batch (0: loss.micro_batch_rows)",
                          flag_values=fv)
     flags.DEFINE_integer("sampler_rows", 0, "rows per sampler sub-batch (0: as sampler.max_batch_rows gives)",
@@ -79,77 +79,9 @@ def _flags(argv: list[str]):
     return fv
 
 
-# --- the run, from its config ------------------------------------------------------------------------
+# --- the run, from its config (jaxmath.aot.run; named here for the tests and older callers) ---------
 
-
-def model_config(cfg, preset_flag: str = ""):
-    """The Qwen3Config the run builds: its preset, or model.path's config.json where that exists."""
-    import os
-
-    from jaxmath.model import config as model_lib
-
-    m = cfg.model
-    dtype = model_lib.dtype_from_name(m.dtype)
-    numerics = dict(dtype=dtype, param_dtype=model_lib.dtype_from_name(m.param_dtype or m.dtype), remat=m.remat,
-                    attention_impl=m.get("attention_impl") or None)
-    name = preset_flag or m.get("preset")
-    if not name and m.get("path") and os.path.isfile(os.path.join(m.path, "config.json")):
-        return m.path, model_lib.Qwen3Config.from_dir(m.path, **numerics)
-    name = name or DEFAULT_PRESET
-    return name, model_lib.preset(name, **numerics)
-
-
-def run_plan(cfg, model_cfg, *, micro_batch_rows: int = 0, sampler_rows: int = 0, sft_micro: int = 0):
-    """The `jaxmath.aot.plan.RunPlan` of a config (mode grpo, sft or eval), typed as main types it."""
-    from jaxmath.aot import plan as plan_lib
-    from jaxmath.config import build
-    from jaxmath.main import eval_config, grpo_configs, sft_config
-    from jaxmath.model.lora import LoRAConfig
-    from jaxmath.rollout.jax_sampler import SamplerConfig
-    from jaxmath.train_state import resolve_total_steps
-
-    mode = cfg.get("mode")
-    if mode == "grpo":
-        grpo, loss, optimizer = grpo_configs(cfg)
-        lora = build(LoRAConfig, cfg.lora, prefix="lora")
-        sampler = build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler") \
-            if cfg.rollout.engine == "jax" else None
-        evaluation = None
-        if grpo.eval_every:
-            e = eval_config(cfg, progress=False)
-            evaluation = plan_lib.Generation(e.batch_size, e.num_samples, e.max_prompt_tokens, e.max_new_tokens,
-                                             e.temperature, e.top_p)
-        plan = plan_lib.grpo_plan(
-            model_cfg, lora=lora, optimizer=optimizer, loss=loss, prompts=grpo.prompts_per_step,
-            rollout_prompts=grpo.prompts_sampled, num_generations=grpo.num_generations,
-            max_prompt_tokens=grpo.max_prompt_tokens, max_completion_tokens=grpo.max_completion_tokens,
-            prompt_bucket=grpo.prompt_bucket, temperature=grpo.temperature,
-            on_policy=grpo.num_iterations == 1 and loss.tis_cap == 0.0, sampler=sampler,
-            evaluation=evaluation)
-    elif mode == "sft":
-        s = sft_config(cfg)
-        # The schedule's length changes no buffer; any length past the warmup compiles the same program.
-        optimizer = resolve_total_steps(s.optimizer, max(s.steps, s.optimizer.warmup_steps + 1))
-        plan = plan_lib.sft_plan(model_cfg, lora=s.lora, optimizer=optimizer,
-                                 batch=s.batch_size, micro=s.micro, seq=s.max_seq_len, chunk=s.chunk_size,
-                                 remat=s.remat, packed=s.pack)
-    elif mode == "eval":
-        e = eval_config(cfg)
-        sampler = build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
-        plan = plan_lib.eval_plan(model_cfg, sampler=sampler, evaluation=plan_lib.Generation(
-            e.batch_size, e.num_samples, e.max_prompt_tokens, e.max_new_tokens, e.temperature, e.top_p))
-    else:
-        raise SystemExit(f"memory: config.mode {mode!r} runs no model program; use a grpo, sft or eval config")
-    phases = dict(plan.phases)
-    for name in phases:
-        kind = name.split("/", 1)[1]
-        if micro_batch_rows and kind in ("step", "logprobs"):
-            phases[name] = micro_batch_rows
-        if sampler_rows and kind in ("prefill", "decode"):
-            phases[name] = sampler_rows
-        if sft_micro and kind in ("sft_step", "sft_loss"):
-            phases[name] = sft_micro
-    return dataclasses.replace(plan, phases=phases)
+from jaxmath.aot.run import model_config, run_plan  # noqa: E402
 
 
 # --- the report ----------------------------------------------------------------------------------------
@@ -166,6 +98,16 @@ def phase_table(memories) -> str:
         lines.append(f"| {m.phase} | {m.rows or '-'} | {_gb(m.arguments)} | {_gb(m.temporaries)} | "
                      f"{_gb(m.outputs - m.aliased)} | {_gb(m.resident)} | **{_gb(m.peak_bytes)}** | {m.attention} | "
                      f"{m.compile_seconds if m.rows else 'estimate'} |")
+    return "\n".join(lines) + "\n"
+
+
+def device_table(device) -> str:
+    """The colocated device plan: what JAX and vLLM hold in each phase, in GB."""
+    holders = list(dict.fromkeys(h for holds in device.holds.values() for h in holds))
+    lines = ["| phase | " + " | ".join(holders) + " | peak GB |", "|---|" + "---|" * (len(holders) + 1)]
+    for name, holds in device.holds.items():
+        cells = [_gb(holds[h]) if h in holds else "-" for h in holders]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_gb(device.peak(name))}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,6 +167,8 @@ def report(cfg, fv) -> dict[str, Any]:
     from jaxmath.aot import plan as plan_lib
     from jaxmath.aot.targets import load_target
 
+    from jaxmath.aot import run as run_lib
+
     target = load_target(fv.target)
     model_name, model_cfg = model_config(cfg, fv.preset)
     plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
@@ -248,10 +192,21 @@ def report(cfg, fv) -> dict[str, Any]:
                              f" (estimate, not a compiled program): peak {_gb(m.peak_bytes)} GB"), flush=True)
         if fv.fit and m.rows and m.peak_bytes > budget:
             fitting[name] = rows_that_fit(plan, name, m.rows, target, budget)
-    peak = max(m.peak_bytes for m in memories)
+    device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
+    if device is not None:  # vLLM colocated: its holdings beside each JAX phase, and its own phases
+        device = device.with_jax_programs({m.phase: m.peak_bytes for m in memories}) if device.jax_budget_bytes \
+            else dataclasses.replace(device, holds={k: v for k, v in device.holds.items() if k != "jax/programs"})
+        for m in memories:
+            m.resident += device.peak(m.phase) - m.peak_bytes
+    peak = max([m.peak_bytes for m in memories] + ([device.peak_bytes] if device else []))
     fits = peak + fv.headroom_bytes <= target.capacity_bytes
+    if device is not None:  # and every phase within the split's budget (JAX's programs within JAX's share)
+        fits = fits and all(device.peak(p) <= device.budget_bytes for p in device.holds)
     print()
     print(phase_table(memories))
+    if device is not None:
+        print(device_table(device))
+        print(device.summary())
     print(f"peak {_gb(peak)} GB of {_gb(target.capacity_bytes)} GB ({target.name}), headroom "
           f"{_gb(fv.headroom_bytes)} GB: {'fits' if fits else 'does NOT fit'}")
     print()
@@ -270,17 +225,26 @@ def report(cfg, fv) -> dict[str, Any]:
         for r in rows:
             print(f"  window {r['window']}: {_gb(r['must_read'])} | {_gb(r['buffers_read'])} | "
                   f"{_gb(r['buffers_written'])} | {r['copies']} ({_gb(r['copy_bytes'])}, {_gb(r['largest_copy'])})")
+    vllm_phases = {} if device is None else {
+        name: {"peak_bytes": device.peak(name), "holds": holds} for name, holds in device.holds.items()
+        if name.startswith("vllm/")}
+    colocated = {} if device is None else {
+        "gpu_memory_utilization": device.gpu_memory_utilization, "kv_cache_rows": device.kv_cache_rows,
+        "kv_cache_rows_needed": device.kv_cache_rows_needed, "kv_cache_bytes": device.kv_cache_bytes,
+        "jax_env": device.jax_env, "jax_budget_bytes": device.jax_budget_bytes, "sleep": device.sleep,
+        "device_plan": device.as_json()}
     return {"target": target.name, "capacity_bytes": target.capacity_bytes, "peak_bytes": int(peak), "fits": fits,
-            "headroom_bytes": int(fv.headroom_bytes), "model": model_name,
-            "phases": {m.phase: {"peak_bytes": int(m.peak_bytes), "attention": m.attention, "rows": m.rows,
+            "headroom_bytes": int(fv.headroom_bytes), "model": model_name, **colocated,
+            "phases": {**vllm_phases, **{m.phase: {"peak_bytes": int(m.peak_bytes), "attention": m.attention, "rows": m.rows,
                                  "arguments": m.arguments, "temporaries": m.temporaries, "outputs": m.outputs,
                                  "aliased": m.aliased, "resident": m.resident,
                                  "compile_seconds": m.compile_seconds,
                                  "copies": m.traffic and {k: v for k, v in m.traffic.items() if k != "loops"},
                                  **({"decode_steps": steps[m.phase]} if m.phase in steps else {}),
                                  **({"fits_at_rows": fitting[m.phase][0], "peak_bytes_at_those_rows":
-                                     int(fitting[m.phase][1])} if m.phase in fitting else {})}
-                       for m in memories}}
+                                     int(fitting[m.phase][1])} if m.phase in fitting else {}),
+                                 **({"holds": device.holds[m.phase]} if device is not None else {})}
+                       for m in memories}}}
 
 
 # --- the study's Table 10 sweep ---------------------------------------------------------------------------
@@ -417,7 +381,9 @@ def main(argv: list[str]) -> dict:
     if cfg.get("mode") not in ("grpo", "sft", "eval"):  # e.g. distill: its teacher is a vLLM server
         raise SystemExit(f"memory: config.mode {cfg.get('mode')!r} runs no model program of jaxmath's; "
                          "use a grpo, sft or eval config")
+    from jaxmath.config import ConfigError
+
     try:
         return sweep(cfg, fv) if fv.sweep else report(cfg, fv)
-    except targets.TargetUnavailable as e:
-        raise SystemExit(str(e)) from None
+    except (targets.TargetUnavailable, ConfigError) as e:  # ConfigError: a device split that cannot fit
+        raise SystemExit(f"memory: {e}") from None

@@ -228,6 +228,8 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 batch = step_lib.build_batch(rollout, prompt_len, advantages, completion_len=width)
                 device_batch = sharding.shard_batch(batch, mesh)
                 completion_len = batch.completion_len
+                # A colocated engine frees its memory for JAX's programs (the device plan time-shares it).
+                asleep = engine.sleep()
                 if not on_policy or loss_cfg.beta > 0:
                     with timer.phase("logprob"):
                         if not on_policy:
@@ -237,7 +239,6 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                             device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                    device_batch.valid, completion_len, lora=False)
                         jax.block_until_ready(device_batch.old_logprobs)
-                asleep = engine.sleep()  # a colocated engine frees its memory for the train phase
                 with timer.phase("train"):
                     for iteration in range(cfg.num_iterations):
                         trainable, opt_state, step_metrics, logprobs = train_step(trainable, frozen, opt_state,

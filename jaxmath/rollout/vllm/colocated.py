@@ -1,10 +1,10 @@
 """vLLM in the trainer's process (`vllm.mode=colocated`): engine core and worker here, so weights cross
 from JAX to torch through DLPack without a copy.
 
-On a GPU it shares the device with JAX: start JAX with `xla_env_for_colocation()` in the environment
-(no preallocation) and leave `gpu_memory_utilization=0` so vLLM's share is derived from JAX's
-measured peak; `sleep()` / `wake_up()` free vLLM's memory during the train phase where the platform
-supports it.
+On a GPU it shares the device with JAX by the run's device plan (`jaxmath.aot.colocate`, applied by
+`jaxmath.main` before jax starts): the plan's gpu_memory_utilization, KV cache bytes and max_num_seqs
+arrive in the VLLMConfig. `sleep()` frees vLLM's memory for JAX's programs and `wake_up()` takes it
+back in two stages (weights, then after the sync the KV cache), where the platform has sleep mode.
 """
 
 from __future__ import annotations
@@ -17,36 +17,24 @@ from jaxmath.rollout.vllm.config import CPU_DEFAULT_MEMORY_UTILIZATION, WORKER_E
 from jaxmath.rollout.vllm.engine import Row, VLLMEngineBase, sampling_kwargs
 
 
-def xla_env_for_colocation(jax_fraction: float | None = None) -> dict[str, str]:
-    """Environment for JAX when vLLM shares its GPU; set it before jax is imported. Without a fraction
-    XLA allocates on demand (no preallocation); with one, it preallocates that share only."""
-    if jax_fraction is None:
-        return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    if not 0 < jax_fraction < 1:
-        raise ValueError(f"jax_fraction must be in (0, 1), got {jax_fraction}")
-    return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{jax_fraction:.3f}"}
-
-
-def derive_gpu_memory_utilization(jax_peak_bytes: int, total_bytes: int, margin: float = 0.05) -> float:
-    """vLLM's share of a GPU that JAX also uses: what JAX's measured peak leaves, less a margin for
-    fragmentation and CUDA contexts. Fails when less than 5% would remain."""
-    share = 1.0 - jax_peak_bytes / total_bytes - margin
-    if share < 0.05:
-        raise ValueError(f"JAX's peak uses {jax_peak_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB; too little "
-                         "is left for vLLM. Lower the rollout/train batch, use LoRA, or run vLLM in server mode "
-                         "on another GPU")
-    return round(share, 3)
-
-
-def _measured_utilization() -> float | None:
-    """From JAX's first device: None on platforms without memory statistics (CPU)."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return None
-    return derive_gpu_memory_utilization(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)),
-                                         stats["bytes_limit"])
+def engine_kwargs(c: VLLMConfig, *, on_cpu: bool) -> dict[str, Any]:
+    """`vllm.LLM`'s arguments for `c`. On a GPU: the device plan's memory settings, CUDA graphs unless
+    enforce_eager, sleep mode as configured. On a CPU: eager (no CUDA graphs, and torch.compile of the
+    model costs minutes there), no sleep mode (vLLM has none on CPUs), 0.3 of host memory unless set."""
+    kwargs: dict[str, Any] = dict(
+        model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len or None, seed=c.seed,
+        gpu_memory_utilization=c.gpu_memory_utilization or CPU_DEFAULT_MEMORY_UTILIZATION,
+        enforce_eager=c.enforce_eager or on_cpu, enable_prefix_caching=c.enable_prefix_caching,
+        logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
+        enable_sleep_mode=c.enable_sleep_mode and not on_cpu)
+    if not on_cpu:
+        if c.kv_cache_memory_bytes:
+            kwargs["kv_cache_memory_bytes"] = c.kv_cache_memory_bytes
+        if c.max_num_seqs:
+            kwargs["max_num_seqs"] = c.max_num_seqs
+    if c.enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=c.max_lora_rank, max_loras=1)
+    return kwargs
 
 
 class ColocatedEngine(VLLMEngineBase):
@@ -67,16 +55,13 @@ class ColocatedEngine(VLLMEngineBase):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(c.cpu_kvcache_gib))
         from vllm import LLM
 
-        utilization = c.gpu_memory_utilization or _measured_utilization() or CPU_DEFAULT_MEMORY_UTILIZATION
-        kwargs: dict[str, Any] = dict(
-            model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len or None, seed=c.seed,
-            gpu_memory_utilization=utilization, enforce_eager=c.enforce_eager,
-            enable_prefix_caching=c.enable_prefix_caching, logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=c.enable_sleep_mode)
-        if c.enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=c.max_lora_rank, max_loras=1)
-        self.gpu_memory_utilization = utilization
-        self._llm = LLM(**kwargs)
+        self._llm = None
+        self._staged_kv = False  # weights woken, KV cache still asleep (between wake_up and the sync)
+        from vllm.platforms import current_platform
+
+        self._on_cpu = current_platform.is_cpu()
+        self._llm = LLM(**engine_kwargs(c, on_cpu=self._on_cpu))
+        self.gpu_memory_utilization = self._llm.llm_engine.vllm_config.cache_config.gpu_memory_utilization
 
     @property
     def tokenizer(self):
@@ -134,27 +119,32 @@ class ColocatedEngine(VLLMEngineBase):
 
     # --- memory phases ---
 
-    def sleep(self, level: int = 1) -> bool:
-        """Free vLLM's device memory for the train phase. Returns False (and does nothing) where vLLM
-        has no sleep mode: on CPUs or without vllm.enable_sleep_mode. Level 1 keeps the weights in host
-        memory; level 2 drops them (the next update_weights must be a full sync)."""
+    def sleep(self) -> bool:
+        """Free vLLM's device memory for JAX's programs. Returns False (and does nothing) where vLLM has
+        no sleep mode: on CPUs or without vllm.enable_sleep_mode. Level 2 (weights and KV cache
+        discarded) when the next sync rewrites every weight; level 1 (weights kept in host memory) when
+        only LoRA adapters are sent, so the base survives."""
         if not self._can_sleep():
             return False
-        self._llm.sleep(level=level)
+        self._llm.sleep(level=1 if self.config.enable_lora else 2)
         return True
 
     def wake_up(self) -> bool:
+        """Take the weights' memory back; the KV cache follows after the sync (`update_weights`), so the
+        sync's buckets never sit beside a full KV cache."""
         if not self._can_sleep():
             return False
-        self._llm.wake_up()
+        self._llm.wake_up(tags=["weights"])
+        self._staged_kv = True
         return True
 
-    def _can_sleep(self) -> bool:
-        if self._llm is None or not self.config.enable_sleep_mode:
-            return False
-        from vllm.platforms import current_platform
+    def _weights_loaded(self) -> None:
+        if self._staged_kv:
+            self._llm.wake_up(tags=["kv_cache"])
+            self._staged_kv = False
 
-        return not current_platform.is_cpu()
+    def _can_sleep(self) -> bool:
+        return self._llm is not None and self.config.enable_sleep_mode and not self._on_cpu
 
     def close(self) -> None:
         """Release the engine and the shared-memory sync files."""

@@ -22,9 +22,20 @@ class VLLMConfig:
     max_model_len: vLLM's context window (prompt + completion tokens); 0 (the default) sizes it to the
                  longest request the run makes (its prompt bucket plus max_new_tokens), set by `fit_context`
                  before the engine starts. Either way it must fit the model's max_position_embeddings.
-    gpu_memory_utilization: vLLM's share of device memory (on a CPU, of host memory); 0 derives it on a
-                 GPU from JAX's measured peak (`colocated.derive_gpu_memory_utilization`), and uses 0.3
-                 on a CPU; a server started by `server_command` with 0 takes 0.9 of its own GPU, 0.3 on a CPU.
+    gpu_memory_utilization: vLLM's share of device memory (on a CPU, of host memory); 0: colocated on a
+                 GPU, the run's device plan chooses it (`jaxmath.aot.colocate`: weights, the KV cache the
+                 rollout needs, workspace), 0.3 on a CPU; a server started by `server_command` with 0 takes
+                 0.9 of its own GPU, 0.3 on a CPU. A value set here is kept (the KV cache is what it leaves
+                 after the weights and workspace) or refused before any work.
+    kv_cache_memory_bytes, max_num_seqs: vLLM's KV cache and its most requests at once, set by the
+                 device plan when colocated on a GPU (0: vLLM sizes them itself)
+    enforce_eager: CUDA graphs off. Off by default: decode on a GPU runs several times slower without
+                 them; on a CPU vLLM always runs eager (no CUDA graphs there, and compiling the model
+                 with torch.compile on a CPU costs minutes).
+    enable_sleep_mode: vLLM frees its weights and KV cache while JAX trains (sleep level 2 when every
+                 sync rewrites all weights, 1 when only adapters are sent) and wakes for the next
+                 rollout; the device plan then time-shares the GPU. Ignored where vLLM has no sleep mode
+                 (CPUs). False: both engines hold their memory at once (a static split).
     enable_lora: required to sync LoRA adapters (adapters only, PEFT format); max_lora_rank >= rank.
                  The trainer sets both from its lora.* settings.
     dtype:       the dtype vLLM computes in. The trainer passes its model.dtype when this is "auto":
@@ -44,9 +55,11 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.0
     enable_lora: bool = False
     max_lora_rank: int = 64
-    enforce_eager: bool = True
+    kv_cache_memory_bytes: int = 0
+    max_num_seqs: int = 0
+    enforce_eager: bool = False
     enable_prefix_caching: bool = True
-    enable_sleep_mode: bool = False
+    enable_sleep_mode: bool = True
     seed: int = 0
     sync_method: str = "auto"
     sync_bucket_mb: int = 256

@@ -118,6 +118,7 @@ class VLLMEngineBase(RolloutEngine):
             if method == "auto":
                 method = "load_weights" if self.config.mode == "colocated" else "file"
             record = self._sync_memory(model) if method == "load_weights" else self._sync_file(model)
+        self._weights_loaded()
         self._reset_prefix_cache()
         record.seconds = time.perf_counter() - start
         self.last_sync = record
@@ -125,6 +126,10 @@ class VLLMEngineBase(RolloutEngine):
 
     def _sync_memory(self, model):
         raise NotImplementedError
+
+    def _weights_loaded(self) -> None:
+        """Called after the new weights are in, before the prefix cache is reset (a colocated engine
+        woken in stages takes its KV cache back here)."""
 
     def _sync_file(self, model):
         from jaxmath.rollout import weight_sync

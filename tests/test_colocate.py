@@ -1,0 +1,234 @@
+"""The device plan of a run whose rollouts and evaluation share the GPU with the JAX trainer
+(`jaxmath.aot.colocate`): its arithmetic for Qwen3-4B by hand and against vLLM's own KV-cache block
+arithmetic, its refusals, and `python -m jaxmath.main` setting JAX's allocator and vLLM's memory from
+it before jax starts (a subprocess with a recording stand-in for vllm.LLM, planned for an H100)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from jaxmath.aot import colocate
+from jaxmath.aot import run as run_lib
+from jaxmath.aot.targets import load_target
+from jaxmath.config import ConfigError, load_config
+from jaxmath.model import preset
+from tests.conftest import FIXTURE_DATA_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS_4B = 4_022_468_096
+KV_TOKEN_4B = 2 * 36 * 8 * 128 * 2  # keys and values, 36 layers, 8 KV heads of 128, bf16: 147,456 bytes
+
+
+def _side(**changes):
+    args = dict(dtype=jnp.bfloat16, max_model_len=5120, requests=128, prompt_tokens=1024, samples=16)
+    args.update(changes)
+    return colocate.VLLMSide.of(preset("qwen3-4b"), **args)
+
+
+def test_vllm_side_of_qwen3_4b_by_hand():
+    side = _side()
+    assert side.weights_bytes == 2 * PARAMS_4B
+    assert side.kv_token_bytes == KV_TOKEN_4B
+    assert side.kv_page_bytes == 16 * KV_TOKEN_4B // 36 == 65_536
+    assert side.blocks_per_request() == 320
+    # 8 prompts: each shares its 64 full prompt blocks among its 16 samples, which own the rest.
+    assert side.blocks_for_all_requests() == 8 * (64 + 16 * 256)
+
+
+def test_time_shared_plan_on_an_h100():
+    h100 = load_target("h100")
+    resident = 9_600_000_000
+    plan = colocate.device_plan(h100, vllm_side=_side(), jax_resident_bytes=resident, sleep=True)
+    assert plan.budget_bytes == int(80e9 * 0.9)
+    # Every phase fits the budget; the rollout phase is where the KV cache takes what is left.
+    assert all(plan.peak(p) <= plan.budget_bytes for p in plan.holds)
+    generate = plan.holds["vllm/generate"]
+    assert generate["jax/resident"] == resident and generate["vllm/weights"] == 2 * PARAMS_4B
+    assert plan.peak("vllm/generate") > plan.budget_bytes - _side().block_bytes  # no whole block left over
+    assert plan.kv_cache_bytes == plan.kv_cache_blocks * _side().block_bytes
+    assert plan.kv_cache_rows == plan.kv_cache_blocks // 320 >= 1
+    # While JAX's programs run, vLLM sleeps: no weights, no KV cache beside them.
+    beside = plan.holds["jax/programs"]
+    assert "vllm/weights" not in beside and "vllm/kv_cache" not in beside
+    assert plan.jax_budget_bytes == plan.budget_bytes - (beside["context"] + beside["vllm/cuda_graphs"]
+                                                          + beside["vllm/workspace"])
+    assert plan.jax_env == {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    awake = plan.vllm_weights_bytes + plan.kv_cache_bytes + plan.activation_bytes + plan.graph_bytes
+    assert plan.gpu_memory_utilization == math.ceil(awake / h100.device_bytes * 1000) / 1000
+    assert 0 < plan.gpu_memory_utilization < 1
+    assert plan.max_num_seqs == 128
+
+
+def test_static_plan_holds_both_at_once_and_preallocates_jax():
+    plan = colocate.device_plan(load_target("h100"), vllm_side=_side(), jax_resident_bytes=9_600_000_000, sleep=False)
+    beside = plan.holds["jax/programs"]
+    assert beside["vllm/weights"] == 2 * PARAMS_4B and beside["vllm/kv_cache"] == plan.kv_cache_bytes
+    assert plan.jax_env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    fraction = float(plan.jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+    assert fraction * plan.device_bytes <= plan.jax_budget_bytes
+    # JAX's preallocation and vLLM's share fit the device together.
+    assert fraction + plan.gpu_memory_utilization < 1
+    shared = colocate.device_plan(load_target("h100"), vllm_side=_side(), jax_resident_bytes=9_600_000_000, sleep=True)
+    assert plan.kv_cache_bytes < shared.kv_cache_bytes  # the static split leaves JAX room for its programs
+
+
+def test_a_plan_that_cannot_fit_names_the_setting():
+    h100 = load_target("h100")
+    with pytest.raises(colocate.PlanError, match="rl.max_completion_tokens"):  # 32B weights and a 1M context
+        colocate.device_plan(h100, vllm_side=colocate.VLLMSide.of(
+            preset("qwen3-32b"), dtype=jnp.bfloat16, max_model_len=1 << 20, requests=8, prompt_tokens=1024, samples=8),
+            jax_resident_bytes=0, sleep=True)
+    with pytest.raises(colocate.PlanError, match="vllm.gpu_memory_utilization"):
+        colocate.device_plan(h100, vllm_side=_side(), jax_resident_bytes=9_600_000_000, sleep=True,
+                             gpu_memory_utilization=0.12)
+    assert issubclass(colocate.PlanError, ConfigError)  # main reports it in one line, exit 2
+
+
+def _study(name: str, *overrides: str):
+    cfg = load_config(str(ROOT / "configs" / f"{name}.py"))
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, field = key.split(".")
+        cfg[section][field] = type(cfg[section][field])(value) if not isinstance(cfg[section][field], bool) \
+            else value == "true"
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["grpo_v2", "local_full", "eval"])
+def test_study_configs_plan_their_colocated_vllm(name):
+    cfg = _study(name)
+    plan = run_lib.device_plan(cfg, load_target("h100"))
+    assert plan is not None and plan.kv_cache_rows >= 1 and 0 < plan.gpu_memory_utilization < 1
+    if name == "eval":  # no JAX program: vLLM alone, and all of its calls' requests fit at once
+        assert plan.jax_resident_bytes == 0 and "jax/programs" not in plan.holds
+    else:
+        assert plan.jax_budget_bytes > plan.jax_resident_bytes
+    assert run_lib.device_plan(_study(name, "vllm.mode=server", "vllm.url=http://127.0.0.1:8000"),
+                               load_target("h100")) is None
+
+
+# --- main applies the plan before jax starts -------------------------------------------------------
+
+# Runs jaxmath.main with a stand-in for vllm (a GPU platform whose LLM records its arguments and ends
+# the process) and records the XLA allocator settings at the moment jax creates its first backend.
+_RECORDER = r'''
+import importlib.machinery, json, os, sys, types
+out, stop_at_jax = sys.argv[1], sys.argv[2] == "1"
+record = {}
+from jax._src import xla_bridge
+_backends = xla_bridge.backends
+KEYS = ("XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+        "XLA_CLIENT_MEM_FRACTION")
+def backends():
+    if "env_when_jax_started" not in record:
+        record["env_when_jax_started"] = {k: os.environ.get(k) for k in KEYS}
+        if stop_at_jax:
+            json.dump(record, open(out, "w")); os._exit(0)
+    return _backends()
+xla_bridge.backends = backends
+class LLM:
+    def __init__(self, **kwargs):
+        record["llm"] = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
+        json.dump(record, open(out, "w")); os._exit(0)
+class _Platform:
+    def is_cpu(self):
+        return False
+vllm = types.ModuleType("vllm"); vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None); vllm.LLM = LLM
+platforms = types.ModuleType("vllm.platforms"); platforms.current_platform = _Platform(); vllm.platforms = platforms
+sys.modules.update({"vllm": vllm, "vllm.platforms": platforms})
+from jaxmath import main
+sys.argv = ["jaxmath.main"] + sys.argv[3:]
+main.run()
+'''
+
+
+def _main_records(tmp_path, model: Path, *overrides: str, stop_at_jax: bool = False) -> dict:
+    script, out = tmp_path / "recorder.py", tmp_path / "record.json"
+    script.write_text(_RECORDER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_PYTHON_CLIENT", "XLA_CLIENT"))}
+    env.update(JAXMATH_PLAN_TARGET="h100", PYTHONPATH=str(ROOT))
+    argv = [sys.executable, str(script), str(out), "1" if stop_at_jax else "0", "--config=configs/grpo_v2.py",
+            f"--config.model.path={model}", f"--config.data.dir={FIXTURE_DATA_DIR}", f"--workdir={tmp_path / 'run'}",
+            *overrides]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.is_file(), done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.tiny_qwen import write_tiny_qwen3
+
+    return write_tiny_qwen3(tmp_path_factory.mktemp("tiny"))
+
+
+def _expected(model: Path, *overrides: str):
+    return run_lib.device_plan(_study("grpo_v2", f"model.path={model}", f"data.dir={FIXTURE_DATA_DIR}", *overrides),
+                               load_target("h100"))
+
+
+@pytest.mark.slow  # ~25 s: a tiny model loads in a subprocess
+@pytest.mark.parametrize("sleep", [True, False], ids=["time-shared", "static"])
+def test_main_sets_the_plans_allocator_and_vllm_memory_before_jax_starts(tmp_path, tiny_model, sleep):
+    overrides = () if sleep else ("vllm.enable_sleep_mode=false",)
+    record = _main_records(tmp_path, tiny_model, *(f"--config.{o}" for o in overrides))
+    plan = _expected(tiny_model, *overrides)
+    env = {k: v for k, v in record["env_when_jax_started"].items() if v is not None}
+    assert env == plan.jax_env  # and no other fraction (main's 0.95 is for runs without vLLM)
+    llm = record["llm"]
+    assert llm["gpu_memory_utilization"] == plan.gpu_memory_utilization
+    assert llm["kv_cache_memory_bytes"] == plan.kv_cache_bytes and llm["max_num_seqs"] == plan.max_num_seqs
+    assert llm["enable_sleep_mode"] is sleep and llm["enforce_eager"] is False  # CUDA graphs on a GPU
+
+
+@pytest.mark.slow  # ~15 s
+def test_main_gives_jax_the_device_when_the_rollouts_run_on_jax(tmp_path, tiny_model):
+    record = _main_records(tmp_path, tiny_model, "--config.rollout.engine=jax", stop_at_jax=True)
+    env = {k: v for k, v in record["env_when_jax_started"].items() if v is not None}
+    assert env == {"XLA_CLIENT_MEM_FRACTION": "0.95"}
+
+
+# --- against vLLM's own block arithmetic ----------------------------------------------------------
+
+
+def _vllm_kv_config(tmp_path, max_model_len: int, available: int):
+    """vLLM's own KV-cache config for Qwen3-4B (36 full-attention layers, 8 KV heads of 128, bf16,
+    blocks of 16 tokens) in `available` bytes, and its maximum concurrency."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from tests.tiny_qwen import QWEN3_4B_INSTRUCT_2507
+
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN3_4B_INSTRUCT_2507, "torch_dtype": "bfloat16"}))
+    config = EngineArgs(model=str(tmp_path), max_model_len=max_model_len, dtype="bfloat16", skip_tokenizer_init=True,
+                        block_size=colocate.KV_BLOCK_TOKENS).create_engine_config()
+    spec = {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
+        block_size=colocate.KV_BLOCK_TOKENS, num_kv_heads=8, head_size=128, dtype=torch.bfloat16) for i in range(36)}
+    resolve_kv_cache_layout(config, [["LBNHC"]], spec.values())
+    kv = kv_cache_utils.get_kv_cache_config_from_groups(config, kv_cache_utils.get_kv_cache_groups(config, spec),
+                                                        available)
+    page = spec["model.layers.0.self_attn.attn"].page_size_bytes
+    return kv, kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, kv), page
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["grpo_v2", "local_full"])
+def test_kv_cache_plan_matches_vllms_block_arithmetic(tmp_path, name):
+    pytest.importorskip("vllm")
+    plan = run_lib.device_plan(_study(name), load_target("h100"))
+    kv, concurrency, page = _vllm_kv_config(tmp_path, plan.max_model_len, plan.kv_cache_bytes)
+    assert page == colocate.VLLMSide.of(preset("qwen3-4b"), dtype=jnp.bfloat16, max_model_len=plan.max_model_len,
+                                        requests=1, prompt_tokens=1, samples=1).kv_page_bytes
+    assert kv.num_blocks == plan.kv_cache_blocks
+    assert int(concurrency) == plan.kv_cache_rows >= 1
