@@ -208,8 +208,12 @@ def vllm_config(cfg, lora_cfg=None, plan=None):
     from jaxmath.rollout.vllm import VLLMConfig
     from jaxmath.rollout.vllm.config import fit_context
 
-    lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled, max_lora_rank=max(lora_cfg.rank, 1))
     section = dict(cfg.get("vllm", {}))
+    # A colocated vLLM takes a LoRA run's weights merged, in memory (no adapter files, no LoRA kernels
+    # while decoding); a server, or a file sync, takes the adapters through vLLM's LoRA support.
+    in_memory = section.get("mode", "colocated") == "colocated" and section.get("sync_method", "auto") != "file"
+    lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled and not in_memory,
+                                            max_lora_rank=max(lora_cfg.rank, 1))
     if section.get("dtype", "auto") == "auto":  # compute in the trainer's dtype (VLLMConfig.dtype says why)
         section["dtype"] = cfg.model.get("dtype", "auto")
     if plan is not None:

@@ -95,23 +95,28 @@ def _plan(*argv):
 
 @config_loader
 def test_each_config_lists_the_programs_its_run_executes():
-    grpo = _plan("--config=configs/grpo_v2.py")
+    # As shipped, vLLM generates (its memory is jaxmath.aot.colocate's, tests/test_colocate.py): JAX
+    # runs only the train step. On the JAX engine the sampler's programs join it.
+    assert list(_plan("--config=configs/grpo_v2.py").phases) == ["train/step"]
+    assert _plan("--config=configs/eval.py").phases == {}
+    jax_engine = "--config.rollout.engine=jax"
+    grpo = _plan("--config=configs/grpo_v2.py", jax_engine)
     assert list(grpo.phases) == ["rollout/prefill", "rollout/decode", "train/step", "sync/merge"]
     assert grpo.phases["rollout/decode"] == 128 and grpo.phases["train/step"] == 16  # 8 prompts x 16; loss
     assert grpo.grpo.prompt_tokens == 1024 and grpo.grpo.completion_tokens == 4096
     # importance correction needs the old-policy pass; periodic evaluation generates with the sampler
     assert "train/logprobs" in _plan("--config=configs/grpo_v2.py", "--config.loss.tis_cap=2.0").phases
-    lora = _plan("--config=configs/local_lora.py")
+    lora = _plan("--config=configs/local_lora.py", jax_engine)
     assert lora.phases["eval/decode"] == 64 and lora.evaluation.max_new_tokens == 2048
-    full = _plan("--config=configs/local_full.py", "--micro_batch_rows=4", "--sampler_rows=32")
+    full = _plan("--config=configs/local_full.py", jax_engine, "--micro_batch_rows=4", "--sampler_rows=32")
     assert "sync/merge" not in full.phases and full.phases["train/step"] == 4 and full.phases["rollout/decode"] == 32
     # main's overrides: the prompt budget sets the train prompt bucket and the sampler's
-    p1500 = _plan("--config=configs/grpo_v2.py", "--config.rl.max_prompt_tokens=1500")
+    p1500 = _plan("--config=configs/grpo_v2.py", jax_engine, "--config.rl.max_prompt_tokens=1500")
     assert p1500.grpo.prompt_tokens == 1536 and plan_lib.sampler_bucket(p1500.sampler, 1500) == 2048
     sft = _plan("--config=configs/sft_config_a.py", "--sft_micro=2")
     assert list(sft.phases) == ["train/sft_step", "eval/sft_loss"] and sft.phases["train/sft_step"] == 2
     assert not sft.sft.packed and sft.sft.batch == 32 and sft.sft.seq == 4096
-    ev = _plan("--config=configs/eval.py")
+    ev = _plan("--config=configs/eval.py", "--config.eval.backend=jax")
     assert list(ev.phases) == ["eval/prefill", "eval/decode"] and ev.phases["eval/decode"] == 64
     with pytest.raises(SystemExit, match="not a flag|key"):
         memory._flags(["--config=configs/eval.py", "--config.eval.no_such_key=1"])
@@ -123,7 +128,8 @@ def test_memory_report_on_a_tiny_model():
     """The decode loop and the train step of a tiny GRPO run compiled for this CPU (about 15 s)."""
     shapes = ["--config.rl.max_prompt_tokens=40", "--config.rl.max_completion_tokens=24",
               "--config.rl.num_generations=2", "--config.rl.prompts_per_step=4", "--config.loss.micro_batch_rows=4",
-              "--config.sampler.decode_window=8", "--phases=rollout/decode,train/step,sync/merge"]
+              "--config.sampler.decode_window=8", "--phases=rollout/decode,train/step,sync/merge",
+              "--config.rollout.engine=jax"]
     out = memory.main(["--config=configs/grpo_v2.py", *TINY, *shapes])
     assert out["target"] == "cpu" and out["fits"] and out["capacity_bytes"] > 0
     assert list(out["phases"]) == ["rollout/decode", "train/step", "sync/merge"]
@@ -282,6 +288,12 @@ def test_memory_cli_for_h100_on_a_tiny_model():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["target"] == "h100" and result["fits"]
     assert result["phases"]["train/step"]["attention"] == "cudnn"
+    # vLLM generates as shipped: its phases beside JAX's, and the split it would run with
+    assert {"vllm/generate", "vllm/sync"} <= set(result["phases"])
+    assert 0 < result["gpu_memory_utilization"] < 1 and result["kv_cache_rows"] >= 1
+    assert result["phases"]["train/step"]["holds"]["jax/program"] <= result["jax_budget_bytes"]
+    assert "vllm/weights" not in result["phases"]["train/step"]["holds"]  # asleep through the train step
+    assert result["peak_bytes"] == max(p["peak_bytes"] for p in result["phases"].values())
 
 
 @pytest.mark.aot
@@ -295,7 +307,7 @@ def test_grpo_v2_fits_a_device_by_construction():
     compiled for that device at those rows, fits it: the fitting logic and the AOT plan agree."""
     from jaxmath.aot import fit
 
-    fv = memory._flags(["--config=configs/grpo_v2.py", "--config.model.preset=bench"])
+    fv = memory._flags(["--config=configs/grpo_v2.py", "--config.model.preset=bench", "--config.rollout.engine=jax"])
     plan = memory.run_plan(fv.config, memory.model_config(fv.config)[1])
     target = fit.with_capacity(targets.load_target("h100"), 2e9)
     fitted = plan_lib.on_target(plan, target)

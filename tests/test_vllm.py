@@ -118,12 +118,13 @@ SCRIPT = textwrap.dedent('''
                 res[f"lora{step}_sync"] = engine.update_weights(model)
                 res[f"lora{step}_after"] = mismatch(engine, model)
                 res[f"lora{step}_greedy_after"] = greedy_equal(engine, model)
-            res["lora_dirs"] = sorted(d for d in os.listdir(engine.sync_dir))
-            try:
-                engine.update_weights(jm.init_model(cfg, seed=1))
-                res["full_into_lora_error"] = ""
-            except ValueError as e:
-                res["full_into_lora_error"] = str(e)
+            res["lora_dirs"] = sorted(os.listdir(engine.sync_dir)) if os.path.isdir(engine.sync_dir) else []
+            if mode == "lora":
+                try:
+                    engine.update_weights(jm.init_model(cfg, seed=1))
+                    res["full_into_lora_error"] = ""
+                except ValueError as e:
+                    res["full_into_lora_error"] = str(e)
         engine.close()
         print("RESULT " + json.dumps(res))
 
@@ -193,6 +194,24 @@ def test_lora_sync_makes_vllm_follow_the_adapters(lora):
         assert lora[f"lora{step}_greedy_after"] == [True, True, True]
     # The second sync replaced the first adapter (a new id) and removed its files.
     assert lora["lora_dirs"] == ["lora-2"]
+
+
+@pytest.fixture(scope="module")
+def lora_merged(tmp_path_factory, tokenizer_dir):
+    return _run("lora_merged", tmp_path_factory, tokenizer_dir)
+
+
+def test_lora_merged_in_memory_makes_vllm_follow_the_adapters(lora_merged):
+    """A colocated vLLM without LoRA support (how main starts it for a LoRA run) takes the adapters
+    folded into the weights, in memory: it follows them as closely as the adapter path, and no
+    adapter file is written."""
+    for step in (1, 2):
+        before, after = lora_merged[f"lora{step}_before"], lora_merged[f"lora{step}_after"]
+        assert before["mismatch/abs_mean"] > 0.5, before
+        assert after["mismatch/abs_max"] < 2e-3, after
+        assert lora_merged[f"lora{step}_greedy_after"] == [True, True, True]
+        assert lora_merged[f"lora{step}_sync"]["sync/buckets"] >= 1
+    assert lora_merged["lora_dirs"] == []
 
 
 def test_full_sync_into_lora_engine_says_what_to_do(lora):

@@ -92,6 +92,7 @@ class VLLMSide:
     prompt_tokens: int
     samples: int
     activation_bytes: int
+    itemsize: int = 2  # bytes per weight and cache element in vLLM's dtype
 
     @classmethod
     def of(cls, model_cfg, *, dtype, max_model_len: int, requests: int, prompt_tokens: int,
@@ -105,7 +106,8 @@ class VLLMSide:
         activations = MAX_BATCHED_TOKENS * per_token + 3 * seqs * c.vocab_size * 4
         return cls(weights_bytes=c.num_params() * itemsize, kv_token_bytes=page * c.num_layers // KV_BLOCK_TOKENS,
                    kv_page_bytes=page, num_layers=c.num_layers, max_model_len=max_model_len, requests=requests,
-                   prompt_tokens=prompt_tokens, samples=samples, activation_bytes=int(activations))
+                   prompt_tokens=prompt_tokens, samples=samples, activation_bytes=int(activations),
+                   itemsize=itemsize)
 
     @property
     def block_bytes(self) -> int:
@@ -122,6 +124,15 @@ class VLLMSide:
         shared = self.prompt_tokens // KV_BLOCK_TOKENS
         own = math.ceil((self.max_model_len - shared * KV_BLOCK_TOKENS) / KV_BLOCK_TOKENS)
         return prompts * (shared + self.samples * own)
+
+
+def sync_working_bytes(model_cfg, itemsize: int, *, merges_lora: bool, bucket_bytes: int) -> int:
+    """JAX's working set while it sends weights (`jaxmath.rollout.weight_sync`): the largest stacked
+    parameter converted whole to vLLM's dtype and layout, plus, when adapters are merged in, its float32
+    delta and sum; and one bucket of per-layer slices handed over."""
+    c = model_cfg
+    largest = c.num_layers * c.hidden_size * max(c.intermediate_size, c.num_heads * c.head_dim)
+    return int(largest * (itemsize + (8 if merges_lora else 0)) + bucket_bytes)
 
 
 def max_num_seqs(requests: int) -> int:
@@ -215,10 +226,11 @@ def _fraction(nbytes: int, device_bytes: int) -> float:
 
 def device_plan(target: Target, *, vllm_side: VLLMSide, jax_resident_bytes: int, sleep: bool,
                 jax_programs: bool = True, gpu_memory_utilization: float = 0.0,
-                sync_bucket_bytes: int = 256 << 20) -> DevicePlan:
+                sync_bytes: int = 256 << 20) -> DevicePlan:
     """Split `target` between JAX (its resident train state; its programs when `jax_programs`) and a
     colocated vLLM serving `vllm_side`. gpu_memory_utilization: 0 plans vLLM's share; a value the
-    user set is kept (its KV cache is what it leaves) or refused. Raises PlanError naming the setting
+    user set is kept (its KV cache is what it leaves) or refused. sync_bytes: the weight sync's working
+    set on JAX's side (`sync_working_bytes`). Raises PlanError naming the setting
     to change when not even one longest request fits beside JAX's state, or nothing is left for JAX's
     programs."""
     gb = 1e9
@@ -254,7 +266,7 @@ def device_plan(target: Target, *, vllm_side: VLLMSide, jax_resident_bytes: int,
                           "vllm/weights": v.weights_bytes, "vllm/kv_cache": kv, "vllm/workspace": workspace,
                           "vllm/cuda_graphs": graphs},
         "vllm/sync": {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes, "vllm/weights": v.weights_bytes,
-                      "vllm/cuda_graphs": graphs, "vllm/workspace": workspace, "sync/bucket": sync_bucket_bytes,
+                      "vllm/cuda_graphs": graphs, "vllm/workspace": workspace, "sync/convert": sync_bytes,
                       **({} if sleep else {"vllm/kv_cache": kv})},
     }
     fraction = 0.0

@@ -145,7 +145,10 @@ def device_plan(cfg, target, model_cfg=None):
         state = plan_lib._abstract_state(run_plan(cfg, model_cfg), model_cfg, None)
         resident = plan_lib._trainer_bytes(state)
     section = cfg.get("vllm", {})
-    return colocate.device_plan(target, vllm_side=vllm_side(cfg, model_cfg), jax_resident_bytes=resident,
+    side = vllm_side(cfg, model_cfg)
+    sync = colocate.sync_working_bytes(model_cfg, side.itemsize, merges_lora=trains and cfg.lora.rank > 0,
+                                       bucket_bytes=int(section.get("sync_bucket_mb", 256)) << 20) if trains else 0
+    return colocate.device_plan(target, vllm_side=side, jax_resident_bytes=resident,
                                 sleep=bool(section.get("enable_sleep_mode", True)), jax_programs=trains,
                                 gpu_memory_utilization=float(section.get("gpu_memory_utilization", 0.0)),
-                                sync_bucket_bytes=int(section.get("sync_bucket_mb", 256)) << 20)
+                                sync_bytes=sync)

@@ -7,8 +7,11 @@ Three ways, fastest first; the `jaxmath.rollout.vllm` engines pick one:
   to torch through DLPack, so no host copy is made when trainer and engine share a process; the
   tensors are grouped into buckets of about `bucket_bytes` so the engine's `load_weights` runs a
   few times per sync, never once per parameter (OpenRLHF#647, verl#496);
-- LoRA: only the adapters, written in PEFT format (`jaxmath.model.peft`) for the engine's own LoRA
-  support;
+- LoRA, merged: where the engine runs without LoRA support (colocated vLLM, by default), each
+  adapted projection is folded (kernel + scale * A @ B, float32, on the device) and sent in memory
+  like a full sync: no file, no host copy, and vLLM decodes without LoRA kernels;
+- LoRA, adapters: only the adapters, written in PEFT format (`jaxmath.model.peft`) for the engine's
+  own LoRA support (a vLLM server, or vllm.enable_lora=True);
 - file: one safetensors file in shared memory (/dev/shm), which any engine on the host can read,
   in-process or not. The fallback that always works.
 
@@ -83,19 +86,43 @@ def _one_device(x: jax.Array) -> jax.Array:
     return jax.device_put(x, jax.sharding.SingleDeviceSharding(target))
 
 
-def hf_device_arrays(model: Qwen3, dtype: Any = None) -> Iterator[tuple[str, jax.Array]]:
-    """(HF name, jax.Array in HF layout on one device) for every base weight of `model`.
+@functools.partial(jax.jit, static_argnames=("scale", "num_in", "stacked", "dtype"))
+def _merged_hf_layout(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, scale: float,
+                      num_in: int | None, stacked: bool, dtype: Any) -> jax.Array:
+    """A projection with its adapter folded in (kernel + scale * A @ B, in float32), in HF layout and
+    `dtype`, on the device: the merged weights of a LoRA model, never the model's own arrays."""
+    delta = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(lora_a.astype(jnp.float32),
+                                                                  lora_b.astype(jnp.float32))
+    merged = kernel.astype(jnp.float32) + scale * delta
+    return _hf_layout(merged, num_in=num_in, stacked=stacked, dtype=dtype)
 
-    The LoRA adapters are not folded in: a model with adapters syncs them through PEFT, or is merged
-    (`jaxmath.model.lora.merge_lora`) first. Stacked parameters are converted whole and sliced per
-    layer afterwards, so a sync dispatches one conversion per table entry.
+
+def _module(model: Qwen3, path: tuple[str, ...]) -> Any:
+    for key in path:
+        model = getattr(model, key)
+    return model
+
+
+def hf_device_arrays(model: Qwen3, dtype: Any = None) -> Iterator[tuple[str, jax.Array]]:
+    """(HF name, jax.Array in HF layout on one device) for every weight of `model`.
+
+    A projection with a LoRA adapter is sent merged (kernel + scale * A @ B, computed in float32 on
+    the device, then `dtype`), so an engine without LoRA support generates with the adapted policy;
+    the model itself is not changed. Stacked parameters are converted whole and sliced per layer
+    afterwards, so a sync dispatches one conversion per table entry.
     """
     config: Qwen3Config = model.config
     state = nnx.state(model)
     target = jnp.dtype(dtype) if dtype is not None else None
     for spec in hf_io.weight_table(config):
         value = _get(state, spec.path).get_value()
-        hf = _one_device(_hf_layout(value, num_in=spec.num_in, stacked=spec.stacked, dtype=target or value.dtype))
+        layout = dict(num_in=spec.num_in, stacked=spec.stacked, dtype=target or value.dtype)
+        dense = _module(model, spec.path[:-1]) if spec.path[-1] == "kernel" else None
+        if dense is not None and getattr(dense, "lora_a", None) is not None:
+            hf = _one_device(_merged_hf_layout(value, dense.lora_a.get_value(), dense.lora_b.get_value(),
+                                               scale=float(dense.lora_scale), **layout))
+        else:
+            hf = _one_device(_hf_layout(value, **layout))
         if spec.stacked:
             for i in range(config.num_layers):
                 yield spec.hf_name.format(i), hf[i]

@@ -36,8 +36,9 @@ class VLLMConfig:
                  sync rewrites all weights, 1 when only adapters are sent) and wakes for the next
                  rollout; the device plan then time-shares the GPU. Ignored where vLLM has no sleep mode
                  (CPUs). False: both engines hold their memory at once (a static split).
-    enable_lora: required to sync LoRA adapters (adapters only, PEFT format); max_lora_rank >= rank.
-                 The trainer sets both from its lora.* settings.
+    enable_lora: sync LoRA adapters through vLLM's LoRA support (adapters only, PEFT format; max_lora_rank
+                 >= rank). The trainer sets it for a vLLM server or a file sync; a colocated vLLM synced in
+                 memory runs without it and takes the adapters merged into the weights.
     dtype:       the dtype vLLM computes in. The trainer passes its model.dtype when this is "auto":
                  vLLM's own "auto" would compute a float32 checkpoint in half precision, so its
                  logprobs would differ from a float32 trainer's by the rounding, not the weights.

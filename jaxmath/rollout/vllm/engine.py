@@ -101,13 +101,14 @@ class VLLMEngineBase(RolloutEngine):
     def update_weights(self, model) -> dict[str, float]:
         """Make the engine generate with `model`'s current weights; returns the sync metrics.
 
-        A model with LoRA adapters syncs only the adapters (the engine's base must be the model's base:
-        both load model.path); any other model syncs all weights, in memory when colocated.
+        A model with LoRA adapters syncs only the adapters where the engine runs with LoRA support
+        (vllm.enable_lora; the engine's base must be the model's base: both load model.path); without
+        it, and for any other model, all weights are sent (adapters merged in), in memory when colocated.
         """
         from jaxmath.rollout import weight_sync
 
         start = time.perf_counter()
-        if weight_sync.uses_lora(model):
+        if weight_sync.uses_lora(model) and self.config.enable_lora:
             record = self._sync_lora(model)
         else:
             if self.config.enable_lora:
@@ -150,9 +151,6 @@ class VLLMEngineBase(RolloutEngine):
         from jaxmath.model.peft import save_peft_adapter
         from jaxmath.rollout import weight_sync
 
-        if not self.config.enable_lora:
-            raise ValueError("the model has LoRA adapters but vLLM runs without LoRA; set vllm.enable_lora=True "
-                             "(and vllm.max_lora_rank >= lora.rank), or merge the adapters before syncing")
         record = weight_sync.SyncRecord("lora")
         self._lora_id += 1
         new_dir = os.path.join(self.sync_dir, f"lora-{self._lora_id}")
