@@ -207,8 +207,12 @@ class InitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """engine: the engine of the rollouts and of the periodic evaluation: "vllm" (`vllm.*`; the study
-    configs) or "jax" (the in-process sampler, `sampler.*`; nothing to install)."""
+    """Where a GRPO run generates.
+
+    engine: the engine of the rollouts and of the periodic evaluation: "vllm" (`vllm.*`; the study
+            configs, as the design card says) or "jax" (the in-process sampler, `sampler.*`; nothing
+            more to install).
+    """
 
     engine: str = "jax"
 

@@ -566,13 +566,6 @@ def validate(cfg) -> None:
                               "run's workdir")
     if mode == "eval":
         engine = eval_config(cfg).backend
-    if mode in ("grpo", "eval"):
-        from jaxmath.rollout.jax_sampler import SamplerConfig
-
-        build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
-        if engine == "vllm":
-            vllm_config(cfg, lora_cfg if mode == "grpo" else None)
-            require_vllm(cfg)
     if needs_model:
         model = build(ModelConfig, cfg.model, prefix="model")
         if not model.path and not model.preset:
@@ -582,6 +575,13 @@ def validate(cfg) -> None:
             raise ConfigError(f"model.path {model.path} {what}; download Qwen3-4B-Instruct-2507 in HF format "
                               "(huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR) and pass "
                               "--config.model.path=DIR")
+    if mode in ("grpo", "eval"):
+        from jaxmath.rollout.jax_sampler import SamplerConfig
+
+        build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
+        if engine == "vllm":
+            require_vllm(cfg)
+            vllm_config(cfg, lora_cfg if mode == "grpo" else None)
     if mode in ("grpo", "sft", "eval") and not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"data.dir {cfg.data.dir} is not a directory; write the data with "
                           "`python -m jaxmath.data.datasets --out DIR` and pass --config.data.dir=DIR")

@@ -13,6 +13,5 @@ if [[ $# -lt 1 ]]; then
 fi
 CONFIG=$1
 shift
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 exec "${PYTHON:-python}" -m jaxmath.main --config="$CONFIG" \
     --config.mesh.data="${DATA:-1}" --config.mesh.fsdp="${FSDP:--1}" --config.mesh.tp="${TP:-1}" "$@"

@@ -232,3 +232,35 @@ def test_kv_cache_plan_matches_vllms_block_arithmetic(tmp_path, name):
                                         requests=1, prompt_tokens=1, samples=1).kv_page_bytes
     assert kv.num_blocks == plan.kv_cache_blocks
     assert int(concurrency) == plan.kv_cache_rows >= 1
+
+
+# --- the engines a run uses, said up front ------------------------------------------------------------
+
+
+def test_first_log_lines_name_the_engine_of_each_phase():
+    from jaxmath import main
+
+    line = main.engines_line(_study("local_lora"))
+    assert line.startswith("engines: rollouts on vLLM (colocated, sleeping through the train phase); "
+                           "evaluation on vLLM (colocated")
+    assert "train step on JAX" in line and "--config.rollout.engine=jax" in line
+    assert "rollouts on the JAX sampler" in main.engines_line(_study("grpo_v2", "rollout.engine=jax"))
+    assert main.engines_line(_study("eval")).startswith("engines: evaluation on vLLM (colocated")
+    assert "evaluation on the JAX sampler" in main.engines_line(_study("eval", "eval.backend=jax"))
+
+
+def test_a_run_on_vllm_without_vllm_stops_before_any_work(monkeypatch):
+    """validate() refuses it, in one line naming the extra to install and the override to JAX."""
+    import importlib.util
+
+    from jaxmath import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    for name, key in (("grpo_v2", "rollout.engine"), ("eval", "eval.backend")):
+        with pytest.raises(ConfigError) as refused:
+            main.validate(_study(name, f"data.dir={FIXTURE_DATA_DIR}", f"model.path={FIXTURE_DATA_DIR}"))
+        message = str(refused.value)
+        assert message.startswith(f"{key}=vllm needs vLLM, which is not installed")
+        assert "pip install -e '.[vllm]'" in message and f"--config.{key}=jax" in message
+    main.validate(_study("grpo_v2", "rollout.engine=jax", f"data.dir={FIXTURE_DATA_DIR}", "model.preset=tiny"))

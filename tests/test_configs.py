@@ -40,6 +40,8 @@ DERIVED_WITH_DEFAULT = {
     ("distill", "data_dir"): "jaxmath/distill.py is being rewritten (issue 19); drop its data_dir default there",
     ("vllm", "max_lora_rank"): "also the bound of a server started on its own (python -m jaxmath.rollout.vllm "
                                "--max_lora_rank); a trainer sets it from lora.rank",
+    ("eval", "backend"): "a key of the eval mode (configs/eval.py); in a GRPO run the periodic evaluation "
+                         "runs on the rollout engine, so there it follows rollout.engine",
 }
 
 
@@ -91,6 +93,9 @@ def test_every_config_loads_from_any_directory_and_builds_its_dataclasses(tmp_pa
         if cfg.mode == "grpo":
             main.eval_config(cfg, progress=False)
             cfg.model.path = "/models/any"
+            # a colocated vLLM takes LoRA merged in memory; a server takes the adapters
+            assert not main.vllm_config(cfg, build(LoRAConfig, cfg.lora)).enable_lora
+            cfg.vllm.mode, cfg.vllm.url = "server", "http://127.0.0.1:8000"
             assert main.vllm_config(cfg, build(LoRAConfig, cfg.lora)).enable_lora == (cfg.lora.rank > 0)
         elif cfg.mode == "sft":
             assert main.sft_config(cfg).optimizer.schedule == "warmup_linear"

@@ -265,10 +265,11 @@ def device_plan(target: Target, *, vllm_side: VLLMSide, jax_resident_bytes: int,
         "vllm/generate": {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes,
                           "vllm/weights": v.weights_bytes, "vllm/kv_cache": kv, "vllm/workspace": workspace,
                           "vllm/cuda_graphs": graphs},
-        "vllm/sync": {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes, "vllm/weights": v.weights_bytes,
-                      "vllm/cuda_graphs": graphs, "vllm/workspace": workspace, "sync/convert": sync_bytes,
-                      **({} if sleep else {"vllm/kv_cache": kv})},
     }
+    if jax_programs:  # the weight sync after each update: vLLM's weights awake, its KV cache not yet
+        holds["vllm/sync"] = {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes,
+                              "vllm/weights": v.weights_bytes, "vllm/cuda_graphs": graphs, "vllm/workspace": workspace,
+                              "sync/convert": sync_bytes, **({} if sleep else {"vllm/kv_cache": kv})}
     fraction = 0.0
     jax_budget = 0
     if jax_programs:

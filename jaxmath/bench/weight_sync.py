@@ -3,8 +3,10 @@ weight sync from the JAX trainer to vLLM. On a GPU without vLLM:
 `python -m jaxmath.bench weight_sync --preset=qwen3-4b --jax_side_only [--lora_rank=64]`.
 
 Full: every weight in HF layout, streamed into vLLM's in-place reload (`--method=load_weights`) or
-through a safetensors file in /dev/shm (`--method=file`). LoRA (`--lora_rank=R`): adapters on all
-seven projections written in PEFT format and loaded under a new adapter id. The model is loaded
+through a safetensors file in /dev/shm (`--method=file`). LoRA (`--lora_rank=R`) on all seven
+projections: merged (`--lora_sync=merged`, what a colocated run does) folds the adapters into the
+weights on the device and sends them as a full sync; adapter (`--lora_sync=adapter`, a server's way)
+writes them in PEFT format and loads them under a new adapter id. The model is loaded
 from DIR (HF format) into JAX; one warm-up sync (compiles the layout conversions, first adapter load),
 then `--repeats` timed syncs with the weights changed before each, reporting the median.
 
@@ -40,6 +42,8 @@ def _perturb(model, step: int) -> None:
 
 
 def _jax_side(model, method: str, lora: bool, workdir: str) -> float:
+    """lora: the adapters as PEFT files (the adapter sync); a LoRA model synced merged takes the
+    full-weight path, its adapters folded in (`weight_sync.hf_device_arrays`)."""
     import torch
 
     from jaxmath.model.peft import save_peft_adapter
@@ -79,7 +83,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shm_dir", default="/dev/shm")
     p.add_argument("--server", action="store_true", help="sync into a vLLM server (started here) over HTTP")
     p.add_argument("--server_log", default="/tmp/jaxmath_bench_vllm_server.log")
+    p.add_argument("--lora_sync", default="merged", choices=["merged", "adapter"],
+                   help="LoRA: adapters folded into the weights and sent in memory (a colocated vLLM, as main "
+                        "runs it) or PEFT adapter files for vLLM's LoRA support (a server always)")
     a = p.parse_args(argv)
+    if a.server:
+        a.lora_sync = "adapter"
     if a.server and a.method == "load_weights":
         a.method = "file"  # the only full-weight path into a server (LoRA syncs ignore the method)
     if bool(a.model) == bool(a.preset):
@@ -107,11 +116,12 @@ def main(argv: list[str]) -> dict:
     workdir = os.path.join(a.shm_dir, f"jaxmath-bench-sync-{os.getpid()}")
     os.makedirs(workdir, exist_ok=True)
     engine = server = None
+    adapters = bool(a.lora_rank) and a.lora_sync == "adapter"
     if not a.jax_side_only:
         from jaxmath.rollout.vllm import VLLMConfig, make_engine
         from jaxmath.rollout.vllm.server import start_server
 
-        config = VLLMConfig(model_path=a.model, dtype=a.dtype, max_model_len=512, enable_lora=bool(a.lora_rank),
+        config = VLLMConfig(model_path=a.model, dtype=a.dtype, max_model_len=512, enable_lora=adapters,
                             max_lora_rank=max(a.lora_rank, 8), sync_method=a.method, shm_dir=a.shm_dir)
         if a.server:
             config = dataclasses.replace(config, mode="server", url=f"http://127.0.0.1:{_free_port()}")
@@ -124,7 +134,7 @@ def main(argv: list[str]) -> dict:
         jax.block_until_ready(jax.tree.leaves(model))
         start = time.perf_counter()
         if engine is None:
-            _jax_side(model, a.method, bool(a.lora_rank), workdir)
+            _jax_side(model, a.method, adapters, workdir)
             elapsed = time.perf_counter() - start
             g = elapsed
         else:
@@ -144,7 +154,7 @@ def main(argv: list[str]) -> dict:
 
     shutil.rmtree(workdir, ignore_errors=True)
     return {"bench": "weight_sync", "model": a.model or a.preset, "lora_rank": a.lora_rank,
-            "method": "lora" if a.lora_rank else a.method, "engine": "server" if a.server else "colocated", "dtype": a.dtype, "jax_side_only": a.jax_side_only,
+            "method": f"lora {a.lora_sync}" if a.lora_rank else a.method, "engine": "server" if a.server else "colocated", "dtype": a.dtype, "jax_side_only": a.jax_side_only,
             "device": str(jax.devices()[0].device_kind), "num_params": model.config.num_params(),
             "repeats": a.repeats, "sync_bytes": nbytes, "all_seconds": [round(s, 4) for s in seconds],
             "gather_seconds": round(statistics.median(gather), 4),

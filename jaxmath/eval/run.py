@@ -49,7 +49,9 @@ class EvalConfig:
 
     data_dir:          the folder with the benchmarks' JSONL files
     benchmarks:        comma-separated names or a tuple; see jaxmath.data.datasets.BENCHMARKS
-    backend:           "jax" | "vllm" (an engine is passed in) | "file" (grade `completions`)
+    backend:           "vllm" (configs/eval.py, as the design card says) | "jax" (the in-process sampler,
+                       nothing more to install): an engine is passed in | "file" (grade `completions`).
+                       In a GRPO run the periodic evaluation runs on rollout.engine's engine.
     completions:       JSONL of {"id": ..., "completions": [str, ...]} rows for one benchmark (file backend)
     limit:             > 0 evaluates only the first `limit` problems of each benchmark (smoke runs)
     temperature:       0.01 as in the study (near greedy), 0 for argmax, 0.7 for majority voting
