@@ -18,6 +18,9 @@ reuses one compiled sampler and one compiled train step; a width per step would 
 the longest prompt crossed a bucket, which a long run pays once per bucket but a 6-step bench would
 count as step time.
 
+`--engine=vllm` rolls out on vLLM colocated in this process instead (`jaxmath.rollout.vllm`, as the
+study configs run; LoRA adapters reach it merged into the weights, in memory); the rest is the same.
+
 Phases, each closed by `jax.block_until_ready` (or a host copy): rollout (generate, including the
 device-to-host copy of the completions), reward (detokenize, substring match, advantages), train
 (batch assembly, host-to-device copy, the jitted step) and sync (`update_weights`). Reported figures
@@ -85,6 +88,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode_window", type=int, default=-1,
                    help="sampler.decode_window (-1: SamplerConfig default; 0: attend over the whole cache)")
     p.add_argument("--peak_flops", type=float, default=989e12, help="FLOP/s for MFU (H100 bf16 dense)")
+    p.add_argument("--engine", default="jax", choices=["jax", "vllm"],
+                   help="rollout engine: the JAX sampler, or vLLM colocated in this process (needs --model; "
+                        "LoRA syncs merged in memory, as jaxmath.main runs it)")
     p.add_argument("--trl_python", default="", help="python with trl installed (empty: TRL is not run)")
     p.add_argument("--trl_script", default="",
                    help="TRL's side of the bench (this project's: ../shared/bench/trl_grpo_bench.py)")
@@ -94,6 +100,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     check_model_flags(p, a)
     if a.steps < 2:
         p.error("--steps must be >= 2: step 1 holds the compiles and is not part of the mean")
+    if a.engine == "vllm" and not a.model:
+        p.error("--engine=vllm loads the model from --model=DIR (an HF directory)")
     return a
 
 
@@ -222,7 +230,14 @@ def main(argv: list[str]) -> dict:
         sampler_knobs["vocab_chunk"] = a.vocab_chunk
     if a.decode_window >= 0:
         sampler_knobs["decode_window"] = a.decode_window
-    sampler = JaxSampler(model, SamplerConfig(**sampler_knobs))
+    if a.engine == "vllm":
+        from jaxmath.rollout.vllm import VLLMConfig, make_engine
+
+        sampler = make_engine(VLLMConfig(model_path=a.model, dtype=a.dtype, seed=a.seed,
+                                         max_model_len=width + a.max_new_tokens))
+        sampler.update_weights(nnx.merge(graphdef, trainable, frozen))  # with the LoRA adapters of step 0
+    else:
+        sampler = JaxSampler(model, SamplerConfig(**sampler_knobs))
     del model  # the trainer's state lives in (trainable, frozen) from here on
 
     per_step: list[dict[str, float]] = []
@@ -251,7 +266,8 @@ def main(argv: list[str]) -> dict:
         jax.block_until_ready((trainable, opt_state, metrics))
         t3 = time.perf_counter()
         sampler.update_weights(nnx.merge(graphdef, trainable, frozen))
-        jax.block_until_ready(jax.tree.leaves(sampler._state))
+        if a.engine == "jax":
+            jax.block_until_ready(jax.tree.leaves(sampler._state))
         t4 = time.perf_counter()
         seconds = {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "sync": t4 - t3, "step": t4 - t0}
         per_step.append(seconds)
@@ -267,7 +283,7 @@ def main(argv: list[str]) -> dict:
     steady = per_step[1:]
     mean = {k: statistics.fmean(s[k] for s in steady) for k in (*PHASES, "step")}
     train_s = mean["train"]
-    result = {"model": a.model or f"{a.preset} (random weights)", "backend": jax.default_backend(),
+    result = {"model": a.model or f"{a.preset} (random weights)", "engine": a.engine, "backend": jax.default_backend(),
               "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(), "dtype": a.dtype,
               "prompts": a.prompts, "k": a.k, "max_new_tokens": a.max_new_tokens, "steps": a.steps,
               "lora_rank": a.lora_rank, "lora_params": lora_params, "prompt_width": width,
@@ -281,6 +297,8 @@ def main(argv: list[str]) -> dict:
         result["train_mfu"] = result["train_flops_per_s"] / a.peak_flops
     print(f"jaxmath: {mean['step']:.3f} s/step (" + ", ".join(f"{k} {mean[k]:.3f}" for k in PHASES) + ")",
           flush=True)
+    if a.engine == "vllm":
+        sampler.close()
     del sampler, trainable, frozen, opt_state
 
     trl = run_peer(result, "TRL", python=a.trl_python, script=a.trl_script, flag="trl", model=a.model,
