@@ -133,6 +133,7 @@ def test_server_command_on_cpu_takes_a_third_of_host_memory():
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8000"
     assert argv[argv.index("--generation-config") + 1] == "vllm"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "--enforce-eager" in argv  # a CPU runs eager whatever vllm.enforce_eager (False by default) says
     argv, _ = server_command(VLLMConfig(model_path="/m", mode="server", url="http://x:1", gpu_memory_utilization=0.5))
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.5"
 

@@ -55,7 +55,9 @@ def server_command(config: VLLMConfig) -> tuple[list[str], dict[str, str]]:
         argv += ["--max-model-len", str(config.max_model_len)]
     if config.served_model_name:
         argv += ["--served-model-name", config.served_model_name]
-    if config.enforce_eager:
+    from vllm.platforms import current_platform
+
+    if config.enforce_eager or current_platform.is_cpu():  # CPUs: no CUDA graphs, and torch.compile costs minutes
         argv.append("--enforce-eager")
     if not config.enable_prefix_caching:
         argv.append("--no-enable-prefix-caching")
