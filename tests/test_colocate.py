@@ -264,3 +264,66 @@ def test_a_run_on_vllm_without_vllm_stops_before_any_work(monkeypatch):
         assert message.startswith(f"{key}=vllm needs vLLM, which is not installed")
         assert "pip install -e '.[vllm]'" in message and f"--config.{key}=jax" in message
     main.validate(_study("grpo_v2", "rollout.engine=jax", f"data.dir={FIXTURE_DATA_DIR}", "model.preset=tiny"))
+
+
+# --- the colocated engine's phases, on a GPU platform (a stand-in for vllm.LLM) ----------------------
+
+
+class _RecordingLLM:
+    """What ColocatedEngine calls on vllm.LLM, recorded in order; weights arrive as (name, tensor)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.weights = kwargs, [], {}
+        cache = type("Cache", (), {"gpu_memory_utilization": kwargs["gpu_memory_utilization"]})
+        self.llm_engine = type("Engine", (), {"vllm_config": type("V", (), {"cache_config": cache}),
+                                              "model_config": type("M", (), {"dtype": "torch.float32"})})
+
+    def sleep(self, level):
+        self.calls.append(f"sleep level {level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up {','.join(tags)}")
+
+    def collective_rpc(self, name, args):
+        self.weights.update((n, t.numpy().copy()) for n, t in args[0])
+        self.calls.append(name)
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+
+def test_colocated_engine_wakes_weights_then_kv_cache_around_a_merged_lora_sync(monkeypatch):
+    import importlib.machinery
+    import types
+
+    import numpy as np
+
+    from jaxmath.model import init_model
+    from jaxmath.model import lora as lora_lib
+    from jaxmath.rollout.vllm import VLLMConfig, make_engine
+
+    vllm = types.ModuleType("vllm")
+    vllm.__spec__, vllm.LLM = importlib.machinery.ModuleSpec("vllm", None), _RecordingLLM
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = type("GPU", (), {"is_cpu": lambda self: False})()
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    engine = make_engine(VLLMConfig(model_path="/m", dtype="float32", gpu_memory_utilization=0.6,
+                                    kv_cache_memory_bytes=1 << 30, max_num_seqs=128))
+    llm = engine._llm
+    assert llm.kwargs["kv_cache_memory_bytes"] == 1 << 30 and llm.kwargs["max_num_seqs"] == 128
+    assert llm.kwargs["enable_sleep_mode"] and not llm.kwargs["enforce_eager"] and "enable_lora" not in llm.kwargs
+
+    model = init_model(preset("tiny", dtype=jnp.float32, param_dtype=jnp.float32), seed=0)
+    lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=4, alpha=8))
+    _, q = next((p, d) for p, d in lora_lib.projections(model) if p.endswith("q_proj"))
+    q.lora_b.set_value(0.1 * jnp.ones_like(q.lora_b.get_value()))
+    assert engine.sleep() and engine.wake_up()
+    engine.update_weights(model)
+    assert llm.calls == ["sleep level 2", "wake_up weights", "jaxmath_reload_weights", "wake_up kv_cache",
+                         "reset_prefix_cache"]
+    # The adapters arrive folded into the projection, in HF layout [out, in]; the model keeps them apart.
+    kernel = np.asarray(q.kernel.get_value()[0], np.float32).reshape(model.config.hidden_size, -1)
+    delta = np.asarray(lora_lib.lora_delta(q)[0]).reshape(model.config.hidden_size, -1)
+    np.testing.assert_allclose(llm.weights["model.layers.0.self_attn.q_proj.weight"], (kernel + delta).T, rtol=1e-6)
+    assert np.abs(delta).max() > 0.01 and lora_lib.has_lora(model)

@@ -153,3 +153,59 @@ def test_kl_without_lora_is_refused(tmp_path):
                    loss_cfg=dataclasses.replace(step_lib.LossConfig(), beta=0.1),
                    optim_cfg=optim.OptimizerConfig(learning_rate=1e-3), lora_cfg=LoRAConfig(rank=0),
                    workdir=str(tmp_path), engine=JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0)))
+
+
+class _SleepingSampler(JaxSampler):
+    """The JAX sampler answering as a colocated vLLM with sleep mode does, recording the loop's calls."""
+
+    def __init__(self, model, config, calls):
+        self.calls = []  # the sampler's own first sync is not the loop's
+        super().__init__(model, config)
+        self.calls = calls
+
+    def generate(self, prompts, params):
+        self.calls.append("generate")
+        return super().generate(prompts, params)
+
+    def sleep(self):
+        self.calls.append("sleep")
+        return True
+
+    def wake_up(self):
+        self.calls.append("wake_up")
+        return True
+
+    def update_weights(self, model):
+        self.calls.append("update_weights")
+        return super().update_weights(model)
+
+
+@pytest.mark.slow  # a GRPO run of two steps, ~15 s
+def test_the_engine_sleeps_through_every_jax_program(tmp_path, monkeypatch):
+    """A colocated engine is put to sleep before the old-policy logprob pass and the train step, and
+    woken only to take the new weights: the device plan (jaxmath.aot.colocate) counts on JAX's programs
+    running while vLLM holds neither weights nor KV cache."""
+    calls = []
+
+    def recorded(make, name):
+        def build(*args, **kwargs):
+            fn = make(*args, **kwargs)
+
+            def run(*a, **k):
+                calls.append(name)
+                return fn(*a, **k)
+            return run
+        return build
+
+    monkeypatch.setattr(step_lib, "make_logprob_fn", recorded(step_lib.make_logprob_fn, "logprobs"))
+    monkeypatch.setattr(step_lib, "make_train_step", recorded(step_lib.make_train_step, "train"))
+    model = init_model(demo.model_config(SMALL, TOKENIZER.vocab_size), seed=0)
+    cfg = loop.GRPOConfig(steps=2, prompts_per_step=2, num_generations=4, max_completion_tokens=6, checkpoint_every=0,
+                          plot_every=0, prompt_bucket=8, warn_zero_std=1.0, seed=1)
+    engine = _SleepingSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0), calls)
+    loop.train(model, TRAIN, encode=lambda batch: [TOKENIZER.encode(e.problem) for e in batch], decode=TOKENIZER.decode,
+               cfg=cfg, loss_cfg=step_lib.LossConfig(logprob_chunk=64, tis_cap=2.0),  # off-policy: a logprob pass
+               optim_cfg=optim.OptimizerConfig(learning_rate=3e-3), lora_cfg=LoRAConfig(rank=0), workdir=str(tmp_path),
+               engine=engine, stop_token_ids=(demo_task.EOS,))
+    step = ["generate", "sleep", "logprobs", "train", "wake_up", "update_weights"]
+    assert calls == ["update_weights"] + step + step
