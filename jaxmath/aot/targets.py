@@ -29,6 +29,11 @@ LOCAL = "local"  # the GPU this process runs on (not a --target choice: `jaxmath
 # CUDA reports (84.9e9 on an H100 80GB, 150.1e9 on an H200), which leaves the CUDA context, library
 # workspaces and allocator slack outside the plan.
 NOMINAL_BYTES = {"h100": 80_000_000_000, "h200": 141_000_000_000}
+# Peak rates for the roofline model (`jaxmath.aot.cost`): dense tensor-core FLOP/s by operand dtype, from
+# NVIDIA's H100 SXM5 datasheet (989.4 TFLOP/s bf16 and fp16, 494.7 tf32, 1,978.9 fp8; the H200 has the
+# same compute); the memory bandwidth is the description's `memory_bandwidth` (`peaks`).
+PEAK_FLOPS = {name: {"bf16": 989.4e12, "f16": 989.4e12, "f32": 494.7e12, "f8e4m3fn": 1978.9e12, "f8e5m2": 1978.9e12}
+              for name in ("h100", "h200")}
 _DIR = Path(__file__).resolve().parent / "targets"
 
 
@@ -140,6 +145,13 @@ def _gpu_topology(name: str):
             f"--target={name}: JAX's CUDA plugin is installed but would not describe the GPU ({e}). "
             "Set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 and JAX_PLATFORMS=cpu before jax starts "
             "(jaxmath.aot.targets.prepare_process does), and keep jax and jax-cuda12-plugin at one version") from e
+
+
+def peaks(name: str) -> dict:
+    """{"flops": {dtype: FLOP/s}, "bandwidth": bytes/s} of a GPU target, for the roofline model."""
+    if name not in GPU_TARGETS:
+        raise TargetUnavailable(f"the roofline model has peaks for {', '.join(GPU_TARGETS)}, not {name!r}")
+    return {"flops": PEAK_FLOPS[name], "bandwidth": float(_field(_textproto(name), "memory_bandwidth"))}
 
 
 def load_target(name: str) -> Target:
