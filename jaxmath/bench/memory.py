@@ -232,6 +232,9 @@ def report(cfg, fv) -> dict[str, Any]:
         "gpu_memory_utilization": device.gpu_memory_utilization, "kv_cache_rows": device.kv_cache_rows,
         "kv_cache_rows_needed": device.kv_cache_rows_needed, "kv_cache_bytes": device.kv_cache_bytes,
         "jax_env": device.jax_env, "jax_budget_bytes": device.jax_budget_bytes, "sleep": device.sleep,
+        # the static split preallocates this share; the time-shared one sets no fraction (allocator platform)
+        "jax_memory_fraction": device.jax_fraction or None,
+        "jax_allocator": device.jax_env.get("XLA_PYTHON_CLIENT_ALLOCATOR", "bfc"),
         "device_plan": device.as_json()}
     return {"target": target.name, "capacity_bytes": target.capacity_bytes, "peak_bytes": int(peak), "fits": fits,
             "headroom_bytes": int(fv.headroom_bytes), "model": model_name, **colocated,
