@@ -71,7 +71,8 @@ def test_evaluate_with_jax_sampler(tiny_dir, tmp_path):
 @pytest.mark.slow  # a subprocess eval, ~17 s
 def test_main_eval_mode_subprocess(tiny_dir, tmp_path):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jaxmath.main", "--config=configs/eval.py", f"--config.model.path={tiny_dir}",
+    cmd = [sys.executable, "-m", "jaxmath.main", "--config=configs/eval.py", "--config.eval.backend=jax",
+           f"--config.model.path={tiny_dir}",
            f"--config.data.dir={DATA_DIR}", "--config.eval.limit=2", "--config.eval.max_new_tokens=8",
            "--config.eval.benchmarks=gsm8k", "--config.eval.progress=False",
            f"--workdir={workdir}"]
