@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(ROOT / "launch" / "sweep.py")]
 
@@ -152,7 +154,7 @@ def test_unknown_config_and_shell_launchers_fail_clearly(tmp_path):
                                   "--config.mesh.fsdp=4", "--config.mesh.tp=2", "--workdir=w"]
 
 
-def test_gpu_checks_commands_parse_with_their_benchmarks():
+def test_gpu_checks_commands_parse_with_their_benchmarks(tmp_path):
     """Every command of launch/gpu_checks.sh is accepted by its benchmark's own argument parser, so the
     script a GPU session runs cannot drift from the benchmarks' flags."""
     import importlib
@@ -162,14 +164,20 @@ def test_gpu_checks_commands_parse_with_their_benchmarks():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "rollout", "rollout_full", "grpo", "sft_full", "sft_lora", "sync_full", "sync_lora"]
+        "grpo_v2_train", "local_full_train", "decode", "sft", "roofline_grpo_v2", "roofline_local_full", "sync_full",
+        "sync_lora"]
+    from jaxmath.bench import memory
+
     for line in lines:
         bench, *flags = shlex.split(line.split(":", 1)[1])
-        args = importlib.import_module(f"jaxmath.bench.{bench}")._parse(flags)
-        assert args.preset == "qwen3-4b"
+        if bench in ("programs", "roofline"):  # the config flags of `memory`, plus --repeats
+            fv = memory._flags([f for f in flags if not f.startswith("--repeats")])
+            assert fv.preset == "qwen3-4b-instruct-2507" and fv.config.mode in ("grpo", "sft")
+        else:
+            assert importlib.import_module(f"jaxmath.bench.{bench}")._parse(flags).preset == "qwen3-4b"
     unknown = subprocess.run(["bash", str(ROOT / "launch" / "gpu_checks.sh"), "nope"], capture_output=True,
-                             text=True, cwd=ROOT, timeout=60)
-    assert unknown.returncode == 2 and "known: versions rollout" in unknown.stderr
+                             text=True, cwd=ROOT, timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert unknown.returncode == 2 and "known: versions grpo_v2_train" in unknown.stderr
 
 
 def test_export_best_picks_the_step_with_the_best_eval_accuracy(tmp_path):
@@ -194,3 +202,28 @@ def test_export_best_picks_the_step_with_the_best_eval_accuracy(tmp_path):
         manager.save(5, state(5), metrics={"loss": 1.0}, force=True)
     with pytest.raises(ConvertError, match="rl.keep_best"):
         best_step_dir(str(tmp_path / "plain" / "checkpoints"))
+
+
+@pytest.mark.slow  # ~2-3 minutes on 2 cores: every check compiled and run at tiny shapes
+@pytest.mark.aot
+@pytest.mark.skipif(not __import__("jaxmath.aot.targets", fromlist=["x"]).plugin_installed(),
+                    reason="the roofline checks compile for an H100: JAX's CUDA plugin (the aot extra)")
+def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
+    """`launch/gpu_checks.sh --smoke`: the script the next lent GPU runs, at tiny shapes on the CPU, so it
+    cannot rot: every check exits 0 and the summary is one JSON object holding each check's result."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(["bash", str(ROOT / "launch" / "gpu_checks.sh"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["smoke"] and set(summary["checks"]) == {
+        "versions", "grpo_v2_train", "local_full_train", "decode", "sft", "roofline_grpo_v2", "roofline_local_full",
+        "sync_full", "sync_lora"}
+    assert all(c["rc"] == 0 and c["result"] for c in summary["checks"].values()), summary
+    train = summary["checks"]["grpo_v2_train"]["result"]["phases"]["train/step"]
+    assert train["measured_s"] > 0 and train["modeled_s"] > 0 and train["planned_peak_bytes"] > 0
+    assert 0 < train["measured_mfu"] and 0 < train["modeled_mfu"] < 1
+    decode = summary["checks"]["decode"]["result"]["phases"]["rollout/decode"]
+    assert decode["tokens"] == 16 * 32 and decode["tokens_per_s"] > 0 and decode["bandwidth_fraction"] > 0
+    assert summary["checks"]["roofline_grpo_v2"]["result"]["train_modeled_mfu"] > 0

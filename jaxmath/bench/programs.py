@@ -1,0 +1,154 @@
+"""`python -m jaxmath.bench programs --config=configs/grpo_v2.py [--phases=train/step,rollout/decode]`: runs
+the run's own device programs on this machine's device and puts the measurement beside the plan and
+the model: seconds against the roofline's modeled seconds (`jaxmath.aot.cost`), peak device memory
+against the compiled plan's (`jaxmath.aot.plan`), and for training programs the MFU, for the decode
+loop tokens per second and the fraction of the bandwidth roofline.
+
+Each phase is compiled exactly as `python -m jaxmath.bench memory` and `roofline` compile it (same
+flags: `--micro_batch_rows`, `--sampler_rows`, `--sft_micro`, `--preset`, `--phases`, config overrides),
+but for this process's device, and run on inputs of its shapes filled by a fixed rule (weights and
+other floats 0.01, float scalars 1.0 (temperature, top-p), token ids 1, masks True, the decode loop's
+stop ids -1 so every row runs to `max_new_tokens`: fixed lengths). Timing: the median of `--repeats`
+runs after one warm-up, each closed by `block_until_ready`. Peak memory: the device's
+`peak_bytes_in_use` after the phase (not reset between phases; None on a CPU, which reports none).
+The roofline uses the peaks of `--peaks` (default: the H200's for an H200, else the H100's); on a
+CPU (`launch/gpu_checks.sh --smoke`) the numbers say only that the pipeline runs.
+
+A config that rolls out on vLLM is run with the JAX sampler's programs in its place, as `roofline`
+does. The last line is one JSON object: {"device", "peaks_of", "phases": {name: {...}}}.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def _fill(info, sharding, stop_slots: int):
+    """A concrete input for one abstract argument (the fill rule of the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    shape, dtype = info.shape, info.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        n = 1
+        for d in shape:
+            n *= d
+        value = jax.random.split(jax.random.key(0), n).reshape(shape)
+    elif dtype == jnp.bool_:
+        value = jnp.ones(shape, dtype)
+    elif jnp.issubdtype(dtype, jnp.integer):
+        value = jnp.full(shape, -1 if shape == (stop_slots,) else (0 if shape == () else 1), dtype)
+    else:
+        value = jnp.full(shape, 1.0 if shape == () else 0.01, dtype)
+    return value if sharding is None else jax.device_put(value, sharding)
+
+
+def _inputs(compiled, stop_slots: int):
+    import jax
+
+    args, kwargs = compiled.args_info
+    leaves, tree = jax.tree.flatten(args)
+    placements = jax.tree.leaves(compiled.input_shardings[0], is_leaf=lambda x: x is None)
+    placements = [p for p in placements if p is not None]
+    if len(placements) != len(leaves):  # place them on the default device; the call moves them if it must
+        placements = [None] * len(leaves)
+    filled = [_fill(info, sharding, stop_slots) for info, sharding in zip(leaves, placements)]
+    return jax.tree.unflatten(tree, filled), kwargs
+
+
+def _peak_bytes():
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
+    import jax
+
+    from jaxmath.aot import cost, fit
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.aot import targets
+    from jaxmath.bench import memory
+    from jaxmath.bench.roofline import _model_flops
+    from jaxmath.rollout.jax_sampler import _STOP_SLOTS
+
+    device = jax.devices()[0]
+    local = fit.local_target() or targets.load_target("cpu")
+    peaks_of = peaks or ("h200" if "H200" in device.device_kind.upper() else "h100")
+    rates = targets.peaks(peaks_of)
+    if cfg.get("mode") == "grpo" and cfg.rollout.engine != "jax":
+        cfg.rollout.engine = "jax"
+    if cfg.get("mode") == "eval" and cfg.eval.backend != "jax":
+        cfg.eval.backend = "jax"
+    model_name, model_cfg = memory.model_config(cfg, fv.preset)
+    plan = memory.run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
+                           sft_micro=fv.sft_micro)
+    if not fv.sampler_rows:
+        plan = plan_lib.on_target(plan, local)
+    names = [p for p in plan.phases if plan.phases[p] and (not fv.phases or p in fv.phases)]
+    print(f"programs: the {cfg.mode} run of {fv['config'].config_filename} with {model_name} on {device.device_kind} "
+          f"({local.name}); roofline with {peaks_of}'s peaks; phases {', '.join(names)}", flush=True)
+    out = {}
+    for name in names:
+        m = plan_lib.compile_phase(plan, name, plan.phases[name], local, keep=True)
+        modeled = cost.program_cost(m.compiled.as_text(), rates)
+        args, kwargs = _inputs(m.compiled, _STOP_SLOTS)
+        seconds = []
+        for i in range(repeats + 1):
+            fresh = args if i == 0 else _inputs(m.compiled, _STOP_SLOTS)[0]  # donated inputs are consumed
+            start = time.perf_counter()
+            jax.block_until_ready(m.compiled(*fresh, **kwargs))
+            if i:
+                seconds.append(time.perf_counter() - start)
+        measured = statistics.median(seconds)
+        row = {"rows": m.rows, "measured_s": measured, "modeled_s": modeled["modeled_s"],
+               "modeled_over_measured": modeled["modeled_s"] / measured, "planned_peak_bytes": m.peak_bytes,
+               "measured_peak_bytes": _peak_bytes(), "flops": modeled["flops"], "bytes": modeled["bytes"],
+               "top_kernels": modeled["top_kernels"]}
+        flops = _model_flops(plan, name, m.rows)
+        if flops:
+            row.update(model_flops=flops, measured_mfu=flops / measured / rates["flops"]["bf16"],
+                       modeled_mfu=flops / modeled["modeled_s"] / rates["flops"]["bf16"])
+        if name.endswith("/decode"):
+            gen = plan.rollout if name.startswith("rollout/") else plan.evaluation
+            windows = memory.decode_steps(plan, name, m.traffic)
+            steps = [w["steps_to"] - (windows[i - 1]["steps_to"] if i else 0) for i, w in enumerate(windows)]
+            must = sum(n * w["must_read"] for n, w in zip(steps, windows))
+            modeled_total = sum(n * loop["modeled_s"] for n, loop in zip(steps, modeled["loops"]))
+            row.update(tokens=m.rows * gen.max_new_tokens, tokens_per_s=m.rows * gen.max_new_tokens / measured,
+                       modeled_s=modeled_total, modeled_over_measured=modeled_total / measured,
+                       bandwidth_fraction=must / rates["bandwidth"] / measured,
+                       modeled_bandwidth_fraction=must / rates["bandwidth"] / modeled_total)
+        out[name] = row
+        print(f"  {name} at {m.rows} rows: measured {measured * 1e3:.1f} ms, modeled {row['modeled_s'] * 1e3:.1f} ms"
+              + (f", MFU measured {row['measured_mfu']:.1%} / modeled {row['modeled_mfu']:.1%}" if flops else "")
+              + (f", {row['tokens_per_s']:.0f} tokens/s, {row['bandwidth_fraction']:.1%} of the bandwidth roofline"
+                 if "tokens_per_s" in row else "")
+              + f"; peak {row['measured_peak_bytes']} bytes measured, {m.peak_bytes} planned", flush=True)
+        del args, m
+    return {"device": device.device_kind, "platform": device.platform, "peaks_of": peaks_of, "model": model_name,
+            "phases": out}
+
+
+def main(argv: list[str]) -> dict:
+    from absl import flags
+
+    from jaxmath.bench import memory
+    from jaxmath.config import ConfigError
+
+    extra = [a for a in argv if a.startswith(("--repeats", "--peaks"))]
+    fv = memory._flags([a for a in argv if a not in extra])
+    parsed = flags.FlagValues()
+    flags.DEFINE_integer("repeats", 2, "timed runs per phase after one warm-up", flag_values=parsed)
+    flags.DEFINE_enum("peaks", "", ["", "h100", "h200"], "the roofline's peaks (default: from the device)",
+                      flag_values=parsed)
+    parsed(["programs"] + extra)
+    cfg = fv.config
+    if cfg.get("mode") not in ("grpo", "sft", "eval"):
+        raise SystemExit(f"programs: config.mode {cfg.get('mode')!r} runs no model program of jaxmath's")
+    try:
+        return report(cfg, fv, parsed.repeats, parsed.peaks)
+    except ConfigError as e:
+        raise SystemExit(f"programs: {e}") from None
