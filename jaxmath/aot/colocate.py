@@ -259,7 +259,6 @@ def device_plan(target: Target, *, vllm_side: VLLMSide, jax_resident_bytes: int,
             "--config.rollout.engine=jax")
     kv = blocks * v.block_bytes
     awake = v.weights_bytes + kv + workspace + graphs
-    asleep = graphs + workspace
     utilization = gpu_memory_utilization or _fraction(awake, device)
     holds: dict[str, dict[str, int]] = {
         "vllm/generate": {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes,

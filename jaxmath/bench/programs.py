@@ -71,23 +71,14 @@ def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
     from jaxmath.aot import plan as plan_lib
     from jaxmath.aot import targets
     from jaxmath.bench import memory
-    from jaxmath.bench.roofline import _model_flops
+    from jaxmath.bench.roofline import _model_flops, jax_programs
     from jaxmath.rollout.jax_sampler import _STOP_SLOTS
 
     device = jax.devices()[0]
     local = fit.local_target() or targets.load_target("cpu")
     peaks_of = peaks or ("h200" if "H200" in device.device_kind.upper() else "h100")
     rates = targets.peaks(peaks_of)
-    if cfg.get("mode") == "grpo" and cfg.rollout.engine != "jax":
-        cfg.rollout.engine = "jax"
-    if cfg.get("mode") == "eval" and cfg.eval.backend != "jax":
-        cfg.eval.backend = "jax"
-    model_name, model_cfg = memory.model_config(cfg, fv.preset)
-    plan = memory.run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
-                           sft_micro=fv.sft_micro)
-    if not fv.sampler_rows:
-        plan = plan_lib.on_target(plan, local)
-    names = [p for p in plan.phases if plan.phases[p] and (not fv.phases or p in fv.phases)]
+    model_name, plan, names = jax_programs(cfg, fv, local)
     print(f"programs: the {cfg.mode} run of {fv['config'].config_filename} with {model_name} on {device.device_kind} "
           f"({local.name}); roofline with {peaks_of}'s peaks; phases {', '.join(names)}", flush=True)
     out = {}

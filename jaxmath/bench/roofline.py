@@ -51,6 +51,25 @@ def _model_flops(plan, phase: str, rows: int) -> float:
     return 0.0
 
 
+def jax_programs(cfg, fv, target):
+    """(model name, RunPlan, phase names) of the programs jaxmath runs for `cfg` on `target`, with the flags
+    of `python -m jaxmath.bench memory`. A config that generates on vLLM is planned with the JAX sampler's
+    programs in vLLM's place: vLLM's kernels are not jaxmath's."""
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.bench import memory
+
+    if cfg.get("mode") == "grpo" and cfg.rollout.engine != "jax":
+        cfg.rollout.engine = "jax"
+    if cfg.get("mode") == "eval" and cfg.eval.backend != "jax":
+        cfg.eval.backend = "jax"
+    model_name, model_cfg = memory.model_config(cfg, fv.preset)
+    plan = memory.run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
+                           sft_micro=fv.sft_micro)
+    if not fv.sampler_rows:  # the sampler's rows by the target's memory, as it chooses them
+        plan = plan_lib.on_target(plan, target)
+    return model_name, plan, [p for p in plan.phases if plan.phases[p] and (not fv.phases or p in fv.phases)]
+
+
 def report(cfg, fv) -> dict:
     from jaxmath.aot import cost
     from jaxmath.aot import plan as plan_lib
@@ -59,16 +78,7 @@ def report(cfg, fv) -> dict:
 
     target = load_target(fv.target)
     rates = peaks(fv.target)
-    if cfg.get("mode") == "grpo" and cfg.rollout.engine != "jax":
-        cfg.rollout.engine = "jax"  # vLLM's kernels are not jaxmath's: cost the JAX sampler's in their place
-    if cfg.get("mode") == "eval" and cfg.eval.backend != "jax":
-        cfg.eval.backend = "jax"
-    model_name, model_cfg = memory.model_config(cfg, fv.preset)
-    plan = memory.run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
-                           sft_micro=fv.sft_micro)
-    if not fv.sampler_rows:
-        plan = plan_lib.on_target(plan, target)
-    names = [p for p in plan.phases if plan.phases[p] and (not fv.phases or p in fv.phases)]
+    model_name, plan, names = jax_programs(cfg, fv, target)
     print(f"roofline: the {cfg.mode} run of {fv['config'].config_filename} with {model_name}, for {target.name} "
           f"({rates['bandwidth'] / 1e12:.2f} TB/s, {rates['flops']['bf16'] / 1e12:.1f} TFLOP/s bf16); "
           f"programs {', '.join(names)}", flush=True)
