@@ -275,7 +275,8 @@ def prepare_device(cfg):
     user_set = [name for name in _XLA_FRACTIONS + ("XLA_PYTHON_CLIENT_ALLOCATOR",) if os.environ.get(name)]
     if user_set:
         raise ConfigError(f"{', '.join(user_set)} is set, but this run shares the GPU with a colocated vLLM and "
-                              "its device plan sets JAX's allocator; unset it (the plan is printed at the start)")
+                          "its device plan sets JAX's allocator; unset it (`python -m jaxmath.bench memory "
+                          "--config=... --target=h100` shows the plan)")
     plan = run_lib.device_plan(cfg, target)
     os.environ.update(plan.jax_env)
     logging.info("%s", plan.summary())
@@ -287,18 +288,17 @@ def engines_line(cfg) -> str:
     """Which engine runs each phase of the run, for its first log lines."""
     from jaxmath.aot import run as run_lib
 
-    def vllm(kind: str) -> str:
-        mode = cfg.get("vllm", {}).get("mode", "colocated")
-        return f"vLLM ({mode}{', sleeping through the train phase' if run_lib.colocated_engine(cfg) and cfg.vllm.get('enable_sleep_mode', True) else ''})"
-
+    section = cfg.get("vllm", {})
+    sleeps = run_lib.colocated_engine(cfg) and section.get("enable_sleep_mode", True)
+    on_vllm = f"vLLM ({section.get('mode', 'colocated')}{', sleeping through the train phase' if sleeps else ''})"
     if cfg.mode == "grpo":
-        engine = vllm("rollout") if cfg.rollout.engine == "vllm" else "the JAX sampler (sampler.*)"
+        engine = on_vllm if cfg.rollout.engine == "vllm" else "the JAX sampler (sampler.*)"
         evaluation = f"; evaluation on {engine}" if cfg.rl.eval_every else ""
         return (f"engines: rollouts on {engine}{evaluation}; logprobs and the train step on JAX "
                 f"(--config.rollout.engine={'jax' if cfg.rollout.engine == 'vllm' else 'vllm'} switches the rollouts)")
     if cfg.mode == "eval":
         backend = cfg.eval.backend
-        engine = {"vllm": vllm("eval"), "jax": "the JAX sampler (sampler.*)", "file": "no engine (graded files)"}[backend]
+        engine = {"vllm": on_vllm, "jax": "the JAX sampler (sampler.*)", "file": "no engine (graded files)"}[backend]
         return f"engines: evaluation on {engine}"
     return f"engines: {cfg.mode} on JAX"
 

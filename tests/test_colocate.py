@@ -353,3 +353,25 @@ def test_every_study_config_plans_vllm_beside_jax_on_an_h100():
         assert r["jax_allocator"] == "platform" and r["jax_memory_fraction"] is None  # time-shared as shipped
     assert "train/logprobs" in results["local_full"]["phases"]  # TRL's importance correction
     assert not any(p.startswith(("train/", "rollout/")) for p in results["eval"]["phases"])
+
+
+def test_prepare_device_refuses_a_fraction_the_user_set_beside_vllm(monkeypatch):
+    from jaxmath import main
+
+    for key in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR",
+                "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.setenv(key, "")  # restored after the test, whatever prepare_device sets
+    monkeypatch.setenv(main.PLAN_TARGET_ENV, "h100")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION is set, but this run shares the GPU"):
+        main.prepare_device(_study("grpo_v2"))
+    # without vLLM beside it, a fraction the user set is kept; none set: JAX takes 95%
+    assert main.prepare_device(_study("grpo_v2", "rollout.engine=jax")) is None
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5" and os.environ["XLA_CLIENT_MEM_FRACTION"] == ""
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+    main.prepare_device(_study("grpo_v2", "rollout.engine=jax"))
+    assert os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.95"
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "")
+    plan = main.prepare_device(_study("grpo_v2"))
+    assert plan is not None and os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+    main._device_plan = None
