@@ -214,13 +214,19 @@ def vllm_config(cfg, lora_cfg=None, plan=None):
     in_memory = section.get("mode", "colocated") == "colocated" and section.get("sync_method", "auto") != "file"
     lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled and not in_memory,
                                             max_lora_rank=max(lora_cfg.rank, 1))
-    if section.get("dtype", "auto") == "auto":  # compute in the trainer's dtype (VLLMConfig.dtype says why)
-        section["dtype"] = cfg.model.get("dtype", "auto")
+    section["dtype"] = vllm_dtype(cfg)
     if plan is not None:
         section["gpu_memory_utilization"] = plan.gpu_memory_utilization
         lora.update(kv_cache_memory_bytes=plan.kv_cache_bytes, max_num_seqs=plan.max_num_seqs)
     config = build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path, **lora)
     return fit_context(config, *longest_request(cfg))
+
+
+def vllm_dtype(cfg) -> str:
+    """The dtype vLLM computes in: vllm.dtype, or model.dtype when that is "auto" (VLLMConfig.dtype says
+    why the trainer's)."""
+    dtype = cfg.get("vllm", {}).get("dtype", "auto")
+    return cfg.model.get("dtype", "auto") if dtype == "auto" else dtype
 
 
 # --- the device: one plan before jax touches it ------------------------------------------------------

@@ -61,7 +61,7 @@ def test_time_shared_plan_on_an_h100():
     assert plan.jax_budget_bytes == plan.budget_bytes - (beside["context"] + beside["vllm/cuda_graphs"]
                                                           + beside["vllm/workspace"])
     assert plan.jax_env == {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    awake = plan.vllm_weights_bytes + plan.kv_cache_bytes + plan.activation_bytes + plan.graph_bytes
+    awake = plan.vllm_weights_bytes + plan.kv_cache_bytes + plan.workspace_bytes + plan.graph_bytes
     assert plan.gpu_memory_utilization == math.ceil(awake / h100.device_bytes * 1000) / 1000
     assert 0 < plan.gpu_memory_utilization < 1
     assert plan.max_num_seqs == 128

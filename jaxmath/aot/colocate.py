@@ -162,9 +162,8 @@ class DevicePlan:
     kv_cache_bytes: int
     kv_cache_blocks: int
     kv_cache_rows: int
-    kv_cache_rows_needed: int
-    requests: int
-    activation_bytes: int
+    kv_cache_rows_needed: int  # the requests one generate call makes
+    workspace_bytes: int  # vLLM's activations (its profile run) and cuBLAS/sampler scratch
     graph_bytes: int
     context_bytes: int
     max_num_seqs: int
@@ -178,10 +177,6 @@ class DevicePlan:
         if self.sleep:
             return {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
         return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{self.jax_fraction:.3f}", "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
-
-    @property
-    def vllm_awake_bytes(self) -> int:
-        return self.vllm_weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.graph_bytes
 
     def peak(self, phase: str) -> int:
         return sum(self.holds[phase].values())
@@ -265,13 +260,13 @@ def device_plan(target: Target, *, vllm_side: VLLMSide, jax_resident_bytes: int,
                           "vllm/weights": v.weights_bytes, "vllm/kv_cache": kv, "vllm/workspace": workspace,
                           "vllm/cuda_graphs": graphs},
     }
-    if jax_programs:  # the weight sync after each update: vLLM's weights awake, its KV cache not yet
-        holds["vllm/sync"] = {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes,
-                              "vllm/weights": v.weights_bytes, "vllm/cuda_graphs": graphs, "vllm/workspace": workspace,
-                              "sync/convert": sync_bytes, **({} if sleep else {"vllm/kv_cache": kv})}
     fraction = 0.0
     jax_budget = 0
     if jax_programs:
+        # the weight sync after each update: vLLM's weights awake, its KV cache not yet
+        holds["vllm/sync"] = {"context": CONTEXT_BYTES, "jax/resident": jax_resident_bytes,
+                              "vllm/weights": v.weights_bytes, "vllm/cuda_graphs": graphs, "vllm/workspace": workspace,
+                              "sync/convert": sync_bytes, **({} if sleep else {"vllm/kv_cache": kv})}
         beside = {"context": CONTEXT_BYTES, "vllm/cuda_graphs": graphs, "vllm/workspace": workspace}
         if not sleep:
             beside.update({"vllm/weights": v.weights_bytes, "vllm/kv_cache": kv})
@@ -288,6 +283,6 @@ def device_plan(target: Target, *, vllm_side: VLLMSide, jax_resident_bytes: int,
         target=target.name, device_bytes=device, capacity_bytes=target.capacity_bytes, budget_bytes=budget,
         sleep=sleep, sleep_level=SLEEP_LEVEL if sleep else 0, jax_resident_bytes=jax_resident_bytes,
         jax_budget_bytes=jax_budget, jax_fraction=fraction, vllm_weights_bytes=v.weights_bytes, kv_cache_bytes=kv,
-        kv_cache_blocks=blocks, kv_cache_rows=rows, kv_cache_rows_needed=v.requests, requests=v.requests,
-        activation_bytes=workspace, graph_bytes=graphs, context_bytes=CONTEXT_BYTES,
+        kv_cache_blocks=blocks, kv_cache_rows=rows, kv_cache_rows_needed=v.requests,
+        workspace_bytes=workspace, graph_bytes=graphs, context_bytes=CONTEXT_BYTES,
         max_num_seqs=max_num_seqs(v.requests), max_model_len=v.max_model_len, gpu_memory_utilization=utilization, holds=holds)

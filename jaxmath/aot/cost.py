@@ -18,7 +18,7 @@ Per kernel:
   buffers stay in L2.
 - modeled seconds: max(FLOPs / peak FLOP/s for its dtype, bytes / bandwidth) + `LAUNCH_SECONDS`.
 
-Peaks live beside the targets' memory descriptions (`jaxmath.aot.targets.PEAKS`).
+Peaks live beside the targets' memory descriptions (`jaxmath.aot.targets.peaks`).
 """
 
 from __future__ import annotations
@@ -48,18 +48,21 @@ class KernelCost:
     dtype: str  # the element type its FLOPs run in ("" without FLOPs)
     op_name: str = ""
 
-    def seconds(self, peaks: dict) -> float:
-        """Modeled seconds of one execution on a target with `peaks` (`jaxmath.aot.targets.PEAKS` entry)."""
+    def _times(self, peaks: dict) -> tuple[float, float]:
+        """(compute seconds, memory seconds) of one execution on a target with `peaks`
+        (`jaxmath.aot.targets.peaks`)."""
         compute = self.flops / peaks["flops"].get(self.dtype, peaks["flops"]["bf16"]) if self.flops else 0.0
-        return max(compute, (self.read + self.written) / peaks["bandwidth"]) + LAUNCH_SECONDS
+        return compute, (self.read + self.written) / peaks["bandwidth"]
+
+    def seconds(self, peaks: dict) -> float:
+        """Modeled seconds of one execution: the larger of compute and memory time, plus the launch."""
+        return max(self._times(peaks)) + LAUNCH_SECONDS
 
     def as_json(self, peaks: dict) -> dict:
-        seconds = self.seconds(peaks)
+        compute, memory = self._times(peaks)
         return {"name": self.name, "kind": self.kind, "op": self.op_name, "count": self.count,
                 "flops": self.flops * self.count, "bytes": (self.read + self.written) * self.count,
-                "modeled_s": seconds * self.count,
-                "bound": "compute" if self.flops and self.flops / peaks["flops"].get(self.dtype, peaks["flops"]["bf16"])
-                > (self.read + self.written) / peaks["bandwidth"] else "memory"}
+                "modeled_s": self.seconds(peaks) * self.count, "bound": "compute" if compute > memory else "memory"}
 
 
 def _shape_dims(shape: str) -> tuple[str, list[int]]:
@@ -139,23 +142,18 @@ class _Walker(hlo.Traffic):
                 if callee:
                     out += self.kernels(callee, count)
                 continue
+            read, written = self.instruction_io(inst, names)  # the same bytes Traffic.run counts
             flops, dtype, kind = 0.0, "", "other"
             if op == "fusion":
-                read, written = self._fusion_io(inst)
                 fused_name = inst.called("calls") or ""
                 fused = self._by_name.get(fused_name, {})
                 for f in self.computations.get(fused_name, []):
-                    if f.opcode == "dot":
-                        more, dtype = dot_flops(f, fused)
-                        flops += more
-                    elif f.opcode == "convolution":
-                        more, dtype = _conv_flops(f, fused)
+                    if f.opcode in ("dot", "convolution"):
+                        more, dtype = (dot_flops if f.opcode == "dot" else _conv_flops)(f, fused)
                         flops += more
                 kind = "gemm" if flops else ("copy" if hlo.copied_bytes(inst, self.computations.get(fused_name, []))
                                              else "fusion")
             elif op == "custom-call":
-                read = sum(names[o].bytes for o in inst.operands if o in names)
-                written = hlo._result_without_workspace(inst.shape)
                 target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
                 target = target.group(1) if target else ""
                 if target.startswith("__cudnn$fmha"):
@@ -166,20 +164,11 @@ class _Walker(hlo.Traffic):
                     kind = "gemm"
             elif op in ("dot", "convolution"):
                 flops, dtype = (dot_flops if op == "dot" else _conv_flops)(inst, names)
-                read = sum(names[o].bytes for o in inst.operands if o in names)
-                written, kind = inst.bytes, "gemm"
+                kind = "gemm"
             elif op in ("copy", "transpose"):
-                read = written = inst.bytes
                 kind = "copy"
-            elif op == "dynamic-update-slice":
-                read = written = names[inst.operands[1]].bytes if inst.operands[1] in names else 0
+            elif op in ("dynamic-update-slice", "dynamic-slice", "slice"):
                 kind = "slice"
-            elif op in ("dynamic-slice", "slice"):
-                read = written = inst.bytes
-                kind = "slice"
-            else:
-                read = sum(names[o].bytes for o in inst.operands if o in names)
-                written = inst.bytes
             out.append(KernelCost(inst.name, op, kind, flops, read, written, count, dtype, _op_name(inst)))
         return out
 

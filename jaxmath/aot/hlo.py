@@ -183,6 +183,21 @@ class Traffic:
                 return node.bytes
         return min(total, node.bytes)
 
+    def instruction_io(self, inst: Instruction, names: dict[str, Instruction]) -> tuple[int, int]:
+        """(bytes read, bytes written) by one instruction that does work (not a loop or a call) of the
+        computation whose instructions are `names`: a fusion per `_fusion_io`, a slice its size, an
+        in-place update its update, a custom call its operands and its result less workspace."""
+        op = inst.opcode
+        if op == "fusion":
+            return self._fusion_io(inst)
+        if op in ("copy", "transpose", "dynamic-slice", "slice"):
+            return inst.bytes, inst.bytes
+        if op == "dynamic-update-slice":
+            update = names[inst.operands[1]].bytes if inst.operands[1] in names else 0
+            return update, update
+        read = sum(names[o].bytes for o in inst.operands if o in names)
+        return read, _result_without_workspace(inst.shape) if op == "custom-call" else inst.bytes
+
     def run(self, computation: str | None = None) -> dict:
         """{"read", "written", "copies": [(name, bytes)], "copy_bytes"} of one execution of `computation`
         (default: the entry), counting called loops and computations with their trip counts (a loop of
@@ -207,25 +222,13 @@ class Traffic:
                     inner = self.run(callee)
                     read, written, copies = read + inner["read"], written + inner["written"], copies + inner["copies"]
                 continue
+            r, w = self.instruction_io(inst, names)
             if op == "fusion":
-                r, w = self._fusion_io(inst)
                 moved = copied_bytes(inst, self.computations.get(inst.called("calls") or "", []))
                 if moved:
                     copies.append((inst.name, moved))
             elif op in ("copy", "transpose"):
-                r = w = inst.bytes
                 copies.append((inst.name, inst.bytes))
-            elif op == "dynamic-update-slice":
-                u = names[inst.operands[1]].bytes if inst.operands[1] in names else 0
-                r = w = u
-            elif op in ("dynamic-slice", "slice"):
-                r = w = inst.bytes
-            elif op == "custom-call":
-                r = sum(names[o].bytes for o in inst.operands if o in names)
-                w = _result_without_workspace(inst.shape)
-            else:
-                r = sum(names[o].bytes for o in inst.operands if o in names)
-                w = inst.bytes
             read, written = read + r, written + w
         return {"read": read, "written": written, "copies": copies, "copy_bytes": sum(b for _, b in copies)}
 

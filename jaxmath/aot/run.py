@@ -106,7 +106,7 @@ def vllm_side(cfg, model_cfg):
     longest request, and the most requests one generate call makes (GRPO's rollout: prompts x K;
     evaluation: a batch of prompts x samples)."""
     from jaxmath.aot import colocate
-    from jaxmath.main import eval_config, grpo_configs, longest_request
+    from jaxmath.main import eval_config, grpo_configs, longest_request, vllm_dtype
     from jaxmath.model.config import dtype_from_name
 
     calls = []  # (requests, longest prompt, samples per prompt)
@@ -120,11 +120,9 @@ def vllm_side(cfg, model_cfg):
         e = eval_config(cfg)
         calls.append((e.batch_size * e.num_samples, e.max_prompt_tokens, e.num_samples))
     requests, prompt_tokens, samples = max(calls)
-    section = cfg.get("vllm", {})
-    dtype = section.get("dtype", "auto")
-    dtype = cfg.model.get("dtype", "bfloat16") if dtype == "auto" else dtype
-    longest = section.get("max_model_len", 0) or longest_request(cfg)[0]
-    return colocate.VLLMSide.of(model_cfg, dtype=dtype_from_name(dtype), max_model_len=longest, requests=requests,
+    longest = cfg.get("vllm", {}).get("max_model_len", 0) or longest_request(cfg)[0]  # as fit_context fits it
+    return colocate.VLLMSide.of(model_cfg, dtype=dtype_from_name(vllm_dtype(cfg)), max_model_len=longest,
+                                requests=requests,
                                 prompt_tokens=prompt_tokens, samples=samples)
 
 

@@ -28,7 +28,6 @@ length, the train step and SFT step of this config, compiled for the target). Th
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -194,8 +193,8 @@ def report(cfg, fv) -> dict[str, Any]:
             fitting[name] = rows_that_fit(plan, name, m.rows, target, budget)
     device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
     if device is not None:  # vLLM colocated: its holdings beside each JAX phase, and its own phases
-        device = device.with_jax_programs({m.phase: m.peak_bytes for m in memories}) if device.jax_budget_bytes \
-            else dataclasses.replace(device, holds={k: v for k, v in device.holds.items() if k != "jax/programs"})
+        if device.jax_budget_bytes:  # a run with JAX programs (an evaluation has none)
+            device = device.with_jax_programs({m.phase: m.peak_bytes for m in memories})
         for m in memories:
             m.resident += device.peak(m.phase) - m.peak_bytes
     peak = max([m.peak_bytes for m in memories] + ([device.peak_bytes] if device else []))
