@@ -136,10 +136,11 @@ def test_memory_report_on_a_tiny_model():
     assert out["phases"]["train/step"]["rows"] == 4 and out["phases"]["rollout/decode"]["rows"] == 8
     assert out["peak_bytes"] == max(p["peak_bytes"] for p in out["phases"].values())
     assert out["phases"]["train/step"]["attention"] == "xla"  # a CPU
-    # prompt bucket 64 (40 tokens), 24 completion tokens: windows of 8, 16 and 24 new tokens
-    steps = out["phases"]["rollout/decode"]["decode_steps"]
-    assert [s["window"] for s in steps] == [64 + 8, 64 + 16, 64 + 24]
-    assert all(s["buffers_read"] >= s["must_read"] * 0.5 for s in steps)
+    # prompt bucket 64 (40 tokens), 24 completion tokens: the decode program of the largest window
+    # (8, 16 and 24 new tokens) bounds the memory; `roofline` compiles each
+    (step,) = out["phases"]["rollout/decode"]["decode_steps"]
+    assert step["window"] == 64 + 24 and step["steps_to"] == 24
+    assert step["buffers_read"] >= step["must_read"] * 0.5
 
 
 @config_loader

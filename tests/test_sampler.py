@@ -223,22 +223,22 @@ def test_a_plan_keeps_its_rows_while_they_fit(model):
     params = SamplingParams(max_new_tokens=NEW, num_samples=3)
     for budget, rows in ((cost.bytes(1, 3), 3), (cost.bytes(2, 3), 3), (cost.bytes(1, 2), 2), (cost.bytes(2, 3), 2)):
         sampler.config = dataclasses.replace(sampler.config, memory_budget_bytes=budget)
-        assert max(b.padded * b.samples for b in sampler.plan(PROMPTS, params)) == rows
+        assert sampler.plan(PROMPTS, params).rows == rows
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_request_split_by_memory_gives_the_tokens_and_logprobs_of_one_batch(model, sampler, temperature):
-    """3 prompts x 3 samples in one batch, then under budgets that hold one group (3 sub-batches) and
-    two rows (each group split in two, the second half with a padding row: 6 sub-batches)."""
+    """3 prompts x 3 samples in one prefill and 16 slots, then under budgets that hold one group (3
+    slots, a prefill per prompt) and two rows (each group spread over two admissions: 6 prefills)."""
     params = SamplingParams(max_new_tokens=NEW, num_samples=3, temperature=temperature, seed=9)
     whole = sampler.generate(PROMPTS, params)
-    assert sampler.last_stats["sub_batches"] == 1
+    assert sampler.last_stats["prefills"] == 1 and sampler.last_stats["rows"] == 16
     cost = sampler.cost(16, NEW, full_vocab=False)
-    for budget, sub_batches, rows in ((cost.bytes(1, 3), 3, 3), (cost.bytes(1, 2), 6, 2)):
+    for budget, prefills, rows in ((cost.bytes(1, 3), 3, 3), (cost.bytes(1, 2), 6, 2)):
         split_sampler = JaxSampler(model, SamplerConfig(vocab_chunk=128, decode_window=8, memory_budget_bytes=budget))
         split = split_sampler.generate(PROMPTS, params)
-        assert split_sampler.last_stats["sub_batches"] == sub_batches
-        assert split_sampler.last_stats["rows_per_sub_batch"] == rows
+        assert split_sampler.last_stats["prefills"] == prefills
+        assert split_sampler.last_stats["rows"] == rows
         np.testing.assert_array_equal(split.prompt_index, whole.prompt_index)
         np.testing.assert_array_equal(split.completion_ids, whole.completion_ids)
         np.testing.assert_array_equal(split.completion_mask, whole.completion_mask)
@@ -259,52 +259,61 @@ def test_a_request_where_no_row_fits_is_refused_up_front_with_what_would_fit(mod
     assert jax_sampler.rows_that_fit(roomy.cost(16, fits + 1, False), need - 1, 8) == 0
 
 
-@pytest.mark.slow  # six compiles of the prefill and decode programs
+@pytest.mark.slow  # nine compiles of the prefill, admit and decode programs
 def test_the_cost_model_bounds_the_compiled_programs(model):
-    """sub_batch_cost against XLA's buffer assignment of the real prefill and decode (temporaries and
-    outputs), compiled for this CPU on abstract shapes: an upper bound at each shape, and the growth
-    per row and per prompt within it. (On a CPU XLA also upcasts bf16 weights for its dots, a fixed
-    cost outside this model: hence a float32 model here.)"""
+    """sub_batch_cost against XLA's buffer assignment of the real prefill (beside the live slots),
+    admission and decode (temporaries and outputs), compiled for this CPU on abstract shapes: an upper
+    bound at each shape, and the growth per row and per prompt within it. (On a CPU XLA also upcasts
+    bf16 weights for its dots, a fixed cost outside this model: hence a float32 model here.)"""
     graphdef, state = nnx.split(model)
     spec = jax.ShapeDtypeStruct
     bucket, new = 16, 48
 
     def compiled(prompts, samples):
-        tokens, valid = spec((prompts, bucket), jnp.int32), spec((prompts, bucket), jnp.bool_)
-        static = dict(num_samples=samples, cache_len=bucket + new, cache_dtype=jnp.float32)
-        prefill = jax_sampler._prefill.lower(graphdef, state, tokens, valid, **static).compile()
-        hidden, cache = jax.eval_shape(functools.partial(jax_sampler._prefill, graphdef, **static), state, tokens,
-                                       valid)
         rows = prompts * samples
+        tokens, valid = spec((prompts, bucket), jnp.int32), spec((prompts, bucket), jnp.bool_)
+        prefill = jax_sampler._prefill.lower(graphdef, state, tokens, valid, cache_len=bucket + new,
+                                             cache_dtype=jnp.float32)
+        hidden, cache = jax.eval_shape(functools.partial(jax_sampler._prefill, graphdef, cache_len=bucket + new,
+                                                         cache_dtype=jnp.float32), state, tokens, valid)
+        slots = jax.eval_shape(functools.partial(jax_sampler._empty_slots, config=model.config, rows=rows,
+                                                 cache_len=bucket + new, max_new_tokens=new, cache_dtype=jnp.float32))
+        keys = jax.eval_shape(lambda: jax_sampler.row_keys(0, np.zeros(rows), np.zeros(rows)).reshape(prompts, samples))
+        admit = jax_sampler._admit.lower(slots, hidden, cache, spec((prompts, samples), jnp.int32), keys)
         decode = jax_sampler._decode.lower(
-            graphdef, state, cache, hidden, jax.eval_shape(lambda: jax_sampler.row_keys(0, np.zeros(rows), np.zeros(rows))),
-            spec((rows,), jnp.bool_), spec((8,), jnp.int32), spec((), jnp.float32), spec((), jnp.float32), greedy=False,
-            top_k=0, truncate=False, vocab_chunk=128, windows=jax_sampler.decode_windows(bucket, new, 8)).compile()
-        return [m.temp_size_in_bytes + m.output_size_in_bytes
-                for m in (prefill.memory_analysis(), decode.memory_analysis())]
+            graphdef, state, slots, spec((8,), jnp.int32), spec((), jnp.float32), spec((), jnp.float32),
+            spec((), jnp.int32), greedy=False, top_k=0, truncate=False, vocab_chunk=128, window=bucket + new)
+        slot_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(slots))
+        held = [slot_bytes, 0, 0]  # a refill's prefill runs beside the live slots
+        return [m.temp_size_in_bytes + m.output_size_in_bytes + h
+                for m, h in zip((p.compile().memory_analysis() for p in (prefill, admit, decode)), held)]
 
     cost = jax_sampler.sub_batch_cost(model.config, prompt_len=bucket, max_new_tokens=new, cache_dtype=jnp.float32,
                                       vocab_chunk=128)
     shapes = {(1, 1): compiled(1, 1), (1, 9): compiled(1, 9), (5, 1): compiled(5, 1)}
     for (prompts, samples), programs in shapes.items():
         assert max(programs) <= cost.bytes(prompts, samples) <= 4 * max(programs), (prompts, samples, programs)
-    for program in (0, 1):
+    for program in (0, 1, 2):
         assert (shapes[(1, 9)][program] - shapes[(1, 1)][program]) / 8 <= cost.per_row
         assert (shapes[(5, 1)][program] - shapes[(1, 1)][program]) / 4 <= cost.per_prompt + cost.per_row
 
 
-def test_kv_cache_is_donated(model):
+def test_slots_are_donated_and_updated_in_place(model):
     graphdef, state = nnx.split(model)
     tokens = np.zeros((1, 16), np.int32)
     tokens[0, -3:] = [5, 6, 7]
-    hidden, cache = jax_sampler._prefill(graphdef, state, tokens, tokens > 0, num_samples=K, cache_len=16 + NEW,
+    slots = jax_sampler._empty_slots(config=model.config, rows=K, cache_len=16 + NEW, max_new_tokens=NEW,
+                                     cache_dtype=jnp.float32)
+    hidden, cache = jax_sampler._prefill(graphdef, state, tokens, tokens > 0, cache_len=16 + NEW,
                                          cache_dtype=jnp.float32)
-    keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K))
-    out = jax_sampler._decode(graphdef, state, cache, hidden, keys, np.ones(K, bool), np.full(8, -1, np.int32),
-                              np.float32(1.0), np.float32(1.0), greedy=False, top_k=0, truncate=False,
-                              vocab_chunk=128, windows=jax_sampler.decode_windows(16, NEW, 8))
-    assert int(out[4]) == NEW
-    assert cache.k.is_deleted() and cache.v.is_deleted()
+    keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K)).reshape(1, K)
+    admitted = jax_sampler._admit(slots, hidden, cache, np.arange(K, dtype=np.int32)[None], keys)
+    assert slots.cache.k.is_deleted() and slots.tokens.is_deleted()
+    done, steps = jax_sampler._decode(graphdef, state, admitted, np.full(8, -1, np.int32), np.float32(1.0),
+                                      np.float32(1.0), np.int32(K + 1), greedy=False, top_k=0, truncate=False,
+                                      vocab_chunk=128, window=16 + NEW)
+    assert int(steps) == NEW and bool(done.finished.all()) and (np.asarray(done.steps) == NEW).all()
+    assert admitted.cache.k.is_deleted() and admitted.cache.v.is_deleted()
 
 
 def test_decode_windows_cover_every_written_slot():
@@ -328,6 +337,62 @@ def test_windowed_decode_equals_whole_cache_decode(model, sampler):
         windowed, reference = sampler.generate(PROMPTS, params), whole.generate(PROMPTS, params)
         np.testing.assert_array_equal(windowed.completion_ids, reference.completion_ids)
         np.testing.assert_allclose(windowed.logprobs, reference.logprobs, atol=1e-5)
+
+
+# Six prompts of two samples each, so a request is larger than the slots of a small sampler.
+MORE_PROMPTS = PROMPTS + [[9, 9, 31], [400, 2, 17, 66, 5, 8], [13]]
+
+
+def _varying_stops(free: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Stop ids taken from a free run's rows at spread positions, and the length each row then has."""
+    stops = tuple(sorted({int(free[r, (5 * r) % (free.shape[1] - 2) + 1]) for r in range(8)}))
+    ends = np.array([np.flatnonzero(np.isin(row, stops))[0] + 1 if np.isin(row, stops).any() else len(row)
+                     for row in free])
+    return stops, ends
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_finished_rows_free_their_slots_for_waiting_rows(model, temperature):
+    """Rows that end at different steps: with 4 slots for 12 rows, a finished row's slot takes a waiting
+    row; with 16 slots, the live rows are compacted into 8. Both give the tokens and
+    logprobs of decoding each row alone, and decode fewer slot-steps than batches that wait for their
+    longest row."""
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=temperature, seed=21)
+    config = SamplerConfig(vocab_chunk=128, decode_window=8, compact_min_rows=8)
+    free = JaxSampler(model, config).generate(MORE_PROMPTS, params).completion_ids
+    stops, ends = _varying_stops(free)
+    assert len(set(ends.tolist())) >= 4, ends  # the rows do end at different steps
+    params = dataclasses.replace(params, stop_token_ids=stops)
+    one = JaxSampler(model, dataclasses.replace(config, memory_budget_bytes=JaxSampler(model, config).cost(
+        16, NEW, False).bytes(1, 1)))
+    alone = one.generate(MORE_PROMPTS, params)
+    assert one.last_stats["rows"] == 1 and one.last_stats["prefills"] == len(ends)
+    np.testing.assert_array_equal(alone.completion_mask.sum(1), ends)
+
+    refill = JaxSampler(model, dataclasses.replace(config, max_batch_rows=4, compact_min_rows=0))
+    compact = JaxSampler(model, config)
+    for sampler in (refill, compact):
+        out = sampler.generate(MORE_PROMPTS, params)
+        np.testing.assert_array_equal(out.completion_ids, alone.completion_ids)
+        np.testing.assert_array_equal(out.completion_mask, alone.completion_mask)
+        np.testing.assert_array_equal(out.finish_reason, alone.finish_reason)
+        np.testing.assert_allclose(out.logprobs, alone.logprobs, atol=1e-5)
+    # Batches of 4 rows (two groups) that each wait for their longest row, against the refilled slots.
+    waiting = sum(4 * ends[i:i + 4].max() for i in range(0, len(ends), 4))
+    assert refill.last_stats["rows"] == 4 and refill.last_stats["slot_steps"] < waiting
+    assert compact.last_stats["rows"] == 16 and compact.last_stats["compactions"] >= 1
+    assert compact.last_stats["slot_steps"] < 16 * ends.max()
+
+
+def test_with_compaction_off_every_slot_decodes_to_the_last_row(model):
+    """compact_min_rows=0 keeps every slot until the last row ends (what the sampler did before)."""
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0, seed=21)
+    config = SamplerConfig(vocab_chunk=128, decode_window=8, compact_min_rows=0)
+    sampler = JaxSampler(model, config)
+    free = sampler.generate(MORE_PROMPTS, params).completion_ids
+    stops, ends = _varying_stops(free)
+    sampler.generate(MORE_PROMPTS, dataclasses.replace(params, stop_token_ids=stops))
+    assert sampler.last_stats["compactions"] == 0 and sampler.last_stats["slot_steps"] == 16 * ends.max()
 
 
 def test_lora_merge_and_on_the_fly_agree_and_follow_updates(hf_pair):

@@ -134,6 +134,12 @@ def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
 # --- bytes moved ---------------------------------------------------------------------------------------
 
 
+def _scatter_updates(inst: Instruction) -> list[str]:
+    """The update operands of a scatter: scatter(operands..., indices, updates...)."""
+    n = (len(inst.operands) - 1) // 2
+    return inst.operands[n + 1:]
+
+
 class Traffic:
     """Bytes an HLO computation's instructions read and write per execution (loops times their trip
     counts), and the copies among them: explicit copies and transposes, and fusion outputs that only
@@ -145,7 +151,7 @@ class Traffic:
 
     def _fusion_io(self, inst: Instruction) -> tuple[int, int]:
         """(bytes read, bytes written) by one fusion: a parameter used only by slices counts the
-        slices, a dynamic-update-slice root on a parameter (in place) writes only the update."""
+        slices, a dynamic-update-slice or scatter root on a parameter (in place) writes only the update."""
         fused = self.computations.get(inst.called("calls") or "", [])
         users: dict[str, list[Instruction]] = {}
         for i in fused:
@@ -161,6 +167,8 @@ class Traffic:
                 node = names.get(node.operands[0])
             if node is not None and node.opcode == "dynamic-update-slice":
                 written += names[node.operands[1]].bytes if node.operands[1] in names else 0
+            elif node is not None and node.opcode == "scatter":
+                written += sum(names[u].bytes for u in _scatter_updates(node) if u in names)
             elif node is not None:
                 written += node.bytes
         outputs = set(outs) | {r.name for r in roots}
@@ -173,7 +181,8 @@ class Traffic:
         fusion (an in-place output) reads nothing more; any other use reads all of it."""
         total = 0
         for use in users.get(node.name, []):
-            if use.opcode == "bitcast" or (use.opcode == "dynamic-update-slice" and use.operands[0] == node.name):
+            if use.opcode == "bitcast" or (use.opcode in ("dynamic-update-slice", "scatter")
+                                           and use.operands[0] == node.name):
                 total += 0 if use.name in outputs and not users.get(use.name) else self._read_of(use, users, outputs)
             elif use.opcode in ("dynamic-slice", "slice", "gather") and use.operands[0] == node.name:
                 total += use.bytes  # a gather reads the rows it returns
@@ -186,7 +195,8 @@ class Traffic:
     def instruction_io(self, inst: Instruction, names: dict[str, Instruction]) -> tuple[int, int]:
         """(bytes read, bytes written) by one instruction that does work (not a loop or a call) of the
         computation whose instructions are `names`: a fusion per `_fusion_io`, a slice its size, an
-        in-place update its update, a custom call its operands and its result less workspace."""
+        in-place update (dynamic-update-slice, scatter) its update, a custom call its operands and its
+        result less workspace."""
         op = inst.opcode
         if op == "fusion":
             return self._fusion_io(inst)
@@ -195,6 +205,10 @@ class Traffic:
         if op == "dynamic-update-slice":
             update = names[inst.operands[1]].bytes if inst.operands[1] in names else 0
             return update, update
+        if op == "scatter":  # in place (its operand aliases its result): reads the indices and updates
+            updates = sum(names[u].bytes for u in _scatter_updates(inst) if u in names)
+            index = inst.operands[(len(inst.operands) - 1) // 2]
+            return updates + (names[index].bytes if index in names else 0), updates
         read = sum(names[o].bytes for o in inst.operands if o in names)
         return read, _result_without_workspace(inst.shape) if op == "custom-call" else inst.bytes
 

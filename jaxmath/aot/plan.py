@@ -25,6 +25,7 @@ in the GRPO prompt bucket, the sampler's bucket for generation) and full-length 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from typing import Any
@@ -141,16 +142,16 @@ def sampler_bucket(cfg: SamplerConfig, length: int) -> int:
 
 
 def sub_batch_rows(cfg: SamplerConfig, gen: Generation, fit_rows: int | None = None) -> int:
-    """Rows of the sampler's largest sub-batch for `gen` (as `JaxSampler.plan` splits and pads it: at
-    most min(max_batch_rows, fit_rows) rows, whole groups of K padded to a power of two prompts, or
-    fit_rows samples of one prompt when not one group fits). fit_rows: the rows its memory budget
-    admits (`rows_that_fit`); None: no memory limit."""
+    """The sampler's decode slots for `gen` (as `JaxSampler.plan` sizes them: min(max_batch_rows,
+    fit_rows) rows, whole groups of K when one fits, and no more than the next power of two of the
+    request's rows; fewer than K rows when not one group fits, a group then spread over them).
+    fit_rows: the rows its memory budget admits (`rows_that_fit`); None: no memory limit."""
     rows = cfg.max_batch_rows if fit_rows is None else min(cfg.max_batch_rows, fit_rows)
     if rows < gen.num_samples:
         return rows
-    per_batch = rows // gen.num_samples
-    prompts = min(per_batch, gen.prompts)
-    return min(per_batch, 1 << (prompts - 1).bit_length()) * gen.num_samples
+    rows -= rows % gen.num_samples
+    total = gen.prompts * gen.num_samples
+    return min(rows, 1 << (total - 1).bit_length())
 
 
 def sampler_budget(plan: "RunPlan", target: Target) -> int:
@@ -249,7 +250,7 @@ class _State:
 
 
 def nbytes(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # (PRNG keys: 8 bytes)
 
 
 def _place(tree: Any, sharding) -> Any:
@@ -325,9 +326,11 @@ def compiled_peak_bytes(plan: RunPlan, phase: str, rows: int, target: Target) ->
     return compile_phase(plan, phase, rows, target).peak_bytes
 
 
-def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep: bool = False) -> PhaseMemory:
+def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep: bool = False,
+                  window: int | None = None) -> PhaseMemory:
     """Compile `phase` of `plan` for `target` at `rows` and read its memory and attention kernel.
-    keep: also return the compiled program (for its HLO)."""
+    keep: also return the compiled program (for its HLO). window: a decode phase's attention window
+    (default its largest, `decode_windows`' last)."""
     if phase not in plan.phases:
         raise KeyError(f"this run has no phase {phase!r}; it has {sorted(plan.phases)}")
     sharding = target.sharding()
@@ -338,7 +341,7 @@ def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep:
         return _merge_estimate(plan, state, phase)
     if kind in ("prefill", "decode"):
         gen = plan.rollout if phase.startswith("rollout/") else plan.evaluation
-        lowered, resident = _generation(plan, state, gen, kind, rows, sharding)
+        lowered, resident = _generation(plan, state, gen, kind, rows, sharding, window)
     elif kind == "step":
         lowered, resident = _grpo_step(plan, state, rows, sharding)
     elif kind == "logprobs":
@@ -388,41 +391,40 @@ def _spec(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def _generation(plan: RunPlan, state: _State, gen: Generation, kind: str, rows: int, sharding):
-    """The sampler's `_prefill` or `_decode` for one sub-batch of `rows` rows (rows / K prompts)."""
-    from jaxmath.model.qwen3 import KVCache
+def _generation(plan: RunPlan, state: _State, gen: Generation, kind: str, rows: int, sharding,
+                window: int | None = None):
+    """The sampler's `_prefill` (of the prompts whose samples fill `rows` slots) or `_decode` (the
+    `rows` slots at one attention window; default the largest, which bounds its memory). A refill's
+    prefill runs beside the live slots, so they are held while it runs; `_admit` (the slots donated,
+    plus the prompts' cache) holds less than the prefill did."""
     from jaxmath.rollout import jax_sampler
 
     cfg = plan.sampler
     k = gen.num_samples
-    if rows % k:
-        raise ValueError(f"sampler sub-batch rows {rows} must be a multiple of num_samples {k}")
-    prompts, bucket_len = rows // k, sampler_bucket(cfg, gen.prompt_tokens)
+    bucket_len = sampler_bucket(cfg, gen.prompt_tokens)
     cache_len = bucket_len + gen.max_new_tokens
     cache_dtype = dtype_from_name(cfg.cache_dtype) if cfg.cache_dtype else plan.model.dtype
     # The trainer's weights and optimizer state stay on the device; the sampler's arguments are its own
     # weights (the trainer's arrays, or the merged kernels plus the trainer's other arrays).
     resident = _trainer_bytes(state) + state.sampler_copy_bytes - nbytes(state.sampler_state)
     state_args = state.sampler_state
+    slots = jax.eval_shape(functools.partial(jax_sampler._empty_slots, config=plan.model, rows=rows,
+                                             cache_len=cache_len, max_new_tokens=gen.max_new_tokens,
+                                             cache_dtype=cache_dtype))
     if kind == "prefill":
+        prompts = max(1, rows // k)
         tokens = _spec((prompts, bucket_len), jnp.int32, sharding)
         valid = _spec((prompts, bucket_len), jnp.bool_, sharding)
-        lowered = jax_sampler._prefill.lower(state.sampler_graphdef, state_args, tokens, valid, num_samples=k,
+        lowered = jax_sampler._prefill.lower(state.sampler_graphdef, state_args, tokens, valid,
                                              cache_len=cache_len, cache_dtype=cache_dtype)
-        return lowered, resident
-    c = plan.model
-    cache_shape = KVCache.shape_for(c, rows, cache_len)
-    cache = KVCache(k=_spec(cache_shape, cache_dtype, sharding), v=_spec(cache_shape, cache_dtype, sharding),
-                    valid=_spec((rows, cache_len), jnp.bool_, sharding), lengths=_spec((rows,), jnp.int32, sharding),
-                    index=_spec((), jnp.int32, sharding))
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
-    args = (cache, _spec((rows, c.hidden_size), c.dtype, sharding), _spec(keys.shape, keys.dtype, sharding),
-            _spec((rows,), jnp.bool_, sharding), _spec((jax_sampler._STOP_SLOTS,), jnp.int32, sharding),
-            _spec((), jnp.float32, sharding), _spec((), jnp.float32, sharding))
+        return lowered, resident + nbytes(slots)
+    slots = jax.tree.map(lambda x: _spec(x.shape, x.dtype, sharding), slots)
+    scalar = functools.partial(_spec, (), sharding=sharding)
     lowered = jax_sampler._decode.lower(
-        state.sampler_graphdef, state_args, *args, greedy=gen.greedy, top_k=gen.top_k if gen.truncate else 0,
-        truncate=gen.truncate, vocab_chunk=cfg.vocab_chunk,
-        windows=decode_windows(bucket_len, gen.max_new_tokens, cfg.decode_window))
+        state.sampler_graphdef, state_args, slots, _spec((jax_sampler._STOP_SLOTS,), jnp.int32, sharding),
+        scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), greedy=gen.greedy,
+        top_k=gen.top_k if gen.truncate else 0, truncate=gen.truncate, vocab_chunk=cfg.vocab_chunk,
+        window=window or cache_len)
     return lowered, resident
 
 

@@ -64,6 +64,65 @@ def _peak_bytes():
     return stats.get("peak_bytes_in_use")
 
 
+def _time(compiled, repeats: int, make_inputs=None) -> float:
+    """The median seconds of `repeats` runs of `compiled` after one warm-up, on fresh inputs each time
+    (donated inputs are consumed)."""
+    import jax
+
+    from jaxmath.rollout.jax_sampler import _STOP_SLOTS
+
+    make_inputs = make_inputs or (lambda: _inputs(compiled, _STOP_SLOTS))
+    seconds = []
+    for i in range(repeats + 1):
+        args, kwargs = make_inputs()
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args, **kwargs))
+        if i:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def _decode_windows(plan, name: str, largest, target, rates: dict, repeats: int) -> list[dict]:
+    """Each attention window's decode program, run from the step its window starts at to the step it
+    ends at, every slot live (no stop id matches): its measured and modeled seconds and per step what
+    it must read. `largest` is the compiled program of the last window."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxmath.aot import cost
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.bench import memory
+    from jaxmath.rollout.jax_sampler import _STOP_SLOTS, Slots
+
+    windows = memory.decode_windows_of(plan, name)
+    rows, start, out = plan.phases[name], 0, []
+    for steps_to, window in windows:
+        m = largest if window == windows[-1][1] else plan_lib.compile_phase(plan, name, rows, target, keep=True,
+                                                                           window=window)
+        bucket = windows[-1][1] - windows[-1][0]
+
+        def inputs(compiled=m.compiled, first=start):
+            args, kwargs = _inputs(compiled, _STOP_SLOTS)
+            live = []
+            for a in args:
+                if isinstance(a, Slots):  # every slot live, at the window's first step
+                    a = dataclasses.replace(a, finished=jnp.zeros_like(a.finished), steps=jnp.full_like(a.steps, first),
+                                            cache=dataclasses.replace(a.cache, index=jnp.full_like(a.cache.index,
+                                                                                                   bucket + first)))
+                elif getattr(a, "shape", None) == () and jnp.issubdtype(a.dtype, jnp.integer):
+                    a = jnp.full((), a.dtype.type(rows + 1))  # exit_free: never hand back for a refill
+                live.append(a)
+            return tuple(live), kwargs
+
+        loop = cost.program_cost(m.compiled.as_text(), rates)["loops"][0]
+        out.append({"window": window, "steps": steps_to - start, "measured_s": _time(m.compiled, repeats, inputs),
+                    "modeled_step_s": loop["modeled_s"],
+                    "must_read": memory.decode_step(plan, name, steps_to, window, loop)["must_read"]})
+        start = steps_to
+    return out
+
+
 def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
     import jax
 
@@ -85,15 +144,11 @@ def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
     for name in names:
         m = plan_lib.compile_phase(plan, name, plan.phases[name], local, keep=True)
         modeled = cost.program_cost(m.compiled.as_text(), rates)
-        args, kwargs = _inputs(m.compiled, _STOP_SLOTS)
-        seconds = []
-        for i in range(repeats + 1):
-            fresh = args if i == 0 else _inputs(m.compiled, _STOP_SLOTS)[0]  # donated inputs are consumed
-            start = time.perf_counter()
-            jax.block_until_ready(m.compiled(*fresh, **kwargs))
-            if i:
-                seconds.append(time.perf_counter() - start)
-        measured = statistics.median(seconds)
+        if name.endswith("/decode"):
+            windows = _decode_windows(plan, name, m, local, rates, repeats)
+            measured = sum(w["measured_s"] for w in windows)
+        else:
+            measured = _time(m.compiled, repeats)
         row = {"rows": m.rows, "measured_s": measured, "modeled_s": modeled["modeled_s"],
                "modeled_over_measured": modeled["modeled_s"] / measured, "planned_peak_bytes": m.peak_bytes,
                "measured_peak_bytes": _peak_bytes(), "flops": modeled["flops"], "bytes": modeled["bytes"],
@@ -104,11 +159,10 @@ def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
                        modeled_mfu=flops / modeled["modeled_s"] / rates["flops"]["bf16"])
         if name.endswith("/decode"):
             gen = plan.rollout if name.startswith("rollout/") else plan.evaluation
-            windows = memory.decode_steps(plan, name, m.traffic)
-            steps = [w["steps_to"] - (windows[i - 1]["steps_to"] if i else 0) for i, w in enumerate(windows)]
-            must = sum(n * w["must_read"] for n, w in zip(steps, windows))
-            modeled_total = sum(n * loop["modeled_s"] for n, loop in zip(steps, modeled["loops"]))
+            must = sum(w["steps"] * w["must_read"] for w in windows)
+            modeled_total = sum(w["steps"] * w["modeled_step_s"] for w in windows)
             row.update(tokens=m.rows * gen.max_new_tokens, tokens_per_s=m.rows * gen.max_new_tokens / measured,
+                       windows=windows,
                        modeled_s=modeled_total, modeled_over_measured=modeled_total / measured,
                        bandwidth_fraction=must / rates["bandwidth"] / measured,
                        modeled_bandwidth_fraction=must / rates["bandwidth"] / modeled_total)
@@ -118,7 +172,7 @@ def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
               + (f", {row['tokens_per_s']:.0f} tokens/s, {row['bandwidth_fraction']:.1%} of the bandwidth roofline"
                  if "tokens_per_s" in row else "")
               + f"; peak {row['measured_peak_bytes']} bytes measured, {m.peak_bytes} planned", flush=True)
-        del args, m
+        del m
     return {"device": device.device_kind, "platform": device.platform, "peaks_of": peaks_of, "model": model_name,
             "phases": out}
 

@@ -3,7 +3,18 @@ the JAX sampler, and of vLLM on the same model and work in the same run.
 
 The work matches `shared/bench/vllm_gen_bench.py`: one chat-formatted prompt, `batch` samples of
 exactly `max_new_tokens` tokens (no stop tokens), temperature 1, after a warm-up call that pays the
-compiles. jaxmath runs first, then vLLM in a subprocess when it is given (`--vllm_python=PYTHON
+compiles.
+
+With `--stop_fraction=F` the completions end at different lengths instead, as GRPO's do: the stop
+ids are the fewest most frequent tokens (at most 8) of a calibration run (the JAX sampler at a
+different seed, 64 tokens per row, the same prompts) whose share of its tokens reaches F, so a row
+stops at each step with probability about F. Both engines sample `--num_prompts` prompts x
+`batch / num_prompts` samples with those stop ids and up to `max_new_tokens` tokens; the rate is
+generated tokens per second. vLLM's side is `jaxmath/rollout/vllm/bench_peer.py` (vLLM's `n` samples per
+request, `stop_token_ids`), run by `--vllm_python`:
+
+    python -m jaxmath.bench rollout --model=DIR --num_prompts=16 --batch=256 --max_new_tokens=512 \
+        --stop_fraction=0.005 --vllm_python=.venv/bin/python jaxmath runs first, then vLLM in a subprocess when it is given (`--vllm_python=PYTHON
 --vllm_script=SCRIPT`, e.g. this project's `../shared/bench/vllm_gen_bench.py`; without them the
 result's `vllm_note` says how to run it), so both see the same machine state.
 
@@ -49,6 +60,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache_dtype", default="", help="sampler.cache_dtype ('' = model dtype)")
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: attach random adapters and time merge vs on_the_fly")
     p.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s for the roofline fraction")
+    p.add_argument("--stop_fraction", type=float, default=0.0,
+                   help="> 0: completions of varying length, with stop ids about this share of the tokens")
     p.add_argument("--vllm_python", default="", help="python with vllm installed (empty: vLLM is not run)")
     p.add_argument("--vllm_script", default="",
                    help="vLLM's side of the bench (this project's: ../shared/bench/vllm_gen_bench.py)")
@@ -58,6 +71,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     check_model_flags(p, a)
     if a.batch % a.num_prompts:
         p.error(f"--batch {a.batch} must be a multiple of --num_prompts {a.num_prompts}")
+    if not 0 <= a.stop_fraction < 1:
+        p.error(f"--stop_fraction must be in [0, 1), got {a.stop_fraction}")
     return a
 
 
@@ -84,7 +99,8 @@ def _prompts(a, vocab_size: int) -> list[list[int]]:
 
 
 def _time_generate(sampler, prompts, params, repeats: int) -> tuple[float, float, list[float]]:
-    """(compile+first-call seconds, median seconds, all timed seconds) of sampler.generate."""
+    """(compile+first-call seconds, median seconds, all timed seconds) of sampler.generate, at fixed
+    lengths (no stop ids: every row generates max_new_tokens)."""
     start = time.perf_counter()
     rollout = sampler.generate(prompts, params)
     first = time.perf_counter() - start
@@ -97,6 +113,45 @@ def _time_generate(sampler, prompts, params, repeats: int) -> tuple[float, float
         sampler.generate(prompts, params)
         times.append(time.perf_counter() - start)
     return first, statistics.median(times), times
+
+
+def _stop_ids_for(sampler, prompts, params, fraction: float) -> tuple[int, ...]:
+    """The fewest most frequent tokens (at most 8) of a 64-token calibration run at seed + 1 whose
+    share of its tokens reaches `fraction` (all 8 when it is not reached)."""
+    import dataclasses
+
+    import numpy as np
+
+    calibration = sampler.generate(prompts, dataclasses.replace(params, seed=params.seed + 1, max_new_tokens=64,
+                                                                stop_token_ids=()))
+    ids, counts = np.unique(calibration.completion_ids[calibration.completion_mask], return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:8]
+    share = np.cumsum(counts[order]) / counts.sum()
+    return tuple(int(i) for i in ids[order[:int(np.searchsorted(share, fraction)) + 1]])
+
+
+def _time_varying(sampler, prompts, params, repeats: int) -> dict:
+    """Generated tokens per second of sampler.generate with stop ids (rows of varying length): the
+    median over `repeats` timed calls after a warm-up, each call's rate its own tokens over its time."""
+    import numpy as np
+
+    start = time.perf_counter()
+    sampler.generate(prompts, params)
+    first = time.perf_counter() - start
+    rates, lengths, occupancy = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rollout = sampler.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        generated = int(rollout.completion_mask.sum())
+        rates.append(generated / seconds)
+        lengths.append(rollout.completion_mask.sum(1))
+        occupancy.append(generated / sampler.last_stats["slot_steps"])
+    lengths = np.concatenate(lengths)
+    return {"first_call_s": first, "tokens_per_s": statistics.median(rates), "rates": rates,
+            "mean_length": float(lengths.mean()), "length_quartiles": [float(q) for q in
+                                                                       np.percentile(lengths, [0, 25, 50, 75, 100])],
+            "slot_occupancy": statistics.median(occupancy)}
 
 
 def _roofline(model, rows: int, prompt_tokens: int, windows, cache_dtype, tokens_per_s: float, peak: float) -> dict:
@@ -121,10 +176,11 @@ def _roofline(model, rows: int, prompt_tokens: int, windows, cache_dtype, tokens
             "roofline_fraction": (weights + kv_needed) * steps_per_s / peak}
 
 
-def _vllm(a) -> tuple[float | None, str]:
-    """vLLM's tokens/s from vllm_gen_bench.py, or None and why. Its whole output goes to --vllm_log;
-    a failed run is tried up to twice more (its engine processes sometimes die; see below)."""
-    cmd = [a.vllm_python, a.vllm_script, a.model, "--batch", str(a.batch), "--max_new_tokens", str(a.max_new_tokens)]
+def _vllm(a, cmd: list[str] | None = None) -> tuple[float | None, str]:
+    """vLLM's tokens/s from vllm_gen_bench.py (or `cmd`), or None and why. Its whole output goes to
+    --vllm_log; a failed run is tried up to twice more (its engine processes sometimes die; see below)."""
+    cmd = cmd or [a.vllm_python, a.vllm_script, a.model, "--batch", str(a.batch), "--max_new_tokens",
+                  str(a.max_new_tokens)]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     note = ""
@@ -192,6 +248,8 @@ def main(argv: list[str]) -> dict:
 
         merge_lora(model)  # the plain measurement below is then the merged model, for the vLLM ratio
 
+    if a.stop_fraction:
+        return _varying(a, model, prompts, params, SamplerConfig(**knobs), result)
     sampler = JaxSampler(model, SamplerConfig(**knobs))
     first, median, times = _time_generate(sampler, prompts, params, a.repeats)
     tokens_per_s = a.batch * a.max_new_tokens / median
@@ -209,4 +267,36 @@ def main(argv: list[str]) -> dict:
     if rate is not None:
         result["vllm_tokens_per_s"], result["speedup"] = rate, tokens_per_s / rate
         print(f"vLLM: {rate:.0f} tokens/s; jaxmath / vLLM = {tokens_per_s / rate:.2f}", flush=True)
+    return result
+
+
+def _varying(a, model, prompts, params, config, result: dict) -> dict:
+    """The --stop_fraction measurement: both engines, rows that end at different lengths."""
+    import dataclasses
+    import json
+    import tempfile
+
+    from jaxmath.rollout.jax_sampler import JaxSampler
+
+    sampler = JaxSampler(model, config)
+    stops = _stop_ids_for(sampler, prompts, params, a.stop_fraction)
+    params = dataclasses.replace(params, stop_token_ids=stops)
+    mine = _time_varying(sampler, prompts, params, a.repeats)
+    result.update({"stop_fraction": a.stop_fraction, "stop_ids": list(stops), **mine,
+                   "vocab_chunk": config.vocab_chunk, "decode_window": config.decode_window,
+                   "compact_min_rows": config.compact_min_rows})
+    print(f"jaxmath: stop ids {list(stops)}; mean length {mine['mean_length']:.0f} of {a.max_new_tokens} "
+          f"(quartiles {mine['length_quartiles']}), slot occupancy {mine['slot_occupancy']:.0%}; "
+          f"{mine['tokens_per_s']:.0f} generated tokens/s", flush=True)
+    del sampler, model
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    script = str(Path(__file__).parents[1] / "rollout" / "vllm" / "bench_peer.py")
+    cmd = [a.vllm_python, script, a.model, f"--prompts={f.name}", f"--samples={params.num_samples}",
+           f"--max_new_tokens={a.max_new_tokens}", f"--stop_ids={','.join(map(str, stops))}"]
+    rate = run_peer(result, "vLLM", python=a.vllm_python, script=script, flag="vllm", model=a.model,
+                    run=lambda: _vllm(a, cmd))
+    if rate is not None:
+        result["vllm_tokens_per_s"], result["speedup"] = rate, mine["tokens_per_s"] / rate
+        print(f"vLLM: {rate:.0f} generated tokens/s; jaxmath / vLLM = {result['speedup']:.2f}", flush=True)
     return result

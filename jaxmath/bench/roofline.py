@@ -13,8 +13,9 @@ kernels are not jaxmath's programs.
 Reported per program: FLOPs, bytes, modeled seconds, kernel launches and the five costliest kernels.
 The train step's modeled MFU: model FLOPs counted as docs/BENCHMARKS.md counts them
 (`jaxmath.bench.grpo_step.train_flops`, every row at full length) over the modeled time and the
-target's bf16 peak. Per decode window, one step: the bytes it must read (every weight once, the live
-keys and values, `jaxmath.bench.memory.decode_steps`) against the bytes it reads (`read_ratio`) and
+target's bf16 peak. The decode loop is one program per attention window (the largest is the
+program's entry in `programs`); per window, one step: the bytes it must read (every weight once, the
+live keys and values, `jaxmath.bench.memory.decode_step`) against the bytes it reads (`read_ratio`) and
 writes (`write_ratio`), and its modeled fraction of the bandwidth roofline (must-read bytes over
 bandwidth, over the modeled step). The last line is one JSON object.
 
@@ -97,12 +98,15 @@ def report(cfg, fv) -> dict:
             programs[name]["model_flops"] = flops
             line += f"; modeled MFU {mfu[name]:.1%}"
         print(line, flush=True)
-        if name.endswith("/decode"):
-            windows = memory.decode_steps(plan, name, m.traffic)
+        if name.endswith("/decode"):  # one program per attention window
             decode[name] = []
-            for window, loop in zip(windows, loops):
-                must = window["must_read"]
-                entry = {"window": window["window"], "steps_to": window["steps_to"], "must_read": must,
+            for steps_to, window in memory.decode_windows_of(plan, name):
+                if window != memory.decode_windows_of(plan, name)[-1][1]:  # the largest is compiled above
+                    text = plan_lib.compile_phase(plan, name, m.rows, target, keep=True, window=window).compiled.as_text()
+                    loops = cost.program_cost(text, rates)["loops"]
+                loop = loops[0]
+                must = memory.decode_step(plan, name, steps_to, window, loop)["must_read"]
+                entry = {"window": window, "steps_to": steps_to, "must_read": must,
                          "read": loop["read"], "written": loop["written"], "read_ratio": loop["read"] / must,
                          "write_ratio": loop["written"] / must, "modeled_step_s": loop["modeled_s"],
                          "bandwidth_fraction": must / rates["bandwidth"] / loop["modeled_s"],

@@ -256,11 +256,17 @@ class DecoderLayer(nnx.Module):
 
     def decode(self, h, cos, sin, mask, k_cache, v_cache, layer_idx, write_index, lora: bool = True):
         """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, k, s, h]
-        at slot `write_index` and attends over the first mask.shape[-1] slots of the cache."""
+        at slot `write_index` ([] shared, or [b] one per row for a single token) and attends over the
+        first mask.shape[-1] slots of the cache."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        start = (layer_idx, 0, 0, write_index, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2)[None].astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2)[None].astype(v_cache.dtype), start)
+        if write_index.ndim:  # one slot per row (t == 1); a slot past the cache is dropped
+            rows = jnp.arange(k.shape[0])
+            k_cache = k_cache.at[layer_idx, rows, :, write_index].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[layer_idx, rows, :, write_index].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+        else:
+            start = (layer_idx, 0, 0, write_index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2)[None].astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2)[None].astype(v_cache.dtype), start)
         _, b, kv_heads, _, head_dim = k_cache.shape
         window = (1, b, kv_heads, mask.shape[-1], head_dim)
         keys, values = (jax.lax.dynamic_slice(c, (layer_idx, 0, 0, 0, 0), window)[0].astype(q.dtype)
@@ -280,7 +286,8 @@ class KVCache:
     k, v:    [layers, batch, kv_heads, max_len, head_dim]
     valid:   [batch, max_len] bool, slots holding a real token (left padding stays False)
     lengths: [batch] int32, real tokens so far = the next RoPE position of each row
-    index:   [] int32, the next slot to write (shared by all rows)
+    index:   [] int32, the next slot to write, shared by all rows; or [batch] int32, each row's own
+             (rows admitted at different steps, decoding one token at a time: the sampler's slots)
     """
 
     k: jax.Array
@@ -423,6 +430,8 @@ class Qwen3(nnx.Module):
 
         token_valid [b, t] bool marks real tokens (False = left padding of a prompt). Prefill is a call
         with the padded prompt; decode is a call with t = 1. Returns final-normed hidden [b, t, d].
+        With a per-row `cache.index` ([b]), each row writes its token at its own slot, and only a valid
+        token advances its row's index (a finished row's token is written, masked, and overwritten).
 
         window: attend over cache slots [0, window) only, reading that much of the cache instead of all
         of it; the caller guarantees index + t <= window (slots past it are empty then). Decoding in
@@ -435,11 +444,19 @@ class Qwen3(nnx.Module):
         valid_i = token_valid.astype(jnp.int32)
         positions = jnp.maximum(cache.lengths[:, None] + jnp.cumsum(valid_i, axis=1) - 1, 0)
         cos, sin = rope_cos_sin(positions, self.config)
-        slots = cache.index + jnp.arange(t, dtype=jnp.int32)
-        valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+        if cache.index.ndim:  # each row its own slot: one token per row
+            if t != 1:
+                raise ValueError(f"a cache with a slot index per row takes one token per row, got {t}")
+            slots = cache.index[:, None]  # [b, 1]
+            valid = cache.valid.at[jnp.arange(b), cache.index].set(token_valid[:, 0], mode="drop")
+            next_index = cache.index + valid_i[:, 0]
+        else:
+            slots = (cache.index + jnp.arange(t, dtype=jnp.int32))[None, :]  # [1, t]
+            valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+            next_index = cache.index + t
         key_slot = jnp.arange(window, dtype=jnp.int32)
-        mask = valid[:, None, :window] & (key_slot[None, None, :] <= slots[None, :, None])
-        mask = (mask | (key_slot[None, None, :] == slots[None, :, None]))[:, None]  # [b, 1, t, s]
+        mask = valid[:, None, :window] & (key_slot[None, None, :] <= slots[:, :, None])
+        mask = (mask | (key_slot[None, None, :] == slots[:, :, None]))[:, None]  # [b, 1, t, s]
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
 
         def body(layer, carry, layer_idx):
@@ -447,8 +464,7 @@ class Qwen3(nnx.Module):
             return layer.decode(h, cos, sin, mask, k_cache, v_cache, layer_idx, cache.index, lora)
 
         h, k, v = self._scan_layers(body, (self.embed_tokens(tokens), cache.k, cache.v), layer_ids)
-        new_cache = KVCache(k=k, v=v, valid=valid, lengths=cache.lengths + valid_i.sum(axis=1),
-                            index=cache.index + t)
+        new_cache = KVCache(k=k, v=v, valid=valid, lengths=cache.lengths + valid_i.sum(axis=1), index=next_index)
         return self.final_norm(h), new_cache
 
 

