@@ -1,6 +1,12 @@
 """The study's SFT sweep (Table 12): every row is LoRA rank 64 on all seven projections, Adam
 beta1 0.9 / beta2 0.95, max sequence 4,096, loss on assistant tokens only, linear decay to 0.
 
+The study ran SFT on Tinker, so what it does not state is Tinker's (configs/grpo_common.py cites the
+sources): Adam eps 1e-12 and no gradient clipping (`AdamParams` defaults; jaxmath's SFT default is
+PyTorch's eps 1e-8 and clipping at 1.0), LoRA alpha 32 (scale 0.5; Tinker takes no alpha, see
+grpo_common). The targets are the study's own words, "all attention + MLP projections": no adapter on
+the LM head, although Tinker's train_unembed defaults to True (docs/STUDY.md).
+
     python -m jaxmath.main --config=configs/sft_sweep.py:v2 --config.model.path=/models/Qwen3-4B-Instruct-2507 \
         --config.data.dir=runs/distill --workdir=runs/sft_v2
 
@@ -45,6 +51,9 @@ import ml_collections
 
 from jaxmath.config import defaults
 
+# Tinker's settings the study leaves unstated, shared by every row (sources in configs/grpo_common.py).
+TINKER = {"optimizer.eps": 1e-12, "optimizer.max_grad_norm": 0.0, "lora.alpha": 32.0}
+
 # What each row sets on top of the sweep's shared settings (keys as in --config.<key>=...).
 ROWS = {
     "v1": {"optimizer.learning_rate": 2e-5, "sft.epochs": 3, "sft.batch_size": 128,
@@ -67,6 +76,7 @@ def get_config(arg: str = "a") -> ml_collections.ConfigDict:
     config.data.dir = "runs/distill"  # where configs/distill.py writes the traces
     config.sft.train_files = "traces.jsonl"
     config.sft.micro_batch_size = 4  # gradient accumulation: batch_size / micro_batch_size micro-batches
+    config.update_from_flattened_dict(TINKER)
     config.update_from_flattened_dict(ROWS[arg])
     config.lock()
     return config
