@@ -37,7 +37,8 @@ v4 runs a fixed 53 steps (two passes and one batch of a third), which is the stu
 Data: `sft.train_files` are read from `data.dir`: `traces.jsonl` is the output of
 configs/distill.py (rows carry their `source`; v1/v2 keep the OlympiadBench ones), `openr1.jsonl`
 is OpenR1-Math-220k in the jaxmath schema (rows with `traces`; `python -m jaxmath.data.datasets --out DIR`
-writes it into DIR with the other data files: link it beside traces.jsonl).
+writes it into DIR with the other data files, not beside traces.jsonl: launch/sweep.py links both into
+the v3 job's own data folder; run alone, v3 needs a data.dir holding both, e.g. links to each).
 The study did not publish its v3 mix or the v4 length cut. v3 here is 5,400 documents
 (`sft.max_documents`): every custom trace (3,825 in the study), then OpenR1 traces in file order up
 to 5,400 (1,575 at the study's count), unfiltered: the study blames v3's regression on OpenR1's long
