@@ -23,7 +23,7 @@ from jaxmath.config import config_module
 def get_config():
     c = config_module(__file__, "grpo_common").study_row("local_lora", learning_rate=4e-5)
     c.data.train = "math_train_hard"
-    c.checkpoint_every = 50  # steps 50 and 100 (steps: 100, the default)
+    # checkpoints every 50 steps and 100 steps in all (both the defaults): steps 50 and 100
     c.rl.eval_every = 50
     c.rl.keep_best = 2  # both evaluated checkpoints stay; the sweep exports the better (launch/sweep.py)
     c.optimizer.total_steps = 998  # TRL's linear decay over the planned two epochs, stopped at step 100

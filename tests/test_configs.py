@@ -205,8 +205,9 @@ def test_each_grpo_row_runs_its_frameworks_optimizer_and_loss():
     common = config_lib.load_module(str(ROOT / "configs" / "grpo_common.py"))
     assert set(common.FRAMEWORK) == {"grpo_v1", "grpo_v2", "grpo_v3", "sft_then_rl", "local_full", "local_lora"}
     for row, framework in common.FRAMEWORK.items():
-        _, loss, optimizer = main.grpo_configs(load_config(str(ROOT / "configs" / f"{row}.py")))
-        built = {"loss": loss, "optimizer": optimizer}
+        cfg = load_config(str(ROOT / "configs" / f"{row}.py"))
+        _, loss, optimizer = main.grpo_configs(cfg)
+        built = {"loss": loss, "optimizer": optimizer, "lora": build(LoRAConfig, cfg.lora, prefix="lora")}
         for key, (value, source) in common.SETTINGS[framework].items():
             section, field = key.split(".")
             assert getattr(built[section], field) == value, (row, key, source)

@@ -69,6 +69,7 @@ def test_gradients_reach_the_head_adapter_through_the_fused_logprobs():
     assert float(jnp.abs(grads["head_lora"]["lora_b"]).max()) > 0
 
 
+@pytest.mark.slow  # an HF export and reload
 def test_merging_unties_a_tied_model_and_the_hf_export_reloads_it(tmp_path):
     model = _adapted(tie=True)
     adapted = np.asarray(model(IDS))
@@ -103,6 +104,7 @@ def test_peft_export_carries_the_head_and_merges_as_jax_does(tmp_path):
     assert tree_tensors.keys() == tensors.keys()
 
 
+@pytest.mark.slow  # torch and PEFT
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 def test_peft_applies_the_head_adapter_to_a_tied_model_as_jaxmath_does(tmp_path):
     import torch
