@@ -11,9 +11,22 @@ defaults it (src/tinker/types/optimizer.py in thinking-machines-lab/tinker, tink
 1e5777e; the same in its API reference, tinker-docs.thinkingmachines.ai/tinker/api-reference/types/
 adamparams): beta1 0.9, beta2 0.95, eps 1e-12, weight decay 0.0, grad_clip_norm 0.0 ("0.0 means no
 clipping"). The learning rate is passed with every `optim_step`, so it is constant unless the caller
-schedules it; the study names no schedule, so constant. Tinker computes the loss server-side from
-the client's per-token advantages; the study describes the loss only as its Eq. 3, so these rows keep
-jaxmath's per-sequence token mean and no engine/trainer correction (assumptions, not Tinker's).
+schedules it; the study names no schedule, so constant.
+LoRA as Tinker's `create_lora_training_client(base_model, rank)` builds it (`tinker.types.LoraConfig`,
+src/tinker/types/lora_config.py in the same repository): train_attn, train_mlp and train_unembed all
+default True, so the seven projections AND the LM head (the unembedding) carry adapters
+(`lora.train_unembed`). Tinker takes no alpha. Its value is not in the SDK or the cookbook; the
+"LoRA Without Regret" post (thinkingmachines.ai/blog/lora, 2025) says their LoRA uses alpha 32, and
+tinker-cookbook issue #280 ("What is the default lora_alpha used?", open, 2026-01) got only that
+answer from a user, so alpha 32 (scale 32 / 64 = 0.5 at rank 64) is the best-sourced value, not a
+confirmed one. The loss is the study's Eq. 3 (`loss.loss_agg = "seq_sum"`): the importance ratio of
+whole sequences pi(y|x) / pi_old(y|x), summed over a prompt's K samples, averaged over prompts. One
+update per batch (on-policy) makes that ratio 1, and its gradient sum_i A_i sum_t grad log pi(y_it)
+is what per-token ratios summed over each sequence's tokens give: token sums, as Tinker's losses are
+(docs/losses.mdx in tinker-docs), with no division by the sequence length. "seq_sum" averages over
+the K x prompts sequences, Eq. 3 divided by the constant K, which Adam's update does not see. The
+advantages are Eq. 2's, std-normalized (the cookbook only centres them). No engine/trainer
+correction (Tinker samples and trains on its own service; jaxmath's engines differ: docs/STUDY.md).
 
 TRL rows (local_full, local_lora; TRL + vLLM colocate on one H100): TRL 0.24 (October 2025), a
 version with the vLLM colocate mode and sleep mode the study describes, before the sequence-level
@@ -30,7 +43,8 @@ nobody mistakes them for the study's:
 - prompts per step: 8 (`rl.prompts_per_step`), derived from the local full-parameter run (998 steps
   for 2 epochs of 3,994 problems); used for every row so step counts compare;
 - advantage std is the sample std, eps 1e-4;
-- LoRA alpha 128 for rank 64 (scale 2);
+- LoRA alpha 128 for rank 64 (scale 2) on the TRL row local_lora (PEFT's LoraConfig as TRL takes it;
+  the study names neither alpha nor targets there), on the seven projections;
 - sampling temperature 1.0 for training rollouts, no top-p / top-k;
 - training prompts are zero-shot (the few-shot prefix is an evaluation convention in the study).
 
@@ -45,10 +59,15 @@ import dataclasses
 import ml_collections
 
 from jaxmath.config import defaults
+from jaxmath.model.lora import LoRAConfig
 from jaxmath.optim import OptimizerConfig
 from jaxmath.rl.step import LossConfig
 
 TINKER = "Tinker AdamParams default (tinker 0.30.4, src/tinker/types/optimizer.py)"
+TINKER_LORA = "Tinker LoraConfig default (src/tinker/types/lora_config.py)"
+TINKER_ALPHA = ("Tinker takes no alpha; 32 per the LoRA Without Regret post, unconfirmed "
+                "(tinker-cookbook issue #280 open)")
+EQ3 = "the study's Eq. 3: sequence ratio, summed over K, mean over prompts (token sums; / K)"
 TINKER_LR = "Tinker: the learning rate is given per optim_step; the study names no schedule"
 TRL = "TRL 0.24 GRPOConfig default"
 HF = "transformers TrainingArguments default (TRL 0.24's trainer)"
@@ -73,8 +92,11 @@ SETTINGS = {
         "loss.beta": (0.0, STUDY),
         "loss.eps_low": (0.2, ASSUMED + " (TRL's epsilon)"),
         "loss.eps_high": (0.2, ASSUMED),
-        "loss.loss_agg": ("seq_mean_token_mean", ASSUMED + " (Eq. 3 is per sequence)"),
+        "loss.loss_agg": ("seq_sum", EQ3),
         "loss.tis_cap": (0.0, ASSUMED + " (no engine/trainer correction)"),
+        "lora.alpha": (32.0, TINKER_ALPHA),
+        "lora.targets": (LoRAConfig.targets, TINKER_LORA + ": train_attn and train_mlp True"),
+        "lora.train_unembed": (True, TINKER_LORA + ": train_unembed True"),
     },
     "trl": {
         "optimizer.b1": (0.9, HF),
@@ -111,6 +133,6 @@ def study_row(name: str, *, learning_rate: float) -> ml_collections.ConfigDict:
 
 
 def _dataclass_default(section: str, field: str):
-    """The default of `field` in the dataclass behind config section `section` (loss or optimizer)."""
-    cls = {"loss": LossConfig, "optimizer": OptimizerConfig}[section]
+    """The default of `field` in the dataclass behind config section `section` (loss, optimizer, lora)."""
+    cls = {"loss": LossConfig, "optimizer": OptimizerConfig, "lora": LoRAConfig}[section]
     return next(f.default for f in dataclasses.fields(cls) if f.name == field)

@@ -1,6 +1,8 @@
 """SFT Config A (the study's Table 2): LoRA rank 64 on all attention and MLP projections, lr 2e-4 with
 linear decay to 0, batch 32, 2 epochs (238 steps over 3,825 traces), max sequence 4,096, Adam
-beta1 0.9 / beta2 0.95, loss on assistant tokens only. MATH-500 77.2% in the study (baseline 79.4%).
+beta1 0.9 / beta2 0.95, loss on assistant tokens only; what the study leaves unstated is Tinker's,
+where it ran (eps 1e-12, no clipping, LoRA alpha 32: configs/sft_sweep.py). MATH-500 77.2% in the
+study (baseline 79.4%).
 
     python -m jaxmath.main --config=configs/distill.py --config.distill.endpoint=http://HOST:8000/v1
     python -m jaxmath.main --config=configs/sft_config_a.py --config.model.path=/models/Qwen3-4B-Instruct-2507 \

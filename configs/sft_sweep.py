@@ -1,6 +1,12 @@
 """The study's SFT sweep (Table 12): every row is LoRA rank 64 on all seven projections, Adam
 beta1 0.9 / beta2 0.95, max sequence 4,096, loss on assistant tokens only, linear decay to 0.
 
+The study ran SFT on Tinker, so what it does not state is Tinker's (configs/grpo_common.py cites the
+sources): Adam eps 1e-12 and no gradient clipping (`AdamParams` defaults; jaxmath's SFT default is
+PyTorch's eps 1e-8 and clipping at 1.0), LoRA alpha 32 (scale 0.5; Tinker takes no alpha, see
+grpo_common). The targets are the study's own words, "all attention + MLP projections": no adapter on
+the LM head, although Tinker's train_unembed defaults to True (docs/STUDY.md).
+
     python -m jaxmath.main --config=configs/sft_sweep.py:v2 --config.model.path=/models/Qwen3-4B-Instruct-2507 \
         --config.data.dir=runs/distill --workdir=runs/sft_v2
 
@@ -31,7 +37,8 @@ v4 runs a fixed 53 steps (two passes and one batch of a third), which is the stu
 Data: `sft.train_files` are read from `data.dir`: `traces.jsonl` is the output of
 configs/distill.py (rows carry their `source`; v1/v2 keep the OlympiadBench ones), `openr1.jsonl`
 is OpenR1-Math-220k in the jaxmath schema (rows with `traces`; `python -m jaxmath.data.datasets --out DIR`
-writes it into DIR with the other data files: link it beside traces.jsonl).
+writes it into DIR with the other data files, not beside traces.jsonl: launch/sweep.py links both into
+the v3 job's own data folder; run alone, v3 needs a data.dir holding both, e.g. links to each).
 The study did not publish its v3 mix or the v4 length cut. v3 here is 5,400 documents
 (`sft.max_documents`): every custom trace (3,825 in the study), then OpenR1 traces in file order up
 to 5,400 (1,575 at the study's count), unfiltered: the study blames v3's regression on OpenR1's long
@@ -44,6 +51,9 @@ and adjust `sft.max_trace_chars`.
 import ml_collections
 
 from jaxmath.config import defaults
+
+# Tinker's settings the study leaves unstated, shared by every row (sources in configs/grpo_common.py).
+TINKER = {"optimizer.eps": 1e-12, "optimizer.max_grad_norm": 0.0, "lora.alpha": 32.0}
 
 # What each row sets on top of the sweep's shared settings (keys as in --config.<key>=...).
 ROWS = {
@@ -67,6 +77,7 @@ def get_config(arg: str = "a") -> ml_collections.ConfigDict:
     config.data.dir = "runs/distill"  # where configs/distill.py writes the traces
     config.sft.train_files = "traces.jsonl"
     config.sft.micro_batch_size = 4  # gradient accumulation: batch_size / micro_batch_size micro-batches
+    config.update_from_flattened_dict(TINKER)
     config.update_from_flattened_dict(ROWS[arg])
     config.lock()
     return config

@@ -268,7 +268,7 @@ _MODEL = Section("model", "jaxmath.config:ModelConfig")
 _MESH = Section("mesh", "jaxmath.config:MeshConfig")
 _DATA_DIR = Section("data", "jaxmath.config:DataConfig", only=("dir",))
 _VLLM = Section("vllm", "jaxmath.rollout.vllm.config:VLLMConfig", derived=(
-    ("model_path", "model.path"), ("enable_lora", "lora.rank > 0, unless colocated and synced in memory (merged)"), ("max_lora_rank", "lora.rank"),
+    ("model_path", "model.path"), ("enable_lora", "lora.rank > 0, unless colocated and synced in memory (merged) or lora.train_unembed"), ("max_lora_rank", "lora.rank"),
     ("kv_cache_memory_bytes", "the device plan"), ("max_num_seqs", "the device plan")))
 _RUN_LENGTH = ("steps", "seed", "checkpoint_every")
 _GRPO = Section("rl", "jaxmath.rl.loop:GRPOConfig", top=_RUN_LENGTH)

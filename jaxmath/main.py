@@ -212,7 +212,9 @@ def vllm_config(cfg, lora_cfg=None, plan=None):
     # A colocated vLLM takes a LoRA run's weights merged, in memory (no adapter files, no LoRA kernels
     # while decoding); a server, or a file sync, takes the adapters through vLLM's LoRA support.
     in_memory = section.get("mode", "colocated") == "colocated" and section.get("sync_method", "auto") != "file"
-    lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled and not in_memory,
+    # An adapted LM head (lora.train_unembed) always goes merged: vLLM's LoRA layers take none.
+    lora = {} if lora_cfg is None else dict(enable_lora=lora_cfg.enabled and not in_memory
+                                            and not lora_cfg.train_unembed,
                                             max_lora_rank=max(lora_cfg.rank, 1))
     section["dtype"] = vllm_dtype(cfg)
     if plan is not None:

@@ -12,6 +12,11 @@ the `:arg` of a variant, e.g. sft_sweep_v2) and three commands run in order: tra
 checkpoints, `rl.keep_best`: local_lora's step 50 in the study), and evaluate (`configs/eval.py` on
 that folder, into `<root>/<name>/eval`).
 
+SFT v3 reads OpenR1-Math-220k's `openr1.jsonl`, which the data builder writes beside the problems
+(`python -m jaxmath.data.datasets --out data`), not beside the teacher traces: its job first makes
+`<root>/sft_sweep_v3/data` with links to `traces.jsonl` (from the SFT rows' data.dir) and
+`openr1.jsonl` (from the GRPO rows' data.dir, `data` by default) and trains from there.
+
 A job that reads another run's output (`init.checkpoint`: grpo_v3 continues runs/grpo_v2;
 `model.path`: sft_then_rl starts from runs/sft_a/export, Config A's export) depends on the job whose
 config writes that workdir, reads it from under `<root>` instead, and runs after it (`plan_jobs`);
@@ -46,6 +51,10 @@ TABLE3 = ["configs/grpo_v1.py", "configs/grpo_v2.py", "configs/grpo_v3.py", "con
 BENCHMARKS = "math500,aime24,aime25,gsm8k,olympiadbench"
 # Config keys through which a run reads another run's output.
 INPUT_KEYS = ("init.checkpoint", "model.path")
+# Files an SFT row reads from its data.dir that configs/distill.py does not write there: OpenR1-Math-220k
+# (SFT v3) comes with the problems (`python -m jaxmath.data.datasets --out DIR`, the GRPO rows' data.dir).
+WITH_THE_PROBLEMS = ("openr1.jsonl",)
+PROBLEMS_DIR = "data"  # the GRPO rows' data.dir unless --grpo_set / --set says otherwise
 
 
 def run_name(config: str) -> str:
@@ -110,15 +119,46 @@ def plan_jobs(configs: list[str], root: Path, overrides: list[str], eval_overrid
     return _in_dependency_order(jobs, [run_name(c) for c in configs])
 
 
+def _data_dir(groups, default: str) -> str:
+    """The last --config.data.dir= of the override groups (later groups win), else `default`."""
+    found = [o.split("=", 1)[1] for group in groups for o in group if o.startswith("--config.data.dir=")]
+    return found[-1] if found else default
+
+
+def _absolute(path: str) -> str:
+    """`path` as the jobs resolve it (they run in the repository root)."""
+    return str(path if Path(path).is_absolute() else ROOT / path)
+
+
+def _sft_data_links(cfg, workdir: Path, overrides, sft_overrides, grpo_overrides) -> tuple[list, str, tuple]:
+    """For an SFT row that reads a file the distillation does not write (WITH_THE_PROBLEMS): the
+    commands that make <workdir>/data with links to each of its train files where they are (traces
+    from the SFT rows' data.dir, OpenR1 from the problems' folder), that folder, and the files linked.
+    Nothing for the other rows."""
+    files = [f for f in str(cfg.sft.train_files).split(",") if f]
+    if not any(f in WITH_THE_PROBLEMS for f in files):
+        return [], "", ()
+    traces = _data_dir([overrides, sft_overrides], str(cfg.data.dir))
+    problems = _data_dir([overrides, grpo_overrides], PROBLEMS_DIR)
+    folder = workdir / "data"
+    sources = tuple(str(Path(_absolute(problems if f in WITH_THE_PROBLEMS else traces)) / f) for f in files)
+    cmds = [("mkdir", "-p", str(folder))] + [("ln", "-sfn", src, str(folder / f)) for f, src in zip(files, sources)]
+    return cmds, str(folder), sources
+
+
 def _job(config, cfg, root, needs, inputs, overrides, eval_overrides, sft_overrides, grpo_overrides, python) -> Job:
     name, mode = run_name(config), cfg.mode
     workdir = root / name
     export = workdir / "export"
     own = [f"--config.{key}={path}" for key, path in inputs]
+    links, linked_dir, linked = ([], "", ()) if mode != "sft" else _sft_data_links(
+        cfg, workdir, overrides, sft_overrides, grpo_overrides)
+    if linked_dir:
+        own.append(f"--config.data.dir={linked_dir}")
     mine = {o.split("=", 1)[0] for o in own}
     general = [o for o in [*overrides, *(sft_overrides if mode == "sft" else grpo_overrides)]
                if o.split("=", 1)[0] not in mine]
-    cmds = [(python, "-m", "jaxmath.main", f"--config={config}", f"--workdir={workdir}", *general, *own)]
+    cmds = [*links, (python, "-m", "jaxmath.main", f"--config={config}", f"--workdir={workdir}", *general, *own)]
     if mode != "sft":
         best = int(cfg.rl.keep_best) > 0
         cmds.append((python, "-m", "jaxmath.convert.jax_to_hf", f"--ckpt={workdir / 'checkpoints'}",
@@ -128,7 +168,8 @@ def _job(config, cfg, root, needs, inputs, overrides, eval_overrides, sft_overri
     eval_rest = [o for o in eval_overrides if not o.startswith("--config.data.dir=")]
     cmds.append((python, "-m", "jaxmath.main", "--config=configs/eval.py", f"--config.model.path={export}",
                  f"--workdir={workdir / 'eval'}", f"--config.eval.benchmarks={BENCHMARKS}", *data_dir, *eval_rest))
-    reads = tuple(str(Path(path) / "checkpoints") if key == "init.checkpoint" else path for key, path in inputs)
+    reads = tuple(str(Path(path) / "checkpoints") if key == "init.checkpoint" else path for key, path in inputs
+                  if key in INPUT_KEYS) + linked
     return Job(name, config, mode, tuple(dict.fromkeys(needs)), reads, tuple(cmds))
 
 

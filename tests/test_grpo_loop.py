@@ -91,17 +91,18 @@ def test_each_early_stop_signal_at_the_studys_thresholds():
     signal resets its count, and a step without the ratio metric does not count."""
     cfg = loop.GRPOConfig(early_stop_reward=0.95, early_stop_grad_norm=1e-7, early_stop_ratio=0.1,
                           early_stop_patience=3)
-    calm = {"reward_mean": 0.6, "grad_norm": 0.02, "mismatch/ratio_min": 0.8}
+    calm = {"reward_mean": 0.6, "grad_norm": 0.02, "mismatch/seq_min_ratio_median": 0.8}
     for metric, saturated, reason in (("reward_mean", 0.96, "reward_mean >= 0.95"),
                                       ("grad_norm", 5e-8, "grad_norm <= 1e-07"),
-                                      ("mismatch/ratio_min", 0.08, "mismatch/ratio_min <= 0.1")):
+                                      ("mismatch/seq_min_ratio_median", 0.08,
+                                       "mismatch/seq_min_ratio_median <= 0.1")):
         streak: dict = {}
         steps = [saturated, saturated, calm[metric], saturated, saturated, saturated]
         reasons = [loop.early_stop_reason({**calm, metric: v}, cfg, streak) for v in steps]
         assert reasons[:5] == [""] * 5, metric
         assert reasons[5].startswith(reason), reasons[5]
     # Just short of each threshold nothing stops; without mismatch metrics the ratio never counts.
-    near = {"reward_mean": 0.94, "grad_norm": 2e-7, "mismatch/ratio_min": 0.11}
+    near = {"reward_mean": 0.94, "grad_norm": 2e-7, "mismatch/seq_min_ratio_median": 0.11}
     streak = {}
     assert [loop.early_stop_reason(near, cfg, streak) for _ in range(5)] == [""] * 5
     streak = {}
@@ -112,15 +113,70 @@ def test_each_early_stop_signal_at_the_studys_thresholds():
 
 
 def test_the_loop_stops_on_the_ratio_with_a_log_line_and_a_final_checkpoint(tmp_path, caplog):
-    """ratio_min of the JAX sampler vs the trainer is ~1, so a threshold of 2 holds from step 1."""
+    """The ratios of the JAX sampler vs the trainer are ~1, so a threshold of 2 holds from step 1."""
     import logging
 
     with caplog.at_level(logging.WARNING):
         _, result = _run(tmp_path, 6, early_stop_ratio=2.0, early_stop_patience=3, checkpoint_every=5)
-    assert result["stopped_early"].startswith("mismatch/ratio_min <= 2"), result["stopped_early"]
+    assert result["stopped_early"].startswith("mismatch/seq_min_ratio_median <= 2"), result["stopped_early"]
     assert len(_metrics(tmp_path)) == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # saved at the stop, not only every 5
-    assert any("stopping early at step 3: mismatch/ratio_min" in r.getMessage() for r in caplog.records)
+    assert any("stopping early at step 3: mismatch/seq_min_ratio_median" in r.getMessage() for r in caplog.records)
+
+
+class _OneOutlierToken:
+    """The JAX sampler, except that every rollout's first completion token gets an engine logprob 10
+    nats above the trainer's: one token per step whose ratio pi_trainer / pi_engine is e^-10."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, prompts, params):
+        import dataclasses
+
+        rollout = self.engine.generate(prompts, params)
+        logprobs = np.array(rollout.logprobs)
+        logprobs[0, 0] += 10.0
+        return dataclasses.replace(rollout, logprobs=logprobs)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_one_outlier_token_does_not_stop_a_run(tmp_path):
+    """The early-stop option at the study's ratio threshold (0.1, patience 3) on a run whose every step
+    has one token at ratio e^-10: the smallest token ratio of each step is below 0.1 (the old signal,
+    which stopped this run at step 3), the median over completions of their smallest ratio is not, and
+    the run goes its 4 steps."""
+    model = init_model(demo.model_config(SMALL, TOKENIZER.vocab_size), seed=0)
+    cfg = loop.GRPOConfig(steps=4, prompts_per_step=2, num_generations=4, max_completion_tokens=6, checkpoint_every=0,
+                          plot_every=0, prompt_bucket=8, warn_zero_std=1.0, seed=1, early_stop_ratio=0.1,
+                          early_stop_patience=3)
+    engine = _OneOutlierToken(JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0)))
+    result = loop.train(model, TRAIN, encode=lambda batch: [TOKENIZER.encode(e.problem) for e in batch],
+                        decode=TOKENIZER.decode, cfg=cfg, loss_cfg=step_lib.LossConfig(logprob_chunk=64),
+                        optim_cfg=optim.OptimizerConfig(learning_rate=3e-3), lora_cfg=LoRAConfig(rank=0),
+                        workdir=str(tmp_path), engine=engine, stop_token_ids=(demo_task.EOS,))
+    rows = _metrics(tmp_path)
+    assert result["stopped_early"] == ""
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["mismatch/ratio_min"] < 1e-4 for r in rows)  # the outlier is there every step
+    assert all(r["mismatch/seq_min_ratio_median"] > 0.5 for r in rows)
+
+
+def test_the_ratio_signal_needs_half_the_completions():
+    """The statistic itself: one token (or a minority of completions) at a tiny ratio leaves it near 1;
+    once half the completions hold such a token it falls to their level."""
+    from jaxmath.rollout.mismatch import logprob_mismatch
+
+    engine = np.zeros((8, 5), np.float32)
+    mask = np.ones((8, 5), bool)
+    for bad_rows, expected in ((0, 1.0), (1, 1.0), (3, 1.0), (5, np.exp(-5.0))):
+        trainer = np.zeros_like(engine)
+        trainer[:bad_rows, 2] = -5.0
+        stats = logprob_mismatch(engine, trainer, mask)
+        np.testing.assert_allclose(stats["mismatch/seq_min_ratio_median"], expected, rtol=1e-6)
+        np.testing.assert_allclose(stats["mismatch/ratio_min"], np.exp(-5.0) if bad_rows else 1.0, rtol=1e-6)
 
 
 @pytest.mark.slow  # a GRPO run, ~18 s

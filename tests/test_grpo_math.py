@@ -148,6 +148,8 @@ def _numpy_loss(lp, old, adv, mask, *, loss_agg, is_level, beta=0.0, ref=None, t
         return np.mean(row_sums[real] / row_lens[real])
     if loss_agg == "token_mean":
         return row_sums.sum() / row_lens.sum()
+    if loss_agg == "seq_sum":
+        return row_sums.sum() / real.sum()
     return row_sums.sum() / (real.sum() * (max_len or mask.shape[1]))
 
 
@@ -226,6 +228,7 @@ def test_unit_ratio_gives_minus_mean_advantage(loss_agg, is_level):
         "seq_mean_token_mean": -adv[real].mean(),
         "token_mean": -(adv * lengths).sum() / lengths.sum(),
         "constant": -(adv * lengths).sum() / (real.sum() * mask.shape[1]),
+        "seq_sum": -(adv * lengths).sum() / real.sum(),
     }[loss_agg]
     loss, metrics = policy_loss(
         old, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH, loss_agg=loss_agg, is_level=is_level

@@ -227,3 +227,63 @@ def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
     decode = summary["checks"]["decode"]["result"]["phases"]["rollout/decode"]
     assert decode["tokens"] == 16 * 32 and decode["tokens_per_s"] > 0 and decode["bandwidth_fraction"] > 0
     assert summary["checks"]["roofline_grpo_v2"]["result"]["train_modeled_mfu"] > 0
+
+
+def test_a_dry_run_of_the_whole_sweep_finds_every_input_file(tmp_path):
+    """The default sweep (Tables 12 and 3) run with a runner that performs its link commands and,
+    for each jaxmath.main command, checks that every data file the command's config reads exists
+    before making the command's outputs. The folders hold what their builders write: the problems and
+    openr1.jsonl (`python -m jaxmath.data.datasets --out DIR`) in one, the teacher traces
+    (configs/distill.py) in the other. SFT v3 reads openr1.jsonl, which only the problems' folder has."""
+    import importlib.util
+
+    from jaxmath.config import load_config
+    from jaxmath.data.datasets import FILES, OPENR1_FILE
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "launch" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = sweep
+    spec.loader.exec_module(sweep)
+    problems, traces, root = tmp_path / "data", tmp_path / "distill", tmp_path / "sweep"
+    problems.mkdir()
+    traces.mkdir()
+    for name in [*FILES.values(), OPENR1_FILE]:
+        (problems / name).write_text("{}\n")
+    (traces / "traces.jsonl").write_text("{}\n")
+    checked: dict[str, list[str]] = {}
+
+    def runner(cmd: list[str]) -> int:
+        if cmd[0] in ("mkdir", "ln"):
+            return subprocess.run(cmd).returncode
+        flags = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+        if cmd[2] == "jaxmath.convert.jax_to_hf":
+            Path(flags["out"]).mkdir()
+            (Path(flags["out"]) / "config.json").write_text("{}")
+            return 0
+        cfg = load_config(str(ROOT / flags["config"].split(":")[0]) + (
+            ":" + flags["config"].split(":")[1] if ":" in flags["config"] else ""))
+        value = lambda key: flags.get("config." + key, str(cfg[key.split(".")[0]][key.split(".")[1]]))
+        data_dir = Path(value("data.dir"))
+        if cfg.mode == "sft":
+            files = [data_dir / f for f in value("sft.train_files").split(",")]
+        elif cfg.mode == "eval":
+            files = [data_dir / FILES[b] for b in value("eval.benchmarks").split(",")]
+        else:
+            files = [data_dir / FILES[value("data.train")]]
+        missing = [str(f) for f in files if not f.is_file()]
+        assert not missing, (flags["config"], missing)
+        checked[flags["workdir"]] = [str(f) for f in files]
+        workdir = Path(flags["workdir"])
+        if cfg.mode != "eval":
+            (workdir / "checkpoints" / "1").mkdir(parents=True)
+            if cfg.mode == "sft":
+                (workdir / "export").mkdir()
+                (workdir / "export" / "config.json").write_text("{}")
+        return 0
+
+    args = [f"--root={root}", "--set=--config.model.path=/models/base", f"--grpo_set=--config.data.dir={problems}",
+            f"--sft_set=--config.data.dir={traces}"]
+    assert sweep.main(args, runner=runner) == 1  # every job ran; there are no eval results to collect
+    assert len(checked) == 24  # 12 trainings and their 12 evaluations, every input found
+    v3 = checked[str(root / "sft_sweep_v3")]
+    assert [os.path.realpath(f) for f in v3] == [str(traces / "traces.jsonl"), str(problems / OPENR1_FILE)]

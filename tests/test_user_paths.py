@@ -81,7 +81,6 @@ def _grpo(name, extra=""):
 
 
 GRPO = {name: _grpo(name) for name in ("grpo_v1", "grpo_v2", "local_full", "local_lora")}
-GRPO["grpo_v2 (README, K=8)"] = _grpo("grpo_v2", " --config.rl.num_generations=8")
 GRPO_V3 = ("python -m jaxmath.main --config=configs/grpo_v3.py --config.model.path=/models/Qwen3-4B-Instruct-2507 "
            "--config.init.checkpoint=runs/grpo_v2 --config.data.dir=data --workdir=runs/grpo_v3")
 

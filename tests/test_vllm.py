@@ -108,11 +108,14 @@ SCRIPT = textwrap.dedent('''
                 res[label + "_after"] = mismatch(engine, model)
                 res[label + "_greedy_after"] = greedy_equal(engine, model)
         else:
-            jl.apply_lora(model, jl.LoRAConfig(rank=4, alpha=8))
+            jl.apply_lora(model, jl.LoRAConfig(rank=4, alpha=8, train_unembed=(mode == "lora_head")))
             for step in (1, 2):
                 for i, (_, dense) in enumerate(jl.projections(model)):
                     b = dense.lora_b.get_value()
                     dense.lora_b.set_value(0.3 * jax.random.normal(jax.random.key(100 * step + i), b.shape))
+                if model.head_lora is not None:  # the LM head's adapter (tied model): vLLM must untie its head
+                    b = model.head_lora.lora_b.get_value()
+                    model.head_lora.lora_b.set_value(0.3 * jax.random.normal(jax.random.key(100 * step + 99), b.shape))
                 res[f"lora{step}_before"] = mismatch(engine, model)
                 res[f"lora{step}_greedy_before"] = greedy_equal(engine, model)
                 res[f"lora{step}_sync"] = engine.update_weights(model)
@@ -212,6 +215,22 @@ def test_lora_merged_in_memory_makes_vllm_follow_the_adapters(lora_merged):
         assert lora_merged[f"lora{step}_greedy_after"] == [True, True, True]
         assert lora_merged[f"lora{step}_sync"]["sync/buckets"] >= 1
     assert lora_merged["lora_dirs"] == []
+
+
+@pytest.fixture(scope="module")
+def lora_head(tmp_path_factory, tokenizer_dir):
+    return _run("lora_head", tmp_path_factory, tokenizer_dir)
+
+
+def test_lora_on_the_lm_head_of_a_tied_model_reaches_vllm_merged(lora_head):
+    """Tinker's train_unembed: the adapted head goes to a colocated vLLM merged, as its own tensor
+    (the tiny model ties its embeddings, so the worker unties vLLM's head), and vLLM follows it."""
+    for step in (1, 2):
+        before, after = lora_head[f"lora{step}_before"], lora_head[f"lora{step}_after"]
+        assert before["mismatch/abs_mean"] > 0.5, before
+        assert after["mismatch/abs_max"] < 2e-3, after
+        assert lora_head[f"lora{step}_greedy_after"] == [True, True, True]
+    assert lora_head["lora_dirs"] == []
 
 
 def test_full_sync_into_lora_engine_says_what_to_do(lora):

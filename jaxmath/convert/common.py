@@ -314,8 +314,10 @@ def model_from_run(run: RunCheckpoint, base_dir: str, dtype: str = "", *, merge:
         if alpha is None:
             raise ConvertError(f"the run config of {run.path} has no lora.alpha; pass --lora_alpha=ALPHA as the "
                                "run used it (the scale of the merged update is alpha / rank)")
-        targets = "^(" + "|".join(re.escape(".".join(p)) for p in paths) + ")$"
-        apply_lora(model, LoRAConfig(rank=ranks.pop(), alpha=alpha, targets=targets))
+        head = ("head_lora",) in paths  # the LM head's adapter (lora.train_unembed)
+        projections_paths = [p for p in paths if p != ("head_lora",)]
+        targets = "^(" + "|".join(re.escape(".".join(p)) for p in projections_paths) + ")$"
+        apply_lora(model, LoRAConfig(rank=ranks.pop(), alpha=alpha, targets=targets, train_unembed=head))
         _overlay(model, LoRAParam, lora, run.path, fill_all=True)
         merged = merge_lora(model)
         logging.info("merged %d LoRA projections (alpha %g)", merged, alpha)

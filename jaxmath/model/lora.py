@@ -14,7 +14,13 @@ Training selects adapters by type: `nnx.split(model, LoRAParam, ...)` gives the 
 without copying the base weights, and `model(..., lora=False)` is the reference policy.
 Merging (`merge_lora`) folds B @ A into the kernels for export or for fast generation.
 
-Qwen3-4B with rank 64 on all seven projections has 132,120,576 adapter parameters (3.3%).
+`train_unembed` adds one more adapter, on the LM head (`jaxmath.model.qwen3.HeadLoRA`: logits gain
+scale * (h @ A) @ B), as Tinker's `LoraConfig.train_unembed` does by default. With tied embeddings only
+the head changes, never the input embedding; merging unties the model (`merge_lora`).
+
+Qwen3-4B with rank 64 on all seven projections has 132,120,576 adapter parameters (3.3% of
+4,022,468,096); the head adapter adds 64 x (2,560 + 151,936) = 9,887,744, 142,008,320 in all (3.5%).
+`tests/test_lora.py` counts both on Qwen3-4B's shapes.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmath.model.qwen3 import Dense, LoRAParam, Qwen3
+from jaxmath.model.qwen3 import Dense, HeadLoRA, LoRAParam, Qwen3
 
 DEFAULT_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 ADAPTER_DTYPE = jnp.float32
@@ -36,13 +42,17 @@ ADAPTER_DTYPE = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """rank 0 disables LoRA (full-parameter training). The study does not state alpha; 2 x rank
-    (scale 2) is the common choice with rank 64 and is the default here."""
+    """rank 0 disables LoRA (full-parameter training). The update is scaled by alpha / rank. The study
+    does not state alpha; 2 x rank (scale 2) is a common PEFT choice with rank 64 and is the default
+    here (the Tinker rows set Tinker's: configs/grpo_common.py). targets: a regex over the projection
+    paths (default: all seven attention and MLP projections). train_unembed: also adapt the LM head
+    (Tinker's default; `HeadLoRA`)."""
 
     rank: int = 64
     alpha: float = 128.0
     targets: str = DEFAULT_TARGETS
     dropout: float = 0.0
+    train_unembed: bool = False
 
     def __post_init__(self):
         if self.rank < 0:
@@ -93,6 +103,13 @@ def apply_lora(model: Qwen3, config: LoRAConfig, *, seed: int = 0) -> int:
     if count == 0:
         raise ValueError(f"lora.targets {config.targets!r} matched no projection; names are e.g. "
                          f"{[p for p, _ in projections(model)][:3]}")
+    if config.train_unembed:
+        head = model.base_head_weight()  # [vocab, embed]
+        vocab, embed = head.shape
+        bound = 1.0 / math.sqrt(embed)
+        a = jax.random.uniform(jax.random.fold_in(key, 1 << 20), (embed, config.rank), ADAPTER_DTYPE, -bound, bound)
+        model.head_lora = HeadLoRA(a, jnp.zeros((config.rank, vocab), ADAPTER_DTYPE), config.scale)
+        count += a.size + config.rank * vocab
     return count
 
 
@@ -105,8 +122,22 @@ def lora_delta(dense: Dense) -> jax.Array:
 
 def merge_lora(model: Qwen3) -> int:
     """Fold every adapter into its kernel (in float32, then the kernel's dtype) and remove it.
-    Returns the number of projections merged."""
+    Returns the number of projections merged (the LM head's adapter counts as one).
+
+    A head adapter of a tied model unties it: the merged head becomes its own `lm_head` and the
+    config says `tie_word_embeddings=False`, so an HF export writes lm_head.weight beside the
+    unchanged embedding."""
     merged = 0
+    if model.head_lora is not None:
+        base = model.base_head_weight()
+        head = (base.astype(jnp.float32) + model.head_lora.delta()).astype(base.dtype)
+        if model.lm_head is None:
+            model.lm_head = nnx.data(nnx.Param(head, axes=("vocab", "embed")))
+            model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+        else:
+            model.lm_head.set_value(head)
+        model.head_lora = None
+        merged += 1
     for _, dense in projections(model):
         if dense.lora_a is None:
             continue
@@ -120,7 +151,8 @@ def merge_lora(model: Qwen3) -> int:
 
 
 def has_lora(model: Qwen3) -> bool:
-    return any(dense.lora_a is not None for _, dense in projections(model))
+    return getattr(model, "head_lora", None) is not None or any(
+        dense.lora_a is not None for _, dense in projections(model))
 
 
 def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

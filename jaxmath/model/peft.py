@@ -25,6 +25,11 @@ from jaxmath.model.lora import projections
 from jaxmath.model.qwen3 import Qwen3
 
 PEFT_PREFIX = "base_model.model."
+# The LM head's adapter (`jaxmath.model.qwen3.HeadLoRA`, lora.train_unembed): module path in the model
+# and in a checkpoint's adapter tree, and its PEFT name (PEFT adapts HF's `lm_head` Linear; with tied
+# embeddings only the head's output changes, as in jaxmath).
+HEAD_PATH = "head_lora"
+HEAD_PEFT_NAME = PEFT_PREFIX + "lm_head"
 
 
 def _spec_for(config: Qwen3Config, module_path: str) -> hf_io.WeightSpec:
@@ -42,9 +47,18 @@ def _tensors_from_pairs(pairs: Iterable[tuple[str, Any, Any]], config: Qwen3Conf
     ranks = set()
     np_dtype = np.dtype(dtype) if dtype is not None else None
     for path, a, b in pairs:
-        spec = _spec_for(config, path)
         a = np.asarray(jax.device_get(a))
         b = np.asarray(jax.device_get(b))
+        if path == HEAD_PATH:  # A [embed, r], B [r, vocab] -> lora_A [r, embed], lora_B [vocab, r]
+            a, b = a.T, b.T
+            if np_dtype is not None:
+                a, b = a.astype(np_dtype), b.astype(np_dtype)
+            ranks.add(a.shape[0])
+            targets.append("lm_head")
+            tensors[HEAD_PEFT_NAME + ".lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[HEAD_PEFT_NAME + ".lora_B.weight"] = np.ascontiguousarray(b)
+            continue
+        spec = _spec_for(config, path)
         layers, rank = a.shape[0], a.shape[-1]
         a = a.reshape(layers, -1, rank).transpose(0, 2, 1)  # [layers, r, in]
         b = b.reshape(layers, rank, -1).transpose(0, 2, 1)  # [layers, out, r]
@@ -73,6 +87,9 @@ def peft_tensors(model: Qwen3, dtype: Any = None) -> tuple[dict[str, np.ndarray]
         if dense.lora_a is not None:
             pairs.append((path, dense.lora_a.get_value(), dense.lora_b.get_value()))
             scales.add(dense.lora_scale)
+    if model.head_lora is not None:
+        pairs.append((HEAD_PATH, model.head_lora.lora_a.get_value(), model.head_lora.lora_b.get_value()))
+        scales.add(model.head_lora.lora_scale)
     if len(scales) > 1:
         raise ValueError(f"PEFT's adapter_config has one alpha; the adapters mix scales {sorted(scales)}")
     tensors, targets, rank = _tensors_from_pairs(pairs, model.config, dtype)
@@ -155,7 +172,9 @@ def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, Any], dict[str, np.nd
 
 
 def merge_into_hf(hf_weights: dict[str, np.ndarray], adapter_dir: str) -> dict[str, np.ndarray]:
-    """HF weights with a PEFT adapter folded in (W + alpha / r * B @ A, in float32), as PEFT merges."""
+    """HF weights with a PEFT adapter folded in (W + alpha / r * B @ A, in float32), as PEFT merges.
+    An `lm_head` adapter on tied weights (no lm_head.weight) adds an lm_head.weight merged from the
+    embedding: the result is untied (its config needs tie_word_embeddings false)."""
     config, tensors = read_peft_adapter(adapter_dir)
     scale = config["lora_alpha"] / config["r"]
     out = dict(hf_weights)
@@ -164,6 +183,8 @@ def merge_into_hf(hf_weights: dict[str, np.ndarray], adapter_dir: str) -> dict[s
             continue
         stem = name[len(PEFT_PREFIX): -len(".lora_A.weight")]
         b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        if stem == "lm_head" and "lm_head.weight" not in out:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
         w = out[stem + ".weight"]
         delta = scale * (b.astype(np.float32) @ a.astype(np.float32))
         out[stem + ".weight"] = (w.astype(np.float32) + delta).astype(w.dtype)

@@ -329,6 +329,24 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return ((same & real & causal) | jnp.eye(t, dtype=bool))[:, None]
 
 
+class HeadLoRA(nnx.Module):
+    """A LoRA adapter on the LM head (the unembedding; Tinker's `train_unembed`): the logits gain
+    `scale * (h @ A) @ B` with A [embed, r] and B [r, vocab]. Only the head changes: with tied
+    embeddings the input embedding stays the base one, so an adapted tied model has, in effect, an
+    untied head (`jaxmath.model.lora.merge_lora` unties it)."""
+
+    def __init__(self, a: jax.Array, b: jax.Array, scale: float):
+        self.lora_a = LoRAParam(a, axes=("embed", "lora_rank"))
+        self.lora_b = LoRAParam(b, axes=("lora_rank", "vocab"))
+        self.lora_scale = scale
+
+    def delta(self) -> jax.Array:
+        """scale * (A @ B).T in the head's layout [vocab, embed], float32."""
+        a = self.lora_a.get_value().astype(F32)
+        b = self.lora_b.get_value().astype(F32)
+        return self.lora_scale * (a @ b).T
+
+
 class Qwen3(nnx.Module):
     """A Qwen3 causal LM. `model(input_ids)` returns float32 logits [batch, seq, vocab]."""
 
@@ -340,11 +358,38 @@ class Qwen3(nnx.Module):
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, axis_name="embed", param_dtype=c.param_dtype)
         self.lm_head = None if c.tie_word_embeddings else nnx.Param(
             _normal(rngs, (c.vocab_size, c.hidden_size), c.param_dtype), axes=("vocab", "embed"))
+        # A LoRA adapter on the head (HeadLoRA), attached by jaxmath.model.lora when lora.train_unembed.
+        self.head_lora: HeadLoRA | None = nnx.data(None)
+
+    def base_head_weight(self) -> jax.Array:
+        """The LM head [vocab, embed] without its adapter (the embedding itself when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head).get_value()
 
     @property
     def head_weight(self) -> jax.Array:
-        """The LM head [vocab, embed] (the embedding itself when tied)."""
-        return (self.embed if self.lm_head is None else self.lm_head).get_value()
+        """The LM head [vocab, embed] (the embedding itself when tied), with its LoRA adapter folded in
+        (in float32, then the head's dtype) when there is one: what a sampler or an engine decodes with,
+        as vLLM receives it merged. Training uses `head_operands`, which keeps the adapter exact."""
+        w = self.base_head_weight()
+        if self.head_lora is None:
+            return w
+        return (w.astype(F32) + self.head_lora.delta()).astype(w.dtype)
+
+    def head_operands(self, hidden: jax.Array, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(hidden, head) whose product hidden @ head.T is the logits, for `jaxmath.model.head.token_logprobs`.
+
+        Without a head adapter (or with lora=False): the hidden states and the head itself. With one:
+        [h, scale * h @ A] and [W, B.T], concatenated along the embedding, so one matmul gives
+        h @ W.T + scale * (h @ A) @ B exactly as a PEFT LoRA layer computes it (the low-rank product in
+        the compute dtype, never rounded into W), and gradients reach A and B."""
+        w = self.base_head_weight()
+        if not lora or self.head_lora is None:
+            return hidden, w
+        a = self.head_lora.lora_a.get_value().astype(hidden.dtype)
+        b = self.head_lora.lora_b.get_value()
+        low = (self.head_lora.lora_scale * jnp.einsum("...d,dr->...r", hidden, a)).astype(hidden.dtype)
+        return (jnp.concatenate([hidden, low], axis=-1),
+                jnp.concatenate([w.astype(hidden.dtype), b.T.astype(hidden.dtype)], axis=-1))
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embed.get_value(), input_ids, axis=0).astype(self.config.dtype)
@@ -401,10 +446,11 @@ class Qwen3(nnx.Module):
                               self.embed_tokens(input_ids), remat=remat)
         return self.final_norm(h[:, :t] if extra else h)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, lora: bool = True) -> jax.Array:
         """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training
         use `jaxmath.model.head.token_logprobs`, which never does for a whole batch."""
-        return jnp.einsum("...d,vd->...v", hidden, self.head_weight.astype(hidden.dtype), preferred_element_type=F32)
+        h, w = self.head_operands(hidden, lora)
+        return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=F32)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -413,7 +459,8 @@ class Qwen3(nnx.Module):
         same as `segment_ids` with one segment; pass `positions` to match HF's arange positions."""
         if segment_ids is None and attention_mask is not None:
             segment_ids = attention_mask.astype(jnp.int32)
-        return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids, lora=lora))
+        return self.logits(self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids, lora=lora),
+                           lora=lora)
 
     # --- KV-cache path: prefill and decode share one function --------------------------------
 

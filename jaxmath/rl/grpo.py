@@ -8,7 +8,8 @@ step calls `policy_loss` on each micro-batch and sums the results.
 Variants are arguments, not subclasses:
   advantage scaling  `scale='group_std'` (GRPO) or `'none'` (Dr. GRPO)
   loss aggregation   `loss_agg='seq_mean_token_mean'` (GRPO / TRL `grpo`), `'token_mean'` (DAPO),
-                     `'constant'` (Dr. GRPO)
+                     `'constant'` (Dr. GRPO), `'seq_sum'` (each sequence's token sum, averaged over
+                     sequences: the study's Eq. 3 up to its constant 1 / K; Tinker's losses are sums)
   importance level   `is_level='token'` (PPO/GRPO) or `'sequence'` (GSPO)
   clip bounds        `eps_low`, `eps_high` (DAPO's clip-higher when they differ)
   KL penalty         `beta` with `ref_logprobs` (k3 estimator, as TRL)
@@ -39,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LossAgg = Literal["seq_mean_token_mean", "token_mean", "constant"]
+LossAgg = Literal["seq_mean_token_mean", "token_mean", "constant", "seq_sum"]
 ISLevel = Literal["token", "sequence"]
-LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "constant")
+LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "constant", "seq_sum")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -296,7 +297,7 @@ def policy_loss(
     advantages: [rows] float32, one per completion (group_advantages).
     mask: [rows, T] bool or float, True on completion tokens that carry loss.
     eps_low, eps_high: ratio clipped to [1 - eps_low, 1 + eps_high].
-    loss_agg: 'seq_mean_token_mean' | 'token_mean' | 'constant' (module docstring).
+    loss_agg: 'seq_mean_token_mean' | 'token_mean' | 'constant' | 'seq_sum' (module docstring).
     is_level: 'token' ratio per token; 'sequence' (GSPO) one ratio per row, exp of the mean log
         ratio over its tokens, shared by all its tokens.
     beta, ref_logprobs: [rows, T] float32; adds beta * k3(ref - logprobs) per token (TRL's KL).
@@ -349,6 +350,10 @@ def policy_loss(
         token_weight = float_mask / jnp.maximum(normalizer.num_tokens, 1.0)
     elif loss_agg == "constant":
         token_weight = float_mask / (jnp.maximum(normalizer.num_sequences, 1.0) * normalizer.max_len)
+    elif loss_agg == "seq_sum":
+        # Eq. 3: the ratio of whole sequences, summed over a prompt's K samples, averaged over prompts.
+        # On-policy its gradient is sum_i A_i sum_t grad log pi(y_it): token sums, no length division.
+        token_weight = float_mask / jnp.maximum(normalizer.num_sequences, 1.0)
     else:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
     loss = jnp.sum(jnp.where(bool_mask, per_token * token_weight, 0.0))

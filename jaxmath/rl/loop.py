@@ -57,10 +57,18 @@ class GRPOConfig:
                            when one holds for `early_stop_patience` consecutive steps (0: that signal off):
       early_stop_reward:     reward_mean >= this (the study: 0.95)
       early_stop_grad_norm:  grad_norm <= this (the study: 1e-7)
-      early_stop_ratio:      mismatch/ratio_min <= this (the study: 0.1), the smallest per-token ratio
-                             pi_trainer / pi_engine of the step's completions. On-policy the loss's own
-                             ratio is exactly 1; the study's ratio is TRL's vLLM importance-sampling
-                             ratio (sampling/importance_sampling_ratio/min), this one.
+      early_stop_ratio:      mismatch/seq_min_ratio_median <= this (the study: 0.1): each completion's
+                             smallest per-token ratio pi_trainer / pi_engine, the median over the step's
+                             completions. On-policy the loss's own ratio is exactly 1; the study's ratio
+                             can only be TRL's vLLM importance-sampling ratio, whose minimum over every
+                             token of a step TRL logs (sampling/importance_sampling_ratio/min). That
+                             minimum is one token's: a single outlier token (one rare token vLLM's bf16
+                             sampler drew) trips it. Per completion the minimum keeps what TRL's
+                             statistic measures, and the median over completions holds only when at
+                             least half of them carry such a token, so no one token (or completion)
+                             stops a run. (A low quantile of all tokens was the other candidate; with
+                             few tokens in a step one token is that quantile, and a mean ratio stays ~1
+                             in expectation under the engine's own samples, so it never reaches 0.1.)
     on_damaged:            when the newest checkpoint of the workdir is damaged on resume: "fall_back"
                            (one warning line, rename it `<step>.damaged`, resume from the newest good
                            one) or "refuse" (stop with one line; nothing is moved)
@@ -330,7 +338,7 @@ def _warn(m: dict, cfg: GRPOConfig, step: int) -> None:
 EARLY_STOP_SIGNALS = (
     ("reward", "reward_mean", "early_stop_reward", True),
     ("grad_norm", "grad_norm", "early_stop_grad_norm", False),
-    ("ratio", "mismatch/ratio_min", "early_stop_ratio", False),
+    ("ratio", "mismatch/seq_min_ratio_median", "early_stop_ratio", False),
 )
 
 

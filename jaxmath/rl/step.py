@@ -124,7 +124,8 @@ def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, compl
     # Completion token j sits at prompt_len + j - lead; the hidden state one position earlier predicts it.
     hidden = jax.vmap(lambda h, start: jax.lax.dynamic_slice_in_dim(h, start, completion_len))(
         hidden, prompt_len - 1 - lead)
-    return token_logprobs(hidden, model.head_weight, tokens[:, prompt_len:], temperature=temperature,
+    hidden, head = model.head_operands(hidden, lora)
+    return token_logprobs(hidden, head, tokens[:, prompt_len:], temperature=temperature,
                           chunk_size=chunk, with_entropy=with_entropy)
 
 

@@ -26,6 +26,10 @@ def logprob_mismatch(engine_logprobs: Any, trainer_logprobs: Any, mask: Any) -> 
       mismatch/ratio_mean, _min, _max, _std:         importance ratio exp(trainer - engine) per token
       mismatch/kl_k3:                                 k3 estimate of KL(engine || trainer), >= 0
       mismatch/seq_ratio_mean:                        exp(sum over the sequence of trainer - engine)
+      mismatch/seq_min_ratio_median:                  the median over completions of each completion's
+                                                      smallest per-token ratio (the early-stop signal:
+                                                      an outlier token moves one completion's minimum,
+                                                      never the median of them)
       mismatch/tokens:                                number of tokens compared
     A zero-learning-rate run with a faithful engine has ratios ~1 and differences ~0.
     """
@@ -45,6 +49,7 @@ def logprob_mismatch(engine_logprobs: Any, trainer_logprobs: Any, mask: Any) -> 
     ratio = np.exp(log_ratio)
     seq_log_ratio = np.clip(np.where(mask, trainer - engine, 0.0).sum(axis=1), -30.0, 30.0)
     rows = mask.any(axis=1)
+    seq_min = np.exp(np.where(mask, np.clip(trainer - engine, -30.0, 30.0), np.inf).min(axis=1))[rows]
     return {
         "mismatch/abs_mean": float(np.abs(diff).mean()),
         "mismatch/abs_max": float(np.abs(diff).max()),
@@ -56,6 +61,7 @@ def logprob_mismatch(engine_logprobs: Any, trainer_logprobs: Any, mask: Any) -> 
         # engine samples, and never negative per token (Schulman's estimator).
         "mismatch/kl_k3": float((ratio - 1.0 - log_ratio).mean()),
         "mismatch/seq_ratio_mean": float(np.exp(seq_log_ratio[rows]).mean()),
+        "mismatch/seq_min_ratio_median": float(np.median(seq_min)),
         "mismatch/tokens": float(n),
     }
 

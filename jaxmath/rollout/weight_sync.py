@@ -110,10 +110,15 @@ def hf_device_arrays(model: Qwen3, dtype: Any = None) -> Iterator[tuple[str, jax
     the device, then `dtype`), so an engine without LoRA support generates with the adapted policy;
     the model itself is not changed. Stacked parameters are converted whole and sliced per layer
     afterwards, so a sync dispatches one conversion per table entry.
+
+    An adapted LM head (lora.train_unembed) is sent merged as "lm_head.weight", also for a tied model,
+    whose table has no such entry: the engine must then untie its head (the vLLM worker extension
+    does, `jaxmath.rollout.vllm.worker`), keeping the embedding it received as "embed_tokens".
     """
     config: Qwen3Config = model.config
     state = nnx.state(model)
     target = jnp.dtype(dtype) if dtype is not None else None
+    head_lora = getattr(model, "head_lora", None)
     for spec in hf_io.weight_table(config):
         value = _get(state, spec.path).get_value()
         layout = dict(num_in=spec.num_in, stacked=spec.stacked, dtype=target or value.dtype)
@@ -121,6 +126,9 @@ def hf_device_arrays(model: Qwen3, dtype: Any = None) -> Iterator[tuple[str, jax
         if dense is not None and getattr(dense, "lora_a", None) is not None:
             hf = _one_device(_merged_hf_layout(value, dense.lora_a.get_value(), dense.lora_b.get_value(),
                                                scale=float(dense.lora_scale), **layout))
+        elif spec.hf_name == HEAD_NAME and head_lora is not None:
+            hf = _one_device(_merged_head(value, head_lora.lora_a.get_value(), head_lora.lora_b.get_value(),
+                                          scale=float(head_lora.lora_scale), dtype=layout["dtype"]))
         else:
             hf = _one_device(_hf_layout(value, **layout))
         if spec.stacked:
@@ -128,6 +136,20 @@ def hf_device_arrays(model: Qwen3, dtype: Any = None) -> Iterator[tuple[str, jax
                 yield spec.hf_name.format(i), hf[i]
         else:
             yield spec.hf_name, hf
+    if head_lora is not None and config.tie_word_embeddings:
+        embed = model.embed.get_value()
+        yield HEAD_NAME, _one_device(_merged_head(embed, head_lora.lora_a.get_value(), head_lora.lora_b.get_value(),
+                                                  scale=float(head_lora.lora_scale), dtype=target or embed.dtype))
+
+
+HEAD_NAME = "lm_head.weight"
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "dtype"))
+def _merged_head(head: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, scale: float, dtype: Any) -> jax.Array:
+    """The LM head [vocab, embed] with its adapter folded in (head + scale * (A @ B).T, in float32)."""
+    delta = (lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32)).T
+    return (head.astype(jnp.float32) + scale * delta).astype(dtype)
 
 
 def to_torch(x: jax.Array):

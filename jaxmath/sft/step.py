@@ -46,7 +46,8 @@ def token_nll(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, b
     else:
         hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"], remat=remat)
-    logprobs, _ = token_logprobs(hidden, model.head_weight, batch["targets"], chunk_size=chunk_size)
+    hidden, head = model.head_operands(hidden)
+    logprobs, _ = token_logprobs(hidden, head, batch["targets"], chunk_size=chunk_size)
     weights = batch["loss_mask"].astype(F32)
     return -jnp.sum(logprobs * weights), jnp.sum(weights)
 

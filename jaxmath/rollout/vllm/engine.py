@@ -151,6 +151,9 @@ class VLLMEngineBase(RolloutEngine):
         from jaxmath.model.peft import save_peft_adapter
         from jaxmath.rollout import weight_sync
 
+        if getattr(model, "head_lora", None) is not None:
+            raise ValueError("vLLM's LoRA support takes no adapter on the LM head (lora.train_unembed); set "
+                             "vllm.enable_lora=False so the adapters reach vLLM merged into its weights")
         record = weight_sync.SyncRecord("lora")
         self._lora_id += 1
         new_dir = os.path.join(self.sync_dir, f"lora-{self._lora_id}")
