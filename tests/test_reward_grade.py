@@ -17,6 +17,8 @@ TABLE = [
     ("7,425,000", "7425000", True), ("1\\,000", "1000", True), ("14{,}916", "14916", True),
     ("11,\\!111", "11111", True), ("1000.0", "1000", True), (".5", "0.5", True), ("0.50", "\\frac12", True),
     ("1001", "1000", False), ("32, 349", "32349", False),
+    # a decimal rounded to k >= 2 places stands for the value; truncated, it does not
+    ("0.667", "\\frac23", True), ("0.666", "\\frac23", False), ("125.664", "40\\pi", True), ("125.663", "40\\pi", False),
     # fractions and mixed numbers
     ("\\frac{1}{2}", "1/2", True), ("\\dfrac{3}{4}", "0.75", True), ("\\tfrac{2}{4}", "\\frac12", True),
     ("-\\frac{10}{9}", "-10/9", True), ("2\\frac{1}{2}", "\\frac{5}{2}", True), ("\\frac{1}{3}", "\\frac{2}{3}", False),
