@@ -181,3 +181,29 @@ def test_reward_evaluation_and_distillation_give_the_same_verdicts():
         == [row["correct"] for row in rows]
     assert [r.answer for r in reference] == reward_answers == [rec["extracted"][0] for rec in records] \
         == [row["extracted"] for row in rows]
+
+
+def test_bench_grader_reports_precision_and_recall(tmp_path, capsys):
+    """`python -m jaxmath.bench grader`: precision and recall of "equivalent" beside accuracy, for both
+    graders, from a case file where each verdict is certain (3 = 3, 4 != 3) and the labels are set to
+    give one of each outcome: a true and a false "equal", a true and a false "not equal"."""
+    from jaxmath.bench import grader as bench
+
+    rows = [("3", "3", True), ("4", "3", True), ("4", "3", False), ("3", "3", False), ("5", "5", True)]
+    path = tmp_path / "cases.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "pred": p, "gold": g, "expected": e}) + "\n"
+                            for i, (p, g, e) in enumerate(rows)))
+    result = bench.main(["--cases", str(path)])
+    assert (result["true_equal"], result["false_equal"], result["true_not_equal"], result["false_not_equal"]) \
+        == (2, 1, 1, 1)
+    assert result["precision"] == pytest.approx(2 / 3, abs=1e-4) and result["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    assert result["accuracy"] == pytest.approx(0.6) and result["equivalent"] == 3
+    printed = capsys.readouterr().out
+    assert "precision 66.67%" in printed and "recall 66.67%" in printed
+    # math-verify's side, called as its documentation says: LaTeX inside $...$ unless delimited or boxed
+    assert bench.math_verify_text("\\frac{1}{2}") == "$\\frac{1}{2}$"
+    assert bench.math_verify_text("so \\boxed{4}.") == "so \\boxed{4}."
+    assert bench.math_verify_text("$x$ and \\(y\\)") == "$x$ and \\(y\\)"
+    pytest.importorskip("math_verify")
+    assert (result["math_verify_precision"], result["math_verify_recall"]) == (result["precision"], result["recall"])
+    assert "math-verify" in printed and "verify(parse(gold), parse(pred))" in printed
