@@ -108,14 +108,13 @@ def test_precision_bench_ranks_the_layouts():
     # table's errors are measured from it, so it must be float32 AdamW, not only equal to itself.
     steps, lr, micro = 30, 5e-6, 2
     key, w0, scale, mean = precision.synthetic_problem(4000)
-    m = v = np.zeros(4000)
+    m = v = adam_change = np.zeros(4000)
     for t in range(steps):
         g = sum(np.asarray(precision.micro_gradient(key, scale, mean, t, j, micro), np.float32) for j in range(micro))
         g = g.astype(np.float64)
         m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
         m_hat, v_hat = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
-        w_step = -lr * m_hat / (np.sqrt(v_hat) + 1e-8)
-        adam_change = w_step if t == 0 else adam_change + w_step
+        adam_change = adam_change - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
     start, precise, _ = precision.synthetic_weights(precision.LAYOUTS[0], steps, lr, 4000, micro)
     moved = np.asarray(precise, np.float64) - np.asarray(start, np.float64)
     assert np.linalg.norm(moved - adam_change) < 1e-3 * np.linalg.norm(adam_change)

@@ -18,7 +18,8 @@ TABLE = [
     ("11,\\!111", "11111", True), ("1000.0", "1000", True), (".5", "0.5", True), ("0.50", "\\frac12", True),
     ("1001", "1000", False), ("32, 349", "32349", False),
     # a decimal rounded to k >= 2 places stands for the value; truncated, it does not
-    ("0.667", "\\frac23", True), ("0.666", "\\frac23", False), ("125.664", "40\\pi", True), ("125.663", "40\\pi", False),
+    ("0.667", "\\frac23", True), ("0.666", "\\frac23", False),
+    ("125.664", "40\\pi", True), ("125.663", "40\\pi", False),
     # fractions and mixed numbers
     ("\\frac{1}{2}", "1/2", True), ("\\dfrac{3}{4}", "0.75", True), ("\\tfrac{2}{4}", "\\frac12", True),
     ("-\\frac{10}{9}", "-10/9", True), ("2\\frac{1}{2}", "\\frac{5}{2}", True), ("\\frac{1}{3}", "\\frac{2}{3}", False),
@@ -150,8 +151,8 @@ def test_math500_golds_and_reference_solutions():
     not_graded = [row["id"] for row in rows if not grade(row["solution"], row["answer"])]
     assert not_graded == []
     pairs = [(row, rows[(i + 1) % len(rows)]) for i, row in enumerate(rows)]
-    pairs = [(row, other) for row, other in pairs
-             if row["answer"].replace(" ", "") != other["answer"].replace(" ", "") and row["id"] not in _SAME_ANSWER_AS_NEXT]
+    pairs = [(row, other) for row, other in pairs if row["id"] not in _SAME_ANSWER_AS_NEXT
+             and row["answer"].replace(" ", "") != other["answer"].replace(" ", "")]
     assert len(pairs) >= len(rows) - 40
     graded_equal = [row["id"] for row, other in pairs if grade(row["solution"], other["answer"])]
     assert graded_equal == []

@@ -130,7 +130,8 @@ def main(argv: list[str]) -> dict:
         peer = _math_verify(cases)
         if peer is not None:
             result.update({f"math_verify_{key}": value for key, value in peer.items() if key != "wrong"})
-            result["math_verify_call"] = "verify(parse(gold), parse(pred)), each text in $...$ unless it holds $, \\(, \\[ or \\boxed"
+            result["math_verify_call"] = ("verify(parse(gold), parse(pred)), each text in $...$ unless it holds "
+                                          "$, \\(, \\[ or \\boxed")
             result["accuracy_points_over_math_verify"] = round(100 * (ours["accuracy"] - peer["accuracy"]), 2)
             result["speedup"] = round(ours["gradings_per_s"] / peer["gradings_per_s"], 2)
             print(_summary("math-verify", peer))
