@@ -11,7 +11,7 @@ grader: accuracy, precision, recall, the confusion counts, gradings per second o
 single call (which for jaxmath is bounded by `--timeout`).
 
 math-verify is called as its documentation says, with its default extraction config: LaTeX inside `$...$`
-or `\boxed{}`. A text holding no `$`, `\(`, `\[` or `\boxed` is wrapped in `$...$`, any other is passed as
+or `\\boxed{}`. A text holding no `$`, `\\(`, `\\[` or `\\boxed` is wrapped in `$...$`, any other is passed as
 written, and the verdict is `verify(parse(gold), parse(pred))`, once (`math_verify_text` below).
 """
 
