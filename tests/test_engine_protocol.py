@@ -1,5 +1,5 @@
 """The rollout engine protocol: what the GRPO loop calls is declared once (`RolloutEngine`), with no-op
-defaults, and only jaxmath/rollout/vllm/ imports vllm. About 10 s."""
+defaults, and only jaxmath/rollout/vllm/ imports vllm; the JAX sampler does what it promises."""
 
 import re
 from pathlib import Path
