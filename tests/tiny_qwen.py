@@ -1,7 +1,7 @@
 """A tiny random Qwen3 in HF format that looks like Qwen3-4B-Instruct-2507 apart from its sizes, for
 tests that run the documented commands (no download, nothing from ../shared).
 
-    python tests/tiny_qwen.py OUT_DIR [--max_position_embeddings=N] [--answers_briefly]
+    python tests/tiny_qwen.py OUT_DIR [--max_position_embeddings=N] [--answers_briefly] [--answers_boxed]
 
 config.json is Qwen3-4B-Instruct-2507's (as published on the hub, written by transformers 4.51:
 `rope_theta` at the top level, 262,144 positions, bos/eos 151643/151645, tied embeddings, the full
@@ -26,6 +26,9 @@ emphasises that coordinate, so <|im_end|>'s logit is a large multiple of how muc
 position carries. Measured with transformers on the fixture prompts (4-shot): near-greedy decoding
 ends at the first token (an argmax of a random model has no way to count, so it stops at once or
 never; this stops at once), temperature 0.7 after 1-4 tokens, temperature 1 after 1-6.
+
+`answers_boxed=True` writes a model that always answers `\\boxed{7}` or `\\boxed{8}`, at even odds when
+sampled at temperature 1, and stops (`_answer_boxed`): a policy that a GRPO step can learn from.
 """
 
 import argparse
@@ -85,11 +88,53 @@ def _answer_briefly(model, seed: int) -> None:
         model.model.norm.weight[0] = BRIEF_NORM
 
 
+# The boxed answers' chain: after the assistant header's "\n" (or the empty think block's "\n\n"),
+# `\boxed{7}` or `\boxed{8}` (even odds), then <|im_end|>.
+BOXED_CHAIN = {198: (59,), 271: (59,), 59: (79075,), 79075: (90,), 90: (22, 23), 22: (92,), 23: (92,), 92: (EOS,)}
+BOXED_ANSWERS = ("\\boxed{7}", "\\boxed{8}")
+
+
+def _answer_boxed(model) -> None:
+    """Makes `model` a bigram machine on the few tokens of BOXED_CHAIN: each of them gets its own hidden
+    coordinate (1-9) in the tied embedding, attention and the first layer's MLP write nothing, and the
+    last layer's MLP moves a chain token's coordinate to its successors' (equal shares where there are
+    two), so sampling after the assistant header writes `\\boxed{7}` or `\\boxed{8}` at even odds and
+    stops. Every other weight stays random: a policy whose reward against the gold 7 is a coin flip."""
+    import torch
+
+    tokens = sorted({t for source, targets in BOXED_CHAIN.items() for t in (source, *targets)})
+    coordinate = {token: 1 + i for i, token in enumerate(tokens)}
+    with torch.no_grad():
+        embedding = model.model.embed_tokens.weight  # [vocab, hidden], also the output head (tied)
+        for token, c in coordinate.items():
+            embedding[token] = 0.0
+            embedding[token, c] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        mlp = model.model.layers[-1].mlp
+        mlp.gate_proj.weight.zero_()
+        mlp.up_proj.weight.zero_()
+        model.model.layers[-1].post_attention_layernorm.weight.fill_(1.0)
+        hidden = embedding.shape[1]
+        for unit, (source, targets) in enumerate(BOXED_CHAIN.items()):
+            # A chain token's normed hidden state is sqrt(hidden) on its coordinate: the unit's output is
+            # silu(8) * 8 ~ hidden there, scaled back so the token's coordinate is replaced by its successors'.
+            mlp.gate_proj.weight[unit, coordinate[source]] = 1.0
+            mlp.up_proj.weight[unit, coordinate[source]] = 1.0
+            gain = 1.0 / (torch.nn.functional.silu(torch.tensor(hidden ** 0.5)) * hidden ** 0.5)
+            mlp.down_proj.weight[coordinate[source], unit] = -gain
+            for target in targets:
+                mlp.down_proj.weight[coordinate[target], unit] = gain
+        model.model.norm.weight[1:1 + len(tokens)] = 10.0
+
+
 def write_tiny_qwen3(out_dir: str | os.PathLike, *, max_position_embeddings: int = 262144, seed: int = 0,
-                     answers_briefly: bool = False) -> Path:
+                     answers_briefly: bool = False, answers_boxed: bool = False) -> Path:
     """Writes the model (config.json, model.safetensors, generation_config.json, tokenizer) to `out_dir`.
 
     answers_briefly: build in the direction that makes it end its answers within a few tokens (module docstring).
+    answers_boxed: make it answer `\\boxed{7}` or `\\boxed{8}` at even odds and stop (`_answer_boxed`).
     """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -102,6 +147,8 @@ def write_tiny_qwen3(out_dir: str | os.PathLike, *, max_position_embeddings: int
     model = Qwen3ForCausalLM(Qwen3Config(**fields)).eval()
     if answers_briefly:
         _answer_briefly(model, seed)
+    if answers_boxed:
+        _answer_boxed(model)
     model.save_pretrained(out)
     # the file as transformers 4 wrote it (transformers 5 would nest rope_theta in rope_parameters)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -118,6 +165,7 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--max_position_embeddings", type=int, default=262144)
     parser.add_argument("--answers_briefly", action="store_true", help="end answers within a few tokens")
+    parser.add_argument("--answers_boxed", action="store_true", help="answer \\boxed{7} or \\boxed{8}, then stop")
     args = parser.parse_args()
     write_tiny_qwen3(args.out, max_position_embeddings=args.max_position_embeddings,
-                     answers_briefly=args.answers_briefly)
+                     answers_briefly=args.answers_briefly, answers_boxed=args.answers_boxed)

@@ -1,19 +1,25 @@
-"""`python -m jaxmath.bench grader --cases FILE`: accuracy and speed of jaxmath's grader at first sight, and
-math-verify's same figures in the same run.
+"""`python -m jaxmath.bench grader --cases FILE`: accuracy, precision and recall of jaxmath's grader at first
+sight, and math-verify's same figures in the same run.
 
-Cases are JSONL rows with `gold`, `pred`, `expected` (tests/grader_cases/: math-verify's suite, and the cases
-mined from other projects, dev and held-out). "At first sight" is how a GRPO step meets its completions:
-each grader is warmed up on other inputs (imports, sympy's and ANTLR's lazily built tables, jaxmath's worker
-started), its parse caches are cleared, then every case is graded once. Reported per grader: accuracy,
-gradings per second over the pass, and the worst single call (which for jaxmath is bounded by `--timeout`).
-math-verify is called as `verify(parse(gold), parse(pred))` with its defaults; a text it extracts nothing
-from (a bare LaTeX answer without `$`) is parsed again inside `$...$`.
+Cases are JSONL rows with `gold`, `pred`, `expected` (tests/grader_cases/: math-verify's suite, the cases mined
+from other projects, and the held-out set). "At first sight" is how a GRPO step meets its completions: each
+grader is warmed up on other inputs (imports, sympy's and ANTLR's lazily built tables, jaxmath's worker
+started), its parse caches are cleared, then every case is graded once. The positive class is "equivalent":
+precision is the share of "equal" verdicts that are right (a false "equal" rewards a wrong answer: a reward
+hack), recall the share of equivalent pairs found equal (a false "not equal" is a lost reward). Reported per
+grader: accuracy, precision, recall, the confusion counts, gradings per second over the pass, and the worst
+single call (which for jaxmath is bounded by `--timeout`).
+
+math-verify is called as its documentation says, with its default extraction config: LaTeX inside `$...$`
+or `\\boxed{}`. A text holding no `$`, `\\(`, `\\[` or `\\boxed` is wrapped in `$...$`, any other is passed as
+written, and the verdict is `verify(parse(gold), parse(pred))`, once (`math_verify_text` below).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -32,18 +38,33 @@ def _load(path: Path) -> list[dict]:
 
 
 def _first_sight(grade_one, cases: list[dict]) -> dict:
-    """One pass, each case once: accuracy, gradings/s, worst single call (s), ids graded wrong."""
+    """One pass, each case once: accuracy, precision and recall of "equivalent", the confusion counts,
+    gradings/s, worst single call (s), ids graded wrong."""
     wrong, worst = [], 0.0
+    counts = {"true_equal": 0, "false_equal": 0, "true_not_equal": 0, "false_not_equal": 0}
     start = time.perf_counter()
     for case in cases:
         call_start = time.perf_counter()
-        verdict = grade_one(case["pred"], case["gold"])
+        verdict = bool(grade_one(case["pred"], case["gold"]))
         worst = max(worst, time.perf_counter() - call_start)
+        counts[("true_" if verdict == case["expected"] else "false_") + ("equal" if verdict else "not_equal")] += 1
         if verdict != case["expected"]:
             wrong.append(case.get("id"))
     elapsed = time.perf_counter() - start
-    return {"accuracy": round(1 - len(wrong) / len(cases), 4), "gradings_per_s": round(len(cases) / elapsed, 1),
-            "worst_call_s": round(worst, 3), "wrong": wrong}
+    said_equal = counts["true_equal"] + counts["false_equal"]
+    equivalent = counts["true_equal"] + counts["false_not_equal"]
+    return {"accuracy": round(1 - len(wrong) / len(cases), 4),
+            "precision": round(counts["true_equal"] / said_equal, 4) if said_equal else None,
+            "recall": round(counts["true_equal"] / equivalent, 4) if equivalent else None,
+            **counts, "gradings_per_s": round(len(cases) / elapsed, 1), "worst_call_s": round(worst, 3),
+            "wrong": wrong}
+
+
+def _summary(name: str, figures: dict) -> str:
+    rate = lambda key: "n/a" if figures[key] is None else f"{figures[key]:.2%}"  # noqa: E731
+    return (f"{name:<12} accuracy {figures['accuracy']:.2%}  precision {rate('precision')}  recall {rate('recall')}  "
+            f"(false equal {figures['false_equal']}, false not-equal {figures['false_not_equal']})  "
+            f"{figures['gradings_per_s']:.1f} gradings/s at first sight  worst call {figures['worst_call_s']:.3f} s")
 
 
 def _jaxmath(cases: list[dict], timeout: float) -> dict:
@@ -56,6 +77,15 @@ def _jaxmath(cases: list[dict], timeout: float) -> dict:
     return _first_sight(lambda pred, gold: grade(pred, gold, timeout=timeout), cases)
 
 
+_DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed")
+
+
+def math_verify_text(text: str) -> str:
+    """The text as math-verify's documentation asks for it: LaTeX inside `$...$` (or `\\boxed{}`). A text
+    holding no `$`, `\\(`, `\\[` or `\\boxed` is wrapped in `$...$`; any other is passed as written."""
+    return text if _DELIMITED.search(text) else f"${text}$"
+
+
 def _math_verify(cases: list[dict]) -> dict | None:
     try:
         from math_verify import parse, verify
@@ -63,15 +93,9 @@ def _math_verify(cases: list[dict]) -> dict | None:
     except ImportError:
         return None
 
-    def parsed(text: str):
-        # math-verify extracts LaTeX only between delimiters; a bare LaTeX answer (`\frac{x+2}{7}`, most
-        # golds) parses to nothing, so it gets a second try inside `$...$`, as its users wrap such answers.
-        result = parse(text)
-        return result if result else parse(f"${text}$")
-
     def grade_one(pred: str, gold: str) -> bool:
         try:
-            return bool(verify(parsed(gold), parsed(pred)))
+            return bool(verify(parse(math_verify_text(gold)), parse(math_verify_text(pred))))
         except Exception:
             return False
 
@@ -97,18 +121,20 @@ def main(argv: list[str]) -> dict:
                      f"(tests/grader_cases/ has three)")
     cases = _load(args.cases)
     ours = _jaxmath(cases, args.timeout)
-    result = {"cases": len(cases), "file": str(args.cases), "timeout_s": args.timeout,
+    result = {"cases": len(cases), "equivalent": sum(bool(case["expected"]) for case in cases),
+              "file": str(args.cases), "timeout_s": args.timeout,
               **{key: value for key, value in ours.items() if key != "wrong"}}
-    print(f"jaxmath      accuracy {ours['accuracy']:.2%}  {ours['gradings_per_s']:8.1f} gradings/s at first sight  "
-          f"worst call {ours['worst_call_s']:.3f} s")
+    print(_summary("jaxmath", ours))
     print(f"             wrong: {ours['wrong']}")
     if not args.no_math_verify:
         peer = _math_verify(cases)
         if peer is not None:
             result.update({f"math_verify_{key}": value for key, value in peer.items() if key != "wrong"})
+            result["math_verify_call"] = ("verify(parse(gold), parse(pred)), each text in $...$ unless it holds "
+                                          "$, \\(, \\[ or \\boxed")
             result["accuracy_points_over_math_verify"] = round(100 * (ours["accuracy"] - peer["accuracy"]), 2)
             result["speedup"] = round(ours["gradings_per_s"] / peer["gradings_per_s"], 2)
-            print(f"math-verify  accuracy {peer['accuracy']:.2%}  {peer['gradings_per_s']:8.1f} gradings/s at first sight  "
-                  f"worst call {peer['worst_call_s']:.3f} s")
+            print(_summary("math-verify", peer))
             print(f"             wrong: {peer['wrong']}")
+            print(f"             called as {result['math_verify_call']}")
     return result

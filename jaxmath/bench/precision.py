@@ -57,10 +57,30 @@ LAYOUTS = (
 )
 
 
-def synthetic(steps: int, lr: float, weights: int, micro: int, seed: int = 0,
-              layouts: tuple[Layout, ...] = LAYOUTS) -> dict[str, dict[str, float]]:
-    """{layout name: {"error": of the precise weights, "bf16_error": of the bf16 weights}}; the first
-    layout is the reference the others are measured against."""
+def synthetic_problem(weights: int, seed: int = 0):
+    """The synthetic stream's key, starting bf16 weights ~ N(0, 0.02), per-weight gradient scales
+    (log-uniform over four decades) and fixed gradient means."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(seed)
+    w0 = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (weights,))).astype(jnp.bfloat16).astype(jnp.float32)
+    scale = 10.0 ** jax.random.uniform(jax.random.fold_in(key, 2), (weights,), minval=-6, maxval=-2)
+    mean = 0.5 * jax.random.normal(jax.random.fold_in(key, 3), (weights,))
+    return key, w0, scale, mean
+
+
+def micro_gradient(key, scale, mean, t, j: int, micro: int):
+    """Micro-batch j's float32 gradient at step t: scale x (mean + unit noise) / micro."""
+    import jax
+
+    noise = jax.random.normal(jax.random.fold_in(key, 10 * (100 + t) + j), scale.shape)
+    return scale * (mean + noise) / micro
+
+
+def synthetic_weights(layout: Layout, steps: int, lr: float, weights: int, micro: int, seed: int = 0):
+    """(w0, precise, low): the starting weights and, after `steps` AdamW updates stored as `layout` says,
+    the precise weights (float32 or master) and the bf16 ones."""
     import jax
     import jax.numpy as jnp
 
@@ -68,10 +88,7 @@ def synthetic(steps: int, lr: float, weights: int, micro: int, seed: int = 0,
 
     f32, bf16 = jnp.float32, jnp.bfloat16
     b1, b2, eps = 0.9, 0.999, 1e-8
-    key = jax.random.key(seed)
-    w0 = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (weights,))).astype(bf16).astype(f32)
-    scale = 10.0 ** jax.random.uniform(jax.random.fold_in(key, 2), (weights,), minval=-6, maxval=-2)
-    mean = 0.5 * jax.random.normal(jax.random.fold_in(key, 3), (weights,))
+    key, w0, scale, mean = synthetic_problem(weights, seed)
 
     def round_to(x, how, t, salt):
         if how == "float32":
@@ -81,40 +98,46 @@ def synthetic(steps: int, lr: float, weights: int, micro: int, seed: int = 0,
         bits = jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, 1000 + t), salt), x.shape, jnp.uint32)
         return stochastic_round(x, bits, bf16).astype(f32)
 
-    def run(layout: Layout):
-        def body(t, carry):
-            precise, low, m, v = carry
-            total = jnp.zeros((weights,), f32)
-            for j in range(micro):  # micro-batch gradients: bf16, as autodiff returns them for bf16 weights
-                noise = jax.random.normal(jax.random.fold_in(key, 10 * (100 + t) + j), (weights,))
-                g = scale * (mean + noise) / micro
-                total = total + (g if layout.weights == "float32" else g.astype(bf16).astype(f32))
-                total = total if layout.accumulator == "float32" else total.astype(bf16).astype(f32)
-            m = b1 * m + (1 - b1) * total
-            v = b2 * v + (1 - b2) * total * total
-            update = -lr * (m / (1 - b1 ** (t + 1))) / (jnp.sqrt(v / (1 - b2 ** (t + 1))) + eps)
-            m = round_to(m, layout.moments, t, 1)
-            v = round_to(v, layout.second_moment or layout.moments, t, 2)
-            if layout.weights in ("float32", "master"):
-                precise = precise + update
-                low = precise if layout.weights == "float32" else precise.astype(bf16).astype(f32)
-            elif layout.weights == "kahan":  # precise holds the negated compensation here
-                y = update - precise
-                new = (low + y).astype(bf16).astype(f32)
-                precise, low = ((new - low) - y).astype(bf16).astype(f32), new
-            else:
-                low = round_to(low + update, layout.weights, t, 3)
-                precise = low
-            return precise, low, m, v
+    def body(t, carry):
+        precise, low, m, v = carry
+        total = jnp.zeros((weights,), f32)
+        for j in range(micro):  # micro-batch gradients: bf16, as autodiff returns them for bf16 weights
+            g = micro_gradient(key, scale, mean, t, j, micro)
+            total = total + (g if layout.weights == "float32" else g.astype(bf16).astype(f32))
+            total = total if layout.accumulator == "float32" else total.astype(bf16).astype(f32)
+        m = b1 * m + (1 - b1) * total
+        v = b2 * v + (1 - b2) * total * total
+        update = -lr * (m / (1 - b1 ** (t + 1))) / (jnp.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+        m = round_to(m, layout.moments, t, 1)
+        v = round_to(v, layout.second_moment or layout.moments, t, 2)
+        if layout.weights in ("float32", "master"):
+            precise = precise + update
+            low = precise if layout.weights == "float32" else precise.astype(bf16).astype(f32)
+        elif layout.weights == "kahan":  # precise holds the negated compensation here
+            y = update - precise
+            new = (low + y).astype(bf16).astype(f32)
+            precise, low = ((new - low) - y).astype(bf16).astype(f32), new
+        else:
+            low = round_to(low + update, layout.weights, t, 3)
+            precise = low
+        return precise, low, m, v
 
-        zeros = jnp.zeros((weights,), f32)
-        first = zeros if layout.weights == "kahan" else w0
-        precise, low, _, _ = jax.jit(lambda c: jax.lax.fori_loop(0, steps, body, c))((first, w0, zeros, zeros))
-        return (low - precise if layout.weights == "kahan" else precise), low
+    zeros = jnp.zeros((weights,), f32)
+    first = zeros if layout.weights == "kahan" else w0
+    precise, low, _, _ = jax.jit(lambda c: jax.lax.fori_loop(0, steps, body, c))((first, w0, zeros, zeros))
+    return w0, (low - precise if layout.weights == "kahan" else precise), low
 
+
+def synthetic(steps: int, lr: float, weights: int, micro: int, seed: int = 0,
+              layouts: tuple[Layout, ...] = LAYOUTS) -> dict[str, dict[str, float]]:
+    """{layout name: {"error": of the precise weights, "bf16_error": of the bf16 weights}}; the first
+    layout is the reference the others are measured against."""
+    import jax.numpy as jnp
+
+    f32, bf16 = jnp.float32, jnp.bfloat16
     results, reference = {}, None
     for layout in layouts:
-        precise, low = run(layout)
+        w0, precise, low = synthetic_weights(layout, steps, lr, weights, micro, seed)
         if reference is None:
             reference = precise - w0
 

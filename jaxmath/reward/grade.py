@@ -22,7 +22,7 @@ Conventions (where peers differ) are listed in docs/GRADER.md; the main ones:
   - Lists: a set or bare list is unordered; a tuple is ordered; a tuple against a set keeps its order.
   - Intervals agree on open/closed ends; an inequality gold `a < x < b` accepts the interval.
   - Decimals: a written decimal of k >= 2 places matches a value not exactly writable in k places when
-    it is that value rounded or truncated to k places (`0.33`, `2.6667`, `125.663` for 40pi).
+    it is that value rounded to k places (`0.33`, `2.6667`, `125.664` for 40pi; not `125.663`, truncated).
   - A percentage matches its number and its hundredth (`10\\%` = `10` = `0.1`).
   - A unit on one side only is dropped (`10\\text{ cm}` = `10`); two different units are unequal.
   - `x = 3` matches `3` when the left side is a plain name; equations compare up to a constant factor.
@@ -73,15 +73,9 @@ def _round_half_away(value: Fraction, places: int) -> Fraction:
     return Fraction(rounded if scaled >= 0 else -rounded, 10 ** places)
 
 
-def _truncate(value: Fraction, places: int) -> Fraction:
-    scaled = value * 10 ** places
-    truncated = math.floor(abs(scaled))
-    return Fraction(truncated if scaled >= 0 else -truncated, 10 ** places)
-
-
 def decimal_matches(written: Fraction, places: int | None, value) -> bool:
     """The written-decimal rule: `written` (k >= 2 places) stands for `value` when `value` cannot be
-    written exactly in k places and `written` is it rounded or truncated to k places."""
+    written exactly in k places and `written` is it rounded to k places (half away from zero)."""
     if places is None or places < 2 or places > 30:
         return False
     if not isinstance(value, Fraction):
@@ -94,12 +88,8 @@ def decimal_matches(written: Fraction, places: int | None, value) -> bool:
         approximate = False
         if (value * 10 ** places).denominator == 1:
             return False
-    for candidate in (_round_half_away(value, places), _truncate(value, places)):
-        if candidate == written:
-            return True
-        if approximate and abs(candidate - written) * 10 ** places < Fraction(1, 10 ** 6):
-            return True
-    return False
+    rounded = _round_half_away(value, places)
+    return rounded == written or (approximate and abs(rounded - written) * 10 ** places < Fraction(1, 10 ** 6))
 
 
 def numbers_equal(a, b) -> bool:
