@@ -91,8 +91,20 @@ class DemoConfig:
     sft_learning_rate: float = 3e-3
     sft_warmup_steps: int = 20
 
+    def __post_init__(self):
+        pool = demo_task.AdditionTask(digits=self.digits).num_problems if self.digits >= 1 else 0
+        if self.num_eval + self.num_train > pool:
+            raise ValueError(f"demo.num_eval + demo.num_train = {self.num_eval + self.num_train} is more than the "
+                             f"{pool} {self.digits}-digit additions; lower them or raise demo.digits")
+
     def prefix_steps(self, grpo_steps: int) -> int:
         return max(self.min_sft_steps, round(self.sft_steps * grpo_steps / self.default_steps))
+
+
+def restore_branch(branch: Path, model) -> None:
+    """The SFT prefix's weights (saved at `branch` by `ckpt_lib.save_pytree`) into `model`, verified
+    against their digests: a flipped byte is refused (DamagedCheckpointError, one line), never trained on."""
+    nnx.update(model, ckpt_lib.load_pytree(branch, target=nnx.state(model)))
 
 
 def model_config(cfg: DemoConfig, vocab_size: int) -> Qwen3Config:
@@ -212,7 +224,7 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
 
     # 2. The GRPO arm, from the branch point.
     grpo_model = init_model(model_config(cfg, tokenizer.vocab_size), seed=seed, mesh=mesh)
-    nnx.update(grpo_model, ckpt_lib.load_pytree(branch, target=nnx.state(grpo_model)))
+    restore_branch(branch, grpo_model)
     engine.update_weights(grpo_model)
 
     def grpo_eval(weights, step: int) -> dict[str, float]:

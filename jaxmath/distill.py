@@ -125,8 +125,13 @@ class DistillConfig:
             raise ValueError(f"distill.endpoint {self.endpoint!r} must start with http:// or https://")
         if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
             raise ValueError("distill.concurrency must be >= 1, distill.max_retries >= 0 and distill.timeout > 0")
+        from jaxmath.data.datasets import FILES
+
         for source in self.sources:
-            split_source(source)
+            name, _ = split_source(source)
+            if not name.endswith(".jsonl") and name not in FILES:
+                raise ValueError(f"distill.sources entry {source!r} is neither a data set ({sorted(FILES)}) nor a "
+                                 ".jsonl path")
 
 
 class DistillError(RuntimeError):

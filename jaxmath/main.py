@@ -37,6 +37,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for checkpoints, 
                                                 "(default: config.workdir, else runs/<config file name>).")
 _KEYS = flags.DEFINE_bool("keys", False, "Print the config's keys with their values and meaning, then exit.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback behind a one-line error.")
+_ALLOW_UNVERIFIED = flags.DEFINE_bool("allow_unverified", False, "Restore checkpoints and weights that carry no "
+                                      "digests (written by an older jaxmath) instead of refusing them.")
+_CHECK = flags.DEFINE_bool("check", False, "Check every setting, as a run does before any work, then exit.")
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 EXIT_USER_ERROR = 2
@@ -44,12 +47,15 @@ EXIT_INTERRUPTED = 130
 _config_spec = ""  # what --config named (path[:arg]), recorded by the flags parser
 
 
+def one_line(message: str) -> str:
+    return "error: " + " ".join(str(message).split())
+
+
 def _fail(message: str, debug: bool) -> None:
     """Ends the run with one line on stderr (the traceback first under --debug) and exit code 2."""
     if debug:
         traceback.print_exc()
-    line = " ".join(str(message).split())
-    print(f"error: {line}" + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr, flush=True)
+    print(one_line(message) + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 
@@ -72,7 +78,7 @@ def _config_files() -> list[tuple[str, str]]:
 
 def usage() -> str:
     rows = "\n".join(f"  {path:<28} {purpose}" for path, purpose in _config_files())
-    return f"""usage: python -m jaxmath.main --config=CONFIG [--config.KEY=VALUE ...] [--workdir=DIR] [--keys] [--debug]
+    return f"""usage: python -m jaxmath.main --config=CONFIG [--config.KEY=VALUE ...] [--workdir=DIR] [--keys] [--check] [--allow_unverified] [--debug]
 
 Post-training Qwen3 on math with JAX: GRPO, SFT, evaluation, distillation and the demo.
 
@@ -82,8 +88,10 @@ configs:
   --config.KEY=VALUE  override a setting, e.g. --config.steps=3 --config.eval.limit=50
   --keys              print the config's keys with their values and meaning, then exit:
                         python -m jaxmath.main --config=configs/demo.py --keys
+  --check             check every setting, as a run does before any work, then exit
   --workdir=DIR       the run directory (default: config.workdir, else runs/<config file name>);
                       rerunning a command resumes there, --config.resume=false starts over
+  --allow_unverified  restore checkpoints that carry no digests (an older jaxmath's) instead of refusing them
   --debug             show the traceback behind a one-line error
   --helpfull          every absl flag
 """
@@ -106,38 +114,65 @@ def _config_arg(argv: list[str]) -> str:
     return ""
 
 
+def _parse(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
+    """absl's flag parsing into `flag_values`, raising app.UsageError for a missing config file, a config
+    file that fails to load, an unknown key (naming the nearest one) or a value of the wrong type."""
+    spec = _config_arg(argv)
+    path = spec.partition(":")[0]
+    if spec and not os.path.isfile(path):
+        from jaxmath.config import nearest_key
+
+        near = nearest_key(path, [p for p, _ in _config_files()])
+        hint = f"did you mean {near}? " if near else ""
+        raise app.UsageError(f"config file {path} not found; {hint}`python -m jaxmath.main --help` lists the configs")
+    try:
+        return flag_values(argv)
+    except Exception as e:  # absl names the flag; the config's own error and an unknown key are said here
+        if spec:
+            from jaxmath.config import flat_items, load_config, nearest_key
+
+            try:
+                keys = list(flat_items(load_config(spec)))
+            except Exception as load_error:  # the user's config file: its own error, in one line
+                raise app.UsageError(f"config file {spec} failed to load: {type(load_error).__name__}: "
+                                     f"{load_error}") from load_error
+            for key in _override_keys(argv):
+                if key not in keys:
+                    near = nearest_key(key, keys)
+                    hint = f"; did you mean --config.{near}?" if near else ""
+                    raise app.UsageError(f"unknown config key {key!r} in {spec}{hint} (`--keys` lists them)") from e
+        raise app.UsageError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a person's help, and one line (exit 2) for a missing config file, an
     unknown key (naming the nearest one) or a value of the wrong type."""
     global _config_spec
-    debug = "--debug" in argv
     if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:]):
         print(usage())
         sys.exit(0)
-    spec = _config_arg(argv)
-    if spec:
-        from jaxmath.config import flat_items, load_config, nearest_key
-
-        path = spec.partition(":")[0]
-        if not os.path.isfile(path):
-            names = [p for p, _ in _config_files()]
-            near = nearest_key(path, names)
-            hint = f"did you mean {near}? " if near else ""
-            _fail(f"config file {path} not found; {hint}`python -m jaxmath.main --help` lists the configs", debug)
-        try:
-            keys = list(flat_items(load_config(spec)))
-        except Exception as e:  # the user's config file: its own error, in one line
-            _fail(f"config file {spec} failed to load: {type(e).__name__}: {e}", debug)
-        for key in _override_keys(argv):
-            if key not in keys:
-                near = nearest_key(key, keys)
-                hint = f"; did you mean --config.{near}?" if near else ""
-                _fail(f"unknown config key {key!r} in {spec}{hint} (`--keys` lists them)", debug)
-        _config_spec = spec
     try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # a value of the wrong type, an unknown flag: absl names the flag
-        _fail(str(e).splitlines()[0] if str(e) else repr(e), debug)
+        rest = _parse(argv, flags.FLAGS)
+    except app.UsageError as e:
+        _fail(str(e), "--debug" in argv)
+    _config_spec = _config_arg(argv)
+    return rest
+
+
+def settings_error(argv: list[str]) -> str | None:
+    """The one line `python -m jaxmath.main ARGV --check` ends with, or None when every setting passes:
+    the same parsing and checks as a run makes before any work, in this process (nothing runs).
+    An exception that is not the user's (a bug) propagates."""
+    from ml_collections import config_flags as cf
+
+    flag_values = flags.FlagValues()
+    cf.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=list(argv))
+    try:
+        _parse(list(argv), flag_values)
+        check(flag_values.config)
+    except _user_errors() as e:
+        return one_line(_message(e))
+    return None
 
 
 def _mesh(cfg):
@@ -179,8 +214,10 @@ def _load_model(cfg, mesh):
     raise SystemExit(_NO_MODEL)
 
 
+# huggingface_hub's download command, as its current releases name it
+HF_DOWNLOAD = "hf download Qwen/Qwen3-4B-Instruct-2507"
 _NO_MODEL = ("config.model.path is empty: pass --config.model.path=DIR, an HF-format Qwen3 folder "
-             "(e.g. `huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`)")
+             f"(e.g. `{HF_DOWNLOAD} --local-dir DIR`)")
 
 
 # --- typed configs: each mode's sections as the dataclasses of jaxmath.config.MODES -----------------
@@ -198,11 +235,11 @@ def eval_config(cfg, **derived):
     return build(EvalConfig, cfg.eval, prefix="eval", data_dir=cfg.data.dir, **derived)
 
 
-def vllm_config(cfg, lora_cfg=None, plan=None):
+def vllm_config(cfg, lora_cfg=None, plan=None, fit=True, model_path=None):
     """VLLMConfig from the vllm section; vLLM loads model.path in model.dtype (unless vllm.dtype says
     otherwise), and takes LoRA syncs when lora.rank > 0. Its max_model_len is fitted to the run's
     longest request (`longest_request`), or refused up front when the model's max_position_embeddings
-    cannot hold it. plan: the run's device plan (`jaxmath.aot.colocate.DevicePlan`), whose memory
+    cannot hold it (fit=False leaves it as set). model_path: instead of model.path. plan: the run's device plan (`jaxmath.aot.colocate.DevicePlan`), whose memory
     settings vLLM takes."""
     from jaxmath.config import build
     from jaxmath.rollout.vllm import VLLMConfig
@@ -218,8 +255,9 @@ def vllm_config(cfg, lora_cfg=None, plan=None):
     if plan is not None:
         section["gpu_memory_utilization"] = plan.gpu_memory_utilization
         lora.update(kv_cache_memory_bytes=plan.kv_cache_bytes, max_num_seqs=plan.max_num_seqs)
-    config = build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path, **lora)
-    return fit_context(config, *longest_request(cfg))
+    config = build(VLLMConfig, section, prefix="vllm", model_path=cfg.model.path if model_path is None else model_path,
+                   **lora)
+    return fit_context(config, *longest_request(cfg)) if fit else config
 
 
 def vllm_dtype(cfg) -> str:
@@ -533,15 +571,25 @@ MODES = {
 }
 
 
+def check(cfg) -> None:
+    """Everything a run checks before any work: its mode, then every setting (`validate`)."""
+    mode = cfg.get("mode")
+    if mode not in MODES:
+        raise app.UsageError(f"config.mode {mode!r} is not one of {sorted(MODES)}")
+    validate(cfg)
+
+
 def validate(cfg) -> None:
     """Every setting the mode uses, checked before any work: each key's range (`check_settings`), each
     section built as its dataclass (types, unknown keys, the dataclasses' own rules), and the paths
     the run reads. Raises ConfigError naming the key."""
-    from jaxmath.config import (ConfigError, DataConfig, InitConfig, ModelConfig, PromptConfig, RolloutConfig,
-                                build, check_settings)
+    from jaxmath.config import (ConfigError, DataConfig, InitConfig, MeshConfig, ModelConfig, PromptConfig,
+                                RolloutConfig, build, check_settings)
 
     check_settings(cfg)
     mode = cfg.mode
+    if "mesh" in cfg:
+        build(MeshConfig, cfg.mesh, prefix="mesh")
     if mode in ("grpo", "demo"):
         grpo_cfg, loss_cfg, _ = grpo_configs(cfg)
         rows, micro = grpo_cfg.prompts_per_step * grpo_cfg.num_generations, loss_cfg.micro_batch_rows
@@ -557,16 +605,15 @@ def validate(cfg) -> None:
     if mode == "distill":
         distill_config(cfg)
     needs_model = mode in ("grpo", "sft") or (mode == "eval" and eval_config(cfg).backend != "file")
+    lora_cfg = None
     if mode == "grpo":
         from jaxmath.model.lora import LoRAConfig
 
         lora_cfg = build(LoRAConfig, cfg.lora, prefix="lora")
-        build(DataConfig, cfg.data, prefix="data")
         build(PromptConfig, cfg.prompt, prefix="prompt")
         init = build(InitConfig, cfg.init, prefix="init")
         engine = build(RolloutConfig, cfg.rollout, prefix="rollout").engine
-        if grpo_cfg.eval_every:
-            eval_config(cfg, progress=False)
+        eval_config(cfg, progress=False)  # checked even where rl.eval_every=0 leaves it unused
         if init.checkpoint and not os.path.isdir(init.checkpoint):
             raise ConfigError(f"init.checkpoint {init.checkpoint} is not a directory; point it at the earlier "
                               "run's workdir")
@@ -579,18 +626,27 @@ def validate(cfg) -> None:
         if model.path and not os.path.isdir(model.path):
             what = "is a file" if os.path.exists(model.path) else "does not exist"
             raise ConfigError(f"model.path {model.path} {what}; download Qwen3-4B-Instruct-2507 in HF format "
-                              "(huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR) and pass "
-                              "--config.model.path=DIR")
+                              f"({HF_DOWNLOAD} --local-dir DIR) and pass --config.model.path=DIR")
     if mode in ("grpo", "eval"):
         from jaxmath.rollout.jax_sampler import SamplerConfig
 
         build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler")
         if engine == "vllm":
             require_vllm(cfg)
-            vllm_config(cfg, lora_cfg if mode == "grpo" else None)
+            vllm_config(cfg, lora_cfg)
+        else:  # unused by this run, yet a bad value is still one the user should hear about now
+            vllm_config(cfg, lora_cfg, fit=False, model_path=cfg.model.path or "(no model: vLLM unused)")
     if mode in ("grpo", "sft", "eval") and not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"data.dir {cfg.data.dir} is not a directory; write the data with "
                           "`python -m jaxmath.data.datasets --out DIR` and pass --config.data.dir=DIR")
+    if mode == "grpo":
+        from jaxmath.data.datasets import FILES
+
+        data = build(DataConfig, cfg.data, prefix="data")
+        path = os.path.join(data.dir, FILES[data.train])
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.train={data.train} reads {path}, which does not exist; write the data with "
+                              f"`python -m jaxmath.data.datasets --out {data.dir}` or choose another data.train")
 
 
 def require_vllm(cfg) -> None:
@@ -732,10 +788,15 @@ def main(argv: list[str]) -> None:
         if _KEYS.value:
             _print_keys(cfg)
             return
-        mode = cfg.get("mode")
-        if mode not in MODES:
-            raise app.UsageError(f"config.mode {mode!r} is not one of {sorted(MODES)}")
-        validate(cfg)
+        check(cfg)
+        if _CHECK.value:
+            print(f"{_config_spec}: every setting passes")
+            return
+        mode = cfg.mode
+        if _ALLOW_UNVERIFIED.value:
+            from jaxmath import checkpoint
+
+            checkpoint.accept_unverified()
         # JAX's allocator from the run's device plan, before any jax device is touched.
         prepare_device(cfg)
         # A multi-host job joins here, before any jax device is touched (one process: a no-op).

@@ -87,7 +87,10 @@ class EvalConfig:
     def __post_init__(self):
         # Normalized once so ConfigDict strings ("math500,aime24") and tuples behave the same.
         object.__setattr__(self, "benchmarks", _split_csv(self.benchmarks))
-        object.__setattr__(self, "maj_k", tuple(int(k) for k in _split_csv(self.maj_k)))
+        try:
+            object.__setattr__(self, "maj_k", tuple(int(k) for k in _split_csv(self.maj_k)))
+        except ValueError as e:
+            raise ValueError(f"eval.maj_k must be comma-separated integers, got {self.maj_k!r}") from e
         unknown = [b for b in self.benchmarks if b not in datasets.BENCHMARKS]
         if not self.benchmarks or unknown:
             raise ValueError(f"eval.benchmarks has unknown names {unknown}; choose from {datasets.BENCHMARKS}")
