@@ -65,6 +65,28 @@ _READABLE_VERSIONS = (1, 2)
 ON_DAMAGED = ("fall_back", "refuse")
 OnDamaged = Literal["fall_back", "refuse"]
 
+# A file without digests (a version-1 step, a pytree saved before digests were recorded, or by another
+# tool) cannot prove its data; it is refused unless the user accepts it (`python -m jaxmath.main
+# --allow_unverified`, `jax_to_hf --allow_unverified`), which sets this for the process.
+_accept_unverified = False
+
+
+def accept_unverified(accept: bool = True) -> None:
+    """Lets restores in this process read files that carry no digests (with a warning each), instead of
+    refusing them."""
+    global _accept_unverified
+    _accept_unverified = bool(accept)
+
+
+def _unverifiable(path: Path, why: str) -> None:
+    """Refuses a file without digests in one line, or warns and goes on where the user accepted that."""
+    if _accept_unverified:
+        logging.warning("%s %s: restoring it unverified (--allow_unverified)", path, why)
+        return
+    raise CheckpointError(f"{path} {why}, so its data cannot be verified; re-create it with this jaxmath, or "
+                          "rerun with --allow_unverified to restore it anyway")
+
+
 _ARRAY_ITEMS = ("params", "opt_state", "rng")
 _JSON_ITEMS = {"meta": "meta.json", "config": "config.json"}
 _ITEMS = _ARRAY_ITEMS + tuple(_JSON_ITEMS)
@@ -260,7 +282,7 @@ def _read_meta_and_config(path: Path) -> tuple[dict, Any, bool]:
         if recorded_digest != _json_digest(meta):
             raise DamagedCheckpointError(path, "meta/meta.json does not match its checksum")
     else:
-        logging.warning("checkpoint %s predates checksums (format_version 1): restoring it unverified", path)
+        _unverifiable(path, "predates checksums (format_version 1)")
     config = _read_step_json(path, "config")
     if verified and _json_digest(config) != meta["config_sha256"]:
         raise DamagedCheckpointError(path, "config/config.json does not match its checksum")
@@ -270,8 +292,8 @@ def _read_meta_and_config(path: Path) -> tuple[dict, Any, bool]:
 def _verify(path: Path, recorded: dict[str, dict[str, list]], arrays: dict[str, Any]) -> None:
     """Raises DamagedCheckpointError naming the first array whose bits differ from the saved ones.
 
-    recorded and arrays: {item name: ...} for the items read. An array restored into a different
-    dtype (the target asked for a cast) is not compared."""
+    recorded and arrays: {item name: ...} for the items read, in the dtypes they were saved in (a
+    target that asks for a cast is restored in the saved dtype, compared, then cast: `_saved_dtypes`)."""
     wrong = []
     for name, tree in arrays.items():
         found = checksum.digests(tree)
@@ -279,12 +301,36 @@ def _verify(path: Path, recorded: dict[str, dict[str, list]], arrays: dict[str, 
             got = found.get(array_path)
             if got is None:
                 wrong.append(f"{name}/{array_path} (missing)")
-            elif got[0] == dtype and (list(got[1]) != list(shape) or got[2] != digest):
+            elif got[0] != dtype or list(got[1]) != list(shape) or got[2] != digest:
                 wrong.append(f"{name}/{array_path}")
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise DamagedCheckpointError(path, f"array {wrong[0]}{more} differs from its saved checksum (flipped "
                                            "or truncated data)")
+
+
+def _saved_dtypes(target: Any, recorded: dict[str, list]) -> Any:
+    """`target` with each leaf in the dtype it was saved in (recorded: {path: [dtype, shape, digest]}), so
+    the restored bits can be compared with their digests before any cast."""
+    import jax.numpy as jnp
+
+    def leaf(path, x):
+        entry = recorded.get(checksum.path_name(path))
+        if entry is None or str(x.dtype) == entry[0]:
+            return x
+        if isinstance(x, np.ndarray):
+            return np.empty(x.shape, jnp.dtype(entry[0]))
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(entry[0]), sharding=getattr(x, "sharding", None))
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def _cast_like(restored: Any, target: Any) -> Any:
+    """Each restored leaf in its target leaf's dtype (a cast the target asked for, after verification)."""
+    def leaf(x, t):
+        return x if x.dtype == t.dtype else x.astype(t.dtype)
+
+    return jax.tree.map(leaf, restored, target)
 
 
 class CheckpointManager:
@@ -611,6 +657,9 @@ class CheckpointManager:
                             f"checkpoint {path} does not fit this run: in {name}, {difference}. Resume with the "
                             "model, LoRA and optimizer settings it was saved with, or use a new workdir"
                         )
+            wanted = targets
+            if verified:
+                targets = {name: _saved_dtypes(tree, meta["arrays"][name]) for name, tree in targets.items()}
             array_args = {name: self._pytree_restore(tree) for name, tree in targets.items()}
         else:
             try:
@@ -635,6 +684,8 @@ class CheckpointManager:
         arrays = {name: getattr(restored, name) for name in _ARRAY_ITEMS}
         if verified:
             _verify(path, meta["arrays"], arrays)
+            if target is not None:
+                arrays = {name: _cast_like(tree, wanted[name]) for name, tree in arrays.items()}
         key_data = arrays["rng"]["key_data"]
         if meta["rng_impl"] is not None:
             key = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"])
@@ -677,38 +728,83 @@ def restore_or_none(directory: str | Path, target: TrainState | None = None, *,
         manager.close()
 
 
-def save_pytree(path: str | Path, tree: Any) -> None:
-    """Writes one pytree (e.g. converted params) as a standalone orbax checkpoint at `path`.
+# The digests of a standalone pytree (`save_pytree`), written beside orbax's files once they are in place.
+PYTREE_DIGESTS_FILE = "jaxmath_digests.json"
 
-    `path` must not exist yet; orbax writes it atomically (tmp dir, then rename).
+
+def save_pytree(path: str | Path, tree: Any) -> None:
+    """Writes one pytree (e.g. converted params) as a standalone orbax checkpoint at `path`, with the
+    digest of every array in `path`/jaxmath_digests.json (`load_pytree` checks them).
+
+    `path` must not exist yet; orbax writes it atomically (tmp dir, then rename), and the digests
+    follow, so a write cut short between the two is refused as unverifiable on restore, never trusted.
     """
     orbax_calls.install()
+    path = Path(path).absolute()
+    savable = _to_savable(tree)
+    arrays = {array_path: list(d) for array_path, d in checksum.digests(savable).items()}
     with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(Path(path).absolute(), _to_savable(tree))
+        checkpointer.save(path, savable)
+    record = {"format_version": FORMAT_VERSION, "arrays": arrays}
+    record["sha256"] = _json_digest(record)
+    if jax.process_index() == 0:
+        (path / PYTREE_DIGESTS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"jaxmath_pytree_digests_{path.name}")
+
+
+def _pytree_digests(path: Path) -> dict[str, list] | None:
+    """{array path: [dtype, shape, digest]} recorded by `save_pytree`, checked against its own digest;
+    None (after `_unverifiable`) where the pytree has none."""
+    file = path / PYTREE_DIGESTS_FILE
+    if not file.is_file():
+        _unverifiable(path, f"has no {PYTREE_DIGESTS_FILE} (written before jaxmath recorded digests, or by "
+                            "another tool)")
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+        recorded_digest = record.pop("sha256")
+        arrays = record["arrays"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DamagedCheckpointError(path, f"{PYTREE_DIGESTS_FILE} is unreadable ({reason(e)})") from e
+    if recorded_digest != _json_digest(record):
+        raise DamagedCheckpointError(path, f"{PYTREE_DIGESTS_FILE} does not match its checksum")
+    return arrays
 
 
 def load_pytree(path: str | Path, target: Any = None) -> Any:
-    """Reads a pytree written by `save_pytree`.
+    """Reads a pytree written by `save_pytree`, verified against the digests saved with it.
 
     target: structure, dtypes and shardings to restore into (arrays or ShapeDtypeStructs, or an
-      nnx.State); with None, leaves come back as host numpy arrays in nested dicts.
+      nnx.State); with None, leaves come back as host numpy arrays in nested dicts. Arrays are read in
+      the dtype they were saved in, compared with their digests, then cast to the target's.
+    Raises DamagedCheckpointError when the data differs from its digests, CheckpointError when the
+    pytree is missing, unreadable or does not fit the target, or carries no digests (unless
+    `accept_unverified`).
     """
     orbax_calls.install()
     path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"no pytree checkpoint at {path}; write one with save_pytree or convert/hf_to_jax")
+    recorded = _pytree_digests(path)
+    savable = None if target is None else _to_savable(target)
     try:
         if target is None:
-            return _read_numpy_tree(path)
-        savable = _to_savable(target)
-        with orbax_calls.holding_errors(), ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path, item=savable, restore_args=_restore_args_for(savable))
+            restored = _read_numpy_tree(path)
+        else:
+            read_as = savable if recorded is None else _saved_dtypes(savable, recorded)
+            with orbax_calls.holding_errors(), ocp.PyTreeCheckpointer() as checkpointer:
+                restored = checkpointer.restore(path, item=read_as, restore_args=_restore_args_for(read_as))
     except Exception as e:
         raise CheckpointError(
             f"could not read pytree checkpoint {path} ({reason(e)}); it may be partial or corrupt (re-create it) "
             "or not match target's structure"
         ) from e
-    return _from_savable(restored, target)
+    if recorded is not None:
+        _verify(path, {"pytree": recorded}, {"pytree": restored})
+    if target is None:
+        return restored
+    return _from_savable(_cast_like(restored, savable), target)
 
 
 def _read_numpy_tree(path: Path) -> Any:
