@@ -249,8 +249,11 @@ class PromptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
-    """checkpoint: an earlier run's workdir to start from (its latest trainable params; GRPO v3
-    continues v2); empty starts from model.path."""
+    """Where a GRPO run starts.
+
+    checkpoint: an earlier run's workdir to start from (its latest trainable params, a fresh optimizer
+                state; GRPO v3 continues v2); empty starts from model.path
+    """
 
     checkpoint: str = ""
 

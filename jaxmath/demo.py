@@ -60,13 +60,18 @@ class DemoConfig:
     """The task, its teacher, the model, and the SFT side of the comparison.
 
     digits:             operand length of the additions (2: 47+85=)
-    num_train/num_eval: training problems (the teacher writes one trace each) / held-out problems
+    num_train:          training problems (the teacher writes one trace each)
+    num_eval:           held-out problems (num_eval + num_train at most the digits' additions: 8,100
+                        for 2 digits)
     drop_carry:         the teacher's chance of forgetting a carry ...
     drop_chained_carry: ... and of forgetting one that must ripple on (see jaxmath.data.demo_task)
     hidden_size .. head_dim: the Qwen3 trained from scratch
     sft_steps:          the shared SFT prefix, for `default_steps` GRPO steps; it scales with the GRPO
                         steps asked for (sft_steps * steps / default_steps, at least min_sft_steps),
                         so a 3-step smoke run stays short. The `sft` arm trains prefix + steps.
+    min_sft_steps:      the shortest SFT prefix, however few GRPO steps are asked for
+    default_steps:      the GRPO steps `sft_steps` is set for (the shipped run); a run of fewer is a
+                        smoke run, whose figures are not results
     sft_eval_every:     held-out evaluations along the prefix (the arms use rl.eval_every)
     sft_batch_size, sft_learning_rate, sft_warmup_steps: the SFT optimizer (warmup, then linear decay
                         to 0 at the end of the `sft` arm's budget)
@@ -96,6 +101,12 @@ class DemoConfig:
         if self.num_eval + self.num_train > pool:
             raise ValueError(f"demo.num_eval + demo.num_train = {self.num_eval + self.num_train} is more than the "
                              f"{pool} {self.digits}-digit additions; lower them or raise demo.digits")
+
+    def smoke_reason(self, grpo_steps: int) -> str:
+        """Why a run of `grpo_steps` is a smoke run (fewer steps than the figures are for), or ""."""
+        if grpo_steps < self.default_steps:
+            return f"{grpo_steps} GRPO steps of the {self.default_steps} the demo's figures are for"
+        return ""
 
     def prefix_steps(self, grpo_steps: int) -> int:
         return max(self.min_sft_steps, round(self.sft_steps * grpo_steps / self.default_steps))
@@ -252,7 +263,7 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
     results["held_out_by_chained_carries"] = {k: chained.count(k) for k in sorted(set(chained), key=int)}
     # Seconds of this invocation (a rerun that reuses finished work reports only its own).
     results.update(seed=seed, seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
-                   phase_seconds=phases)
+                   phase_seconds=phases, smoke=cfg.smoke_reason(grpo_cfg.steps))
     with open(workdir / "demo_results.json", "w") as f:
         json.dump(results, f, indent=2)
     plot_demo(log, prefix, workdir / "plots")
@@ -383,8 +394,11 @@ def results_table(r: dict) -> str:
         return text + (f" ± {100 * arm[ci_key]:.1f}" if ci_key else "")
 
     counts = sorted(set(sft["format_blind_by_chained_carries"]), key=int)
-    rows = [
-        "",
+    rows = [""]
+    if r.get("smoke"):
+        rows += [f"A SMOKE RUN ({r['smoke']}): these figures say only that the pipeline runs; they are not "
+                 "results. The shipped command (README) gives the figures that are.", ""]
+    rows += [
         f"| held-out {r['n_eval']} problems, greedy | SFT only ({sft['steps']['sft']} steps) | "
         f"SFT {grpo['steps']['sft']} + GRPO {grpo['steps']['grpo']} steps |",
         "|---|---|---|",

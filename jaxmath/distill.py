@@ -88,8 +88,9 @@ class DistillConfig:
                      "NAME:COUNT" asks COUNT of them, chosen by `select_problems`
     limit:           > 0: the first `limit` problems of each source (after any COUNT), for smoke runs
     concurrency:     requests in flight
-    max_retries:     retries per request after the first try; backoff_seconds doubles each time
-                     (capped at 60 s, with +-50% jitter so clients do not retry in lockstep)
+    max_retries:     retries per request after the first try
+    backoff_seconds: the wait before the first retry; it doubles each time (capped at 60 s, with +-50%
+                     jitter so clients do not retry in lockstep)
     timeout:         wall-clock seconds per try: connect, send, wait and read together
                      (the endpoint is reached through the http_proxy / https_proxy of the environment
                      unless no_proxy covers its host; see the module docstring)

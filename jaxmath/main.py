@@ -819,8 +819,48 @@ def main(argv: list[str]) -> None:
     except _user_errors() as e:
         _fail(_message(e), debug)
     if isinstance(result, dict):
-        summary = {k: v for k, v in result.items() if k != "meta"}
-        logging.info("done: %s", json.dumps(summary, default=str)[:2000])
+        logging.info("%s", finish(cfg, workdir, result))
+
+
+SUMMARY_FILE = "run_summary.json"
+
+
+def finish(cfg, workdir: str, result: dict) -> str:
+    """Writes the run's whole summary to <workdir>/run_summary.json and returns the run's short last line:
+    its headline figure, whether it was a smoke run, and where the rest is."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "meta"}, f, indent=2, default=str)
+    smoke = smoke_reason(cfg, result)
+    note = f"; a smoke run ({smoke}): its figures are not results" if smoke else ""
+    return f"done: {_headline(result)}{note}; every figure in {path}"
+
+
+def smoke_reason(cfg, result: dict) -> str:
+    """Why a run's figures are not results (too few steps, random weights, a few problems), or ""."""
+    if cfg.mode == "demo":
+        return result.get("smoke", "")
+    if cfg.mode in ("grpo", "sft", "eval") and cfg.model.get("preset") and not cfg.model.get("path"):
+        return f"a randomly initialised {cfg.model.preset} model"
+    if cfg.mode == "eval" and cfg.eval.limit:
+        return f"the first {cfg.eval.limit} problems of each benchmark"
+    return ""
+
+
+def _headline(result: dict) -> str:
+    """A few of the run's figures, short: the demo's gain, each benchmark's accuracy, or its first numbers."""
+    if "format_blind_gain" in result:
+        return f"SFT then GRPO minus SFT only: {100 * result['format_blind_gain']:+.1f} points format-blind"
+    accuracies = [f"{k} {100 * v['accuracy']:.1f}%" for k, v in result.items()
+                  if isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float))]
+    numbers = [f"{k}={v:.4g}" for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    parts, line = accuracies or numbers, ""
+    for part in parts:
+        if len(line) + len(part) > 100:
+            break
+        line = f"{line}, {part}" if line else part
+    return line or "finished"
 
 
 def _print_keys(cfg) -> None:

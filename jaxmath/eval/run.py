@@ -55,12 +55,22 @@ class EvalConfig:
     completions:       JSONL of {"id": ..., "completions": [str, ...]} rows for one benchmark (file backend)
     limit:             > 0 evaluates only the first `limit` problems of each benchmark (smoke runs)
     temperature:       0.01 as in the study (near greedy), 0 for argmax, 0.7 for majority voting
+    top_p:             nucleus sampling: sample from the smallest set of tokens whose probability
+                       reaches top_p (1: all tokens)
+    max_new_tokens:    each completion's length budget
+    max_prompt_tokens: the longest prompt (few-shot prefix and chat template included) a problem may have
+    seed:              the sampling seed
     num_samples:       completions per problem; 1 is greedy mode, > 1 adds maj@k and pass@k
     maj_k:             k values for maj@k and pass@k (comma-separated); empty: 1, 2, 4, ..., num_samples
     answer_fallback:   "benchmark=fallback,..." with fallback in FALLBACKS; empty means boxed answers only
     few_shot:          number of worked examples in the prompt prefix (0 to 4)
-    timeout, workers:  per-answer grading timeout in seconds and grading processes (0: in process)
+    system_prompt:     a system turn before each problem; empty: none
+    enable_thinking:   the hybrid Qwen3 chat template's thinking switch (off: the Instruct-2507 models
+                       answer without a <think> block)
+    timeout:           seconds one answer's grading may take before it counts as wrong
+    workers:           grading processes (0: grade in this process)
     batch_size:        prompts per engine call (the progress bar advances per call)
+    progress:          show progress bars while generating and voting
     """
 
     data_dir: str

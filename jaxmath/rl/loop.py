@@ -45,12 +45,35 @@ class GRPOConfig:
     steps:                 optimizer steps (one batch of rollouts each, times num_iterations updates)
     prompts_per_step:      groups per step; rows = prompts_per_step * num_generations
     num_generations:       K, completions per prompt
+    max_prompt_tokens:     the longest prompt (chat template included) a training problem may have; a
+                           longer one stops the run in one line naming the problem
     max_completion_tokens: the rollouts' length budget (also Dr. GRPO's constant loss normalizer)
     temperature:           the rollouts' sampling temperature (the trainer's logprobs use it too)
     num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
+    adv_scale:             "group_std" divides each reward's distance from its group's mean by the
+                           group's std (GRPO, the study); "none" only centers it (Dr. GRPO)
+    adv_std:               the group std of adv_scale: "sample" (ddof=1, TRL's torch.std, the study's
+                           local runs) or "population" (ddof=0, the GRPO paper's notation)
+    adv_eps:               added to the group std before dividing (TRL's 1e-4)
     filter_groups:         replace zero-variance groups with informative ones from `oversample` x
                            prompts_per_step sampled prompts (shapes stay static)
+    oversample:            with filter_groups, prompts sampled per group kept (>= 1.0)
+    reward_workers:        processes grading the rewards (0: in this process)
+    reward_timeout:        seconds one answer's grading may take before it scores 0
+    answer_fallback:       where the reward looks for an answer without a \\boxed{}: "" (nowhere: boxed
+                           only, as in the study), "gsm8k" ("#### N", then the last number) or
+                           "answer_is" ("the answer is ...")
+    prompt_bucket:         prompt widths are padded up to a multiple of this, so compiled shapes repeat
+    seed:                  the run's seed: prompt order, sampling and LoRA's initial adapters
     checkpoint_every:      steps between checkpoints (0: at the end only; the last step is always saved)
+    keep_last:             newest checkpoints kept (older ones are deleted as new ones are written)
+    keep_best:             also keep this many checkpoints with the best eval_accuracy (needs eval_every)
+    eval_every:            steps between evaluations of the `eval` section's benchmarks (0: none)
+    plot_every:            steps between redrawing the metric plots in <workdir>/plots (0: at the end only)
+    warn_truncation:       warn when more than this fraction of a step's completions hit
+                           max_completion_tokens
+    warn_zero_std:         warn when more than this fraction of a step's groups have identical rewards
+                           (they teach nothing)
     early_stop_*:          the study's three saturation signals (section 5.5: "reward ~0.95 by step 50,
                            gradient norms dropping to ~1e-7 and the importance sampling ratio falling to
                            ~0.1"); the run stops, with a checkpoint and a log line naming the signal,
@@ -61,6 +84,7 @@ class GRPOConfig:
                              pi_trainer / pi_engine of the step's completions. On-policy the loss's own
                              ratio is exactly 1; the study's ratio is TRL's vLLM importance-sampling
                              ratio (sampling/importance_sampling_ratio/min), this one.
+      early_stop_patience:   consecutive steps a signal must hold before the run stops
     on_damaged:            when the newest checkpoint of the workdir is damaged on resume: "fall_back"
                            (one warning line, rename it `<step>.damaged`, resume from the newest good
                            one) or "refuse" (stop with one line; nothing is moved)
@@ -80,7 +104,7 @@ class GRPOConfig:
     oversample: float = 1.5
     reward_workers: int = 0
     reward_timeout: float = 1.0
-    answer_fallback: str = ""  # "" = \boxed{} only, as in the study
+    answer_fallback: str = ""
     prompt_bucket: int = 64
     checkpoint_every: int = 50
     keep_last: int = 3
