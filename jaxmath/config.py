@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 import ml_collections
 from ml_collections import config_dict
 
+from jaxmath.data.prompts import FEW_SHOT
+
 T = TypeVar("T")
 
 
@@ -439,6 +441,7 @@ _POSITIVE = Range(1e-300, None, "> 0")
 _UNIT = Range(1e-300, 1.0, "in (0, 1]")
 _BELOW_1 = Range(0.0, 1.0 - 1e-12, "in [0, 1)")
 _SEED = Range(0, 2 ** 32 - 1)
+_FEW_SHOT = len(FEW_SHOT)
 RULES: dict[str, tuple] = {
     "steps": Range(1),
     **{k: _SEED for k in ("seed", "eval.seed", "vllm.seed")},
@@ -449,7 +452,7 @@ RULES: dict[str, tuple] = {
     "model.remat": ("none", "full", "dots"),
     "model.attention_impl": ("", "xla", "cudnn"),
     "data.limit": _AT_LEAST_0,
-    "prompt.few_shot": _AT_LEAST_0,
+    "prompt.few_shot": Range(0, _FEW_SHOT, f"in [0, {_FEW_SHOT}] (the stored worked examples)"),
     "rollout.engine": ("jax", "vllm"),
     "sampler.cache_dtype": ("", "bfloat16", "float16", "float32"),
     "vllm.dtype": ("auto", "bfloat16", "float16", "float32", "half", "float"),
@@ -488,7 +491,8 @@ RULES: dict[str, tuple] = {
     "eval.temperature": _AT_LEAST_0,
     "eval.top_p": _UNIT,
     **{f"eval.{k}": _AT_LEAST_1 for k in ("num_samples", "max_new_tokens", "max_prompt_tokens", "batch_size")},
-    **{f"eval.{k}": _AT_LEAST_0 for k in ("few_shot", "workers")},
+    "eval.few_shot": Range(0, _FEW_SHOT, f"in [0, {_FEW_SHOT}] (the stored worked examples)"),
+    "eval.workers": _AT_LEAST_0,
     "eval.timeout": _POSITIVE,
     "vllm.max_model_len": Range(0, None, ">= 0 (0 fits it to the longest request)"),
     "vllm.gpu_memory_utilization": _FRACTION,

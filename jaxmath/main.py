@@ -600,6 +600,8 @@ def validate(cfg) -> None:
         from jaxmath.demo import DemoConfig
 
         build(DemoConfig, cfg.demo, prefix="demo")
+        if loss_cfg.beta > 0:  # the demo trains every parameter: no LoRA reference policy
+            raise ConfigError("loss.beta > 0 (a KL term) needs LoRA, which the demo does not use; set loss.beta=0")
     if mode == "sft":
         sft_config(cfg)
     if mode == "distill":
@@ -610,6 +612,9 @@ def validate(cfg) -> None:
         from jaxmath.model.lora import LoRAConfig
 
         lora_cfg = build(LoRAConfig, cfg.lora, prefix="lora")
+        if loss_cfg.beta > 0 and not lora_cfg.enabled:
+            raise ConfigError("loss.beta > 0 (a KL term) needs LoRA (lora.rank > 0): the reference policy is the "
+                              "base model with adapters off; full-parameter KL is not supported")
         build(PromptConfig, cfg.prompt, prefix="prompt")
         init = build(InitConfig, cfg.init, prefix="init")
         engine = build(RolloutConfig, cfg.rollout, prefix="rollout").engine

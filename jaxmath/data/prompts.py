@@ -106,13 +106,15 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Any, max_prompt_token
                    system: str | None = None, enable_thinking: bool = False) -> list[list[int]]:
     """Token ids of each example's prompt: [num_examples] lists of int, never truncated.
 
-    Raises ValueError naming the first example whose prompt is longer than `max_prompt_tokens`.
+    Raises ConfigError (a ValueError) naming the first example whose prompt is longer than `max_prompt_tokens`.
     """
     encoded = []
     for ex in examples:
         ids = encode_text(tokenizer, build_prompt(ex.problem, tokenizer, few_shot, system, enable_thinking))
         if len(ids) > max_prompt_tokens:
-            raise ValueError(
+            from jaxmath.config import ConfigError
+
+            raise ConfigError(
                 f"prompt of example {ex.id} has {len(ids)} tokens, over the budget of {max_prompt_tokens}; "
                 "raise max_prompt_tokens (and the engine's context length) or lower few_shot"
             )

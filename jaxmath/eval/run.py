@@ -146,9 +146,9 @@ def read_completions(path: str | Path, examples: Sequence[datasets.Example],
             row = json.loads(line)
             texts = row.get("completions")
             if "id" not in row or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"{path}:{line_number} must be {{\"id\": ..., \"completions\": [str, ...]}}")
+                raise datasets.DataError(f"{path}:{line_number} must be {{\"id\": ..., \"completions\": [str, ...]}}")
             if known_ids is not None and str(row["id"]) not in known_ids:
-                raise ValueError(f"{path}:{line_number} has id {row['id']!r}, which is not in the benchmark; "
+                raise datasets.DataError(f"{path}:{line_number} has id {row['id']!r}, which is not in the benchmark; "
                                  "check eval.benchmarks matches the completions file")
             by_id[str(row["id"])] = texts
     return _align(by_id, examples, path)
@@ -158,11 +158,11 @@ def _align(by_id: dict[str, list[str]], examples: Sequence[datasets.Example], pa
     wanted = [ex.id for ex in examples]
     missing = [i for i in wanted if i not in by_id]
     if missing:
-        raise ValueError(f"{path} has no completions for {len(missing)} problems, e.g. {missing[:3]}; "
+        raise datasets.DataError(f"{path} has no completions for {len(missing)} problems, e.g. {missing[:3]}; "
                          "is it for this benchmark (eval.benchmarks) and did generation finish?")
     sizes = {len(by_id[i]) for i in wanted}
     if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(f"{path}: every row needs the same, non-zero number of completions; found {sorted(sizes)}")
+        raise datasets.DataError(f"{path}: every row needs the same, non-zero number of completions; found {sorted(sizes)}")
     return [by_id[i] for i in wanted]
 
 

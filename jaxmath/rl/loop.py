@@ -146,7 +146,9 @@ class PromptIterator:
 
     def __init__(self, examples: Sequence[Example], seed: int, cursor: dict | None = None):
         if not examples:
-            raise ValueError("the training set is empty; check data.dir and the training data name")
+            from jaxmath.data.datasets import DataError
+
+            raise DataError("the training set is empty; check data.dir and the training data name")
         self.examples = list(examples)
         self.seed = seed
         self.epoch = int((cursor or {}).get("epoch", 0))
@@ -190,7 +192,9 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     evaluate: (model, step) -> metrics such as {"eval_accuracy": ...}, every `cfg.eval_every` steps.
     """
     if loss_cfg.beta > 0 and not (lora_cfg.enabled or lora_lib.has_lora(model)):
-        raise ValueError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
+        from jaxmath.config import ConfigError
+
+        raise ConfigError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
                          "adapters off; full-parameter KL (a second copy of the weights) is not supported")
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
                                          keep_best=cfg.keep_best,

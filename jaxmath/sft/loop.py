@@ -154,7 +154,9 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     try:
         optim_cfg = train_state.resolve_total_steps(cfg.optimizer, total_steps)
     except ValueError as e:
-        raise ValueError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
+        from jaxmath.config import ConfigError
+
+        raise ConfigError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
                          f"{cfg.batch_size}); {e}. Lower optimizer.warmup_steps or raise steps/epochs") from e
     manager = CheckpointManager(workdir / "checkpoints", keep_last=max(cfg.keep_last, 1), on_damaged=cfg.on_damaged)
     # Closed on every way out (a damaged checkpoint refused, a failed step), so no orbax thread
