@@ -8,7 +8,8 @@ differs, and `--config.<section>.<key>=value` reaches every key. A field jaxmath
 another key (`Section.derived`, e.g. `eval.data_dir` from `data.dir`) is not a key: each setting
 has one home.
 
-Only `jaxmath.main` reads ConfigDicts: it calls `build(SomeDataclass, cfg.section)` for each section
+Only the entry point reads ConfigDicts (`jaxmath.sections`, `jaxmath.validate`, `jaxmath.runs`, behind
+`jaxmath.main`): it calls `build(SomeDataclass, cfg.section)` for each section
 and passes the dataclasses to library code. `build` is strict: an unknown key, a missing required
 key, a value of the wrong type, or a key that jaxmath derives from another one is an error naming
 the key, never a silent default.
@@ -286,7 +287,7 @@ class Section:
     name:     the section's key ("" for the top level)
     cls:      "module:Class"
     top:      fields that are keys of the top level instead (a run's seed, steps, checkpoint_every)
-    derived:  (field, source) of fields `jaxmath.main` fills from another setting, so they are not
+    derived:  (field, source) of fields `jaxmath.sections` fills from another setting, so they are not
               keys (eval.data_dir from data.dir); a source that is a key names it
     only:     when set, the fields that are keys (the rest keep their defaults)
     base:     "module:Class.field": a default instance whose values are this section's defaults

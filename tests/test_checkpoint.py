@@ -429,7 +429,7 @@ def test_format_1_checkpoint_is_refused_as_unverifiable_unless_accepted(tmp_path
     assert not isinstance(info.value, DamagedCheckpointError)  # not renamed aside: it may be fine, just old
     assert "format_version 1" in str(info.value) and "--allow_unverified" in str(info.value)
     assert "\n" not in str(info.value) and (tmp_path / "7").is_dir()
-    monkeypatch.setattr(checkpoint, "_accept_unverified", False)
+    monkeypatch.setattr(checkpoint.digests, "_accept_unverified", False)
     checkpoint.accept_unverified()
     with CheckpointManager(tmp_path) as manager:
         restored = manager.restore(target=state)
@@ -476,7 +476,7 @@ def test_a_pytree_without_digests_is_refused_unless_accepted(tmp_path, monkeypat
     (tmp_path / "params" / checkpoint.PYTREE_DIGESTS_FILE).unlink()  # as an older jaxmath wrote it
     with pytest.raises(CheckpointError, match="cannot be verified.*--allow_unverified"):
         load_pytree(tmp_path / "params", target=params)
-    monkeypatch.setattr(checkpoint, "_accept_unverified", False)
+    monkeypatch.setattr(checkpoint.digests, "_accept_unverified", False)
     checkpoint.accept_unverified()
     assert_trees_bit_equal(load_pytree(tmp_path / "params", target=params), params)
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from jaxmath import demo, main
+from jaxmath import cli, demo, validate
 from jaxmath.config import ConfigError, MODES, describe_keys, key_docs, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +36,10 @@ def test_a_missing_model_names_the_download_command_that_exists(tmp_path):
     cfg = load_config(os.path.join(REPO, "configs", "grpo_v2.py"))
     cfg.model.path = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="hf download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR"):
-        main.validate(cfg)
+        validate.validate(cfg)
     cfg.model.path = ""
     with pytest.raises(ConfigError, match="`hf download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR`"):
-        main.validate(cfg)
+        validate.validate(cfg)
 
 
 def test_readme_install_steps_come_in_the_order_they_are_typed():
@@ -132,13 +132,13 @@ def test_the_last_line_is_short_and_the_whole_summary_is_in_the_workdir(tmp_path
     cfg.steps = 3
     result = _demo_results(demo.DemoConfig().smoke_reason(3))
     assert len(json.dumps(result)) > 2000  # what the old `done: {...}` line printed
-    line = main.finish(cfg, str(tmp_path), result)
+    line = cli.finish(cfg, str(tmp_path), result)
     assert len(line) < 300 and "\n" not in line
     assert line.startswith("done: SFT then GRPO minus SFT only: -0.5 points format-blind; a smoke run (3 GRPO")
-    assert "its figures are not results" in line and line.endswith(str(tmp_path / main.SUMMARY_FILE))
-    assert json.loads((tmp_path / main.SUMMARY_FILE).read_text()) == result
+    assert "its figures are not results" in line and line.endswith(str(tmp_path / cli.SUMMARY_FILE))
+    assert json.loads((tmp_path / cli.SUMMARY_FILE).read_text()) == result
     cfg.steps = 100
-    full = main.finish(cfg, str(tmp_path), _demo_results(""))
+    full = cli.finish(cfg, str(tmp_path), _demo_results(""))
     assert "smoke" not in full
 
 
@@ -146,9 +146,9 @@ def test_an_evaluation_on_a_few_problems_or_a_random_model_is_called_a_smoke_run
     cfg = load_config(os.path.join(REPO, "configs", "eval.py"))
     result = {"math500": {"accuracy": 0.25, "n": 8}, "meta": {"huge": "x" * 5000}}
     cfg.model.path, cfg.eval.limit = "/models/qwen", 8
-    line = main.finish(cfg, str(tmp_path), result)
+    line = cli.finish(cfg, str(tmp_path), result)
     assert line.startswith("done: math500 25.0%; a smoke run (the first 8 problems of each benchmark)")
     cfg.eval.limit = 0
-    assert "smoke" not in main.finish(cfg, str(tmp_path), result)
+    assert "smoke" not in cli.finish(cfg, str(tmp_path), result)
     cfg.model.path, cfg.model.preset = "", "tiny"
-    assert "a smoke run (a randomly initialised tiny model)" in main.finish(cfg, str(tmp_path), result)
+    assert "a smoke run (a randomly initialised tiny model)" in cli.finish(cfg, str(tmp_path), result)

@@ -1,8 +1,8 @@
 """Every key of every shipped config, set on the command line to a value of the wrong type and to one out of
 its range, ends in one line naming the key, or passes: never a traceback, never a check left for later.
 
-The walk goes through `main.settings_error`, the same parsing (absl, `--config.KEY=VALUE`) and checks
-(`main.check`) a run makes before any work, in this process (`--check` prints the same line); one
+The walk goes through `cli.settings_error`, the same parsing (absl, `--config.KEY=VALUE`) and checks
+(`jaxmath.validate.check`) a run makes before any work, in this process (`--check` prints the same line); one
 subprocess confirms that line is what the user sees, with exit code 2.
 
 What counts as out of range, by the key's default value: a number below the key's rule in
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from jaxmath import main
+from jaxmath import cli, validate
 from jaxmath.config import Range, describe_keys, load_config, rule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ BAD_NAME = "no-such-value"
 def _vllm_installed(monkeypatch):
     """The study configs roll out on vLLM: the walk checks their vllm settings as if it were installed
     (that it is not is a check of its own, tests/test_cli.py)."""
-    monkeypatch.setattr(main, "require_vllm", lambda cfg: None)
+    monkeypatch.setattr(validate, "require_vllm", lambda cfg: None)
 
 
 def _argv(config: str, *overrides: str) -> list[str]:
@@ -91,10 +91,10 @@ def test_every_numeric_key_has_a_rule():
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_key_refuses_bad_values_in_one_line(config):
-    assert main.settings_error(_argv(config)) is None  # the config as shipped (on the fixtures) passes
+    assert cli.settings_error(_argv(config)) is None  # the config as shipped (on the fixtures) passes
     problems = []
     for key, kind, value, must_refuse in _cases(config):
-        line = main.settings_error(_argv(config, f"--config.{key}={value}"))
+        line = cli.settings_error(_argv(config, f"--config.{key}={value}"))
         if line is None:
             if must_refuse:
                 problems.append(f"{key}={value} ({kind}) passed")
@@ -108,7 +108,7 @@ def test_every_key_refuses_bad_values_in_one_line(config):
 
 def test_the_line_is_what_the_command_prints_with_exit_2(tmp_path):
     argv = _argv("configs/grpo_v1.py", "--config.rl.adv_scale=zscore", "--config.rollout.engine=jax")
-    line = main.settings_error(argv)
+    line = cli.settings_error(argv)
     assert line and "rl.adv_scale='zscore'" in line
     out = subprocess.run([sys.executable, "-m", "jaxmath.main", *argv[1:], f"--workdir={tmp_path}", "--check"],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, timeout=120)

@@ -44,7 +44,7 @@ def _split_csv(value: str | Sequence) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how. The fields other than `data_dir` (which `jaxmath.main` takes from
+    """What to evaluate and how. The fields other than `data_dir` (which `jaxmath.sections` takes from
     `data.dir`) are the keys of a config's `eval` section.
 
     data_dir:          the folder with the benchmarks' JSONL files

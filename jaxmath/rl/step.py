@@ -53,7 +53,7 @@ class LossConfig:
                       (divided by max_completion_tokens; Dr. GRPO)
     is_level:         the policy ratio per "token" (GRPO) or per "sequence" (GSPO's geometric mean)
     tis_cap:          > 0 enables truncated importance sampling against the engine's logprobs
-    micro_batch_rows: rows per micro-batch (0: the whole batch at once; `jaxmath.main` makes 0 "auto"
+    micro_batch_rows: rows per micro-batch (0: the whole batch at once; `jaxmath.aot.device` makes 0 "auto"
                       on a GPU, the largest that fits its memory, and refuses a value that does not
                       fit before weights load: `jaxmath.aot.fit`)
     logprob_chunk:    token positions per LM-head chunk
