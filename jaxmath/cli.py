@@ -30,8 +30,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for checkpoints, 
                                                 "(default: config.workdir, else runs/<config file name>).")
 _KEYS = flags.DEFINE_bool("keys", False, "Print the config's keys with their values and meaning, then exit.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback behind a one-line error.")
-_ALLOW_UNVERIFIED = flags.DEFINE_bool("allow_unverified", False, "Restore checkpoints and weights that carry no "
-                                      "digests (written by an older jaxmath) instead of refusing them.")
+# jaxmath.convert.jax_to_hf has the same flag; a process that imports both (the launch tests) shares it.
+_ALLOW_UNVERIFIED = (flags.FLAGS["allow_unverified"] if "allow_unverified" in flags.FLAGS else
+                     flags.DEFINE_bool("allow_unverified", False, "Restore checkpoints and weights that carry no "
+                                       "digests (written by an older jaxmath) instead of refusing them."))
 _CHECK = flags.DEFINE_bool("check", False, "Check every setting, as a run does before any work, then exit.")
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

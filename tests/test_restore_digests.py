@@ -75,3 +75,26 @@ def test_a_flipped_byte_in_a_converted_checkpoint_is_refused(tmp_path):
     assert f"checkpoint {ckpt / common.PARAMS_DIR} is damaged: array pytree/" in errors[0]
     assert "differs from its saved checksum" in errors[0]
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_converted_checkpoint_without_digests_needs_the_flag(tmp_path):
+    """One written before digests existed: `jax_to_hf` refuses it in one line naming --allow_unverified, and
+    exports it with the flag."""
+    from jaxmath.convert import common
+    from tests.hf_models import make_hf_model
+
+    src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    make_hf_model(str(src), tie=False, seed=1)
+    common.hf_to_orbax(str(src), str(ckpt))
+    (ckpt / common.PARAMS_DIR / checkpoint.PYTREE_DIGESTS_FILE).unlink()
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "jaxmath.convert.jax_to_hf", f"--ckpt={ckpt}", f"--out={out}"]
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode == 1 and len(errors) == 1, refused.stderr[-3000:]
+    assert "cannot be verified" in errors[0] and "--allow_unverified" in errors[0]
+    assert not (out / "model.safetensors").exists()
+    accepted = subprocess.run(command + ["--allow_unverified"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and "restoring it unverified" in accepted.stderr

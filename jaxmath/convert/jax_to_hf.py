@@ -34,8 +34,9 @@ flags.DEFINE_bool("best", False, "--ckpt is a run's checkpoints directory: expor
                   "eval_accuracy (recorded by GRPO runs with rl.keep_best > 0) instead of the newest")
 flags.DEFINE_string("base_model", "", "HF directory of the run's base model; default: model.path of the run config")
 flags.DEFINE_float("lora_alpha", None, "LoRA alpha, when the run config does not record lora.alpha")
-flags.DEFINE_bool("allow_unverified", False, "read a checkpoint that carries no digests (written by an older "
-                  "jaxmath) instead of refusing it")
+if "allow_unverified" not in flags.FLAGS:  # jaxmath.cli defines the same flag; one process may import both
+    flags.DEFINE_bool("allow_unverified", False, "read a checkpoint that carries no digests (written by an older "
+                      "jaxmath) instead of refusing it")
 flags.mark_flags_as_required(["ckpt", "out"])
 
 
