@@ -14,7 +14,9 @@ from absl import logging
 from jaxmath.sections import distill_config, eval_config, grpo_configs, sft_config, vllm_config
 from jaxmath.validate import NO_MODEL
 
+
 def build_mesh(cfg):
+    """The device mesh of mesh.data / fsdp / tp; ConfigError when the devices cannot make it."""
     import jax
 
     from jaxmath.config import ConfigError, MeshConfig, build

@@ -15,10 +15,8 @@ from jaxmath.sections import distill_config, eval_config, grpo_configs, sft_conf
 
 # huggingface_hub's download command, as its current releases name it
 HF_DOWNLOAD = "hf download Qwen/Qwen3-4B-Instruct-2507"
-
-
 NO_MODEL = ("config.model.path is empty: pass --config.model.path=DIR, an HF-format Qwen3 folder "
-             f"(e.g. `{HF_DOWNLOAD} --local-dir DIR`)")
+            f"(e.g. `{HF_DOWNLOAD} --local-dir DIR`)")
 
 
 def check(cfg) -> None:

@@ -10,11 +10,7 @@ import os
 from absl import logging
 
 PLAN_TARGET_ENV = "JAXMATH_PLAN_TARGET"  # plan for this named target instead of the local device
-
-
 _XLA_FRACTIONS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
-
-
 _device_plan = None  # the run's DevicePlan where vLLM is colocated on a GPU (prepare_device)
 
 
