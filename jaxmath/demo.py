@@ -36,6 +36,7 @@ from absl import logging
 from flax import nnx
 
 from jaxmath import checkpoint as ckpt_lib
+from jaxmath.checkpoint.digests import json_digest
 from jaxmath import metrics as metrics_lib
 from jaxmath import optim
 from jaxmath.config import ConfigError
@@ -152,22 +153,39 @@ class HeldOutLog:
     """The held-out evaluations of a run, one JSON line per (arm, step) in <workdir>/held_out.jsonl.
 
     A step's weights are a pure function of the config (seeded, exact resume), so a rerun reuses an
-    evaluation already written instead of repeating it; the last line for a key wins."""
+    evaluation already written instead of repeating it; the last line for a key wins. Each line carries
+    the digest of its record (`sha256`): a line that does not match it (edited, flipped, torn) or has
+    none (an older jaxmath's) is not reused, with one warning line, and the evaluation runs again."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.records: dict[tuple[str, int], dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
                 if line.strip():
-                    r = json.loads(line)
-                    self.records[(r["arm"], r["step"])] = r
+                    record = self._verified(line)
+                    if record is None:
+                        logging.warning("%s:%d does not match its digest (or has none): evaluating that step "
+                                        "again instead of reusing it", self.path, number)
+                        continue
+                    self.records[(record["arm"], record["step"])] = record
+
+    @staticmethod
+    def _verified(line: str) -> dict | None:
+        try:
+            record = json.loads(line)
+            digest = record.pop("sha256")
+            if digest == json_digest(record):
+                return record
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return None
 
     def get(self, arm: str, step: int, compute: Callable[[], dict]) -> dict:
         if (arm, step) not in self.records:
             record = {"arm": arm, "step": step, **compute()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "sha256": json_digest(record)}) + "\n")
             self.records[(arm, step)] = record
         return self.records[(arm, step)]
 

@@ -98,3 +98,30 @@ def test_a_converted_checkpoint_without_digests_needs_the_flag(tmp_path):
                               timeout=300)
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     assert (out / "model.safetensors").exists() and "restoring it unverified" in accepted.stderr
+
+
+def test_a_changed_held_out_evaluation_is_evaluated_again_not_reused(tmp_path, caplog):
+    """The demo reuses the evaluations in held_out.jsonl on a rerun (they make its reported figures): each
+    line carries its record's digest, and a line that does not match it, or has none, is not reused."""
+    path = tmp_path / "held_out.jsonl"
+    calls = []
+
+    def compute(accuracy):
+        def run():
+            calls.append(accuracy)
+            return {"format_blind_accuracy": accuracy}
+        return run
+
+    log = demo.HeldOutLog(path)
+    assert log.get("sft", 10, compute(0.25))["format_blind_accuracy"] == 0.25
+    log.get("sft_grpo", 10, compute(0.5))
+    assert demo.HeldOutLog(path).get("sft", 10, compute(0.0))["format_blind_accuracy"] == 0.25  # reused intact
+    assert calls == [0.25, 0.5]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0].replace("0.25", "0.95"), lines[1].split(', "sha256"')[0] + "}"]) + "\n")
+    with caplog.at_level("WARNING"):
+        again = demo.HeldOutLog(path)
+    assert again.get("sft", 10, compute(0.25))["format_blind_accuracy"] == 0.25  # not the edited 0.95
+    again.get("sft_grpo", 10, compute(0.5))  # no digest: evaluated again
+    assert calls == [0.25, 0.5, 0.25, 0.5]
+    assert sum("does not match its digest" in r.getMessage() for r in caplog.records) == 2
