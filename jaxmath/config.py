@@ -8,7 +8,8 @@ differs, and `--config.<section>.<key>=value` reaches every key. A field jaxmath
 another key (`Section.derived`, e.g. `eval.data_dir` from `data.dir`) is not a key: each setting
 has one home.
 
-Only `jaxmath.main` reads ConfigDicts: it calls `build(SomeDataclass, cfg.section)` for each section
+Only the entry point reads ConfigDicts (`jaxmath.sections`, `jaxmath.validate`, `jaxmath.runs`, behind
+`jaxmath.main`): it calls `build(SomeDataclass, cfg.section)` for each section
 and passes the dataclasses to library code. `build` is strict: an unknown key, a missing required
 key, a value of the wrong type, or a key that jaxmath derives from another one is an error naming
 the key, never a silent default.
@@ -17,8 +18,10 @@ the key, never a silent default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -27,11 +30,20 @@ from typing import Any, Mapping, Sequence, TypeVar
 import ml_collections
 from ml_collections import config_dict
 
+from jaxmath.data.prompts import FEW_SHOT
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, resolved once (the annotations are strings, and resolving them costs
+    more than the rest of building a config)."""
+    return typing.get_type_hints(cls)
 
 
 def _to_plain(value: Any) -> Any:
@@ -114,7 +126,7 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, *, prefix: str = "", b
         raise ConfigError(f"{where}.{derived[0]} is not a key: jaxmath sets it from another setting "
                           f"(see jaxmath.config.MODES); remove it from the config")
     section.update(extra)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(section) - set(fields))
     if unknown:
@@ -140,31 +152,57 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, *, prefix: str = "", b
 class ModelConfig:
     """Which model and its numerics.
 
-    path:   an HF-format Qwen3 directory (config.json + safetensors + tokenizer files)
-    preset: instead of `path`, a randomly initialised preset (e.g. "tiny"; the demo builds its own)
+    path:           an HF-format Qwen3 directory (config.json + safetensors + tokenizer files)
+    preset:         instead of `path`, a randomly initialised preset (e.g. "tiny"; the demo builds its own)
+    dtype:          the dtype the model computes in ("bfloat16", "float16" or "float32")
+    param_dtype:    the dtype its weights are stored in; empty: same as dtype
+    remat:          what the backward pass recomputes instead of storing: "full" (each layer's
+                    activations), "dots" (all but the matmul outputs) or "none"
+    attention_impl: "" = auto (cuDNN for training on a GPU, XLA elsewhere); "xla" or "cudnn"
     """
 
     path: str = ""
     preset: str = ""
     dtype: str = "bfloat16"
-    param_dtype: str = ""  # empty: same as dtype
+    param_dtype: str = ""
     remat: str = "full"
-    attention_impl: str = ""  # "" = auto (cuDNN for training on a GPU, XLA elsewhere); "xla" or "cudnn"
+    attention_impl: str = ""
+
+    def __post_init__(self):
+        if self.preset:
+            from jaxmath.model.config import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"model.preset {self.preset!r} is not one of {list(PRESETS)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; one may be -1 to take the remaining devices (by default FSDP over all)."""
+    """Device mesh sizes; one may be -1 to take the remaining devices (by default FSDP over all).
+
+    data: data-parallel replicas (each holds a full copy of the weights)
+    fsdp: devices the weights and optimizer state are sharded over (fully sharded data parallel)
+    tp:   tensor-parallel devices (each layer's heads and MLP columns split across them)
+    """
 
     data: int = 1
     fsdp: int = -1
     tp: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tp": self.tp}
+        bad = [f"mesh.{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
+        if bad:
+            raise ValueError(f"{bad[0]}: a mesh size must be >= 1, or -1 to take the remaining devices")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError("at most one of mesh.data, mesh.fsdp and mesh.tp may be -1")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The top level of every config: the mode `jaxmath.main` runs and its run directory.
 
+    mode:    what the run does: "grpo", "sft", "eval", "distill" or "demo" (set by the config file)
     workdir: "" = runs/<config file stem> (the --workdir flag wins over both)
     resume:  a workdir that holds a run continues it when the settings match (config.json; more
              steps or another eval limit are fine, see RESUMABLE); false moves the old run aside
@@ -178,19 +216,34 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the data files are (`python -m jaxmath.data.datasets --out data` writes them) and, for
-    GRPO, the training set: a name of jaxmath.data.datasets (math_train, math_train_hard,
-    gsm8k_train) and `limit` > 0 to keep its first problems only."""
+    """Where the data files are and, for GRPO, the training set.
+
+    dir:   the folder of the JSONL data files (`python -m jaxmath.data.datasets --out data` writes them)
+    train: GRPO's training set, a name of jaxmath.data.datasets (math_train, math_train_hard,
+           gsm8k_train)
+    limit: > 0 keeps the training set's first `limit` problems only; 0 keeps them all
+    """
 
     dir: str = "data"
     train: str = "math_train"
     limit: int = 0
 
+    def __post_init__(self):
+        from jaxmath.data.datasets import FILES
+
+        if self.train not in FILES:
+            raise ValueError(f"data.train {self.train!r} is not a data set; choose one of {sorted(FILES)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-    """GRPO's training prompts: worked examples in the prefix (0: zero-shot, as the study trains),
-    an optional system turn, and the hybrid Qwen3 template's thinking switch."""
+    """GRPO's training prompts.
+
+    few_shot:        worked examples in the prompt's prefix (0: zero-shot, as the study trains)
+    system:          a system turn before the problem; empty: none
+    enable_thinking: the hybrid Qwen3 chat template's thinking switch (off: the Instruct-2507 models
+                     answer without a <think> block)
+    """
 
     few_shot: int = 0
     system: str = ""
@@ -199,8 +252,11 @@ class PromptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
-    """checkpoint: an earlier run's workdir to start from (its latest trainable params; GRPO v3
-    continues v2); empty starts from model.path."""
+    """Where a GRPO run starts.
+
+    checkpoint: an earlier run's workdir to start from (its latest trainable params, a fresh optimizer
+                state; GRPO v3 continues v2); empty starts from model.path
+    """
 
     checkpoint: str = ""
 
@@ -231,7 +287,7 @@ class Section:
     name:     the section's key ("" for the top level)
     cls:      "module:Class"
     top:      fields that are keys of the top level instead (a run's seed, steps, checkpoint_every)
-    derived:  (field, source) of fields `jaxmath.main` fills from another setting, so they are not
+    derived:  (field, source) of fields `jaxmath.sections` fills from another setting, so they are not
               keys (eval.data_dir from data.dir); a source that is a key names it
     only:     when set, the fields that are keys (the rest keep their defaults)
     base:     "module:Class.field": a default instance whose values are this section's defaults
@@ -312,7 +368,7 @@ def section_defaults(section: Section) -> dict[str, Any]:
     """{key: default} of one section (top-level keys included, under their own names)."""
     cls = section.dataclass()
     base = section.default_instance()
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name in section.keys() + list(section.top):
@@ -384,26 +440,45 @@ class Range(typing.NamedTuple):
 _AT_LEAST_1, _AT_LEAST_0, _FRACTION = Range(1), Range(0), Range(0.0, 1.0)
 _POSITIVE = Range(1e-300, None, "> 0")
 _UNIT = Range(1e-300, 1.0, "in (0, 1]")
+_BELOW_1 = Range(0.0, 1.0 - 1e-12, "in [0, 1)")
+_SEED = Range(0, 2 ** 32 - 1)
+_FEW_SHOT = len(FEW_SHOT)
 RULES: dict[str, tuple] = {
     "steps": Range(1),
+    **{k: _SEED for k in ("seed", "eval.seed", "vllm.seed")},
+    **{f"mesh.{k}": Range(-1, None, ">= 1, or -1 to take the remaining devices") for k in ("data", "fsdp", "tp")},
     "checkpoint_every": Range(0, None, ">= 1, or 0 to save at the end only"),
     "model.dtype": ("bfloat16", "float16", "float32"),
     "model.param_dtype": ("", "bfloat16", "float16", "float32"),
     "model.remat": ("none", "full", "dots"),
     "model.attention_impl": ("", "xla", "cudnn"),
     "data.limit": _AT_LEAST_0,
-    "prompt.few_shot": _AT_LEAST_0,
+    "prompt.few_shot": Range(0, _FEW_SHOT, f"in [0, {_FEW_SHOT}] (the stored worked examples)"),
     "rollout.engine": ("jax", "vllm"),
+    "sampler.cache_dtype": ("", "bfloat16", "float16", "float32"),
+    "vllm.dtype": ("auto", "bfloat16", "float16", "float32", "half", "float"),
     **{f"rl.{k}": _AT_LEAST_1 for k in ("prompts_per_step", "max_prompt_tokens", "max_completion_tokens",
                                          "prompt_bucket", "keep_last", "early_stop_patience")},
     **{f"rl.{k}": _AT_LEAST_0 for k in ("keep_best", "eval_every", "plot_every", "reward_workers", "adv_eps",
                                          "early_stop_reward", "early_stop_grad_norm", "early_stop_ratio")},
     "rl.num_generations": Range(2, None, ">= 2 (GRPO compares the completions of a prompt)"),
+    "rl.num_iterations": _AT_LEAST_1,
+    "rl.temperature": Range(1e-300, None, "> 0 (greedy rollouts have no policy gradient)"),
+    "rl.oversample": Range(1.0, None, ">= 1.0 (prompts sampled per group kept)"),
+    "rl.adv_scale": ("group_std", "none"),
+    "rl.adv_std": ("sample", "population"),
+    "rl.answer_fallback": ("", "gsm8k", "answer_is"),  # jaxmath.reward.extract_answer's: "" = \boxed{} only
     "rl.reward_timeout": _POSITIVE,
     "rl.warn_truncation": _FRACTION,
     "rl.warn_zero_std": _FRACTION,
     **{f"loss.{k}": _AT_LEAST_0 for k in ("eps_low", "eps_high", "beta", "micro_batch_rows")},
     "loss.logprob_chunk": _AT_LEAST_1,
+    "loss.tis_cap": _AT_LEAST_0,
+    "optimizer.warmup_steps": _AT_LEAST_0,
+    "lora.rank": _AT_LEAST_0,
+    "lora.dropout": _BELOW_1,
+    **{f"sampler.{k}": _AT_LEAST_1 for k in ("max_batch_rows", "min_bucket")},
+    **{f"sampler.{k}": _AT_LEAST_0 for k in ("vocab_chunk", "decode_window", "memory_budget_bytes")},
     "optimizer.learning_rate": _AT_LEAST_0,
     "optimizer.total_steps": _AT_LEAST_0,
     "optimizer.end_lr_ratio": _FRACTION,
@@ -417,7 +492,8 @@ RULES: dict[str, tuple] = {
     "eval.temperature": _AT_LEAST_0,
     "eval.top_p": _UNIT,
     **{f"eval.{k}": _AT_LEAST_1 for k in ("num_samples", "max_new_tokens", "max_prompt_tokens", "batch_size")},
-    **{f"eval.{k}": _AT_LEAST_0 for k in ("few_shot", "workers")},
+    "eval.few_shot": Range(0, _FEW_SHOT, f"in [0, {_FEW_SHOT}] (the stored worked examples)"),
+    "eval.workers": _AT_LEAST_0,
     "eval.timeout": _POSITIVE,
     "vllm.max_model_len": Range(0, None, ">= 0 (0 fits it to the longest request)"),
     "vllm.gpu_memory_utilization": _FRACTION,
@@ -425,7 +501,8 @@ RULES: dict[str, tuple] = {
     "vllm.max_concurrent_requests": _AT_LEAST_1,
     "vllm.sync_bucket_mb": _AT_LEAST_1,
     "vllm.cpu_kvcache_gib": _AT_LEAST_0,
-    **{f"sft.{k}": _AT_LEAST_1 for k in ("batch_size", "keep_last", "chunk_size")},
+    **{f"sft.{k}": _AT_LEAST_1 for k in ("batch_size", "keep_last", "chunk_size", "max_seq_len")},
+    "sft.eval_fraction": _BELOW_1,
     **{f"sft.{k}": _AT_LEAST_0 for k in ("micro_batch_size", "epochs", "eval_every", "log_every",
                                           "max_trace_chars", "max_documents")},
     **{f"distill.{k}": _AT_LEAST_0 for k in ("limit", "max_retries", "backoff_seconds", "temperature")},
@@ -457,9 +534,13 @@ def flat_items(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, A
     return out
 
 
-def _violation(key: str, value: Any, rule: Range | tuple) -> str | None:
+def _violation(key: str, value: Any, rule: Range | tuple | None) -> str | None:
     """What is wrong with `key=value` under `rule`, or None (a required key left unset is build's to say)."""
     if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key}={value!r} is not a finite number"
+    if rule is None:
         return None
     if isinstance(rule, Range):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -472,13 +553,18 @@ def _violation(key: str, value: Any, rule: Range | tuple) -> str | None:
     return None
 
 
+def rule(key: str, mode: str) -> Range | tuple | None:
+    """The rule of `key` in a run of `mode` (RULES, where the mode does not have its own), or None."""
+    return _MODE_RULES.get(mode, {}).get(key, RULES.get(key))
+
+
 def check_settings(config: Mapping[str, Any] | Any) -> None:
     """Raises ConfigError naming the first key whose value breaks its rule (`RULES`), before any work."""
     values = flat_items(config)
-    rules = {**RULES, **_MODE_RULES.get(values.get("mode", ""), {})}
     for key, value in values.items():
-        if key in rules:
-            problem = _violation(key, value, rules[key])
+        key_rule = rule(key, values.get("mode", ""))
+        if key_rule is not None or isinstance(value, float):  # NaN and inf pass every comparison: refused
+            problem = _violation(key, value, key_rule)
             if problem:
                 raise ConfigError(f"{problem}; set --config.{key}=...")
 

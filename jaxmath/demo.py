@@ -36,6 +36,7 @@ from absl import logging
 from flax import nnx
 
 from jaxmath import checkpoint as ckpt_lib
+from jaxmath.checkpoint.digests import json_digest
 from jaxmath import metrics as metrics_lib
 from jaxmath import optim
 from jaxmath.config import ConfigError
@@ -60,13 +61,18 @@ class DemoConfig:
     """The task, its teacher, the model, and the SFT side of the comparison.
 
     digits:             operand length of the additions (2: 47+85=)
-    num_train/num_eval: training problems (the teacher writes one trace each) / held-out problems
+    num_train:          training problems (the teacher writes one trace each)
+    num_eval:           held-out problems (num_eval + num_train at most the digits' additions: 8,100
+                        for 2 digits)
     drop_carry:         the teacher's chance of forgetting a carry ...
     drop_chained_carry: ... and of forgetting one that must ripple on (see jaxmath.data.demo_task)
     hidden_size .. head_dim: the Qwen3 trained from scratch
     sft_steps:          the shared SFT prefix, for `default_steps` GRPO steps; it scales with the GRPO
                         steps asked for (sft_steps * steps / default_steps, at least min_sft_steps),
                         so a 3-step smoke run stays short. The `sft` arm trains prefix + steps.
+    min_sft_steps:      the shortest SFT prefix, however few GRPO steps are asked for
+    default_steps:      the GRPO steps `sft_steps` is set for (the shipped run); a run of fewer is a
+                        smoke run, whose figures are not results
     sft_eval_every:     held-out evaluations along the prefix (the arms use rl.eval_every)
     sft_batch_size, sft_learning_rate, sft_warmup_steps: the SFT optimizer (warmup, then linear decay
                         to 0 at the end of the `sft` arm's budget)
@@ -91,8 +97,26 @@ class DemoConfig:
     sft_learning_rate: float = 3e-3
     sft_warmup_steps: int = 20
 
+    def __post_init__(self):
+        pool = demo_task.AdditionTask(digits=self.digits).num_problems if self.digits >= 1 else 0
+        if self.num_eval + self.num_train > pool:
+            raise ValueError(f"demo.num_eval + demo.num_train = {self.num_eval + self.num_train} is more than the "
+                             f"{pool} {self.digits}-digit additions; lower them or raise demo.digits")
+
+    def smoke_reason(self, grpo_steps: int) -> str:
+        """Why a run of `grpo_steps` is a smoke run (fewer steps than the figures are for), or ""."""
+        if grpo_steps < self.default_steps:
+            return f"{grpo_steps} GRPO steps of the {self.default_steps} the demo's figures are for"
+        return ""
+
     def prefix_steps(self, grpo_steps: int) -> int:
         return max(self.min_sft_steps, round(self.sft_steps * grpo_steps / self.default_steps))
+
+
+def restore_branch(branch: Path, model) -> None:
+    """The SFT prefix's weights (saved at `branch` by `ckpt_lib.save_pytree`) into `model`, verified
+    against their digests: a flipped byte is refused (DamagedCheckpointError, one line), never trained on."""
+    nnx.update(model, ckpt_lib.load_pytree(branch, target=nnx.state(model)))
 
 
 def model_config(cfg: DemoConfig, vocab_size: int) -> Qwen3Config:
@@ -129,22 +153,39 @@ class HeldOutLog:
     """The held-out evaluations of a run, one JSON line per (arm, step) in <workdir>/held_out.jsonl.
 
     A step's weights are a pure function of the config (seeded, exact resume), so a rerun reuses an
-    evaluation already written instead of repeating it; the last line for a key wins."""
+    evaluation already written instead of repeating it; the last line for a key wins. Each line carries
+    the digest of its record (`sha256`): a line that does not match it (edited, flipped, torn) or has
+    none (an older jaxmath's) is not reused, with one warning line, and the evaluation runs again."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.records: dict[tuple[str, int], dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
                 if line.strip():
-                    r = json.loads(line)
-                    self.records[(r["arm"], r["step"])] = r
+                    record = self._verified(line)
+                    if record is None:
+                        logging.warning("%s:%d does not match its digest (or has none): evaluating that step "
+                                        "again instead of reusing it", self.path, number)
+                        continue
+                    self.records[(record["arm"], record["step"])] = record
+
+    @staticmethod
+    def _verified(line: str) -> dict | None:
+        try:
+            record = json.loads(line)
+            digest = record.pop("sha256")
+            if digest == json_digest(record):
+                return record
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return None
 
     def get(self, arm: str, step: int, compute: Callable[[], dict]) -> dict:
         if (arm, step) not in self.records:
             record = {"arm": arm, "step": step, **compute()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "sha256": json_digest(record)}) + "\n")
             self.records[(arm, step)] = record
         return self.records[(arm, step)]
 
@@ -212,7 +253,7 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
 
     # 2. The GRPO arm, from the branch point.
     grpo_model = init_model(model_config(cfg, tokenizer.vocab_size), seed=seed, mesh=mesh)
-    nnx.update(grpo_model, ckpt_lib.load_pytree(branch, target=nnx.state(grpo_model)))
+    restore_branch(branch, grpo_model)
     engine.update_weights(grpo_model)
 
     def grpo_eval(weights, step: int) -> dict[str, float]:
@@ -240,7 +281,7 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
     results["held_out_by_chained_carries"] = {k: chained.count(k) for k in sorted(set(chained), key=int)}
     # Seconds of this invocation (a rerun that reuses finished work reports only its own).
     results.update(seed=seed, seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
-                   phase_seconds=phases)
+                   phase_seconds=phases, smoke=cfg.smoke_reason(grpo_cfg.steps))
     with open(workdir / "demo_results.json", "w") as f:
         json.dump(results, f, indent=2)
     plot_demo(log, prefix, workdir / "plots")
@@ -371,8 +412,11 @@ def results_table(r: dict) -> str:
         return text + (f" ± {100 * arm[ci_key]:.1f}" if ci_key else "")
 
     counts = sorted(set(sft["format_blind_by_chained_carries"]), key=int)
-    rows = [
-        "",
+    rows = [""]
+    if r.get("smoke"):
+        rows += [f"A SMOKE RUN ({r['smoke']}): these figures say only that the pipeline runs; they are not "
+                 "results. The shipped command (README) gives the figures that are.", ""]
+    rows += [
         f"| held-out {r['n_eval']} problems, greedy | SFT only ({sft['steps']['sft']} steps) | "
         f"SFT {grpo['steps']['sft']} + GRPO {grpo['steps']['grpo']} steps |",
         "|---|---|---|",

@@ -88,8 +88,9 @@ class DistillConfig:
                      "NAME:COUNT" asks COUNT of them, chosen by `select_problems`
     limit:           > 0: the first `limit` problems of each source (after any COUNT), for smoke runs
     concurrency:     requests in flight
-    max_retries:     retries per request after the first try; backoff_seconds doubles each time
-                     (capped at 60 s, with +-50% jitter so clients do not retry in lockstep)
+    max_retries:     retries per request after the first try
+    backoff_seconds: the wait before the first retry; it doubles each time (capped at 60 s, with +-50%
+                     jitter so clients do not retry in lockstep)
     timeout:         wall-clock seconds per try: connect, send, wait and read together
                      (the endpoint is reached through the http_proxy / https_proxy of the environment
                      unless no_proxy covers its host; see the module docstring)
@@ -125,8 +126,13 @@ class DistillConfig:
             raise ValueError(f"distill.endpoint {self.endpoint!r} must start with http:// or https://")
         if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
             raise ValueError("distill.concurrency must be >= 1, distill.max_retries >= 0 and distill.timeout > 0")
+        from jaxmath.data.datasets import FILES
+
         for source in self.sources:
-            split_source(source)
+            name, _ = split_source(source)
+            if not name.endswith(".jsonl") and name not in FILES:
+                raise ValueError(f"distill.sources entry {source!r} is neither a data set ({sorted(FILES)}) nor a "
+                                 ".jsonl path")
 
 
 class DistillError(RuntimeError):

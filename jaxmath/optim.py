@@ -50,6 +50,7 @@ class OptimizerConfig:
         step 0, as HF's schedulers do. Past total_steps the final value holds.
     warmup_steps, total_steps: in optimizer updates (not micro-batches); total_steps 0 means the run's
         length, which the GRPO and SFT trainers fill in (`jaxmath.train_state.resolve_total_steps`).
+    end_lr_ratio: where the decaying schedules end, as a fraction of learning_rate (0: decay to 0).
     b1, b2, eps, weight_decay: AdamW's (decoupled decay, applied to every leaf it is given).
     max_grad_norm: clip the global gradient norm to this; 0 disables clipping.
     master_fp32: keep a float32 master copy of the parameters in the optimizer state and update

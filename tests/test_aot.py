@@ -203,10 +203,11 @@ def test_largest_fitting_rows_for_a_capacity():
 @pytest.mark.slow
 @config_loader
 def test_main_fits_the_micro_batch_to_the_device_before_weights_load():
-    """`jaxmath.main.fit_micro_batch_rows` on a tiny GRPO run (4 rows) compiled for this CPU, with a
+    """`jaxmath.aot.device.fit_micro_batch_rows` on a tiny GRPO run (4 rows) compiled for this CPU, with a
     capacity between the train step's peaks at 1 and 4 rows: auto (0) takes the largest rows that fit,
     a value too large is refused with one line naming the knob and what fits (about 60 s; 6 compiles)."""
-    from jaxmath import main
+    from jaxmath import sections
+    from jaxmath.aot import device
     from jaxmath.aot import fit
     from jaxmath.config import ConfigError
 
@@ -214,22 +215,22 @@ def test_main_fits_the_micro_batch_to_the_device_before_weights_load():
                         "--config.rl.max_prompt_tokens=40", "--config.rl.max_completion_tokens=256",
                         "--config.rl.num_generations=2", "--config.rl.prompts_per_step=2"])
     cfg = fv.config
-    _, loss_cfg, _ = main.grpo_configs(cfg)
+    _, loss_cfg, _ = sections.grpo_configs(cfg)
     plan = memory.run_plan(cfg, memory.model_config(cfg)[1])
     cpu = targets.load_target("cpu")
     peak = {rows: plan_lib.compiled_peak_bytes(plan, "train/step", rows, cpu) for rows in (1, 4)}
     assert peak[1] < peak[4]  # the step's logits grow with the rows
     target = fit.with_capacity(cpu, (peak[1] + peak[4]) / 2 / (1 - fit.MARGIN))
-    auto = main.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=0), target)
+    auto = device.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=0), target)
     assert auto.micro_batch_rows in (1, 2)
     with pytest.raises(ConfigError) as refused:
-        main.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=4), target)
+        device.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=4), target)
     message = str(refused.value)
     assert "\n" not in message and message.startswith("loss.micro_batch_rows=4 does not fit")
     assert f"the largest value that fits is {auto.micro_batch_rows}" in message
     # On this CPU (no GPU memory limit to plan against) nothing is refused or changed.
     assert fit.local_target() is None
-    assert main.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=4)).micro_batch_rows == 4
+    assert device.fit_micro_batch_rows(cfg, dataclasses.replace(loss_cfg, micro_batch_rows=4)).micro_batch_rows == 4
 
 
 # --- compiled for an H100 (the aot extra) ---------------------------------------------------------------

@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxmath import checkpoint
 from jaxmath.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -411,7 +412,8 @@ def test_a_target_that_does_not_fit_is_not_damage(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "7"]
 
 
-def test_format_1_checkpoint_restores_unverified(tmp_path):
+def test_format_1_checkpoint_is_refused_as_unverifiable_unless_accepted(tmp_path, monkeypatch):
+    """A version-1 step carries no digests: refused in one line naming the flag; restored with it."""
     state = _train_state()
     with CheckpointManager(tmp_path) as manager:
         manager.save(7, state)
@@ -422,9 +424,79 @@ def test_format_1_checkpoint_restores_unverified(tmp_path):
         meta["format_version"] = 1
 
     _rewrite_json(tmp_path / "7" / "meta" / "meta.json", to_format_1)
+    with CheckpointManager(tmp_path) as manager, pytest.raises(CheckpointError) as info:
+        manager.restore(target=state)
+    assert not isinstance(info.value, DamagedCheckpointError)  # not renamed aside: it may be fine, just old
+    assert "format_version 1" in str(info.value) and "--allow_unverified" in str(info.value)
+    assert "\n" not in str(info.value) and (tmp_path / "7").is_dir()
+    monkeypatch.setattr(checkpoint.digests, "_accept_unverified", False)
+    checkpoint.accept_unverified()
     with CheckpointManager(tmp_path) as manager:
         restored = manager.restore(target=state)
     assert_trees_bit_equal(restored.params, state.params)
+
+
+def _big_params():
+    """Parameters whose data is large enough to sit in its own data file (256 KiB), so a flipped byte in
+    the largest file lands in array data."""
+    return {"w": jax.random.normal(jax.random.key(1), (256, 256), jnp.float32), "b": jnp.ones((300,), jnp.float32)}
+
+
+def _flip_a_byte_of_the_data(directory: Path) -> None:
+    data = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    flipped = bytearray(data.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10
+    data.write_bytes(bytes(flipped))
+
+
+@pytest.mark.parametrize("target", ["same dtype", "cast to bfloat16", "none"])
+def test_a_flipped_byte_in_a_saved_pytree_is_refused(tmp_path, target):
+    """save_pytree records every array's digest; load_pytree compares the bits it read (in the saved
+    dtype, before any cast the target asks for) and refuses a flipped byte in one line naming the array."""
+    params = _big_params()
+    save_pytree(tmp_path / "params", params)
+    assert (tmp_path / "params" / checkpoint.PYTREE_DIGESTS_FILE).is_file()
+    wanted = {"same dtype": params, "cast to bfloat16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+              "none": None}[target]
+    intact = load_pytree(tmp_path / "params", target=wanted)
+    if target == "cast to bfloat16":
+        assert intact["w"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(intact["w"]), np.asarray(params["w"].astype(jnp.bfloat16)))
+    else:
+        assert_trees_bit_equal(intact, params)
+    _flip_a_byte_of_the_data(tmp_path / "params")
+    with pytest.raises(DamagedCheckpointError) as info:
+        load_pytree(tmp_path / "params", target=wanted)
+    assert "array pytree/w differs from its saved checksum" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_pytree_without_digests_is_refused_unless_accepted(tmp_path, monkeypatch):
+    params = _params()
+    save_pytree(tmp_path / "params", params)
+    (tmp_path / "params" / checkpoint.PYTREE_DIGESTS_FILE).unlink()  # as an older jaxmath wrote it
+    with pytest.raises(CheckpointError, match="cannot be verified.*--allow_unverified"):
+        load_pytree(tmp_path / "params", target=params)
+    monkeypatch.setattr(checkpoint.digests, "_accept_unverified", False)
+    checkpoint.accept_unverified()
+    assert_trees_bit_equal(load_pytree(tmp_path / "params", target=params), params)
+
+
+def test_a_cast_restore_of_a_run_step_is_verified(tmp_path):
+    """A target in another dtype than the step was saved in: the bits are compared before the cast, so a
+    flipped byte is found (it was not, when cast arrays were left uncompared)."""
+    params = _big_params()
+    state = _train_state(params=params)
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(7, state)
+    cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.params)
+    target = dataclasses.replace(state, params=cast)
+    with CheckpointManager(tmp_path) as manager:
+        restored = manager.restore(step=7, target=target)
+    assert restored.params["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.asarray(cast["w"]))
+    _flip_a_byte_of_the_data(tmp_path / "7" / "params")
+    with CheckpointManager(tmp_path) as manager, pytest.raises(DamagedCheckpointError, match="params/w differs"):
+        manager.restore(step=7, target=target)
 
 
 def test_failed_write_is_one_line_and_leaves_the_previous_step(tmp_path, monkeypatch):

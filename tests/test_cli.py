@@ -1,7 +1,7 @@
 """The command line a person uses: settings checked before any work, one line (exit 2) for what they can
 fix, --help and --keys, a workdir that remembers its run, Ctrl-C, and a log that reads.
 
-Fast tests check settings in-process (`main.validate`, `main.prepare_workdir`) and run `jaxmath.main` in a
+Fast tests check settings in-process (`validate.validate`, `workdir_lib.prepare_workdir`) and run `jaxmath.main` in a
 subprocess only where the exit path itself is the contract (about 10 processes that stop before any
 model work: ~80 s on 2 loaded cores). The slow tests interrupt a real demo run and train GRPO 3 steps.
 """
@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from jaxmath import main
+from jaxmath import cli, runs, validate
+from jaxmath import workdir as workdir_lib
 from jaxmath.config import ConfigError, check_settings, load_config, resume_conflicts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,12 +78,12 @@ def _config(name: str, **overrides):
 ])
 def test_a_bad_setting_is_refused_naming_its_key(name, key, value, message):
     with pytest.raises(ConfigError) as caught:
-        main.validate(_config(name, **{key: value}))
+        validate.validate(_config(name, **{key: value}))
     assert message in str(caught.value)
 
 
 def test_checkpoint_every_zero_is_accepted():
-    main.validate(_config("demo", checkpoint_every=0))  # "at the end only" (rl.loop, sft.loop)
+    validate.validate(_config("demo", checkpoint_every=0))  # "at the end only" (rl.loop, sft.loop)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
@@ -92,11 +93,11 @@ def test_every_shipped_config_passes_the_rules(path):
 
 def test_model_path_missing_or_a_file(tmp_path):
     with pytest.raises(ConfigError, match="model.path /nonexistent/model does not exist; download"):
-        main.validate(_config("grpo_v2", **{"model.path": "/nonexistent/model"}))
+        validate.validate(_config("grpo_v2", **{"model.path": "/nonexistent/model"}))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"")
     with pytest.raises(ConfigError, match="is a file"):
-        main.validate(_config("grpo_v2", **{"model.path": str(weights)}))
+        validate.validate(_config("grpo_v2", **{"model.path": str(weights)}))
 
 
 # --- one line for what the user can fix (19.4, 14.5) -----------------------------------------------
@@ -144,6 +145,7 @@ _DRIVER = textwrap.dedent("""
     import os, sys
     from absl import logging
     import jaxmath.main as m
+    import jaxmath.runs as runs
 
     def fake(cfg, workdir):
         import jax
@@ -155,7 +157,7 @@ _DRIVER = textwrap.dedent("""
     import tqdm
     write = tqdm.tqdm.write
     tqdm.tqdm.write = classmethod(lambda cls, text, **kw: write("[above the bar] " + text, **kw))
-    m.MODES["demo"] = fake
+    runs.MODES["demo"] = fake
     sys.argv = ["jaxmath.main", "--config=configs/demo.py", "--workdir=" + sys.argv[1]]
     m.run()
 """)
@@ -195,21 +197,21 @@ def test_fewer_steps_in_the_demos_workdir_is_refused(tmp_path):
 
 def test_resume_allows_only_its_differences(tmp_path):
     workdir = str(tmp_path / "run")
-    main.prepare_workdir(_config("grpo_v2", steps=60), workdir)
+    workdir_lib.prepare_workdir(_config("grpo_v2", steps=60), workdir)
     (tmp_path / "run" / "checkpoints").mkdir()
     allowed = _config("grpo_v2", steps=80, **{"eval.limit": 5, "rl.plot_every": 3})
-    main.prepare_workdir(allowed, workdir)  # more steps, another eval limit, plotting: resumes
+    workdir_lib.prepare_workdir(allowed, workdir)  # more steps, another eval limit, plotting: resumes
     assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 80
     with pytest.raises(ConfigError, match=r"optimizer.learning_rate: 4e-05 -> 0.001; seed: 0 -> 3"):
-        main.prepare_workdir(_config("grpo_v2", steps=80, seed=3, **{"optimizer.learning_rate": 1e-3}), workdir)
+        workdir_lib.prepare_workdir(_config("grpo_v2", steps=80, seed=3, **{"optimizer.learning_rate": 1e-3}), workdir)
     assert resume_conflicts({"steps": 80}, {"steps": 79}) == ["steps: 80 -> 79 (fewer steps)"]
 
 
 def test_resume_false_moves_the_old_run_aside(tmp_path):
     workdir = str(tmp_path / "run")
-    main.prepare_workdir(_config("grpo_v2"), workdir)
+    workdir_lib.prepare_workdir(_config("grpo_v2"), workdir)
     (tmp_path / "run" / "checkpoints").mkdir()
-    main.prepare_workdir(_config("grpo_v2", seed=3, resume=False), workdir)
+    workdir_lib.prepare_workdir(_config("grpo_v2", seed=3, resume=False), workdir)
     (aside,) = glob.glob(workdir + ".old-*")
     assert os.path.isdir(os.path.join(aside, "checkpoints"))  # kept, never deleted
     assert os.listdir(workdir) == ["config.json"]
@@ -219,7 +221,7 @@ def test_resume_false_moves_the_old_run_aside(tmp_path):
 def test_garbage_config_json_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{garbage")
     with pytest.raises(ConfigError, match="config.json is unreadable.*resume=false"):
-        main.prepare_workdir(_config("demo"), str(tmp_path))
+        workdir_lib.prepare_workdir(_config("demo"), str(tmp_path))
 
 
 # --- a real run, interrupted ----------------------------------------------------------------------
@@ -255,15 +257,15 @@ def test_sigint_during_the_demo_keeps_whole_checkpoints_and_logs_each_step_once(
 
 def test_a_mesh_larger_than_the_devices_is_a_setting():
     with pytest.raises(ConfigError, match="needs 64 devices.*--config.mesh"):
-        main._mesh(_config("demo", **{"mesh.data": 64}))
+        runs.build_mesh(_config("demo", **{"mesh.data": 64}))
 
 
 def test_machine_errors_say_what_to_do():
     import errno
 
-    full = main._message(OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/3"))
+    full = cli.error_message(OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/3"))
     assert "/w/checkpoints/3" in full and "free space" in full and "resumes" in full
-    assert "read-only" in main._message(OSError(errno.EROFS, "Read-only file system", "/w"))
+    assert "read-only" in cli.error_message(OSError(errno.EROFS, "Read-only file system", "/w"))
 
 
 def test_a_later_distillation_pass_may_ask_other_problems():

@@ -238,32 +238,32 @@ def test_kv_cache_plan_matches_vllms_block_arithmetic(tmp_path, name):
 
 
 def test_first_log_lines_name_the_engine_of_each_phase():
-    from jaxmath import main
+    from jaxmath import runs
 
-    line = main.engines_line(_study("local_lora"))
+    line = runs.engines_line(_study("local_lora"))
     assert line.startswith("engines: rollouts on vLLM (colocated, sleeping through the train phase); "
                            "evaluation on vLLM (colocated")
     assert "train step on JAX" in line and "--config.rollout.engine=jax" in line
-    assert "rollouts on the JAX sampler" in main.engines_line(_study("grpo_v2", "rollout.engine=jax"))
-    assert main.engines_line(_study("eval")).startswith("engines: evaluation on vLLM (colocated")
-    assert "evaluation on the JAX sampler" in main.engines_line(_study("eval", "eval.backend=jax"))
+    assert "rollouts on the JAX sampler" in runs.engines_line(_study("grpo_v2", "rollout.engine=jax"))
+    assert runs.engines_line(_study("eval")).startswith("engines: evaluation on vLLM (colocated")
+    assert "evaluation on the JAX sampler" in runs.engines_line(_study("eval", "eval.backend=jax"))
 
 
 def test_a_run_on_vllm_without_vllm_stops_before_any_work(monkeypatch):
     """validate() refuses it, in one line naming the extra to install and the override to JAX."""
     import importlib.util
 
-    from jaxmath import main
+    from jaxmath import validate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     for name, key in (("grpo_v2", "rollout.engine"), ("eval", "eval.backend")):
         with pytest.raises(ConfigError) as refused:
-            main.validate(_study(name, f"data.dir={FIXTURE_DATA_DIR}", f"model.path={FIXTURE_DATA_DIR}"))
+            validate.validate(_study(name, f"data.dir={FIXTURE_DATA_DIR}", f"model.path={FIXTURE_DATA_DIR}"))
         message = str(refused.value)
         assert message.startswith(f"{key}=vllm needs vLLM, which is not installed")
         assert "pip install -e '.[vllm]'" in message and f"--config.{key}=jax" in message
-    main.validate(_study("grpo_v2", "rollout.engine=jax", f"data.dir={FIXTURE_DATA_DIR}", "model.preset=tiny"))
+    validate.validate(_study("grpo_v2", "rollout.engine=jax", f"data.dir={FIXTURE_DATA_DIR}", "model.preset=tiny"))
 
 
 # --- the colocated engine's phases, on a GPU platform (a stand-in for vllm.LLM) ----------------------
@@ -356,22 +356,22 @@ def test_every_study_config_plans_vllm_beside_jax_on_an_h100():
 
 
 def test_prepare_device_refuses_a_fraction_the_user_set_beside_vllm(monkeypatch):
-    from jaxmath import main
+    from jaxmath.aot import device
 
     for key in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR",
                 "XLA_PYTHON_CLIENT_PREALLOCATE"):
         monkeypatch.setenv(key, "")  # restored after the test, whatever prepare_device sets
-    monkeypatch.setenv(main.PLAN_TARGET_ENV, "h100")
+    monkeypatch.setenv(device.PLAN_TARGET_ENV, "h100")
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
     with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION is set, but this run shares the GPU"):
-        main.prepare_device(_study("grpo_v2"))
+        device.prepare_device(_study("grpo_v2"))
     # without vLLM beside it, a fraction the user set is kept; none set: JAX takes 95%
-    assert main.prepare_device(_study("grpo_v2", "rollout.engine=jax")) is None
+    assert device.prepare_device(_study("grpo_v2", "rollout.engine=jax")) is None
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5" and os.environ["XLA_CLIENT_MEM_FRACTION"] == ""
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
-    main.prepare_device(_study("grpo_v2", "rollout.engine=jax"))
+    device.prepare_device(_study("grpo_v2", "rollout.engine=jax"))
     assert os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.95"
     monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "")
-    plan = main.prepare_device(_study("grpo_v2"))
+    plan = device.prepare_device(_study("grpo_v2"))
     assert plan is not None and os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
-    main._device_plan = None
+    device._device_plan = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxmath import config as config_lib
-from jaxmath import main
+from jaxmath import sections as typed
 from jaxmath.config import MODES, ConfigError, build, defaults, load_config
 from jaxmath.model.lora import LoRAConfig
 
@@ -88,25 +88,25 @@ def test_every_config_loads_from_any_directory_and_builds_its_dataclasses(tmp_pa
         cfg = load_config(spec)
         assert cfg.mode in MODES, spec
         if cfg.mode in ("grpo", "demo"):
-            grpo, loss, optimizer = main.grpo_configs(cfg)
+            grpo, loss, optimizer = typed.grpo_configs(cfg)
             # 0 in the config: the run's length (local_lora plans 998 steps and stops at 100, as TRL would)
             assert optimizer.total_steps == (cfg.optimizer.total_steps or grpo.steps)
         if cfg.mode == "grpo":
-            main.eval_config(cfg, progress=False)
+            typed.eval_config(cfg, progress=False)
             cfg.model.path = "/models/any"
             # a colocated vLLM takes LoRA merged in memory; a server takes the adapters, unless the LM head
             # has one (the Tinker rows): vLLM's LoRA layers take none, so those go merged there too
-            assert not main.vllm_config(cfg, build(LoRAConfig, cfg.lora)).enable_lora
+            assert not typed.vllm_config(cfg, build(LoRAConfig, cfg.lora)).enable_lora
             cfg.vllm.mode, cfg.vllm.url = "server", "http://127.0.0.1:8000"
-            assert main.vllm_config(cfg, build(LoRAConfig, cfg.lora)).enable_lora == (
+            assert typed.vllm_config(cfg, build(LoRAConfig, cfg.lora)).enable_lora == (
                 cfg.lora.rank > 0 and not cfg.lora.train_unembed)
         elif cfg.mode == "sft":
-            assert main.sft_config(cfg).optimizer.schedule == "warmup_linear"
+            assert typed.sft_config(cfg).optimizer.schedule == "warmup_linear"
         elif cfg.mode == "eval":
-            main.eval_config(cfg)
+            typed.eval_config(cfg)
         elif cfg.mode == "distill":
             with pytest.raises(ConfigError, match="distill.endpoint is required"):
-                main.distill_config(cfg)  # no default: the teacher's URL must be given
+                typed.distill_config(cfg)  # no default: the teacher's URL must be given
     # The entry point from another directory: the config loads, and it stops at the missing model.
     out = subprocess.run([sys.executable, "-m", "jaxmath.main", f"--config={ROOT / 'configs' / 'grpo_v2.py'}",
                           f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
@@ -188,7 +188,7 @@ def test_defaults_read_back_as_the_dataclass_defaults():
 
 def test_a_derived_field_is_not_a_key():
     with pytest.raises(ConfigError, match="eval.data_dir is not a key"):
-        main.eval_config(_with_eval_data_dir())
+        typed.eval_config(_with_eval_data_dir())
 
 
 def _with_eval_data_dir():
@@ -206,7 +206,7 @@ def test_each_grpo_row_runs_its_frameworks_optimizer_and_loss():
     assert set(common.FRAMEWORK) == {"grpo_v1", "grpo_v2", "grpo_v3", "sft_then_rl", "local_full", "local_lora"}
     for row, framework in common.FRAMEWORK.items():
         cfg = load_config(str(ROOT / "configs" / f"{row}.py"))
-        _, loss, optimizer = main.grpo_configs(cfg)
+        _, loss, optimizer = typed.grpo_configs(cfg)
         built = {"loss": loss, "optimizer": optimizer, "lora": build(LoRAConfig, cfg.lora, prefix="lora")}
         for key, (value, source) in common.SETTINGS[framework].items():
             section, field = key.split(".")

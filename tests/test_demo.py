@@ -141,6 +141,9 @@ def test_demo_command_contract_and_rerun(tmp_path):
     for name in ("demo_accuracy.png", "demo_unboxed.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 10_000
     assert "SFT only" in out.stdout and "format-blind" in out.stdout
+    assert "A SMOKE RUN (3 GRPO steps of the 100" in out.stdout  # its figures are not results
+    last = out.stderr.strip().splitlines()[-1]  # short, pointing at the whole summary
+    assert "] done: SFT then GRPO minus SFT only" in last and "run_summary.json" in last and len(last) < 400, last
 
     evaluations = (tmp_path / "held_out.jsonl").read_text()
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)

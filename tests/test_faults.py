@@ -581,11 +581,11 @@ def _abandoned_orbax_tasks() -> list[str]:
 @pytest.mark.slow  # three SFT runs
 def test_sft_on_damaged_setting_refuses_or_falls_back(tmp_path):
     """sft.on_damaged (and, through the same CheckpointManager argument, rl.on_damaged), and
-    main._init_from_run, which always refuses: a bit flipped in the newest SFT checkpoint (step 2).
+    runs.init_from_run, which always refuses: a bit flipped in the newest SFT checkpoint (step 2).
     Lost: nothing: with "refuse", the run and the init stop with one line and nothing is renamed;
     with "fall_back", the run resumes from step 1, keeps 2.damaged and finishes (keep_last=2 then
     drops 1). About 20 s on a quiet machine."""
-    from jaxmath import main, sft
+    from jaxmath import runs, sft
     from jaxmath.model.lora import LoRAConfig
     from jaxmath.optim import OptimizerConfig
     from tests.test_sft import _documents, _model
@@ -602,7 +602,7 @@ def test_sft_on_damaged_setting_refuses_or_falls_back(tmp_path):
         sft.run_sft(_model(), docs, sft.SFTConfig(steps=3, on_damaged="refuse", **settings), tmp_path)
     assert "\n" not in str(info.value) and "on_damaged='refuse'" in str(info.value)
     with pytest.raises(DamagedCheckpointError, match="on_damaged='refuse'"):
-        main._init_from_run(_model(), str(tmp_path), lora, optimizer, seed=0)
+        runs.init_from_run(_model(), str(tmp_path), lora, optimizer, seed=0)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2"]
     assert _abandoned_orbax_tasks() == []
     result = sft.run_sft(_model(), docs, sft.SFTConfig(steps=3, **settings), tmp_path)
@@ -614,17 +614,17 @@ def test_sft_on_damaged_setting_refuses_or_falls_back(tmp_path):
 
 
 def test_on_damaged_is_a_config_key_of_grpo_and_sft():
-    from jaxmath import main
+    from jaxmath import sections
     from jaxmath.config import defaults
 
     grpo = defaults("grpo")
     assert grpo.rl.on_damaged == "fall_back" and defaults("sft").sft.on_damaged == "fall_back"
     grpo.rl.on_damaged = "refuse"
     grpo.optimizer.learning_rate = 1e-6
-    assert main.grpo_configs(grpo)[0].on_damaged == "refuse"
+    assert sections.grpo_configs(grpo)[0].on_damaged == "refuse"
     grpo.rl.on_damaged = "ignore"
     with pytest.raises(ValueError, match="rl.on_damaged must be one of"):
-        main.grpo_configs(grpo)
+        sections.grpo_configs(grpo)
 
 
 _FULL_DISK_CHILD = textwrap.dedent("""

@@ -35,8 +35,10 @@ def test_targets_select_projections_and_bad_targets_fail():
     lora.apply_lora(model, lora.LoRAConfig(rank=2, alpha=2, targets=r"(q_proj|v_proj)$"))
     with_adapters = sorted(p for p, d in lora.projections(model) if d.lora_a is not None)
     assert with_adapters == ["layers.attn.q_proj", "layers.attn.v_proj"]
-    with pytest.raises(ValueError, match="matched no projection"):
-        lora.apply_lora(_model(), lora.LoRAConfig(rank=2, targets="nonexistent"))
+    with pytest.raises(ValueError, match="matches no projection"):  # refused with the settings, before any model
+        lora.LoRAConfig(rank=2, targets="nonexistent")
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        lora.LoRAConfig(rank=2, targets="(q_proj")
 
 
 def test_split_by_type_gives_only_adapters_and_gradients_flow_to_them():

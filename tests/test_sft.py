@@ -216,7 +216,7 @@ def test_study_configs_have_the_study_step_counts_at_its_trace_counts():
     from pathlib import Path
 
     from jaxmath.config import load_config
-    from jaxmath.main import sft_config
+    from jaxmath.sections import sft_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmath import main
+from jaxmath import sections as typed
 from jaxmath.config import build, load_config
 from jaxmath.model.lora import DEFAULT_TARGETS, LoRAConfig
 from jaxmath.rl import grpo
@@ -49,7 +49,7 @@ def test_sft_rows_take_tinkers_adam_and_lora_scale(row):
     """The study ran SFT on Tinker: AdamParams' eps 1e-12 and no clipping (grad_clip_norm 0), beside
     the study's own beta2 0.95 and linear decay; LoRA alpha 32 on the attention and MLP projections
     (the study's words), no head adapter."""
-    sft = main.sft_config(_config(f"sft_sweep.py:{row}"))
+    sft = typed.sft_config(_config(f"sft_sweep.py:{row}"))
     opt = sft.optimizer
     assert (opt.b1, opt.b2, opt.eps, opt.max_grad_norm, opt.weight_decay) == (0.9, 0.95, 1e-12, 0.0, 0.0)
     assert opt.schedule in ("linear", "warmup_linear") and opt.warmup_steps == 0 and opt.end_lr_ratio == 0.0
@@ -58,7 +58,7 @@ def test_sft_rows_take_tinkers_adam_and_lora_scale(row):
 
 @pytest.mark.parametrize("row", TINKER_GRPO)
 def test_tinker_rows_aggregate_as_eq3_states(row):
-    _, loss_cfg, _ = main.grpo_configs(_config(f"{row}.py"))
+    _, loss_cfg, _ = typed.grpo_configs(_config(f"{row}.py"))
     assert loss_cfg.loss_agg == "seq_sum" and loss_cfg.is_level == "token" and loss_cfg.tis_cap == 0.0
 
 
@@ -106,7 +106,7 @@ def test_local_lora_keys_show_100_steps_checkpoints_and_evaluations_at_50_and_10
     assert keys["steps"] == "100" and keys["checkpoint_every"] == "50" and keys["rl.eval_every"] == "50"
     assert [keys[f"rl.early_stop_{s}"] for s in ("reward", "grad_norm", "ratio")] == ["0.0"] * 3
     # TRL's linear schedule over the planned two epochs, stopped at step 100: lr 3.6e-5 there, not 0
-    grpo_cfg, _, opt = main.grpo_configs(_config("local_lora.py"))
+    grpo_cfg, _, opt = typed.grpo_configs(_config("local_lora.py"))
     from jaxmath import optim
 
     assert grpo_cfg.steps == 100 and opt.schedule == "linear" and opt.total_steps == 998
@@ -147,7 +147,7 @@ def test_grpo_v3_does_not_replay_v2s_data_order():
     """v3 is two more epochs: with v2's seed its prompt order (and rollout seeds) would repeat v2's."""
     from jaxmath.rl.loop import PromptIterator
 
-    v2, v3 = (main.grpo_configs(_config(f"{row}.py"))[0] for row in ("grpo_v2", "grpo_v3"))
+    v2, v3 = (typed.grpo_configs(_config(f"{row}.py"))[0] for row in ("grpo_v2", "grpo_v3"))
     problems = list(range(100))
     assert PromptIterator(problems, v2.seed).next(8) != PromptIterator(problems, v3.seed).next(8)
 
@@ -167,7 +167,7 @@ TABLE3 = {
 @pytest.mark.parametrize("row", sorted(TABLE3))
 def test_each_grpo_row_is_its_table3_line(row):
     cfg = _config(f"{row}.py")
-    grpo_cfg, loss_cfg, opt = main.grpo_configs(cfg)
+    grpo_cfg, loss_cfg, opt = typed.grpo_configs(cfg)
     got = (cfg.data.train, opt.learning_rate, grpo_cfg.num_generations, grpo_cfg.max_completion_tokens,
            grpo_cfg.steps, cfg.lora.rank)
     assert got == TABLE3[row]

@@ -1,13 +1,13 @@
 """vLLM's context window from the request (no vllm import): `fit_context` sizes vllm.max_model_len to
 the run's longest request and refuses, naming max_position_embeddings, what the model cannot hold;
-`main.longest_request` reads that request off each config that can use vLLM."""
+`sections.longest_request` reads that request off each config that can use vLLM."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from jaxmath import main
+from jaxmath import sections
 from jaxmath.config import ConfigError, build, load_config
 from jaxmath.model.lora import LoRAConfig
 from jaxmath.rollout.vllm.config import VLLMConfig, fit_context, model_positions
@@ -57,13 +57,13 @@ def test_every_config_that_can_use_vllm_has_the_section(name, tmp_path):
     can_use_vllm = config.mode in ("eval", "grpo")  # eval.backend=vllm / rollout.engine=vllm
     assert ("vllm" in config) == can_use_vllm, name
     if can_use_vllm:
-        tokens, what = main.longest_request(config)
+        tokens, what = sections.longest_request(config)
         assert tokens > 0 and "max_prompt_tokens" in what
         config.model.path = _model(tmp_path, 262144)
         lora = build(LoRAConfig, config.lora, prefix="lora") if "lora" in config else None
-        assert main.vllm_config(config, lora).max_model_len >= tokens
+        assert sections.vllm_config(config, lora).max_model_len >= tokens
 
 
 def test_longest_request_of_the_eval_config():
     config = load_config(str(CONFIGS / "eval.py"))
-    assert main.longest_request(config)[0] == config.eval.max_prompt_tokens + config.eval.max_new_tokens == 6144
+    assert sections.longest_request(config)[0] == config.eval.max_prompt_tokens + config.eval.max_new_tokens == 6144

@@ -1,9 +1,9 @@
 """A run's plans, read from its config: the `RunPlan` of the programs it executes on the device
 (`jaxmath.aot.plan`) and, where its rollouts or evaluation run on a colocated vLLM, the `DevicePlan`
-that splits the device between JAX and vLLM (`jaxmath.aot.colocate`). `jaxmath.main` applies them
+that splits the device between JAX and vLLM (`jaxmath.aot.colocate`). `jaxmath.aot.device` applies them
 before any weight loads; `python -m jaxmath.bench memory` reports them for a target.
 
-The ConfigDict is read through `jaxmath.main`'s typed builders, so the plans see exactly the
+The ConfigDict is read through the run's typed builders (`jaxmath.sections`), so the plans see exactly the
 dataclasses the run builds.
 """
 
@@ -35,7 +35,7 @@ def run_plan(cfg, model_cfg, *, micro_batch_rows: int = 0, sampler_rows: int = 0
     """The `jaxmath.aot.plan.RunPlan` of a config (mode grpo, sft or eval), typed as main types it."""
     from jaxmath.aot import plan as plan_lib
     from jaxmath.config import build
-    from jaxmath.main import eval_config, grpo_configs, sft_config
+    from jaxmath.sections import eval_config, grpo_configs, sft_config
     from jaxmath.model.lora import LoRAConfig
     from jaxmath.rollout.jax_sampler import SamplerConfig
     from jaxmath.train_state import resolve_total_steps
@@ -106,7 +106,7 @@ def vllm_side(cfg, model_cfg):
     longest request, and the most requests one generate call makes (GRPO's rollout: prompts x K;
     evaluation: a batch of prompts x samples)."""
     from jaxmath.aot import colocate
-    from jaxmath.main import eval_config, grpo_configs, longest_request, vllm_dtype
+    from jaxmath.sections import eval_config, grpo_configs, longest_request, vllm_dtype
     from jaxmath.model.config import dtype_from_name
 
     calls = []  # (requests, longest prompt, samples per prompt)

@@ -64,7 +64,7 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
                            "(config.json + *.safetensors)")
     if not os.path.isfile(path):
         raise ConvertError(f"--hf_dir {hf_dir} has no config.json; it must be an HF-format Qwen3 directory "
-                           "(config.json + *.safetensors), e.g. from `huggingface-cli download Qwen/Qwen3-4B`")
+                           "(config.json + *.safetensors), e.g. from `hf download Qwen/Qwen3-4B`")
     try:
         with open(path) as f:
             return json.load(f)

@@ -34,6 +34,9 @@ flags.DEFINE_bool("best", False, "--ckpt is a run's checkpoints directory: expor
                   "eval_accuracy (recorded by GRPO runs with rl.keep_best > 0) instead of the newest")
 flags.DEFINE_string("base_model", "", "HF directory of the run's base model; default: model.path of the run config")
 flags.DEFINE_float("lora_alpha", None, "LoRA alpha, when the run config does not record lora.alpha")
+if "allow_unverified" not in flags.FLAGS:  # jaxmath.cli defines the same flag; one process may import both
+    flags.DEFINE_bool("allow_unverified", False, "read a checkpoint that carries no digests (written by an older "
+                      "jaxmath) instead of refusing it")
 flags.mark_flags_as_required(["ckpt", "out"])
 
 
@@ -41,6 +44,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
     f = flags.FLAGS
+    if f.allow_unverified:
+        from jaxmath import checkpoint
+
+        checkpoint.accept_unverified()
     try:
         ckpt = best_step_dir(f.ckpt) if f.best else f.ckpt
         if f.adapter_only and f.merge_lora:

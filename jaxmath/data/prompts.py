@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from jaxmath.data.datasets import Example
+from jaxmath.data.datasets import DataError, Example
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -106,13 +106,13 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Any, max_prompt_token
                    system: str | None = None, enable_thinking: bool = False) -> list[list[int]]:
     """Token ids of each example's prompt: [num_examples] lists of int, never truncated.
 
-    Raises ValueError naming the first example whose prompt is longer than `max_prompt_tokens`.
+    Raises DataError (a ValueError) naming the first example whose prompt is longer than `max_prompt_tokens`.
     """
     encoded = []
     for ex in examples:
         ids = encode_text(tokenizer, build_prompt(ex.problem, tokenizer, few_shot, system, enable_thinking))
         if len(ids) > max_prompt_tokens:
-            raise ValueError(
+            raise DataError(
                 f"prompt of example {ex.id} has {len(ids)} tokens, over the budget of {max_prompt_tokens}; "
                 "raise max_prompt_tokens (and the engine's context length) or lower few_shot"
             )

@@ -44,7 +44,7 @@ def _split_csv(value: str | Sequence) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how. The fields other than `data_dir` (which `jaxmath.main` takes from
+    """What to evaluate and how. The fields other than `data_dir` (which `jaxmath.sections` takes from
     `data.dir`) are the keys of a config's `eval` section.
 
     data_dir:          the folder with the benchmarks' JSONL files
@@ -55,12 +55,22 @@ class EvalConfig:
     completions:       JSONL of {"id": ..., "completions": [str, ...]} rows for one benchmark (file backend)
     limit:             > 0 evaluates only the first `limit` problems of each benchmark (smoke runs)
     temperature:       0.01 as in the study (near greedy), 0 for argmax, 0.7 for majority voting
+    top_p:             nucleus sampling: sample from the smallest set of tokens whose probability
+                       reaches top_p (1: all tokens)
+    max_new_tokens:    each completion's length budget
+    max_prompt_tokens: the longest prompt (few-shot prefix and chat template included) a problem may have
+    seed:              the sampling seed
     num_samples:       completions per problem; 1 is greedy mode, > 1 adds maj@k and pass@k
     maj_k:             k values for maj@k and pass@k (comma-separated); empty: 1, 2, 4, ..., num_samples
     answer_fallback:   "benchmark=fallback,..." with fallback in FALLBACKS; empty means boxed answers only
     few_shot:          number of worked examples in the prompt prefix (0 to 4)
-    timeout, workers:  per-answer grading timeout in seconds and grading processes (0: in process)
+    system_prompt:     a system turn before each problem; empty: none
+    enable_thinking:   the hybrid Qwen3 chat template's thinking switch (off: the Instruct-2507 models
+                       answer without a <think> block)
+    timeout:           seconds one answer's grading may take before it counts as wrong
+    workers:           grading processes (0: grade in this process)
     batch_size:        prompts per engine call (the progress bar advances per call)
+    progress:          show progress bars while generating and voting
     """
 
     data_dir: str
@@ -87,7 +97,10 @@ class EvalConfig:
     def __post_init__(self):
         # Normalized once so ConfigDict strings ("math500,aime24") and tuples behave the same.
         object.__setattr__(self, "benchmarks", _split_csv(self.benchmarks))
-        object.__setattr__(self, "maj_k", tuple(int(k) for k in _split_csv(self.maj_k)))
+        try:
+            object.__setattr__(self, "maj_k", tuple(int(k) for k in _split_csv(self.maj_k)))
+        except ValueError as e:
+            raise ValueError(f"eval.maj_k must be comma-separated integers, got {self.maj_k!r}") from e
         unknown = [b for b in self.benchmarks if b not in datasets.BENCHMARKS]
         if not self.benchmarks or unknown:
             raise ValueError(f"eval.benchmarks has unknown names {unknown}; choose from {datasets.BENCHMARKS}")
@@ -133,9 +146,9 @@ def read_completions(path: str | Path, examples: Sequence[datasets.Example],
             row = json.loads(line)
             texts = row.get("completions")
             if "id" not in row or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"{path}:{line_number} must be {{\"id\": ..., \"completions\": [str, ...]}}")
+                raise datasets.DataError(f"{path}:{line_number} must be {{\"id\": ..., \"completions\": [str, ...]}}")
             if known_ids is not None and str(row["id"]) not in known_ids:
-                raise ValueError(f"{path}:{line_number} has id {row['id']!r}, which is not in the benchmark; "
+                raise datasets.DataError(f"{path}:{line_number} has id {row['id']!r}, which is not in the benchmark; "
                                  "check eval.benchmarks matches the completions file")
             by_id[str(row["id"])] = texts
     return _align(by_id, examples, path)
@@ -145,11 +158,11 @@ def _align(by_id: dict[str, list[str]], examples: Sequence[datasets.Example], pa
     wanted = [ex.id for ex in examples]
     missing = [i for i in wanted if i not in by_id]
     if missing:
-        raise ValueError(f"{path} has no completions for {len(missing)} problems, e.g. {missing[:3]}; "
+        raise datasets.DataError(f"{path} has no completions for {len(missing)} problems, e.g. {missing[:3]}; "
                          "is it for this benchmark (eval.benchmarks) and did generation finish?")
     sizes = {len(by_id[i]) for i in wanted}
     if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(f"{path}: every row needs the same, non-zero number of completions; found {sorted(sizes)}")
+        raise datasets.DataError(f"{path}: every row needs the same, non-zero number of completions; found {sorted(sizes)}")
     return [by_id[i] for i in wanted]
 
 

@@ -143,7 +143,7 @@ class Qwen3Config:
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"model directory {path} does not exist; download Qwen3-4B-Instruct-2507 in HF format "
-                "(huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR) or export one "
+                "(hf download Qwen/Qwen3-4B-Instruct-2507 --local-dir DIR) or export one "
                 "with `python -m jaxmath.convert.jax_to_hf`")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(

@@ -37,16 +37,25 @@ from flax import nnx
 from jaxmath.model.qwen3 import Dense, HeadLoRA, LoRAParam, Qwen3
 
 DEFAULT_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+# The dotted paths of a Qwen3's projections (`projections`), for checking `targets` before any model exists.
+PROJECTION_PATHS = ("layers.attn.q_proj", "layers.attn.k_proj", "layers.attn.v_proj", "layers.attn.o_proj",
+                    "layers.mlp.gate_proj", "layers.mlp.up_proj", "layers.mlp.down_proj")
 ADAPTER_DTYPE = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """rank 0 disables LoRA (full-parameter training). The update is scaled by alpha / rank. The study
-    does not state alpha; 2 x rank (scale 2) is a common PEFT choice with rank 64 and is the default
-    here (the Tinker rows set Tinker's: configs/grpo_common.py). targets: a regex over the projection
-    paths (default: all seven attention and MLP projections). train_unembed: also adapt the LM head
-    (Tinker's default; `HeadLoRA`)."""
+    """Low-rank adapters on the projections.
+
+    rank:          the adapters' rank; 0 disables LoRA (full-parameter training)
+    alpha:         the adapters' scale is alpha / rank. The study does not state alpha; 2 x rank
+                   (scale 2) is the common PEFT choice with rank 64 and is the default here (the Tinker
+                   rows set Tinker's: configs/grpo_common.py)
+    targets:       a regular expression searched in each projection's dotted path (e.g.
+                   "layers.attn.q_proj"); the default takes all seven attention and MLP projections
+    dropout:       adapter dropout; only 0 is supported (the study uses 0)
+    train_unembed: also adapt the LM head (Tinker's default; `HeadLoRA`)
+    """
 
     rank: int = 64
     alpha: float = 128.0
@@ -59,7 +68,12 @@ class LoRAConfig:
             raise ValueError(f"lora rank must be >= 0, got {self.rank}")
         if self.dropout != 0.0:
             raise ValueError("LoRA dropout is not supported (the study uses 0); set lora.dropout=0")
-        re.compile(self.targets)
+        try:
+            pattern = re.compile(self.targets)
+        except re.error as e:
+            raise ValueError(f"lora.targets {self.targets!r} is not a regular expression ({e})") from e
+        if not any(pattern.search(path) for path in PROJECTION_PATHS):
+            raise ValueError(f"lora.targets {self.targets!r} matches no projection; the paths are {PROJECTION_PATHS}")
 
     @property
     def enabled(self) -> bool:

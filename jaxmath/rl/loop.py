@@ -45,12 +45,35 @@ class GRPOConfig:
     steps:                 optimizer steps (one batch of rollouts each, times num_iterations updates)
     prompts_per_step:      groups per step; rows = prompts_per_step * num_generations
     num_generations:       K, completions per prompt
+    max_prompt_tokens:     the longest prompt (chat template included) a training problem may have; a
+                           longer one stops the run in one line naming the problem
     max_completion_tokens: the rollouts' length budget (also Dr. GRPO's constant loss normalizer)
     temperature:           the rollouts' sampling temperature (the trainer's logprobs use it too)
     num_iterations:        policy updates per batch of rollouts (>1 recomputes old logprobs)
+    adv_scale:             "group_std" divides each reward's distance from its group's mean by the
+                           group's std (GRPO, the study); "none" only centers it (Dr. GRPO)
+    adv_std:               the group std of adv_scale: "sample" (ddof=1, TRL's torch.std, the study's
+                           local runs) or "population" (ddof=0, the GRPO paper's notation)
+    adv_eps:               added to the group std before dividing (TRL's 1e-4)
     filter_groups:         replace zero-variance groups with informative ones from `oversample` x
                            prompts_per_step sampled prompts (shapes stay static)
+    oversample:            with filter_groups, prompts sampled per group kept (>= 1.0)
+    reward_workers:        processes grading the rewards (0: in this process)
+    reward_timeout:        seconds one answer's grading may take before it scores 0
+    answer_fallback:       where the reward looks for an answer without a \\boxed{}: "" (nowhere: boxed
+                           only, as in the study), "gsm8k" ("#### N", then the last number) or
+                           "answer_is" ("the answer is ...")
+    prompt_bucket:         prompt widths are padded up to a multiple of this, so compiled shapes repeat
+    seed:                  the run's seed: prompt order, sampling and LoRA's initial adapters
     checkpoint_every:      steps between checkpoints (0: at the end only; the last step is always saved)
+    keep_last:             newest checkpoints kept (older ones are deleted as new ones are written)
+    keep_best:             also keep this many checkpoints with the best eval_accuracy (needs eval_every)
+    eval_every:            steps between evaluations of the `eval` section's benchmarks (0: none)
+    plot_every:            steps between redrawing the metric plots in <workdir>/plots (0: at the end only)
+    warn_truncation:       warn when more than this fraction of a step's completions hit
+                           max_completion_tokens
+    warn_zero_std:         warn when more than this fraction of a step's groups have identical rewards
+                           (they teach nothing)
     early_stop_*:          the study's three saturation signals (section 5.5: "reward ~0.95 by step 50,
                            gradient norms dropping to ~1e-7 and the importance sampling ratio falling to
                            ~0.1"); the run stops, with a checkpoint and a log line naming the signal,
@@ -69,6 +92,7 @@ class GRPOConfig:
                              stops a run. (A low quantile of all tokens was the other candidate; with
                              few tokens in a step one token is that quantile, and a mean ratio stays ~1
                              in expectation under the engine's own samples, so it never reaches 0.1.)
+      early_stop_patience:   consecutive steps a signal must hold before the run stops
     on_damaged:            when the newest checkpoint of the workdir is damaged on resume: "fall_back"
                            (one warning line, rename it `<step>.damaged`, resume from the newest good
                            one) or "refuse" (stop with one line; nothing is moved)
@@ -88,7 +112,7 @@ class GRPOConfig:
     oversample: float = 1.5
     reward_workers: int = 0
     reward_timeout: float = 1.0
-    answer_fallback: str = ""  # "" = \boxed{} only, as in the study
+    answer_fallback: str = ""
     prompt_bucket: int = 64
     checkpoint_every: int = 50
     keep_last: int = 3
@@ -130,7 +154,9 @@ class PromptIterator:
 
     def __init__(self, examples: Sequence[Example], seed: int, cursor: dict | None = None):
         if not examples:
-            raise ValueError("the training set is empty; check data.dir and the training data name")
+            from jaxmath.data.datasets import DataError
+
+            raise DataError("the training set is empty; check data.dir and the training data name")
         self.examples = list(examples)
         self.seed = seed
         self.epoch = int((cursor or {}).get("epoch", 0))
@@ -174,7 +200,9 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     evaluate: (model, step) -> metrics such as {"eval_accuracy": ...}, every `cfg.eval_every` steps.
     """
     if loss_cfg.beta > 0 and not (lora_cfg.enabled or lora_lib.has_lora(model)):
-        raise ValueError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
+        from jaxmath.config import ConfigError
+
+        raise ConfigError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
                          "adapters off; full-parameter KL (a second copy of the weights) is not supported")
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
                                          keep_best=cfg.keep_best,

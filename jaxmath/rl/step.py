@@ -45,11 +45,20 @@ class LossConfig:
     rollout settings (`GRPOConfig.temperature`, `GRPOConfig.max_completion_tokens`); the step
     builders take them as arguments.
 
+    eps_low, eps_high: the clipping range of the policy ratio, [1 - eps_low, 1 + eps_high] (DAPO's
+                      clip-higher raises eps_high)
+    beta:             weight of the KL penalty against the reference policy (0: none, as the study)
+    loss_agg:         how token losses add up: "seq_mean_token_mean" (each sequence's mean, then the
+                      batch's; TRL's GRPO), "token_mean" (all tokens at once; DAPO) or "constant"
+                      (divided by max_completion_tokens; Dr. GRPO)
+    is_level:         the policy ratio per "token" (GRPO) or per "sequence" (GSPO's geometric mean)
     tis_cap:          > 0 enables truncated importance sampling against the engine's logprobs
-    micro_batch_rows: rows per micro-batch (0: the whole batch at once; `jaxmath.main` makes 0 "auto"
+    micro_batch_rows: rows per micro-batch (0: the whole batch at once; `jaxmath.aot.device` makes 0 "auto"
                       on a GPU, the largest that fits its memory, and refuses a value that does not
                       fit before weights load: `jaxmath.aot.fit`)
     logprob_chunk:    token positions per LM-head chunk
+    with_entropy:     also compute the policy's per-token entropy, logged as a metric (costs a little
+                      time in the logprob pass)
     """
 
     eps_low: float = 0.2

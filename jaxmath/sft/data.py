@@ -111,7 +111,9 @@ def plan_batches(lengths: Sequence[int], cfg) -> tuple[list[list[list[int]]], li
     while (cfg.steps and len(batches) < cfg.steps) or (not cfg.steps and epoch < cfg.epochs):
         per_epoch = _epoch_batches(lengths, cfg, epoch)
         if not per_epoch:
-            raise ValueError(f"one pass over the data gives fewer than sft.batch_size={cfg.batch_size} rows; "
+            from jaxmath.config import ConfigError
+
+            raise ConfigError(f"one pass over the data gives fewer than sft.batch_size={cfg.batch_size} rows; "
                              "lower sft.batch_size or add data")
         batches += per_epoch
         epochs += [epoch] * len(per_epoch)

@@ -54,7 +54,11 @@ class SFTConfig:
     eval_fraction:    fraction of the examples held out for eval loss when no eval set is given; they
                       leave the training set, so the step count drops (off in the study's configs)
     eval_every:       steps between eval-loss measurements (0 = only at the end)
-    checkpoint_every: steps between checkpoints (0 = only at the end); keep_last of them are kept
+    checkpoint_every: steps between checkpoints (0 = only at the end)
+    keep_last:        newest checkpoints kept (older ones are deleted as new ones are written)
+    seed:             the run's seed: data order and LoRA's initial adapters
+    log_every:        steps between metric lines in the log (every step is in metrics.jsonl)
+    pack:             pack several examples into each max_seq_len row (False: one example per row)
     on_damaged:       when the newest checkpoint of the workdir is damaged on resume: "fall_back"
                       (one warning line, rename it `<step>.damaged`, resume from the newest good one)
                       or "refuse" (stop with one line; nothing is moved)
@@ -150,7 +154,9 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
     try:
         optim_cfg = train_state.resolve_total_steps(cfg.optimizer, total_steps)
     except ValueError as e:
-        raise ValueError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
+        from jaxmath.config import ConfigError
+
+        raise ConfigError(f"this SFT run has {total_steps} steps ({len(examples)} documents, batch_size "
                          f"{cfg.batch_size}); {e}. Lower optimizer.warmup_steps or raise steps/epochs") from e
     manager = CheckpointManager(workdir / "checkpoints", keep_last=max(cfg.keep_last, 1), on_damaged=cfg.on_damaged)
     # Closed on every way out (a damaged checkpoint refused, a failed step), so no orbax thread

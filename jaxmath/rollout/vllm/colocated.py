@@ -2,7 +2,7 @@
 from JAX to torch through DLPack without a copy.
 
 On a GPU it shares the device with JAX by the run's device plan (`jaxmath.aot.colocate`, applied by
-`jaxmath.main` before jax starts): the plan's gpu_memory_utilization, KV cache bytes and max_num_seqs
+`jaxmath.aot.device` before jax starts): the plan's gpu_memory_utilization, KV cache bytes and max_num_seqs
 arrive in the VLLMConfig. `sleep()` frees vLLM's memory for JAX's programs and `wake_up()` takes it
 back in two stages (weights, then after the sync the KV cache), where the platform has sleep mode.
 """

@@ -19,6 +19,9 @@ class VLLMConfig:
 
     mode:        "colocated" (an in-process engine, `ColocatedEngine`) or "server" (a vLLM server at
                  `url`, driven over HTTP by `ServerEngine`)
+    url:         the server's address with mode="server", e.g. http://127.0.0.1:8000
+    served_model_name: the model name the server answers to (its --served-model-name); empty: the
+                 model's path
     max_model_len: vLLM's context window (prompt + completion tokens); 0 (the default) sizes it to the
                  longest request the run makes (its prompt bucket plus max_new_tokens), set by `fit_context`
                  before the engine starts. Either way it must fit the model's max_position_embeddings.
@@ -45,6 +48,12 @@ class VLLMConfig:
     sync_method: "load_weights" (in-memory, bucketed; colocated only), "file" (safetensors in
                  shm_dir, read by the engine) or "auto" (load_weights when colocated, else file).
     cpu_kvcache_gib: KV cache size on a CPU build (VLLM_CPU_KVCACHE_SPACE) unless already set.
+    enable_prefix_caching: reuse the KV cache of a shared prompt prefix (the K completions of a prompt)
+    seed:        vLLM's sampling seed
+    sync_bucket_mb: size of each bucket of weights sent to a colocated engine in one load_weights call
+    shm_dir:     where a file sync writes the weights for the engine to read (shared memory by default)
+    request_timeout_s: seconds one HTTP request to a vLLM server may take
+    max_concurrent_requests: HTTP requests in flight to a vLLM server at once
     """
 
     model_path: str
