@@ -478,7 +478,7 @@ RULES: dict[str, tuple] = {
     "lora.rank": _AT_LEAST_0,
     "lora.dropout": _BELOW_1,
     **{f"sampler.{k}": _AT_LEAST_1 for k in ("max_batch_rows", "min_bucket")},
-    **{f"sampler.{k}": _AT_LEAST_0 for k in ("vocab_chunk", "decode_window", "memory_budget_bytes")},
+    **{f"sampler.{k}": _AT_LEAST_0 for k in ("vocab_chunk", "decode_window", "memory_budget_bytes", "compact_min_rows")},
     "optimizer.learning_rate": _AT_LEAST_0,
     "optimizer.total_steps": _AT_LEAST_0,
     "optimizer.end_lr_ratio": _FRACTION,
