@@ -120,20 +120,25 @@ def decode_windows_of(plan, phase: str) -> tuple[tuple[int, int], ...]:
                           plan.sampler.decode_window)
 
 
-def decode_step(plan, phase: str, steps_to: int, window: int, loop: dict) -> dict:
-    """One decode step at `window`: what it must read (every weight once, the keys and values of the
-    window; it writes one slot) against the bytes of the buffers the compiled step (`loop`, the
-    traffic of its loop body) reads and writes, and the copies it makes."""
+def decode_must_read(plan, phase: str, window: int) -> int:
+    """The bytes one decode step at `window` must read: every weight once, the keys and values of the
+    window, and the slot it writes."""
     from jaxmath.model.config import dtype_from_name
     from jaxmath.model.qwen3 import KVCache
 
     c, rows = plan.model, plan.phases[phase]
     cache_dtype = dtype_from_name(plan.sampler.cache_dtype) if plan.sampler.cache_dtype else c.dtype
     weights = c.num_params() * np.dtype(c.param_dtype).itemsize
-    need = weights + KVCache.nbytes_for(c, rows, window, cache_dtype) + KVCache.nbytes_for(c, rows, 1, cache_dtype)
-    return {"window": window, "steps_to": steps_to, "must_read": int(need), "buffers_read": loop["read"],
-            "buffers_written": loop["written"], "copies": loop["copies"], "copy_bytes": loop["copy_bytes"],
-            "largest_copy": loop["largest_copy"]}
+    return int(weights + KVCache.nbytes_for(c, rows, window, cache_dtype) + KVCache.nbytes_for(c, rows, 1, cache_dtype))
+
+
+def decode_step(plan, phase: str, steps_to: int, window: int, loop: dict) -> dict:
+    """One decode step at `window`: what it must read (`decode_must_read`) against the bytes of the
+    buffers the compiled step (`loop`, the traffic of its loop body) reads and writes, and the copies
+    it makes."""
+    return {"window": window, "steps_to": steps_to, "must_read": decode_must_read(plan, phase, window),
+            "buffers_read": loop["read"], "buffers_written": loop["written"], "copies": loop["copies"],
+            "copy_bytes": loop["copy_bytes"], "largest_copy": loop["largest_copy"]}
 
 
 def rows_that_fit(plan, phase: str, rows: int, target, budget: float) -> tuple[int, int]:

@@ -118,7 +118,7 @@ def _decode_windows(plan, name: str, largest, target, rates: dict, repeats: int)
         loop = cost.program_cost(m.compiled.as_text(), rates)["loops"][0]
         out.append({"window": window, "steps": steps_to - start, "measured_s": _time(m.compiled, repeats, inputs),
                     "modeled_step_s": loop["modeled_s"],
-                    "must_read": memory.decode_step(plan, name, steps_to, window, loop)["must_read"]})
+                    "must_read": memory.decode_must_read(plan, name, window)})
         start = steps_to
     return out
 

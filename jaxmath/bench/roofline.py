@@ -100,12 +100,12 @@ def report(cfg, fv) -> dict:
         print(line, flush=True)
         if name.endswith("/decode"):  # one program per attention window
             decode[name] = []
+            largest = memory.decode_windows_of(plan, name)[-1][1]  # compiled above
             for steps_to, window in memory.decode_windows_of(plan, name):
-                if window != memory.decode_windows_of(plan, name)[-1][1]:  # the largest is compiled above
+                if window != largest:
                     text = plan_lib.compile_phase(plan, name, m.rows, target, keep=True, window=window).compiled.as_text()
-                    loops = cost.program_cost(text, rates)["loops"]
-                loop = loops[0]
-                must = memory.decode_step(plan, name, steps_to, window, loop)["must_read"]
+                (loop,) = loops if window == largest else cost.program_cost(text, rates)["loops"]
+                must = memory.decode_must_read(plan, name, window)
                 entry = {"window": window, "steps_to": steps_to, "must_read": must,
                          "read": loop["read"], "written": loop["written"], "read_ratio": loop["read"] / must,
                          "write_ratio": loop["written"] / must, "modeled_step_s": loop["modeled_s"],
