@@ -190,6 +190,21 @@ def test_stop_tokens_end_rows_and_loop_exits_early(sampler):
     assert sampler.last_stats["decode_steps"] == [max(ends) + 1]  # the while_loop stopped there
 
 
+def test_any_number_of_stop_ids(sampler):
+    """Stop ids are a table over the vocabulary: half of it stops rows within a few steps, in one
+    compiled program whatever their number."""
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0, seed=4)
+    free = sampler.generate(PROMPTS, params).completion_ids
+    stops = tuple(range(0, VOCAB, 2))
+    compiled = jax_sampler._decode._cache_size()
+    rollout = sampler.generate(PROMPTS, dataclasses.replace(params, stop_token_ids=stops))
+    assert jax_sampler._decode._cache_size() == compiled
+    for row, tokens in enumerate(free):
+        end = int(np.flatnonzero(tokens % 2 == 0)[0]) if (tokens % 2 == 0).any() else NEW - 1
+        assert rollout.completion_mask[row].sum() == end + 1
+        np.testing.assert_array_equal(rollout.completion_ids[row, :end + 1], tokens[:end + 1])
+
+
 def test_buckets_reuse_compiles_and_long_prompts_refused(model):
     sampler = JaxSampler(model, SamplerConfig(vocab_chunk=128, prompt_buckets=(8, 16)))
     assert [sampler.bucket_for(n) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
@@ -281,7 +296,7 @@ def test_the_cost_model_bounds_the_compiled_programs(model):
         keys = jax.eval_shape(lambda: jax_sampler.row_keys(0, np.zeros(rows), np.zeros(rows)).reshape(prompts, samples))
         admit = jax_sampler._admit.lower(slots, hidden, cache, spec((prompts, samples), jnp.int32), keys)
         decode = jax_sampler._decode.lower(
-            graphdef, state, slots, spec((8,), jnp.int32), spec((), jnp.float32), spec((), jnp.float32),
+            graphdef, state, slots, spec((VOCAB,), jnp.bool_), spec((), jnp.float32), spec((), jnp.float32),
             spec((), jnp.int32), greedy=False, top_k=0, truncate=False, vocab_chunk=128, window=bucket + new)
         slot_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(slots))
         held = [slot_bytes, 0, 0]  # a refill's prefill runs beside the live slots
@@ -309,7 +324,7 @@ def test_slots_are_donated_and_updated_in_place(model):
     keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K)).reshape(1, K)
     admitted = jax_sampler._admit(slots, hidden, cache, np.arange(K, dtype=np.int32)[None], keys)
     assert slots.cache.k.is_deleted() and slots.tokens.is_deleted()
-    done, steps = jax_sampler._decode(graphdef, state, admitted, np.full(8, -1, np.int32), np.float32(1.0),
+    done, steps = jax_sampler._decode(graphdef, state, admitted, np.zeros(VOCAB, bool), np.float32(1.0),
                                       np.float32(1.0), np.int32(K + 1), greedy=False, top_k=0, truncate=False,
                                       vocab_chunk=128, window=16 + NEW)
     assert int(steps) == NEW and bool(done.finished.all()) and (np.asarray(done.steps) == NEW).all()
@@ -437,6 +452,8 @@ def test_requests_the_engine_must_refuse(sampler):
         sampler.generate([[1, 2]], SamplingParams(max_new_tokens=2, num_samples=1000))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sampler.generate([[1, 2]], SamplingParams(max_new_tokens=600))
+    with pytest.raises(ValueError, match=r"stop token ids \[512\] are outside the model's vocabulary of 512"):
+        sampler.generate([[1, 2]], SamplingParams(max_new_tokens=2, stop_token_ids=(3, 512)))
     with pytest.raises(ValueError, match="lora_mode"):
         SamplerConfig(lora_mode="fast")
     assert jax_sampler.stop_tokens_for(jm.preset("tiny")) == (151645,)

@@ -421,7 +421,7 @@ def _generation(plan: RunPlan, state: _State, gen: Generation, kind: str, rows: 
     slots = jax.tree.map(lambda x: _spec(x.shape, x.dtype, sharding), slots)
     scalar = functools.partial(_spec, (), sharding=sharding)
     lowered = jax_sampler._decode.lower(
-        state.sampler_graphdef, state_args, slots, _spec((jax_sampler._STOP_SLOTS,), jnp.int32, sharding),
+        state.sampler_graphdef, state_args, slots, _spec((plan.model.vocab_size,), jnp.bool_, sharding),
         scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), greedy=gen.greedy,
         top_k=gen.top_k if gen.truncate else 0, truncate=gen.truncate, vocab_chunk=cfg.vocab_chunk,
         window=window or cache_len)

@@ -8,7 +8,7 @@ Each phase is compiled exactly as `python -m jaxmath.bench memory` and `roofline
 flags: `--micro_batch_rows`, `--sampler_rows`, `--sft_micro`, `--preset`, `--phases`, config overrides),
 but for this process's device, and run on inputs of its shapes filled by a fixed rule (weights and
 other floats 0.01, float scalars 1.0 (temperature, top-p), token ids 1, masks True, the decode loop's
-stop ids -1 so every row runs to `max_new_tokens`: fixed lengths). Timing: the median of `--repeats`
+stop table all False so every row runs to `max_new_tokens`: fixed lengths). Timing: the median of `--repeats`
 runs after one warm-up, each closed by `block_until_ready`. Peak memory: the device's
 `peak_bytes_in_use` after the phase (not reset between phases; None on a CPU, which reports none).
 The roofline uses the peaks of `--peaks` (default: the H200's for an H200, else the H100's); on a
@@ -24,7 +24,7 @@ import statistics
 import time
 
 
-def _fill(info, sharding, stop_slots: int):
+def _fill(info, sharding):
     """A concrete input for one abstract argument (the fill rule of the module docstring)."""
     import jax
     import jax.numpy as jnp
@@ -38,13 +38,13 @@ def _fill(info, sharding, stop_slots: int):
     elif dtype == jnp.bool_:
         value = jnp.ones(shape, dtype)
     elif jnp.issubdtype(dtype, jnp.integer):
-        value = jnp.full(shape, -1 if shape == (stop_slots,) else (0 if shape == () else 1), dtype)
+        value = jnp.full(shape, 0 if shape == () else 1, dtype)
     else:
         value = jnp.full(shape, 1.0 if shape == () else 0.01, dtype)
     return value if sharding is None else jax.device_put(value, sharding)
 
 
-def _inputs(compiled, stop_slots: int):
+def _inputs(compiled):
     import jax
 
     args, kwargs = compiled.args_info
@@ -53,7 +53,7 @@ def _inputs(compiled, stop_slots: int):
     placements = [p for p in placements if p is not None]
     if len(placements) != len(leaves):  # place them on the default device; the call moves them if it must
         placements = [None] * len(leaves)
-    filled = [_fill(info, sharding, stop_slots) for info, sharding in zip(leaves, placements)]
+    filled = [_fill(info, sharding) for info, sharding in zip(leaves, placements)]
     return jax.tree.unflatten(tree, filled), kwargs
 
 
@@ -69,9 +69,7 @@ def _time(compiled, repeats: int, make_inputs=None) -> float:
     (donated inputs are consumed)."""
     import jax
 
-    from jaxmath.rollout.jax_sampler import _STOP_SLOTS
-
-    make_inputs = make_inputs or (lambda: _inputs(compiled, _STOP_SLOTS))
+    make_inputs = make_inputs or (lambda: _inputs(compiled))
     seconds = []
     for i in range(repeats + 1):
         args, kwargs = make_inputs()
@@ -93,7 +91,7 @@ def _decode_windows(plan, name: str, largest, target, rates: dict, repeats: int)
     from jaxmath.aot import cost
     from jaxmath.aot import plan as plan_lib
     from jaxmath.bench import memory
-    from jaxmath.rollout.jax_sampler import _STOP_SLOTS, Slots
+    from jaxmath.rollout.jax_sampler import Slots
 
     windows = memory.decode_windows_of(plan, name)
     rows, start, out = plan.phases[name], 0, []
@@ -103,7 +101,7 @@ def _decode_windows(plan, name: str, largest, target, rates: dict, repeats: int)
         bucket = windows[-1][1] - windows[-1][0]
 
         def inputs(compiled=m.compiled, first=start):
-            args, kwargs = _inputs(compiled, _STOP_SLOTS)
+            args, kwargs = _inputs(compiled)
             live = []
             for a in args:
                 if isinstance(a, Slots):  # every slot live, at the window's first step
@@ -112,6 +110,8 @@ def _decode_windows(plan, name: str, largest, target, rates: dict, repeats: int)
                                                                                                    bucket + first)))
                 elif getattr(a, "shape", None) == () and jnp.issubdtype(a.dtype, jnp.integer):
                     a = jnp.full((), a.dtype.type(rows + 1))  # exit_free: never hand back for a refill
+                elif getattr(a, "ndim", None) == 1 and a.dtype == jnp.bool_:
+                    a = jnp.zeros_like(a)  # the stop table: no stop id, every row runs to the window's end
                 live.append(a)
             return tuple(live), kwargs
 
@@ -131,7 +131,6 @@ def report(cfg, fv, repeats: int = 2, peaks: str = "") -> dict:
     from jaxmath.aot import targets
     from jaxmath.bench import memory
     from jaxmath.bench.roofline import _model_flops, jax_programs
-    from jaxmath.rollout.jax_sampler import _STOP_SLOTS
 
     device = jax.devices()[0]
     local = fit.local_target() or targets.load_target("cpu")

@@ -6,9 +6,9 @@ exactly `max_new_tokens` tokens (no stop tokens), temperature 1, after a warm-up
 compiles.
 
 With `--stop_fraction=F` the completions end at different lengths instead, as GRPO's do: the stop
-ids are the fewest most frequent tokens (at most 8) of a calibration run (the JAX sampler at a
-different seed, 64 tokens per row, the same prompts) whose share of its tokens reaches F, so a row
-stops at each step with probability about F. Both engines sample `--num_prompts` prompts x
+ids are a fixed random share F of the vocabulary (`_stop_ids_for`), so on the random-weights bench
+model, whose next token is spread over the whole vocabulary, a row stops at each step with
+probability about F (lengths spread geometrically, capped at max_new_tokens). Both engines sample `--num_prompts` prompts x
 `batch / num_prompts` samples with those stop ids and up to `max_new_tokens` tokens; the rate is
 generated tokens per second. vLLM's side is `jaxmath/rollout/vllm/bench_peer.py` (vLLM's `n` samples per
 request, `stop_token_ids`), run by `--vllm_python`:
@@ -115,19 +115,15 @@ def _time_generate(sampler, prompts, params, repeats: int) -> tuple[float, float
     return first, statistics.median(times), times
 
 
-def _stop_ids_for(sampler, prompts, params, fraction: float) -> tuple[int, ...]:
-    """The fewest most frequent tokens (at most 8) of a 64-token calibration run at seed + 1 whose
-    share of its tokens reaches `fraction` (all 8 when it is not reached)."""
-    import dataclasses
-
+def _stop_ids_for(vocab_size: int, fraction: float) -> tuple[int, ...]:
+    """A fixed random share `fraction` of the vocabulary (numpy's default_rng(0), at least one id):
+    where the model spreads its next token over the vocabulary, as a random-weights model does, a row
+    stops at each step with probability about `fraction`, so lengths spread geometrically. Chosen
+    from the vocabulary alone: nothing about either engine's samples picks them."""
     import numpy as np
 
-    calibration = sampler.generate(prompts, dataclasses.replace(params, seed=params.seed + 1, max_new_tokens=64,
-                                                                stop_token_ids=()))
-    ids, counts = np.unique(calibration.completion_ids[calibration.completion_mask], return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:8]
-    share = np.cumsum(counts[order]) / counts.sum()
-    return tuple(int(i) for i in ids[order[:int(np.searchsorted(share, fraction)) + 1]])
+    count = max(1, round(fraction * vocab_size))
+    return tuple(sorted(int(i) for i in np.random.default_rng(0).choice(vocab_size, size=count, replace=False)))
 
 
 def _time_varying(sampler, prompts, params, repeats: int) -> dict:
@@ -279,13 +275,13 @@ def _varying(a, model, prompts, params, config, result: dict) -> dict:
     from jaxmath.rollout.jax_sampler import JaxSampler
 
     sampler = JaxSampler(model, config)
-    stops = _stop_ids_for(sampler, prompts, params, a.stop_fraction)
+    stops = _stop_ids_for(model.config.vocab_size, a.stop_fraction)
     params = dataclasses.replace(params, stop_token_ids=stops)
     mine = _time_varying(sampler, prompts, params, a.repeats)
-    result.update({"stop_fraction": a.stop_fraction, "stop_ids": list(stops), **mine,
+    result.update({"stop_fraction": a.stop_fraction, "stop_ids": len(stops), **mine,
                    "vocab_chunk": config.vocab_chunk, "decode_window": config.decode_window,
                    "compact_min_rows": config.compact_min_rows})
-    print(f"jaxmath: stop ids {list(stops)}; mean length {mine['mean_length']:.0f} of {a.max_new_tokens} "
+    print(f"jaxmath: {len(stops)} stop ids; mean length {mine['mean_length']:.0f} of {a.max_new_tokens} "
           f"(quartiles {mine['length_quartiles']}), slot occupancy {mine['slot_occupancy']:.0%}; "
           f"{mine['tokens_per_s']:.0f} generated tokens/s", flush=True)
     del sampler, model

@@ -64,8 +64,6 @@ LORA_MODES = ("merge", "on_the_fly", "auto")
 # Within a vocabulary chunk the inverse CDF runs in two levels (groups of this many tokens, then
 # tokens in the chosen group), so both cumulative sums are short.
 _GROUP = 64
-# Stop ids are passed as a fixed-size array (padded with -1) so their number does not recompile.
-_STOP_SLOTS = 8
 # Prompt tokens per prefill chunk: bounds the attention scores of a long prompt bucket.
 _PREFILL_CHUNK = 256
 
@@ -395,14 +393,15 @@ def _compact(slots: Slots, keep) -> Slots:
 
 @functools.partial(jax.jit, donate_argnames=("slots",),
                    static_argnames=("graphdef", "greedy", "top_k", "truncate", "vocab_chunk", "window"))
-def _decode(graphdef, state, slots: Slots, stop_ids, inv_temperature, top_p, exit_free, *,
+def _decode(graphdef, state, slots: Slots, stop_table, inv_temperature, top_p, exit_free, *,
             greedy: bool, top_k: int, truncate: bool, vocab_chunk: int, window: int):
     """Decode every unfinished slot, one token per step, under a while_loop that attends over cache
     slots [0, window) and exits as soon as every slot has finished, an unfinished slot's next cache
     slot reaches `window` (the caller goes on with a larger one, `decode_windows`), or `exit_free`
     slots are finished (the caller refills or compacts them).
 
-    stop_ids [_STOP_SLOTS] int32 (-1 unused). Returns the slots and the number of steps run. A row's
+    stop_table [vocab] bool, True at the stop ids (any number of them, one compiled program). Returns
+    the slots and the number of steps run. A row's
     step t draws its uniforms from fold_in(its key, t), so its tokens do not depend on its slot, on
     the window, or on which rows decode beside it.
     """
@@ -432,7 +431,7 @@ def _decode(graphdef, state, slots: Slots, stop_ids, inv_temperature, top_p, exi
         active = ~s.finished
         token = jnp.where(active, token, PAD_ID)
         column = jnp.where(active, s.steps, max_new_tokens)  # past the end: a finished row writes nothing
-        hit = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        hit = active & stop_table[token]
         steps = s.steps + active
         with jax.named_scope("decode_step"):
             hidden, cache = model.forward_with_cache(token[:, None], active[:, None], s.cache, window=window)
@@ -675,8 +674,10 @@ class JaxSampler(RolloutEngine):
         if k > self.config.max_batch_rows:
             raise ValueError(f"num_samples={k} exceeds sampler.max_batch_rows={self.config.max_batch_rows}; "
                              "a prompt's samples share one prefill, so raise max_batch_rows to at least num_samples")
-        if len(params.stop_token_ids) > _STOP_SLOTS:
-            raise ValueError(f"at most {_STOP_SLOTS} stop token ids are supported, got {len(params.stop_token_ids)}")
+        vocab = self._model_config.vocab_size
+        outside = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"stop token ids {outside[:5]} are outside the model's vocabulary of {vocab}")
         n = params.max_new_tokens
         longest = max(len(p) for p in prompts)
         limit = self._model_config.max_position_embeddings
@@ -713,9 +714,8 @@ class _Run:
         self.windows = [w for _, w in decode_windows(plan.bucket, n, sampler.config.decode_window)]
         self.slots = _empty_slots(config=sampler.model_config, rows=plan.rows, cache_len=plan.bucket + n,
                                   max_new_tokens=n, cache_dtype=sampler.cache_dtype)
-        stop_ids = np.full((_STOP_SLOTS,), -1, np.int32)
-        stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
-        self.stop_ids = stop_ids
+        self.stop_table = np.zeros((sampler.model_config.vocab_size,), bool)
+        self.stop_table[list(params.stop_token_ids)] = True
         self.stats = {"decode_steps": [], "slot_steps": 0, "prefills": 0, "compactions": 0}
 
     def decode_all(self) -> None:
@@ -733,7 +733,7 @@ class _Run:
             top = self.plan.bucket + int(self.steps[live].max())  # the next cache slot of the furthest row
             window = next(w for w in self.windows if w > top)
             rows = len(self.occupant)
-            self.slots, count = _decode(sampler._graphdef, sampler._state, self.slots, self.stop_ids,
+            self.slots, count = _decode(sampler._graphdef, sampler._state, self.slots, self.stop_table,
                                         inv_temperature, np.float32(params.top_p), np.int32(self._exit_free()),
                                         window=window, **static)
             count = int(count)
