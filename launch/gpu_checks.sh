@@ -17,6 +17,9 @@
 #   local_full_train  local_full's train step and old-policy logprob pass (full-parameter, 8 rows)
 #   decode            grpo_v2's prefill and decode loop at 64 rows and 512 fixed-length tokens: tokens/s,
 #                     the fraction of the bandwidth roofline, measured and modeled
+#   decode_varying    the sampler's slots at 64 rows (4 prompts x 16) of up to 512 tokens that end at
+#                     different steps (stop ids 0.5% of the vocabulary): generated tokens/s, slot
+#                     occupancy, the fraction of the bandwidth roofline
 #   sft               configs/sft_config_a.py's SFT step (LoRA r64, sequence 4,096): MFU, peak memory
 #   roofline_grpo_v2, roofline_local_full   the model alone, at the shipped shapes (compiled for the
 #                     device's kind, no run)
@@ -43,6 +46,7 @@ if [[ -n $SMOKE ]]; then
     TARGET=h100
     SYNC="--preset=tiny"
     DECODE="--sampler_rows=16"
+    VARYING="--preset=tiny --random_weights --num_prompts=2 --batch=8 --max_new_tokens=32 --stop_fraction=0.05 --decode_window=16"
     LIMIT_ALL=300
 else
     M="--preset=qwen3-4b-instruct-2507"
@@ -51,6 +55,7 @@ else
     TARGET=$("$PYTHON" -c "import jax; print('h200' if 'H200' in jax.devices()[0].device_kind.upper() else 'h100')" 2>/dev/null || echo h100)
     SYNC="--preset=qwen3-4b"
     DECODE="--config.rl.max_completion_tokens=512 --sampler_rows=64"
+    VARYING="--preset=qwen3-4b-instruct-2507 --random_weights --dtype=bfloat16 --num_prompts=4 --batch=64 --max_new_tokens=512 --stop_fraction=0.005"
     LIMIT_ALL=""
 fi
 
@@ -58,15 +63,16 @@ declare -A CMD=(
     [grpo_v2_train]="programs --config=configs/grpo_v2.py $M $GRPO --config.rl.prompts_per_step=1 --phases=train/step --repeats=1"
     [local_full_train]="programs --config=configs/local_full.py $M $GRPO --config.rl.prompts_per_step=1 --phases=train/logprobs,train/step --repeats=1"
     [decode]="programs --config=configs/grpo_v2.py $M $GRPO --config.rl.prompts_per_step=4 $DECODE --phases=rollout/prefill,rollout/decode --repeats=1"
+    [decode_varying]="rollout $VARYING --repeats=1"
     [sft]="programs --config=configs/sft_config_a.py $M $SFT --phases=train/sft_step --repeats=1"
     [roofline_grpo_v2]="roofline --config=configs/grpo_v2.py --target=$TARGET $M $GRPO"
     [roofline_local_full]="roofline --config=configs/local_full.py --target=$TARGET $M $GRPO"
     [sync_full]="weight_sync $SYNC --jax_side_only --dtype=bfloat16"
     [sync_lora]="weight_sync $SYNC --jax_side_only --dtype=bfloat16 --lora_rank=64"
 )
-declare -A LIMIT=([grpo_v2_train]=150 [local_full_train]=150 [decode]=120 [sft]=90 [roofline_grpo_v2]=60
+declare -A LIMIT=([grpo_v2_train]=150 [local_full_train]=150 [decode]=120 [decode_varying]=180 [sft]=90 [roofline_grpo_v2]=60
                   [roofline_local_full]=60 [sync_full]=45 [sync_lora]=30)
-ORDER=(versions grpo_v2_train local_full_train decode sft roofline_grpo_v2 roofline_local_full sync_full sync_lora)
+ORDER=(versions grpo_v2_train local_full_train decode decode_varying sft roofline_grpo_v2 roofline_local_full sync_full sync_lora)
 
 checks=("$@")
 [[ ${#checks[@]} -eq 0 ]] && checks=("${ORDER[@]}")

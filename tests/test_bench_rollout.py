@@ -25,7 +25,25 @@ def test_varying_lengths_measure_generated_tokens(model_dir):
     low, _, _, _, high = out["length_quartiles"]
     assert 1 <= low <= out["mean_length"] <= high <= 48 and low < high  # rows end at different steps
     assert 0 < out["slot_occupancy"] <= 1 and out["tokens_per_s"] > 0
+    assert high <= out["decode_steps"] and 0 < out["roofline_fraction"]
     assert "vLLM not run" in out["vllm_note"]
+
+
+def test_the_varying_roofline_counts_each_rows_own_tokens(model_dir):
+    """Rows of 1 and 2 tokens after a 3-token prompt read 3+1 and (3+1)+(3+2) slots: 13 slot reads, and
+    the weights once per decode step the sampler ran."""
+    import jax
+    from flax import nnx
+
+    from jaxmath.model.qwen3 import KVCache
+
+    model = rollout._load(rollout._parse([f"--model={model_dir}"]))
+    out = rollout._varying_roofline(model, 3, jax.numpy.float32, (2.0, 5, [1, 2]), peak=1e12)
+    per_slot = KVCache.nbytes_for(model.config, 1, 1, jax.numpy.float32)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    assert out["kv_bytes_needed"] == 13 * per_slot and out["weight_bytes"] == weights
+    assert out["achieved_bandwidth"] == (5 * weights + 13 * per_slot) / 2.0
+    assert out["roofline_fraction"] == out["achieved_bandwidth"] / 1e12
 
 
 def test_stop_ids_are_a_fixed_share_of_the_vocabulary():

@@ -164,8 +164,8 @@ def test_gpu_checks_commands_parse_with_their_benchmarks(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "grpo_v2_train", "local_full_train", "decode", "sft", "roofline_grpo_v2", "roofline_local_full", "sync_full",
-        "sync_lora"]
+        "grpo_v2_train", "local_full_train", "decode", "decode_varying", "sft", "roofline_grpo_v2",
+        "roofline_local_full", "sync_full", "sync_lora"]
     from jaxmath.bench import memory
 
     for line in lines:
@@ -173,6 +173,9 @@ def test_gpu_checks_commands_parse_with_their_benchmarks(tmp_path):
         if bench in ("programs", "roofline"):  # the config flags of `memory`, plus --repeats
             fv = memory._flags([f for f in flags if not f.startswith("--repeats")])
             assert fv.preset == "qwen3-4b-instruct-2507" and fv.config.mode in ("grpo", "sft")
+        elif bench == "rollout":
+            parsed = importlib.import_module("jaxmath.bench.rollout")._parse(flags)
+            assert parsed.preset == "qwen3-4b-instruct-2507" and parsed.batch == 64 and parsed.stop_fraction > 0
         else:
             assert importlib.import_module(f"jaxmath.bench.{bench}")._parse(flags).preset == "qwen3-4b"
     unknown = subprocess.run(["bash", str(ROOT / "launch" / "gpu_checks.sh"), "nope"], capture_output=True,
@@ -218,8 +221,8 @@ def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["smoke"] and set(summary["checks"]) == {
-        "versions", "grpo_v2_train", "local_full_train", "decode", "sft", "roofline_grpo_v2", "roofline_local_full",
-        "sync_full", "sync_lora"}
+        "versions", "grpo_v2_train", "local_full_train", "decode", "decode_varying", "sft", "roofline_grpo_v2",
+        "roofline_local_full", "sync_full", "sync_lora"}
     assert all(c["rc"] == 0 and c["result"] for c in summary["checks"].values()), summary
     train = summary["checks"]["grpo_v2_train"]["result"]["phases"]["train/step"]
     assert train["measured_s"] > 0 and train["modeled_s"] > 0 and train["planned_peak_bytes"] > 0
@@ -227,6 +230,9 @@ def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
     decode = summary["checks"]["decode"]["result"]["phases"]["rollout/decode"]
     assert decode["tokens"] == 16 * 32 and decode["tokens_per_s"] > 0 and decode["bandwidth_fraction"] > 0
     assert summary["checks"]["roofline_grpo_v2"]["result"]["train_modeled_mfu"] > 0
+    varying = summary["checks"]["decode_varying"]["result"]
+    assert varying["batch"] == 8 and varying["tokens_per_s"] > 0 and 0 < varying["slot_occupancy"] <= 1
+    assert varying["roofline_fraction"] > 0
 
 
 def test_a_dry_run_of_the_whole_sweep_finds_every_input_file(tmp_path):

@@ -136,7 +136,7 @@ def _time_varying(sampler, prompts, params, repeats: int) -> dict:
     start = time.perf_counter()
     sampler.generate(prompts, params)
     first = time.perf_counter() - start
-    rates, lengths, occupancy = [], [], []
+    rates, lengths, occupancy, calls = [], [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         rollout = sampler.generate(prompts, params)
@@ -145,11 +145,32 @@ def _time_varying(sampler, prompts, params, repeats: int) -> dict:
         rates.append(generated / seconds)
         lengths.append(rollout.completion_mask.sum(1))
         occupancy.append(generated / sampler.last_stats["slot_steps"])
+        calls.append((seconds, sum(sampler.last_stats["decode_steps"]), lengths[-1]))
+    median = sorted(calls, key=lambda c: c[0])[len(calls) // 2]
     lengths = np.concatenate(lengths)
     return {"first_call_s": first, "tokens_per_s": statistics.median(rates), "rates": rates,
             "mean_length": float(lengths.mean()), "length_quartiles": [float(q) for q in
                                                                        np.percentile(lengths, [0, 25, 50, 75, 100])],
-            "slot_occupancy": statistics.median(occupancy)}
+            "slot_occupancy": statistics.median(occupancy), "median_call": median}
+
+
+def _varying_roofline(model, prompt_tokens: int, cache_dtype, call, peak: float) -> dict:
+    """The bandwidth roofline of a call whose rows end at different lengths: every decode step the
+    sampler ran must read all weights once, and each row the keys and values of its own tokens so far
+    (prompt + t + 1 at its t-th token), so a row of L tokens needs sum_t (P + t + 1) = L (P + (L + 1) / 2)
+    slot reads over its life; `call` is (seconds, decode steps, each row's generated tokens)."""
+    import jax
+    from flax import nnx
+
+    from jaxmath.model.qwen3 import KVCache
+
+    seconds, steps, lengths = call
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    per_slot = KVCache.nbytes_for(model.config, 1, 1, cache_dtype)
+    kv_needed = float(sum(int(n) * (prompt_tokens + (int(n) + 1) / 2) for n in lengths)) * per_slot
+    achieved = (steps * weights + kv_needed) / seconds
+    return {"weight_bytes": weights, "decode_steps": steps, "kv_bytes_needed": kv_needed,
+            "achieved_bandwidth": achieved, "peak_bandwidth": peak, "roofline_fraction": achieved / peak}
 
 
 def _roofline(model, rows: int, prompt_tokens: int, windows, cache_dtype, tokens_per_s: float, peak: float) -> dict:
@@ -282,7 +303,9 @@ def _varying(a, model, prompts, params, config, result: dict) -> dict:
     stops = _stop_ids_for(model.config.vocab_size, a.stop_fraction)
     params = dataclasses.replace(params, stop_token_ids=stops)
     mine = _time_varying(sampler, prompts, params, a.repeats)
-    result.update({"stop_fraction": a.stop_fraction, "stop_ids": len(stops), **mine,
+    roofline = _varying_roofline(model, len(prompts[0]), sampler.cache_dtype, mine.pop("median_call"),
+                                 a.peak_bandwidth)
+    result.update({"stop_fraction": a.stop_fraction, "stop_ids": len(stops), **mine, **roofline,
                    "vocab_chunk": config.vocab_chunk, "decode_window": config.decode_window,
                    "compact_min_rows": config.compact_min_rows})
     print(f"jaxmath: {len(stops)} stop ids; mean length {mine['mean_length']:.0f} of {a.max_new_tokens} "
