@@ -29,6 +29,26 @@ def test_varying_lengths_measure_generated_tokens(model_dir):
     assert "vLLM not run" in out["vllm_note"]
 
 
+def test_fixed_lengths_run_vllms_side_with_min_tokens(model_dir, tmp_path):
+    """Without --vllm_script the fixed-length measurement runs this project's bench_peer.py on the same
+    work: `batch` samples of exactly max_new_tokens (min_tokens), no stop ids; its rate is the ratio's
+    denominator. A stand-in interpreter records the command and prints a rate."""
+    import json
+    import os
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/argv\necho VLLM_TOK_PER_S 125.0\n")
+    os.chmod(fake, 0o755)
+    out = rollout.main([f"--model={model_dir}", "--batch=8", "--max_new_tokens=8", "--repeats=1",
+                        "--decode_window=16", f"--vllm_python={fake}"])
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[0].endswith("jaxmath/rollout/vllm/bench_peer.py") and argv[1] == model_dir
+    assert {"--samples=8", "--max_new_tokens=8", "--min_tokens=8", "--stop_ids="} <= set(argv)
+    prompts = json.load(open(next(a for a in argv if a.startswith("--prompts=")).split("=", 1)[1]))
+    assert len(prompts) == 1 and prompts[0] and all(isinstance(t, int) for t in prompts[0])
+    assert out["vllm_tokens_per_s"] == 125.0 and out["speedup"] == out["tokens_per_s"] / 125.0
+
+
 def test_the_varying_roofline_counts_each_rows_own_tokens(model_dir):
     """Rows of 1 and 2 tokens after a 3-token prompt read 3+1 and (3+1)+(3+2) slots: 13 slot reads, and
     the weights once per decode step the sampler ran."""

@@ -16,9 +16,10 @@ request, `stop_token_ids`), run by `--vllm_python`:
     python -m jaxmath.bench rollout --model=DIR --num_prompts=16 --batch=256 --max_new_tokens=512 \
         --stop_fraction=0.005 --vllm_python=.venv/bin/python
 
-jaxmath runs first, then vLLM in a subprocess when it is given (`--vllm_python=PYTHON`, and at fixed
-lengths `--vllm_script=SCRIPT`, e.g. this project's `../shared/bench/vllm_gen_bench.py`; without them
-the result's `vllm_note` says how to run it), so both see the same machine state.
+jaxmath runs first, then vLLM in a subprocess when `--vllm_python=PYTHON` names an interpreter with
+vllm (without it the result's `vllm_note` says how to run it), so both see the same machine state.
+At fixed lengths vLLM runs `--vllm_script=SCRIPT` when given (e.g. `../shared/bench/vllm_gen_bench.py`,
+which seeds each request), else bench_peer.py with `min_tokens` = `max_new_tokens` and no stop ids.
 
 Also reported: the bandwidth-roofline fraction (the bytes a decode step must read, all weights plus
 the keys and values of every token so far, times steps per second, over `--peak_bandwidth`, default
@@ -283,19 +284,37 @@ def main(argv: list[str]) -> dict:
                             a.peak_bandwidth))
     del sampler, model
 
-    rate = run_peer(result, "vLLM", python=a.vllm_python, script=a.vllm_script, flag="vllm", model=a.model,
-                    run=lambda: _vllm(a))
+    if a.vllm_script:
+        rate = run_peer(result, "vLLM", python=a.vllm_python, script=a.vllm_script, flag="vllm", model=a.model,
+                        run=lambda: _vllm(a))
+    else:  # this project's side of vLLM: the same work, one request of `batch` samples of exactly n tokens
+        cmd = _peer_cmd(a, prompts, a.batch // a.num_prompts, stops=(), min_tokens=a.max_new_tokens)
+        rate = run_peer(result, "vLLM", python=a.vllm_python, script=_PEER, flag="vllm", model=a.model,
+                        run=lambda: _vllm(a, cmd))
     if rate is not None:
         result["vllm_tokens_per_s"], result["speedup"] = rate, tokens_per_s / rate
         print(f"vLLM: {rate:.0f} tokens/s; jaxmath / vLLM = {tokens_per_s / rate:.2f}", flush=True)
     return result
 
 
+_PEER = str(Path(__file__).parents[1] / "rollout" / "vllm" / "bench_peer.py")
+
+
+def _peer_cmd(a, prompts, samples: int, *, stops, min_tokens: int) -> list[str]:
+    """The command line of this project's vLLM side (`jaxmath/rollout/vllm/bench_peer.py`) for the work."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([list(map(int, p)) for p in prompts], f)
+    return [a.vllm_python, _PEER, a.model, f"--prompts={f.name}", f"--samples={samples}",
+            f"--max_new_tokens={a.max_new_tokens}", f"--stop_ids={','.join(map(str, stops))}",
+            f"--min_tokens={min_tokens}"]
+
+
 def _varying(a, model, prompts, params, config, result: dict) -> dict:
     """The --stop_fraction measurement: both engines, rows that end at different lengths."""
     import dataclasses
-    import json
-    import tempfile
 
     from jaxmath.rollout.jax_sampler import JaxSampler
 
@@ -312,12 +331,8 @@ def _varying(a, model, prompts, params, config, result: dict) -> dict:
           f"(quartiles {mine['length_quartiles']}), slot occupancy {mine['slot_occupancy']:.0%}; "
           f"{mine['tokens_per_s']:.0f} generated tokens/s", flush=True)
     del sampler, model
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts, f)
-    script = str(Path(__file__).parents[1] / "rollout" / "vllm" / "bench_peer.py")
-    cmd = [a.vllm_python, script, a.model, f"--prompts={f.name}", f"--samples={params.num_samples}",
-           f"--max_new_tokens={a.max_new_tokens}", f"--stop_ids={','.join(map(str, stops))}"]
-    rate = run_peer(result, "vLLM", python=a.vllm_python, script=script, flag="vllm", model=a.model,
+    cmd = _peer_cmd(a, prompts, params.num_samples, stops=stops, min_tokens=0)
+    rate = run_peer(result, "vLLM", python=a.vllm_python, script=_PEER, flag="vllm", model=a.model,
                     run=lambda: _vllm(a, cmd))
     if rate is not None:
         result["vllm_tokens_per_s"], result["speedup"] = rate, mine["tokens_per_s"] / rate

