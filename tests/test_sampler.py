@@ -323,12 +323,12 @@ def test_slots_are_donated_and_updated_in_place(model):
                                          cache_dtype=jnp.float32)
     keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K)).reshape(1, K)
     admitted = jax_sampler._admit(slots, hidden, cache, np.arange(K, dtype=np.int32)[None], keys)
-    assert slots.cache.k.is_deleted() and slots.tokens.is_deleted()
+    assert all(k.is_deleted() for k in slots.cache.k) and slots.tokens.is_deleted()
     done, steps = jax_sampler._decode(graphdef, state, admitted, np.zeros(VOCAB, bool), np.float32(1.0),
                                       np.float32(1.0), np.int32(K + 1), greedy=False, top_k=0, truncate=False,
                                       vocab_chunk=128, window=16 + NEW)
     assert int(steps) == NEW and bool(done.finished.all()) and (np.asarray(done.steps) == NEW).all()
-    assert admitted.cache.k.is_deleted() and admitted.cache.v.is_deleted()
+    assert all(x.is_deleted() for x in admitted.cache.k + admitted.cache.v)
 
 
 def test_decode_windows_cover_every_written_slot():

@@ -246,7 +246,7 @@ class _State:
     optimizer: Any
     sampler_graphdef: Any     # the model the sampler runs (adapters merged away, or not)
     sampler_state: Any
-    sampler_copy_bytes: int   # the merged kernels the sampler holds beyond the trainer's arrays
+    sampler_copy_bytes: int   # the sampler's own copy of the layers (merged), beyond the trainer's arrays
 
 
 def nbytes(tree: Any) -> int:
@@ -264,7 +264,7 @@ def _abstract_state(plan: RunPlan, model_cfg: Qwen3Config, sharding) -> _State:
 
     from jaxmath import optim
     from jaxmath.model import lora as lora_lib
-    from jaxmath.model.qwen3 import Qwen3
+    from jaxmath.model.qwen3 import Qwen3, unstack_layers
 
     def build(with_lora: bool):
         model = Qwen3(model_cfg, rngs=nnx.Rngs(0))
@@ -279,14 +279,11 @@ def _abstract_state(plan: RunPlan, model_cfg: Qwen3Config, sharding) -> _State:
     if plan.optimizer is not None:
         optimizer = optim.make_optimizer(plan.optimizer)
         opt_state = jax.eval_shape(optimizer.init, trainable)
-    copy_bytes = 0
-    if plan.merges_lora:
-        pattern = re.compile(plan.lora.targets)
-        copy_bytes = sum(nbytes(dense.kernel.get_value()) for path, dense in lora_lib.projections(base)
-                         if pattern.search(path))
-        sampler_graphdef, sampler_state = nnx.split(base)
-    else:
-        sampler_graphdef, sampler_state = nnx.split(model)
+    # The sampler holds its own copy of the layers, one array per layer (`JaxSampler.update_weights`),
+    # with the adapters merged into it when it merges them.
+    sampler = nnx.eval_shape(lambda: unstack_layers(build(False) if plan.merges_lora else build(plan.trains_lora)))
+    copy_bytes = nbytes(nnx.state(sampler.layers)) if plan.sampler is not None else 0
+    sampler_graphdef, sampler_state = nnx.split(sampler)
     return _State(graphdef, _place(trainable, sharding), _place(frozen, sharding),
                   None if opt_state is None else _place(opt_state, sharding), optimizer, sampler_graphdef,
                   _place(sampler_state, sharding), copy_bytes)
