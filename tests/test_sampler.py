@@ -279,8 +279,11 @@ def test_the_cost_model_bounds_the_compiled_programs(model):
     """sub_batch_cost against XLA's buffer assignment of the real prefill (beside the live slots),
     admission and decode (temporaries and outputs), compiled for this CPU on abstract shapes: an upper
     bound at each shape, and the growth per row and per prompt within it. (On a CPU XLA also upcasts
-    bf16 weights for its dots, a fixed cost outside this model: hence a float32 model here.)"""
-    graphdef, state = nnx.split(model)
+    bf16 weights for its dots, a fixed cost outside this model: hence a float32 model here.) The programs
+    take the sampler's own layout of the weights, one array per layer (`unstack_layers`)."""
+    from jaxmath.model.qwen3 import unstack_layers
+
+    graphdef, state = nnx.split(unstack_layers(model))
     spec = jax.ShapeDtypeStruct
     bucket, new = 16, 48
 

@@ -362,10 +362,11 @@ def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep:
 
 
 def _merge_estimate(plan: RunPlan, state: _State, phase: str) -> PhaseMemory:
-    """The weight sync of a LoRA run (`JaxSampler.update_weights`): `merge_lora` folds the adapters
-    into a new copy of the kernels, eagerly, one projection at a time, while the sampler still holds
-    the previous copy. Not a compiled program, so an estimate: the new copy plus three float32 arrays
-    of the largest projection (its kernel, its delta and their sum) as temporaries."""
+    """The weight sync of a LoRA run (`JaxSampler.update_weights`): a new per-layer copy of the layers,
+    into which `merge_lora` folds the adapters eagerly, one projection at a time, while the sampler still
+    holds the previous copy. Not a compiled program, so an estimate: the new copy plus three float32
+    arrays of the largest projection (its kernel, its delta and their sum; of all layers, an upper bound
+    of one layer's) as temporaries."""
     from flax import nnx
 
     from jaxmath.model import lora as lora_lib
@@ -402,7 +403,8 @@ def _generation(plan: RunPlan, state: _State, gen: Generation, kind: str, rows: 
     cache_len = bucket_len + gen.max_new_tokens
     cache_dtype = dtype_from_name(cfg.cache_dtype) if cfg.cache_dtype else plan.model.dtype
     # The trainer's weights and optimizer state stay on the device; the sampler's arguments are its own
-    # weights (the trainer's arrays, or the merged kernels plus the trainer's other arrays).
+    # weights (its own per-layer copy of the layers, merged when it merges, and the trainer's embedding,
+    # final norm and head).
     resident = _trainer_bytes(state) + state.sampler_copy_bytes - nbytes(state.sampler_state)
     state_args = state.sampler_state
     slots = jax.eval_shape(functools.partial(jax_sampler._empty_slots, config=plan.model, rows=rows,

@@ -92,7 +92,7 @@ class SamplerConfig:
     memory_budget_bytes: bytes a sub-batch may take beyond the weights (`sub_batch_cost`); 0 = the
                          free memory the device reports (available host RAM on a CPU) less
                          `MEMORY_MARGIN`
-    lora_mode:           "merge" folds adapters into a copy of the kernels at `update_weights`,
+    lora_mode:           "merge" folds adapters into the sampler's copy of the layers at `update_weights`,
                          "on_the_fly" applies them at every step, "auto" = merge (measured faster,
                          docs/BENCHMARKS.md)
     vocab_chunk:         vocabulary rows per fused head+sampling step; 0 = the whole vocabulary
