@@ -81,6 +81,39 @@ def test_a_loop_of_gemms_by_hand():
     assert loop["trip_count"] == 10 and loop["flops"] == gemm.flops  # one iteration
 
 
+# A split-K GEMM's four partial sums [4, 64, 96] f32, read by a fusion that adds them up and keeps the
+# first 32 columns (XLA's pattern for q of a q/k/v projection merged into one GEMM): the fusion computes
+# only the 64 x 32 elements it returns, so it reads 4 x 64 x 32 of the partials, not all of them.
+SPLIT_K = """HloModule s, entry_computation_layout={(f32[4,64,96]{2,1,0})->bf16[64,32]{1,0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %c = f32[] add(%a, %b)
+}
+
+%q_of_partials (p: f32[4,64,96]) -> bf16[64,32] {
+  %p = f32[4,64,96]{2,1,0} parameter(0)
+  %zero = f32[] constant(0)
+  %sum = f32[64,96]{1,0} reduce(%p, %zero), dimensions={0}, to_apply=%add
+  %narrow = bf16[64,96]{1,0} convert(%sum)
+  %q = bf16[64,32]{1,0} slice(%narrow), slice={[0:64], [0:32]}
+  ROOT %sq = bf16[64,32]{1,0} multiply(%q, %q)
+}
+
+ENTRY %main (partials: f32[4,64,96]) -> bf16[64,32] {
+  %partials = f32[4,64,96]{2,1,0} parameter(0)
+  ROOT %fusion = bf16[64,32]{1,0} fusion(%partials), kind=kLoop, calls=%q_of_partials
+}
+"""
+
+
+def test_a_fusion_reads_only_the_elements_its_slice_needs():
+    (kernel,) = cost.kernel_costs(SPLIT_K)
+    assert kernel.read == 4 * 64 * 32 * 4  # was 4 * 64 * 96 * 4: every partial sum
+    assert kernel.written == 64 * 32 * 2
+
+
 def _h100_hlo(f, *args) -> str:
     target = targets.load_target("h100")
     placed = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target.sharding()) for a in args]

@@ -122,6 +122,31 @@ def test_kv_cache_decode_matches_forward(hf_pair):
         model.forward_with_cache(jnp.asarray(gen[:, :1]), jnp.ones((2, 1), bool), cache, window=21)
 
 
+def test_per_layer_model_decodes_bit_for_bit_like_the_stacked_one():
+    """`unstack_layers` (the sampler's layout: one array per layer and weight) is a copy of the layers
+    whose cached prefill and decode give exactly the stacked model's hidden states, in bf16 too (the
+    unrolled layers hand on each layer's output in the compute dtype, as the scanned ones do)."""
+    from jaxmath.model.qwen3 import unstack_layers
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = jm.init_model(jm.preset("tiny", dtype=dtype, param_dtype=dtype), seed=1)
+        per_layer = unstack_layers(model)
+        assert len(per_layer.layers) == model.config.num_layers
+        q_kernel = per_layer.layers[1].attn.q_proj.kernel.get_value()
+        np.testing.assert_array_equal(q_kernel, model.layers.attn.q_proj.kernel.get_value()[1])
+        ids = jnp.asarray(np.random.RandomState(0).randint(1, 200, (3, 10)), jnp.int32)
+        step = nnx.jit(lambda m, t, c: m.forward_with_cache(t, jnp.ones(t.shape, bool), c, window=16))
+        outs = []
+        for m in (model, per_layer):
+            h, cache = step(m, ids[:, :6], m.init_cache(3, 20))
+            hs = [h]
+            for t in range(6, 10):
+                h, cache = step(m, ids[:, t:t + 1], cache)
+                hs.append(h)
+            outs.append(np.concatenate([np.asarray(x.astype(jnp.float32)) for x in hs], 1))
+        np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_attention_kernel_choice():
     """Auto is decided from the platform the model is placed on, never from jax.default_backend():
     cuDNN for training attention on a GPU in bf16 with a head size it takes, XLA otherwise; an explicit

@@ -279,8 +279,11 @@ def test_the_cost_model_bounds_the_compiled_programs(model):
     """sub_batch_cost against XLA's buffer assignment of the real prefill (beside the live slots),
     admission and decode (temporaries and outputs), compiled for this CPU on abstract shapes: an upper
     bound at each shape, and the growth per row and per prompt within it. (On a CPU XLA also upcasts
-    bf16 weights for its dots, a fixed cost outside this model: hence a float32 model here.)"""
-    graphdef, state = nnx.split(model)
+    bf16 weights for its dots, a fixed cost outside this model: hence a float32 model here.) The programs
+    take the sampler's own layout of the weights, one array per layer (`unstack_layers`)."""
+    from jaxmath.model.qwen3 import unstack_layers
+
+    graphdef, state = nnx.split(unstack_layers(model))
     spec = jax.ShapeDtypeStruct
     bucket, new = 16, 48
 
@@ -323,12 +326,12 @@ def test_slots_are_donated_and_updated_in_place(model):
                                          cache_dtype=jnp.float32)
     keys = jax_sampler.row_keys(0, np.zeros(K, int), np.arange(K)).reshape(1, K)
     admitted = jax_sampler._admit(slots, hidden, cache, np.arange(K, dtype=np.int32)[None], keys)
-    assert slots.cache.k.is_deleted() and slots.tokens.is_deleted()
+    assert all(k.is_deleted() for k in slots.cache.k) and slots.tokens.is_deleted()
     done, steps = jax_sampler._decode(graphdef, state, admitted, np.zeros(VOCAB, bool), np.float32(1.0),
                                       np.float32(1.0), np.int32(K + 1), greedy=False, top_k=0, truncate=False,
                                       vocab_chunk=128, window=16 + NEW)
     assert int(steps) == NEW and bool(done.finished.all()) and (np.asarray(done.steps) == NEW).all()
-    assert admitted.cache.k.is_deleted() and admitted.cache.v.is_deleted()
+    assert all(x.is_deleted() for x in admitted.cache.k + admitted.cache.v)
 
 
 def test_decode_windows_cover_every_written_slot():

@@ -188,6 +188,8 @@ class Traffic:
                 total += use.bytes  # a gather reads the rows it returns
             elif use.opcode == "tuple" and use.root:
                 continue
+            elif use.opcode in _PER_ELEMENT or use.opcode == "reduce" and use.operands[0] == node.name:
+                total += int(node.bytes * _demanded(use, users, outputs))
             else:
                 return node.bytes
         return min(total, node.bytes)
@@ -245,6 +247,48 @@ class Traffic:
                 copies.append((inst.name, inst.bytes))
             read, written = read + r, written + w
         return {"read": read, "written": written, "copies": copies, "copy_bytes": sum(b for _, b in copies)}
+
+
+# Fused instructions that compute each element of their result from the same element of their operands
+# (or, for a reduce, from the elements reduced into it): a fusion evaluates them only at the elements
+# its outputs need, so a slice taken after them reads only its share of their operands.
+_PER_ELEMENT = {"convert", "bitcast", "copy", "negate", "abs", "exponential", "log", "sqrt", "rsqrt", "tanh",
+                "logistic", "add", "subtract", "multiply", "divide", "maximum", "minimum", "select", "compare",
+                "and", "or", "not", "power"}
+
+
+def _elements(shape: str) -> int:
+    m = _ARRAY.search(shape)
+    n = 1
+    for d in filter(None, (m.group(2) if m else "").split(",")):
+        n *= int(d)
+    return n
+
+
+def _demanded(node: Instruction, users: dict, outputs: set[str], memo: dict | None = None) -> float:
+    """The share of `node`'s elements a fusion computes: all of them where it leaves the fusion or has a
+    use other than a slice or a per-element instruction (`_PER_ELEMENT`, reduce); a slice's share where
+    every path from it ends in slices. (A bitcast or reduce changes the shape, not the share.)"""
+    memo = {} if memo is None else memo
+    if node.name not in memo:
+        memo[node.name] = _share(node, users, outputs, memo)
+    return memo[node.name]
+
+
+def _share(node: Instruction, users: dict, outputs: set[str], memo: dict) -> float:
+    if node.name in outputs:
+        return 1.0
+    share = 0.0
+    for use in users.get(node.name, []):
+        if use.opcode == "slice" and use.operands[0] == node.name:
+            share += _elements(use.shape) / max(_elements(node.shape), 1)
+        elif use.opcode in _PER_ELEMENT or use.opcode == "reduce" and use.operands[0] == node.name:
+            share += _demanded(use, users, outputs, memo)
+        else:
+            return 1.0
+        if share >= 1.0:
+            return 1.0
+    return share
 
 
 def _result_without_workspace(shape: str) -> int:

@@ -246,7 +246,7 @@ class _State:
     optimizer: Any
     sampler_graphdef: Any     # the model the sampler runs (adapters merged away, or not)
     sampler_state: Any
-    sampler_copy_bytes: int   # the merged kernels the sampler holds beyond the trainer's arrays
+    sampler_copy_bytes: int   # the sampler's own copy of the layers (merged), beyond the trainer's arrays
 
 
 def nbytes(tree: Any) -> int:
@@ -264,7 +264,7 @@ def _abstract_state(plan: RunPlan, model_cfg: Qwen3Config, sharding) -> _State:
 
     from jaxmath import optim
     from jaxmath.model import lora as lora_lib
-    from jaxmath.model.qwen3 import Qwen3
+    from jaxmath.model.qwen3 import Qwen3, unstack_layers
 
     def build(with_lora: bool):
         model = Qwen3(model_cfg, rngs=nnx.Rngs(0))
@@ -279,14 +279,11 @@ def _abstract_state(plan: RunPlan, model_cfg: Qwen3Config, sharding) -> _State:
     if plan.optimizer is not None:
         optimizer = optim.make_optimizer(plan.optimizer)
         opt_state = jax.eval_shape(optimizer.init, trainable)
-    copy_bytes = 0
-    if plan.merges_lora:
-        pattern = re.compile(plan.lora.targets)
-        copy_bytes = sum(nbytes(dense.kernel.get_value()) for path, dense in lora_lib.projections(base)
-                         if pattern.search(path))
-        sampler_graphdef, sampler_state = nnx.split(base)
-    else:
-        sampler_graphdef, sampler_state = nnx.split(model)
+    # The sampler holds its own copy of the layers, one array per layer (`JaxSampler.update_weights`),
+    # with the adapters merged into it when it merges them.
+    sampler = nnx.eval_shape(lambda: unstack_layers(build(False) if plan.merges_lora else build(plan.trains_lora)))
+    copy_bytes = nbytes(nnx.state(sampler.layers)) if plan.sampler is not None else 0
+    sampler_graphdef, sampler_state = nnx.split(sampler)
     return _State(graphdef, _place(trainable, sharding), _place(frozen, sharding),
                   None if opt_state is None else _place(opt_state, sharding), optimizer, sampler_graphdef,
                   _place(sampler_state, sharding), copy_bytes)
@@ -365,10 +362,11 @@ def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep:
 
 
 def _merge_estimate(plan: RunPlan, state: _State, phase: str) -> PhaseMemory:
-    """The weight sync of a LoRA run (`JaxSampler.update_weights`): `merge_lora` folds the adapters
-    into a new copy of the kernels, eagerly, one projection at a time, while the sampler still holds
-    the previous copy. Not a compiled program, so an estimate: the new copy plus three float32 arrays
-    of the largest projection (its kernel, its delta and their sum) as temporaries."""
+    """The weight sync of a LoRA run (`JaxSampler.update_weights`): a new per-layer copy of the layers,
+    into which `merge_lora` folds the adapters eagerly, one projection at a time, while the sampler still
+    holds the previous copy. Not a compiled program, so an estimate: the new copy plus three float32
+    arrays of the largest projection (its kernel, its delta and their sum; of all layers, an upper bound
+    of one layer's) as temporaries."""
     from flax import nnx
 
     from jaxmath.model import lora as lora_lib
@@ -405,7 +403,8 @@ def _generation(plan: RunPlan, state: _State, gen: Generation, kind: str, rows: 
     cache_len = bucket_len + gen.max_new_tokens
     cache_dtype = dtype_from_name(cfg.cache_dtype) if cfg.cache_dtype else plan.model.dtype
     # The trainer's weights and optimizer state stay on the device; the sampler's arguments are its own
-    # weights (the trainer's arrays, or the merged kernels plus the trainer's other arrays).
+    # weights (its own per-layer copy of the layers, merged when it merges, and the trainer's embedding,
+    # final norm and head).
     resident = _trainer_bytes(state) + state.sampler_copy_bytes - nbytes(state.sampler_state)
     state_args = state.sampler_state
     slots = jax.eval_shape(functools.partial(jax_sampler._empty_slots, config=plan.model, rows=rows,

@@ -128,9 +128,12 @@ def apply_lora(model: Qwen3, config: LoRAConfig, *, seed: int = 0) -> int:
 
 
 def lora_delta(dense: Dense) -> jax.Array:
-    """scale * A @ B in the kernel's layout [layers, in..., out...], float32."""
+    """scale * A @ B in the kernel's layout ([layers, in..., out...] stacked, [in..., out...] for one
+    layer's module: `jaxmath.model.qwen3.unstack_layers`), float32."""
     a = dense.lora_a.get_value().astype(jnp.float32)
     b = dense.lora_b.get_value().astype(jnp.float32)
+    if a.ndim + b.ndim - 2 == dense.kernel.get_value().ndim:  # one layer's
+        return dense.lora_scale * jnp.tensordot(a, b, axes=1)
     return dense.lora_scale * jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
 
 

@@ -10,7 +10,10 @@ MLP, the decoder layer, the model, the KV cache. Details that break ports, all m
 - embeddings tied to the LM head for 0.6B-4B, untied for 8B and larger.
 
 Layers are stacked (every layer parameter has a leading `layers` axis) and run under `lax.scan`, so
-compile time does not grow with depth. Compute runs in `config.dtype` (bf16 by default); norms,
+compile time does not grow with depth. The KV-cache path (prefill and decode, `forward_with_cache`)
+runs the layers unrolled over one array per layer and weight (`unstack_layers`) and per layer of the
+cache: a GPU's matmul fusions read those where they lie, where they copied each scanned layer's
+slices out first (docs/BENCHMARKS.md, "Lean programs"). Compute runs in `config.dtype` (bf16 by default); norms,
 RoPE, softmax and logits accumulate in float32. Model code has no training logic: the logprob
 head lives in `jaxmath.model.head`, the sampler in `jaxmath.rollout`.
 
@@ -197,19 +200,32 @@ class Attention(nnx.Module):
 
     def attend_cached(self, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
                       lora: bool) -> jax.Array:
-        """Attention over cache slots: q [b, t, n, h], keys/values [b, k, s, h] (the cache's layout),
-        mask [b, 1, t, s] -> [b, t, d]; the numerics of jax.nn.dot_product_attention's XLA path. Written
-        for the cache's layout: given [b, s, k, h] as that function wants, XLA kept the whole cache
-        transposed through the decode loops, two transposes of all of it per decode call and a
-        cache-sized temporary (docs/BENCHMARKS.md)."""
+        """Attention over cache slots: q [b, t, n, h], keys [b, k, s, h] and values [b, k, h, s] (one
+        layer's cache window, `KVCache`'s layouts), mask [b, 1, t, s] -> [b, t, d]; the numerics of
+        jax.nn.dot_product_attention's XLA path. Written for the cache's layouts: given [b, s, k, h] as that
+        function wants, XLA kept the whole cache transposed through the decode loops (docs/BENCHMARKS.md).
+
+        A one-token step compiled for a GPU contracts the values as a reduction XLA fuses with the
+        window's slice, where its matmul fusions would first copy a window sliced along their contracted
+        axis (every step, every layer: docs/BENCHMARKS.md, "Lean programs"); the keys' window is sliced
+        along a kept axis, which XLA's matmul fusion reads in place. On a CPU both stay matmuls."""
         b, t, n, h = q.shape
         kv = keys.shape[1]
         grouped = q.reshape(b, t, kv, n // kv, h)
         logits = jnp.einsum("btkgh,bksh->bkgts", grouped, keys, preferred_element_type=F32) * self.scale
         logits = jnp.where(mask[:, :, None], logits, _LARGE_NEGATIVE)
         probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(b, t, n, h)
-        return self.o_proj(out, lora)
+
+        def matmul(probs, values):
+            return jnp.einsum("bkgts,bkhs->btkgh", probs, values)
+
+        def reduction(probs, values):  # [b, k, g, t, 1, s] x [b, k, 1, 1, h, s], summed over s
+            out = jnp.sum(probs[..., None, :].astype(F32) * values[:, :, None, None].astype(F32), axis=-1)
+            return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)
+
+        out = (jax.lax.platform_dependent(probs, values, cpu=matmul, default=reduction) if t == 1
+               else matmul(probs, values))
+        return self.o_proj(out.reshape(b, t, n, h), lora)
 
     def implementation_for(self, cached: bool) -> str:
         """The attention kernel: the configured one for training and scoring (`Qwen3Config.for_platform`
@@ -254,23 +270,22 @@ class DecoderLayer(nnx.Module):
         h = h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths)
         return h + self.mlp(self.post_attn_norm(h), lora)
 
-    def decode(self, h, cos, sin, mask, k_cache, v_cache, layer_idx, write_index, lora: bool = True):
-        """Like __call__, but writes this chunk's k/v into the stacked caches [layers, b, k, s, h]
-        at slot `write_index` ([] shared, or [b] one per row for a single token) and attends over the
-        first mask.shape[-1] slots of the cache."""
+    def decode(self, h, cos, sin, mask, k_cache, v_cache, write_index, lora: bool = True):
+        """Like __call__, but writes this chunk's k/v into this layer's caches (k [b, k, s, h], v
+        [b, k, h, s]) at slot `write_index` ([] shared, or [b] one per row for a single token) and
+        attends over the first mask.shape[-1] slots of them."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
         if write_index.ndim:  # one slot per row (t == 1); a slot past the cache is dropped
             rows = jnp.arange(k.shape[0])
-            k_cache = k_cache.at[layer_idx, rows, :, write_index].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[layer_idx, rows, :, write_index].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+            k_cache = k_cache.at[rows, :, write_index].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, :, :, write_index].set(v[:, 0].astype(v_cache.dtype), mode="drop")
         else:
-            start = (layer_idx, 0, 0, write_index, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2)[None].astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2)[None].astype(v_cache.dtype), start)
-        _, b, kv_heads, _, head_dim = k_cache.shape
-        window = (1, b, kv_heads, mask.shape[-1], head_dim)
-        keys, values = (jax.lax.dynamic_slice(c, (layer_idx, 0, 0, 0, 0), window)[0].astype(q.dtype)
-                        for c in (k_cache, v_cache))
+            k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype),
+                                                   (0, 0, write_index, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.transpose(v, (0, 2, 3, 1)).astype(v_cache.dtype),
+                                                   (0, 0, 0, write_index))
+        window = mask.shape[-1]  # a static slice (none at the full cache): XLA reads it in place (attend_cached)
+        keys, values = k_cache[:, :, :window].astype(q.dtype), v_cache[..., :window].astype(q.dtype)
         h = h + self.attn.attend_cached(q, keys, values, mask, lora)
         return h + self.mlp(self.post_attn_norm(h), lora), k_cache, v_cache
 
@@ -283,27 +298,41 @@ class DecoderLayer(nnx.Module):
 class KVCache:
     """Keys and values of every layer for a batch of sequences written slot by slot.
 
-    k, v:    [layers, batch, kv_heads, max_len, head_dim]
+    k:       per layer [batch, kv_heads, max_len, head_dim]
+    v:       per layer [batch, kv_heads, head_dim, max_len]
     valid:   [batch, max_len] bool, slots holding a real token (left padding stays False)
     lengths: [batch] int32, real tokens so far = the next RoPE position of each row
     index:   [] int32, the next slot to write, shared by all rows; or [batch] int32, each row's own
              (rows admitted at different steps, decoding one token at a time: the sampler's slots)
+
+    One array per layer, so a decode step reads its layer's window where it lies and updates the slot
+    it writes in place; stacked [layers, ...], XLA copied each layer's window out before its matmuls.
+    Values keep the slots last, so the window the values are contracted over is a run of their
+    fastest axis (`Attention.attend_cached`).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     lengths: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @staticmethod
-    def shape_for(config: Qwen3Config, batch: int, max_len: int) -> tuple[int, ...]:
-        """The shape of k and v."""
-        return (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+    def layer_shapes(config: Qwen3Config, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of one layer's k and v."""
+        return ((batch, config.num_kv_heads, max_len, config.head_dim),
+                (batch, config.num_kv_heads, config.head_dim, max_len))
+
+    @staticmethod
+    def zeros(config: Qwen3Config, batch: int, max_len: int, dtype: Any) -> tuple[tuple, tuple]:
+        """(k, v): every layer's empty caches."""
+        k_shape, v_shape = KVCache.layer_shapes(config, batch, max_len)
+        layers = range(config.num_layers)
+        return tuple(jnp.zeros(k_shape, dtype) for _ in layers), tuple(jnp.zeros(v_shape, dtype) for _ in layers)
 
     @staticmethod
     def nbytes_for(config: Qwen3Config, batch: int, max_len: int, dtype: Any = None) -> int:
@@ -466,9 +495,8 @@ class Qwen3(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         c = self.config
-        shape = KVCache.shape_for(c, batch, max_len)
-        dtype = dtype or c.dtype
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
+        k, v = KVCache.zeros(c, batch, max_len, dtype or c.dtype)
+        return KVCache(k=k, v=v, valid=jnp.zeros((batch, max_len), bool),
                        lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
 
     def forward_with_cache(self, tokens: jax.Array, token_valid: jax.Array, cache: KVCache,
@@ -504,15 +532,37 @@ class Qwen3(nnx.Module):
         key_slot = jnp.arange(window, dtype=jnp.int32)
         mask = valid[:, None, :window] & (key_slot[None, None, :] <= slots[:, :, None])
         mask = (mask | (key_slot[None, None, :] == slots[:, :, None]))[:, None]  # [b, 1, t, s]
-        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-
-        def body(layer, carry, layer_idx):
-            h, k_cache, v_cache = carry
-            return layer.decode(h, cos, sin, mask, k_cache, v_cache, layer_idx, cache.index, lora)
-
-        h, k, v = self._scan_layers(body, (self.embed_tokens(tokens), cache.k, cache.v), layer_ids)
-        new_cache = KVCache(k=k, v=v, valid=valid, lengths=cache.lengths + valid_i.sum(axis=1), index=next_index)
+        h, keys, values = self.embed_tokens(tokens), [], []
+        for layer, k, v in zip(self.layer_list(), cache.k, cache.v):  # unrolled: one layer's arrays each
+            h, k, v = layer.decode(h, cos, sin, mask, k, v, cache.index, lora)
+            # Each layer's output in the compute dtype, as the scanned layers' carry holds it: unrolled,
+            # XLA would feed it on in float32 (excess precision), and the logits would move.
+            h = jax.lax.optimization_barrier(h)
+            keys.append(k)
+            values.append(v)
+        new_cache = KVCache(k=tuple(keys), v=tuple(values), valid=valid, lengths=cache.lengths + valid_i.sum(axis=1),
+                            index=next_index)
         return self.final_norm(h), new_cache
+
+    def layer_list(self) -> list[DecoderLayer]:
+        """The layers one by one: those of a per-layer model (`unstack_layers`), or slices of the
+        stacked ones (which XLA materializes on a GPU before their matmuls)."""
+        if isinstance(self.layers, DecoderLayer):
+            graphdef, state = nnx.split(self.layers)
+            return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+                    for i in range(self.config.num_layers)]
+        return list(self.layers)
+
+
+def unstack_layers(model: Qwen3) -> Qwen3:
+    """A model over the same embedding, norm and head whose layers are one module per layer, each with
+    its own arrays (a copy of the stacked layers): the decode's layout, which reads every weight where
+    it lies (`forward_with_cache` loops over the layers unrolled). Training keeps the stacked layers,
+    scanned; `jaxmath.rollout.jax_sampler` holds this copy."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    out.layers = nnx.List(model.layer_list())
+    return out
 
 
 # --- construction ----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from flax import nnx
 
 from jaxmath.model.config import Qwen3Config, dtype_from_name
 from jaxmath.model.lora import has_lora, merge_lora
-from jaxmath.model.qwen3 import KVCache, Qwen3
+from jaxmath.model.qwen3 import KVCache, Qwen3, unstack_layers
 from jaxmath.model.sharding import use_mesh
 from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout, RolloutEngine, SamplingParams
 
@@ -92,7 +92,7 @@ class SamplerConfig:
     memory_budget_bytes: bytes a sub-batch may take beyond the weights (`sub_batch_cost`); 0 = the
                          free memory the device reports (available host RAM on a CPU) less
                          `MEMORY_MARGIN`
-    lora_mode:           "merge" folds adapters into a copy of the kernels at `update_weights`,
+    lora_mode:           "merge" folds adapters into the sampler's copy of the layers at `update_weights`,
                          "on_the_fly" applies them at every step, "auto" = merge (measured faster,
                          docs/BENCHMARKS.md)
     vocab_chunk:         vocabulary rows per fused head+sampling step; 0 = the whole vocabulary
@@ -241,30 +241,62 @@ def sample_chunked(hidden: jax.Array, head_chunks: jax.Array, vocab_size: int, u
     chunks, chunk, _ = head_chunks.shape
     scale = jnp.ones((), F32) if greedy else inv_temperature.astype(F32)
 
-    def step(carry, xs):
-        run_max, run_sum, token, token_logit = carry
-        weights, index, uc = xs
-        logits = jnp.einsum("bd,vd->bv", hidden, weights.astype(hidden.dtype), preferred_element_type=F32) * scale
+    def masked(logits, index):  # logits [..., chunk] of chunk `index` ([] or [chunks, 1]); padding -inf
         ids = index * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        logits = jnp.where(ids[None, :] < vocab_size, logits, -jnp.inf)
+        return jnp.where(ids < vocab_size, logits, -jnp.inf)
+
+    def draw(logits, u0):  # one chunk: (index in the chunk, chunk max, sum of exp(logits - max))
         if greedy:
             local, chunk_max = first_argmax(logits)
-            chunk_sum = jnp.sum(jnp.exp(logits - chunk_max[:, None]), axis=-1)
-        else:
-            local, chunk_max, chunk_sum = inverse_cdf(logits, uc[:, 0])
+            return local, chunk_max, jnp.sum(jnp.exp(logits - chunk_max[:, None]), axis=-1)
+        return inverse_cdf(logits, u0)
+
+    def combine(carry, chunk_max, chunk_sum, local, logit, index, u1):
+        """The reservoir step: chunk `index`'s candidate replaces the running one with probability
+        chunk mass / mass so far (greedy: when its maximum is larger)."""
+        run_max, run_sum, token, token_logit = carry
         new_max = jnp.maximum(run_max, chunk_max)
         chunk_mass = chunk_sum * jnp.exp(chunk_max - new_max)
         new_sum = run_sum * jnp.exp(run_max - new_max) + chunk_mass
-        take = chunk_max > run_max if greedy else uc[:, 1] * new_sum < chunk_mass
+        take = chunk_max > run_max if greedy else u1 * new_sum < chunk_mass
         token = jnp.where(take, index * chunk + local, token)
-        token_logit = jnp.where(take, _picked(logits, local), token_logit)
-        return (new_max, new_sum, token, token_logit), None
+        return new_max, new_sum, token, jnp.where(take, logit, token_logit)
 
     init = (jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32), jnp.zeros((rows,), jnp.int32),
             jnp.zeros((rows,), F32))
-    xs = (head_chunks, jnp.arange(chunks, dtype=jnp.int32), jnp.moveaxis(u, 1, 0))
-    (run_max, run_sum, token, token_logit), _ = jax.lax.scan(step, init, xs)
-    return token, token_logit - run_max - jnp.log(run_sum)
+
+    def chunk_by_chunk(hidden, head_chunks, u):
+        # A CPU: one chunk's logits at a time, in its caches.
+        def step(carry, xs):
+            weights, index, uc = xs
+            logits = jnp.einsum("bd,vd->bv", hidden, weights.astype(hidden.dtype), preferred_element_type=F32) * scale
+            logits = masked(logits, index)
+            local, chunk_max, chunk_sum = draw(logits, uc[:, 0])
+            return combine(carry, chunk_max, chunk_sum, local, _picked(logits, local), index, uc[:, 1]), None
+
+        xs = (head_chunks, jnp.arange(chunks, dtype=jnp.int32), jnp.moveaxis(u, 1, 0))
+        (run_max, run_sum, token, token_logit), _ = jax.lax.scan(step, init, xs)
+        return token, token_logit - run_max - jnp.log(run_sum)
+
+    def all_at_once(hidden, head_chunks, u):
+        # A GPU: one matmul reads the head where it lies (a scan's slice of the chunked head was copied
+        # out before each chunk's matmul), every chunk draws at once from [rows, chunks, chunk] float32
+        # logits (39 MB at 64 rows), and only the reservoir's combine runs chunk after chunk.
+        logits = jnp.einsum("bd,cvd->bcv", hidden, head_chunks.astype(hidden.dtype), preferred_element_type=F32) * scale
+        logits = masked(logits, jnp.arange(chunks, dtype=jnp.int32)[:, None])
+        drawn = draw(logits.reshape(rows * chunks, chunk), u[:, :, 0].reshape(rows * chunks))
+        local, chunk_max, chunk_sum = (x.reshape(rows, chunks) for x in drawn)
+        picked = jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0]
+
+        def step(carry, xs):
+            return combine(carry, *xs), None
+
+        xs = tuple(x.T for x in (chunk_max, chunk_sum, local, picked)) + (jnp.arange(chunks, dtype=jnp.int32),
+                                                                          u[:, :, 1].T)
+        (run_max, run_sum, token, token_logit), _ = jax.lax.scan(step, init, xs)
+        return token, token_logit - run_max - jnp.log(run_sum)
+
+    return jax.lax.platform_dependent(hidden, head_chunks, u, cpu=chunk_by_chunk, default=all_at_once)
 
 
 def decode_windows(bucket: int, max_new_tokens: int, first: int) -> tuple[tuple[int, int], ...]:
@@ -324,9 +356,8 @@ class Slots:
 
 @functools.partial(jax.jit, static_argnames=("config", "rows", "cache_len", "max_new_tokens", "cache_dtype"))
 def _empty_slots(*, config: Qwen3Config, rows: int, cache_len: int, max_new_tokens: int, cache_dtype: Any) -> Slots:
-    shape = KVCache.shape_for(config, rows, cache_len)
-    cache = KVCache(k=jnp.zeros(shape, cache_dtype), v=jnp.zeros(shape, cache_dtype),
-                    valid=jnp.zeros((rows, cache_len), bool), lengths=jnp.zeros((rows,), jnp.int32),
+    k, v = KVCache.zeros(config, rows, cache_len, cache_dtype)
+    cache = KVCache(k=k, v=v, valid=jnp.zeros((rows, cache_len), bool), lengths=jnp.zeros((rows,), jnp.int32),
                     index=jnp.zeros((rows,), jnp.int32))
     outputs = (rows, max_new_tokens)
     return Slots(cache=cache, hidden=jnp.zeros((rows, config.hidden_size), config.dtype),
@@ -369,8 +400,8 @@ def _admit(slots: Slots, hidden, cache: KVCache, slot_ids, keys) -> Slots:
             return array.at[(slice(None),) * axis + (ids,)].set(value, mode="drop")
 
         c = slots.cache
-        return Slots(cache=KVCache(k=put(c.k, cache.k.astype(c.k.dtype), 1), v=put(c.v, cache.v.astype(c.v.dtype), 1),
-                                   valid=put(c.valid, cache.valid), lengths=put(c.lengths, cache.lengths),
+        layers = lambda mine, prompts: tuple(put(a, b.astype(a.dtype)) for a, b in zip(mine, prompts))
+        return Slots(cache=KVCache(k=layers(c.k, cache.k), v=layers(c.v, cache.v), valid=put(c.valid, cache.valid), lengths=put(c.lengths, cache.lengths),
                                    index=put(c.index, jnp.broadcast_to(cache.index, ids.shape))),
                      hidden=put(slots.hidden, hidden.astype(slots.hidden.dtype)), keys=put(slots.keys, keys[:, j]),
                      steps=put(slots.steps, 0), finished=put(slots.finished, False),
@@ -385,7 +416,7 @@ def _compact(slots: Slots, keep) -> Slots:
     """The slots `keep` [rows'] (indices into slots), in that order: fewer rows to decode. (A copy:
     the caller drops the old slots after it.)"""
     c = slots.cache
-    cache = KVCache(k=jnp.take(c.k, keep, axis=1), v=jnp.take(c.v, keep, axis=1), valid=c.valid[keep],
+    cache = KVCache(k=tuple(x[keep] for x in c.k), v=tuple(x[keep] for x in c.v), valid=c.valid[keep],
                     lengths=c.lengths[keep], index=c.index[keep])
     rest = {f.name: getattr(slots, f.name)[keep] for f in dataclasses.fields(Slots) if f.name != "cache"}
     return Slots(cache=cache, **rest)
@@ -473,9 +504,11 @@ def sub_batch_cost(config: Qwen3Config, *, prompt_len: int, max_new_tokens: int,
         probabilities: 14 bytes each; the KV-cache path never uses cuDNN), the MLP's
         [prompt_len, ffw] x 3 and the q/k/v, norms and residuals of each position.
     per row: its copy of the cache; the sampling working set (float32 logits of a vocabulary chunk,
-        with their exponentials; x4 over the full vocabulary for top-k/top-p's sort); a decode step's
+        with their exponentials; x4 over the full vocabulary for top-k/top-p's sort; on a GPU the float32
+        logits of the whole vocabulary, `sample_chunked`); a decode step's
         attention scores over the cache and one layer's window of keys and values; the outputs.
-    fixed: the vocabulary-chunked copy of the LM head the decode loop makes. (XLA on a CPU also
+    fixed: the vocabulary-chunked copy of the LM head the decode loop makes (the sampler's copy of the
+        layers is held beside the trainer's weights, not per sub-batch: `JaxSampler.update_weights`). (XLA on a CPU also
         upcasts bf16 weights to float32 for its dots, a fixed cost not counted here.)
     A refill prefills its prompts beside the live slots, so a prompt's cache and prefill are counted
     beside every slot's (per_prompt, per_row); a slot holds less than per_row (its cache, state and
@@ -491,7 +524,8 @@ def sub_batch_cost(config: Qwen3Config, *, prompt_len: int, max_new_tokens: int,
     width = c.vocab_size if full_vocab or not vocab_chunk else min(vocab_chunk, c.vocab_size)
     sampling = width * 4 * (4 if full_vocab else 2) + (c.vocab_size // max(width, 1) + 1) * 2 * 4
     window = 2 * cache_len * c.num_kv_heads * c.head_dim * 4  # one layer's keys and values, float32 at worst
-    per_row = (kv_row + sampling + c.num_heads * cache_len * 10 + window + per_token + max_new_tokens * 9)
+    gpu_logits = 0 if full_vocab else c.vocab_size * 4  # a GPU's decode takes a chunked head's logits at once
+    per_row = (kv_row + sampling + gpu_logits + c.num_heads * cache_len * 10 + window + per_token + max_new_tokens * 9)
     head_copy = 0 if full_vocab else (c.vocab_size + width) * c.hidden_size * compute
     return SubBatchCost(fixed=head_copy, per_prompt=per_prompt, per_row=per_row)
 
@@ -572,16 +606,18 @@ class JaxSampler(RolloutEngine):
         return self._model_config
 
     def update_weights(self, model: Qwen3) -> dict[str, float]:
-        """Generate with `model`'s current weights from now on. LoRA adapters are merged into a copy
-        of the kernels ("merge"/"auto"; the trainer's model is untouched) or applied at every step.
-        The arrays are shared, not copied, so there are no sync metrics to report."""
+        """Generate with `model`'s current weights from now on: the sampler holds its own copy of the
+        layers, one array per layer and weight (the trainer's are stacked for its scan). LoRA adapters
+        are merged into that copy ("merge"/"auto"; the trainer's model is untouched) or applied at every
+        step. The embedding and head are shared. No sync metrics to report."""
         self._model_config = model.config
-        graphdef, state = nnx.split(model)
-        if has_lora(model) and self.config.lora_mode in ("merge", "auto"):
-            # A fresh module over the same arrays: merging replaces its kernels, not the trainer's.
-            copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+        # The sampler's own layout: one copy of the layers, a module per layer (`unstack_layers`), so its
+        # decode reads every weight where it lies; merging then replaces the copy's kernels, one layer's
+        # at a time, never the trainer's.
+        copy = unstack_layers(model)
+        if has_lora(copy) and self.config.lora_mode in ("merge", "auto"):
             merge_lora(copy)
-            graphdef, state = nnx.split(copy)
+        graphdef, state = nnx.split(copy)
         # Wait for the merge, so a caller timing the weight sync times the real work.
         self._graphdef, self._state = graphdef, jax.block_until_ready(state)
         return {}
