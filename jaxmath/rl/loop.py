@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 
 from jaxmath import checkpoint as ckpt_lib
+from jaxmath.distributed import to_host
 from jaxmath import metrics as metrics_lib
 from jaxmath import optim, train_state
 from jaxmath.data.datasets import Example
@@ -291,7 +292,7 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 tokens = int(lengths.sum())
                 m: dict[str, Any] = {
                     **step_metrics, **all_stats, **phases, **sync,
-                    **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
+                    **logprob_mismatch(batch.engine_logprobs, to_host(trainer_logprobs), batch.completion_mask),
                     "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                     "informative_groups": informative,
                     "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
