@@ -248,12 +248,13 @@ class _AboveTheBar:
 def main(argv: list[str]) -> None:
     try:
         _main(argv)
-    except Exception as e:  # a bug: its traceback here; in a job of many processes the others end too
+    except Exception as e:  # a bug; in a job of many processes the others end too
         distributed = sys.modules.get("jaxmath.distributed")
-        if distributed is not None:
-            # A collective fails at once when a peer has gone: that peer's own error, or the watchdog's
-            # line about it, is the one to show (the watchdog ends this process when it has either).
-            distributed.wait_for_peer_failure()
+        if distributed is None or not distributed.joined():
+            raise
+        # A collective fails at once when a peer has gone: that peer's own error, or the watchdog's
+        # line about it, is the one to show (the watchdog ends this process when it has either).
+        distributed.wait_for_peer_failure()
         traceback.print_exc()
         first = (str(e).splitlines() or [""])[0]
         _end_job(one_line(f"{type(e).__name__}: {first}"), 1)

@@ -117,6 +117,11 @@ _ALIVE = "jaxmath/alive/"  # process id -> a counter it raises every HEARTBEAT_S
 _DONE = "jaxmath/done/"  # process id -> present once it has ended well
 
 
+def joined() -> bool:
+    """Whether this process is one of a job of several (joined by `initialize_from_env`)."""
+    return _Watchdog._thread is not None
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files (logs, metrics, plots, results): process 0 only."""
     import jax
