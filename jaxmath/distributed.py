@@ -139,9 +139,12 @@ def agree_min(value: int) -> int:
     # Through the job's key-value store, not a device collective (which would narrow int64 to int32).
     global _agreements
     _agreements += 1
-    client, key = _client(), f"jaxmath/agree/{_agreements}/"
-    client.key_value_set(f"{key}{jax.process_index()}", str(int(value)))
-    return min(int(client.blocking_key_value_get(f"{key}{p}", 10 * 60 * 1000)) for p in range(jax.process_count()))
+    client, key, me = _client(), f"jaxmath/agree/{_agreements}/", jax.process_index()
+    client.key_value_set(f"{key}{me}", str(int(value)))
+    agreed = min(int(client.blocking_key_value_get(f"{key}{p}", 10 * 60 * 1000)) for p in range(jax.process_count()))
+    if _agreements > 2:  # every process wrote this one, so each has read the earlier ones: drop one of ours
+        client.key_value_delete(f"jaxmath/agree/{_agreements - 2}/{me}")
+    return agreed
 
 
 _agreements = 0  # agree_min calls so far: every process makes the same ones, in the same order

@@ -206,6 +206,16 @@ def test_eval_two_processes_as_one(tmp_path):
             _records(two / "eval" / "completions_math500.jsonl"))
 
 
+def test_a_mesh_that_leaves_a_process_out_is_refused(tmp_path):
+    """The demo's own mesh is one device: in a job of two processes the other could not take part."""
+    args = [a for a in DEMO if a != "--config.mesh.fsdp=-1"] + ["--config.mesh.fsdp=1", f"--workdir={tmp_path}"]
+    for code, _, err in finish(start(args, 2, 1), timeout=120):
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and errors, err[-2000:]  # its own line (or the other's, whichever came first)
+        assert all("takes 1 of the 2 devices of this job's 2 processes" in e for e in errors), errors
+        assert "Traceback" not in err
+
+
 def test_an_error_in_process_0_ends_process_1(tmp_path):
     """Process 0 alone checks the workdir (a config.json that is not a config): process 1, waiting for
     it, ends with the same one line and exit code."""

@@ -25,10 +25,10 @@ from absl import logging
 from flax import nnx
 
 from jaxmath import checkpoint as ckpt_lib
-from jaxmath.distributed import to_host
 from jaxmath import metrics as metrics_lib
 from jaxmath import optim, train_state
 from jaxmath.data.datasets import Example
+from jaxmath.distributed import to_host
 from jaxmath.model import lora as lora_lib
 from jaxmath.model import sharding
 from jaxmath.model.qwen3 import Qwen3

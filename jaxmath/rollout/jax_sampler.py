@@ -52,10 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmath.distributed import agree_min, to_host
 from jaxmath.model.config import Qwen3Config, dtype_from_name
 from jaxmath.model.lora import has_lora, merge_lora
 from jaxmath.model.qwen3 import KVCache, Qwen3
-from jaxmath.distributed import agree_min, to_host
 from jaxmath.model.sharding import use_mesh
 from jaxmath.rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout, RolloutEngine, SamplingParams
 
