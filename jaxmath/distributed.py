@@ -192,7 +192,7 @@ class _Watchdog:
     """The thread that ends this process when another one fails (see the module docstring)."""
 
     _thread: threading.Thread | None = None
-    ending = threading.Event()  # set while this process is ending on its own error
+    ending = threading.Event()  # set once this process ends: on its own error, or well (at exit)
 
     @classmethod
     def start(cls) -> None:
@@ -209,6 +209,8 @@ class _Watchdog:
     @classmethod
     def _finished(cls, me: int) -> None:
         cls.ending.set()
+        # The thread stops before jax's shutdown: a call into a client being torn down aborts the process.
+        cls._thread.join(timeout=10 * HEARTBEAT_S)
         try:
             _client().key_value_set(f"{_DONE}{me}", "1", allow_overwrite=True)
         except Exception:
@@ -218,7 +220,7 @@ class _Watchdog:
     def _run(cls, me: int, count: int) -> None:
         client = _client()
         beats, last_change, last_seen = 0, {}, {}
-        while True:
+        while not cls.ending.is_set():
             now = time.monotonic()
             try:
                 beats += 1
@@ -252,7 +254,7 @@ class _Watchdog:
                     print(f"error: process {peer} of {count} stopped without a word for {PEER_TIMEOUT_S:.0f} s "
                           f"(killed, or its machine failed); ending process {me} too", file=sys.stderr, flush=True)
                     _exit_now(2)
-            time.sleep(HEARTBEAT_S)
+            cls.ending.wait(HEARTBEAT_S)
 
 
 def wait_for_peer_failure() -> None:
