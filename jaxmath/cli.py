@@ -47,11 +47,19 @@ def one_line(message: str) -> str:
 
 
 def _fail(message: str, debug: bool) -> None:
-    """Ends the run with one line on stderr (the traceback first under --debug) and exit code 2."""
+    """Ends the run with one line on stderr (the traceback first under --debug) and exit code 2; in a
+    job of many processes the others end too, each printing the same line (`jaxmath.distributed`)."""
     if debug:
         traceback.print_exc()
     print(one_line(message) + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr, flush=True)
+    _end_job(one_line(message), EXIT_USER_ERROR)
     sys.exit(EXIT_USER_ERROR)
+
+
+def _end_job(line: str, code: int) -> None:
+    """In a job of many processes: tell the others and exit now (see `jaxmath.distributed.end_job`)."""
+    if "jaxmath.distributed" in sys.modules:
+        sys.modules["jaxmath.distributed"].end_job(line, code)
 
 
 def _config_files() -> list[tuple[str, str]]:
@@ -179,6 +187,7 @@ def _interrupted(workdir: str | None) -> None:
     where = (f"the last checkpoint is {last}" if last else
              f"no checkpoint was saved yet{' in ' + workdir if workdir else ''}")
     print(f"interrupted: {where}; run the same command to resume", file=sys.stderr, flush=True)
+    _end_job(f"interrupted: {where}; run the same command to resume", EXIT_INTERRUPTED)
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -237,6 +246,22 @@ class _AboveTheBar:
 
 
 def main(argv: list[str]) -> None:
+    try:
+        _main(argv)
+    except Exception as e:  # a bug; in a job of many processes the others end too
+        distributed = sys.modules.get("jaxmath.distributed")
+        if distributed is None or not distributed.joined():
+            raise
+        # A collective fails at once when a peer has gone: that peer's own error, or the watchdog's
+        # line about it, is the one to show (the watchdog ends this process when it has either).
+        distributed.wait_for_peer_failure()
+        traceback.print_exc()
+        first = (str(e).splitlines() or [""])[0]
+        _end_job(one_line(f"{type(e).__name__}: {first}"), 1)
+        raise
+
+
+def _main(argv: list[str]) -> None:
     debug = _DEBUG.value
     workdir = None
     try:
@@ -264,14 +289,18 @@ def main(argv: list[str]) -> None:
         # JAX's allocator from the run's device plan, before any jax device is touched.
         prepare_device(cfg)
         # A multi-host job joins here, before any jax device is touched (one process: a no-op).
-        from jaxmath.distributed import initialize_from_env
+        from jaxmath import distributed
 
-        initialize_from_env()
+        if distributed.plan_from_env().process_id != 0:  # process 0 logs the run; the others only warnings
+            logging.set_verbosity(logging.WARNING)        # and errors
+        distributed.initialize_from_env()
         from jaxmath.runs import MODES, engines_line
         from jaxmath.workdir import prepare_workdir, workdir_for
 
         workdir = workdir_for(cfg, _WORKDIR.value, _config_spec)
-        prepare_workdir(cfg, workdir)
+        if distributed.is_writer():  # the others find it prepared (or end with process 0's error)
+            prepare_workdir(cfg, workdir)
+        distributed.barrier("jaxmath_workdir")
         logging.info("jaxmath %s: workdir %s", mode, workdir)
         logging.info("%s", engines_line(cfg))
         result = MODES[mode](cfg, workdir)
@@ -295,9 +324,12 @@ SUMMARY_FILE = "run_summary.json"
 def finish(cfg, workdir: str, result: dict) -> str:
     """Writes the run's whole summary to <workdir>/run_summary.json and returns the run's short last line:
     its headline figure, whether it was a smoke run, and where the rest is."""
+    from jaxmath.distributed import is_writer
+
     path = os.path.join(workdir, SUMMARY_FILE)
-    with open(path, "w") as f:
-        json.dump({k: v for k, v in result.items() if k != "meta"}, f, indent=2, default=str)
+    if is_writer():
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "meta"}, f, indent=2, default=str)
     smoke = smoke_reason(cfg, result)
     note = f"; a smoke run ({smoke}): its figures are not results" if smoke else ""
     return f"done: {_headline(result)}{note}; every figure in {path}"

@@ -42,6 +42,7 @@ from jaxmath import optim
 from jaxmath.config import ConfigError
 from jaxmath.data import demo_task
 from jaxmath.data.datasets import Example
+from jaxmath.distributed import is_writer
 from jaxmath.eval.metrics import ci95
 from jaxmath.model import init_model
 from jaxmath.model.config import Qwen3Config
@@ -184,8 +185,9 @@ class HeldOutLog:
     def get(self, arm: str, step: int, compute: Callable[[], dict]) -> dict:
         if (arm, step) not in self.records:
             record = {"arm": arm, "step": step, **compute()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps({**record, "sha256": json_digest(record)}) + "\n")
+            if is_writer():  # every process of a job computes it; process 0 writes it
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({**record, "sha256": json_digest(record)}) + "\n")
             self.records[(arm, step)] = record
         return self.records[(arm, step)]
 
@@ -282,10 +284,11 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
     # Seconds of this invocation (a rerun that reuses finished work reports only its own).
     results.update(seed=seed, seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
                    phase_seconds=phases, smoke=cfg.smoke_reason(grpo_cfg.steps))
-    with open(workdir / "demo_results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    plot_demo(log, prefix, workdir / "plots")
-    print(results_table(results))
+    if is_writer():
+        with open(workdir / "demo_results.json", "w") as f:
+            json.dump(results, f, indent=2)
+        plot_demo(log, prefix, workdir / "plots")
+        print(results_table(results))
     return results
 
 
@@ -313,6 +316,8 @@ def _check_plan(path: Path, plan: dict) -> None:
     checkpoints and report evaluations that are not its own. jaxmath.main's config.json check comes
     first and allows more steps; this one also holds the branch point derived from them, which more
     steps move, so a longer demo starts in a fresh workdir (or with --config.resume=false)."""
+    if not is_writer():  # process 0 checks (a refusal there ends every process) and writes it
+        return
     plan = json.loads(json.dumps(plan, default=str))
     if path.is_file():
         saved = json.loads(path.read_text())

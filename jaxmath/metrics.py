@@ -174,6 +174,8 @@ def plot_metrics(
     Keys with no finite value are skipped. Returns the written paths (summary last). Defaults to
     `<workdir>/plots/`.
     """
+    if jax.process_index() != 0:  # only process 0 writes
+        return []
     # Figure + Agg canvas directly: no pyplot global state, no display needed, safe in threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -256,8 +258,11 @@ def series_figure(
 
 def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
                 **figure_args: Any) -> Path:
-    """Writes `series_figure(series, **figure_args)` to `path` (a .png) and returns the path."""
+    """Writes `series_figure(series, **figure_args)` to `path` (a .png) and returns the path (process 0
+    only: the others return the path unwritten)."""
     path = Path(path)
+    if jax.process_index() != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     series_figure(series, **figure_args).savefig(path)
     return path

@@ -24,10 +24,16 @@ def build_mesh(cfg):
 
     m = build(MeshConfig, cfg.get("mesh", {}), prefix="mesh")
     try:
-        return sharding.make_mesh(m.data, m.fsdp, m.tp)
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.tp)
     except ValueError as e:
         raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tp to fit the {jax.device_count()} devices "
                           "(one of them -1 takes the rest)") from e
+    if mesh.size < jax.device_count() and jax.process_count() > 1:
+        # A process with no device in the mesh could not take part in its programs.
+        raise ConfigError(f"mesh data={m.data} fsdp={m.fsdp} tp={m.tp} takes {mesh.size} of the "
+                          f"{jax.device_count()} devices of this job's {jax.process_count()} processes; a job of many "
+                          "processes needs every device in the mesh: set one of --config.mesh.data/fsdp/tp to -1")
+    return mesh
 
 
 def load_model(cfg, mesh):
@@ -189,12 +195,19 @@ def _run_grpo(cfg, workdir: str) -> dict:
 
 def _rollout_engine(cfg, kind: str, model, mesh, lora_cfg=None):
     """The rollout engine `kind` ("jax" or "vllm") with its config section (sampler / vllm)."""
+    import jax
+
     from jaxmath.config import build
 
     if kind == "jax":
         from jaxmath.rollout.jax_sampler import JaxSampler, SamplerConfig
 
         return JaxSampler(model, build(SamplerConfig, cfg.get("sampler", {}), prefix="sampler"), mesh=mesh)
+    if jax.process_count() > 1:
+        from jaxmath.config import ConfigError
+
+        raise ConfigError("a vLLM engine in a job of many processes is not supported: use the JAX sampler "
+                          "(--config.rollout.engine=jax for GRPO, --config.eval.backend=jax for evaluation)")
     from jaxmath.rollout.vllm import make_engine
 
     from jaxmath.aot.device import current_plan

@@ -143,8 +143,12 @@ def test_plan_from_env_explicit_slurm_and_single():
     explicit = plan_from_env({"JAXMATH_COORDINATOR": "10.0.0.1:1234", "JAXMATH_NUM_PROCESSES": "4",
                               "JAXMATH_PROCESS_ID": "3", "JAXMATH_LOCAL_DEVICE_IDS": "0,1"})
     assert explicit == ProcessPlan("explicit", "10.0.0.1:1234", 4, 3, (0, 1))
-    slurm = plan_from_env({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_NODELIST": "gpu[01-02]"})
+    slurm = plan_from_env({"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_NODELIST": "gpu[01-02]",
+                           "SLURM_STEP_NODELIST": "gpu[01-02]"})
     assert (slurm.kind, slurm.num_processes, slurm.process_id) == ("slurm", 16, 5)
+    # A batch script's own shell (no srun step) is one process, not one of 16 waiting for the rest.
+    assert plan_from_env({"SLURM_NTASKS": "16", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "gpu[01-02]"}).kind == \
+        "single"
     # One SLURM task (sbatch without srun, or a one-GPU job) is a single process.
     assert plan_from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}).kind == "single"
     with pytest.raises(ValueError, match="JAXMATH_PROCESS_ID"):

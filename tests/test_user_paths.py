@@ -96,6 +96,8 @@ COVERAGE = {
     'python -m pytest -q -m "not slow" tests': "the test suite itself",
     "python -m jaxmath.bench memory --config=configs/grpo_v2.py --target=h100 "
     "[--config.rl.max_prompt_tokens=1500] [--fit]": "tests/test_aot.py (needs JAX's CUDA plugin, the aot extra)",
+    "python -m jaxmath.bench cluster --config=configs/local_full.py --target=h100 --devices=8":
+        "tests/test_cluster_plan.py::test_train_step_compiled_for_8_and_16_h100s (the aot extra; the tiny preset)",
     "python -m jaxmath.bench roofline --config=configs/grpo_v2.py --target=h100":
         "tests/test_cost.py::test_roofline_cli_on_a_tiny_model (the aot extra; a tiny model, shorter completions)",
     DISTILL: "not run: needs a teacher endpoint (an OpenAI-compatible server); tests/test_distill.py runs "

@@ -260,8 +260,14 @@ def evaluate(engine: Any, tokenizer: Any, cfg: EvalConfig, workdir: str | Path, 
     if cfg.backend != "file" and (engine is None or tokenizer is None):
         raise ValueError(f"backend {cfg.backend!r} needs an engine and a tokenizer; use backend 'file' to grade "
                          "existing completions")
+    from jaxmath.distributed import is_writer
+
     out_dir = Path(workdir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writes = is_writer()  # every process of a job generates and scores the same; process 0 writes
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:  # and shows the progress
+        cfg = dataclasses.replace(cfg, progress=False)
     meta = {"engine": cfg.backend, "versions": _versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "eval_config": dataclasses.asdict(cfg), **meta}
@@ -281,12 +287,16 @@ def evaluate(engine: Any, tokenizer: Any, cfg: EvalConfig, workdir: str | Path, 
             for record, reasons in zip(records, finish):
                 record["finish_reasons"] = reasons
         results[benchmark] = summary
+        if not writes:
+            continue
         with (out_dir / f"completions_{benchmark}.jsonl").open("w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         log.info("%s: accuracy %.1f%% +- %.1f (n=%d, %d parse failures)", benchmark, 100 * summary["accuracy"],
                  100 * summary["ci95"], summary["n"], summary["parse_failures"])
     results["meta"] = meta
+    if not writes:
+        return results
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
     (out_dir / "results.md").write_text(report.single_run_markdown(results))
     return results

@@ -28,6 +28,7 @@ from jaxmath import checkpoint as ckpt_lib
 from jaxmath import metrics as metrics_lib
 from jaxmath import optim, train_state
 from jaxmath.data.datasets import Example
+from jaxmath.distributed import to_host
 from jaxmath.model import lora as lora_lib
 from jaxmath.model import sharding
 from jaxmath.model.qwen3 import Qwen3
@@ -291,7 +292,7 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 tokens = int(lengths.sum())
                 m: dict[str, Any] = {
                     **step_metrics, **all_stats, **phases, **sync,
-                    **logprob_mismatch(batch.engine_logprobs, np.asarray(trainer_logprobs), batch.completion_mask),
+                    **logprob_mismatch(batch.engine_logprobs, to_host(trainer_logprobs), batch.completion_mask),
                     "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                     "informative_groups": informative,
                     "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmath.distributed import agree_min, to_host
 from jaxmath.model.config import Qwen3Config, dtype_from_name
 from jaxmath.model.lora import has_lora, merge_lora
 from jaxmath.model.qwen3 import KVCache, Qwen3, unstack_layers
@@ -543,8 +544,10 @@ def rows_that_fit(cost: SubBatchCost, budget_bytes: int, num_samples: int) -> in
 
 
 def _available_bytes(mesh: jax.sharding.Mesh | None) -> int:
-    """Free bytes on the (first) device: what it reports, or available host RAM on a CPU."""
-    device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+    """Free bytes on this process's first device of the mesh: what it reports, or available host RAM
+    on a CPU. (Processes of one job agree on the least of theirs: `JaxSampler.memory_budget`.)"""
+    device = (next(d for d in mesh.devices.flat if d.process_index == jax.process_index()) if mesh is not None
+              else jax.local_devices()[0])
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
@@ -644,7 +647,8 @@ class JaxSampler(RolloutEngine):
         the device's free memory less MEMORY_MARGIN (read now, so it sees the trainer's state)."""
         if self.config.memory_budget_bytes:
             return self.config.memory_budget_bytes
-        return int(_available_bytes(self.mesh) * (1 - MEMORY_MARGIN))
+        # Every process of a job must plan the same slots (they run one program together).
+        return agree_min(int(_available_bytes(self.mesh) * (1 - MEMORY_MARGIN)))
 
     def cost(self, prompt_len: int, max_new_tokens: int, full_vocab: bool) -> SubBatchCost:
         """`sub_batch_cost` for this model and sampler configuration."""
@@ -828,12 +832,12 @@ class _Run:
 
     def _collect(self) -> bool:
         """Copy the finished rows' completions out of their slots and free the slots; whether any."""
-        finished, steps = jax.device_get((self.slots.finished, self.slots.steps))
+        finished, steps = to_host((self.slots.finished, self.slots.steps))
         self.steps = np.asarray(steps, np.int64)
         done = np.flatnonzero(finished & (self.occupant >= 0))
         if not len(done):
             return False
-        tokens, logprobs, mask, stopped = jax.device_get(
+        tokens, logprobs, mask, stopped = to_host(
             (self.slots.tokens, self.slots.logprobs, self.slots.mask, self.slots.stopped))
         out = self.occupant[done]
         self.tokens[out], self.logprobs[out], self.mask[out] = tokens[done], logprobs[done], mask[done]

@@ -217,12 +217,17 @@ def run_sft(model: nnx.Module, examples: Sequence[TokenizedExample], cfg: SFTCon
 def export(model: nnx.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Merges LoRA adapters into the kernels (in place) and writes an HF-format model that
     `jaxmath.model.from_pretrained`, transformers and vLLM load; the tokenizer is saved beside it."""
+    from jaxmath.distributed import barrier, is_writer, to_host
     from jaxmath.model.hf_io import save_pretrained
 
     lora_lib.merge_lora(model)
-    save_pretrained(model, str(out_dir))
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(out_dir))
+    # Every process of a job gathers the weights (their shards are spread over the processes); process 0 writes.
+    state = to_host(nnx.state(model)) if jax.process_count() > 1 else model
+    if is_writer():
+        save_pretrained(state, str(out_dir), config=model.config)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(out_dir))
+    barrier("jaxmath_sft_export")
     return Path(out_dir)
 
 
