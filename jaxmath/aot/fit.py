@@ -58,9 +58,11 @@ def largest_fitting(candidates: Sequence[int], peak_of: Callable[[int], int], bu
 
 
 def choose_rows(knob: str, requested: int, candidates: Sequence[int], peak_of: Callable[[int], int],
-                budget: int) -> int:
+                budget: int, *, what: Callable[[int], str] | None = None) -> int:
     """`requested` rows when they fit `budget`, the largest candidate that fits when requested is 0
-    (auto); ConfigError naming the knob, its value and the largest value that fits otherwise."""
+    (auto); ConfigError naming the knob, its value and the largest value that fits otherwise.
+    what: the term that does not fit at `rows` (`phase_term`), named when not even the smallest
+    candidate fits."""
     gb = 1e9
     if requested:
         peak = peak_of(requested)
@@ -70,29 +72,62 @@ def choose_rows(knob: str, requested: int, candidates: Sequence[int], peak_of: C
         raise ConfigError(
             f"{knob}={requested} does not fit: its peak is {peak / gb:.1f} GB of a {budget / gb:.1f} GB budget; "
             + (f"the largest value that fits is {fit} (or 0 to choose it)" if fit else
-               "no value fits; shorten the sequences or train fewer parameters"))
+               "no value fits; " + (f"{what(candidates[0])}; " if what else "")
+               + "shorten the sequences or train fewer parameters"))
     fit, _ = largest_fitting(candidates, peak_of, budget)
     if not fit:
-        raise ConfigError(f"{knob}=0 (auto): not even 1 row fits a {budget / gb:.1f} GB budget; shorten the "
-                          "sequences or train fewer parameters")
+        term = what(candidates[0]) if what else f"its peak at {candidates[0]} row is {peak_of(candidates[0]) / gb:.1f} GB"
+        raise ConfigError(f"{knob}=0 (auto): not even {candidates[0]} row fits a {budget / gb:.1f} GB budget: "
+                          f"{term}; shorten the sequences (rl.max_completion_tokens, rl.max_prompt_tokens) or "
+                          "train fewer parameters (lora.rank)")
     return fit
 
 
-def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None) -> int:
+def phase_term(plan, phase: str, rows: int, target: Target) -> str:
+    """The term of `phase` at `rows` that grows with the sequence, for a refusal: the program's
+    temporaries (activations, gradients, a chunk of logits) beside the state it holds."""
+    from jaxmath.aot import plan as plan_lib
+
+    gb = 1e9
+    m = plan_lib.compile_phase(plan, phase, rows, target)
+    g = plan.grpo
+    positions = g.prompt_tokens + g.completion_tokens - 1
+    return (f"{phase} at {rows} row of {positions:,} positions peaks at {m.peak_bytes / gb:.1f} GB, of which its "
+            f"temporaries (activations, gradients, a chunk of logits) are {m.temporaries / gb:.1f} GB beside "
+            f"{(m.peak_bytes - m.temporaries) / gb:.1f} GB of weights, optimizer state and batch")
+
+
+def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None,
+                     peak: Callable[[str, int], int] | None = None) -> int:
     """Rows per GRPO train micro-batch for `plan` (`jaxmath.aot.plan.RunPlan`) on `target`: requested
     if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
     is 0. The train step and, where the run has one, the logprob pass must both fit. budget: the
     bytes JAX's programs may peak at (default `budget_bytes(target)`; a device shared with vLLM
-    passes JAX's share from `jaxmath.aot.colocate`)."""
+    passes JAX's share from `jaxmath.aot.colocate`). peak: (phase, rows) -> compiled peak bytes
+    (default `jaxmath.aot.plan.compiled_peak_bytes`; a caller that keeps its compiles passes its own)."""
     from jaxmath.aot import plan as plan_lib
 
     phases = [p for p in ("train/logprobs", "train/step") if p in plan.phases]
+    peak = peak or (lambda phase, rows: plan_lib.compiled_peak_bytes(plan, phase, rows, target))
+    budget = budget_bytes(target) if budget is None else budget
 
     def peak_of(rows: int) -> int:
-        return max(plan_lib.compiled_peak_bytes(plan, p, rows, target) for p in phases)
+        return max(peak(p, rows) for p in phases)
 
-    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of,
-                       budget_bytes(target) if budget is None else budget)
+    def what(rows: int) -> str:
+        worst = max(phases, key=lambda p: peak(p, rows))
+        return phase_term(plan, worst, rows, target)
+
+    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget, what=what)
+
+
+def with_micro_batch_rows(plan, target: Target, budget: int | None = None,
+                          peak: Callable[[str, int], int] | None = None):
+    """`plan` with its train phases at the rows `micro_batch_rows` chooses (the configured
+    loss.micro_batch_rows, checked, or the largest that fits when it is 0)."""
+    rows = micro_batch_rows(plan, target, plan.loss.micro_batch_rows, budget=budget, peak=peak)
+    phases = {name: rows if name in ("train/logprobs", "train/step") else r for name, r in plan.phases.items()}
+    return dataclasses.replace(plan, phases=phases, loss=dataclasses.replace(plan.loss, micro_batch_rows=rows))
 
 
 def local_target(capacity_bytes: int = 0) -> Target | None:

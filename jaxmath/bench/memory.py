@@ -143,13 +143,15 @@ def decode_step(plan, phase: str, steps_to: int, window: int, loop: dict) -> dic
 
 def rows_that_fit(plan, phase: str, rows: int, target, budget: float) -> tuple[int, int]:
     """(rows, peak) of the largest halving of `rows` at which `phase` fits `budget` bytes, (0, 0) when
-    none does. Sampler rows stay a multiple of the samples per prompt, train rows divide the batch."""
+    none does. Sampler rows are those `JaxSampler.plan` can run (whole groups of K, or fewer rows than
+    K with a group spread over admissions: `plan.sub_batch_rows`), train rows divide the batch."""
     from jaxmath.aot import plan as plan_lib
 
     kind = phase.split("/", 1)[1]
     if kind in ("prefill", "decode"):
-        k = (plan.rollout if phase.startswith("rollout/") else plan.evaluation).num_samples
-        candidates = [r for r in _halvings(rows) if r % k == 0]
+        gen = plan.rollout if phase.startswith("rollout/") else plan.evaluation
+        candidates = sorted({plan_lib.sub_batch_rows(plan.sampler, gen, r) for r in _halvings(rows)} - {0},
+                            reverse=True)
     else:
         batch = plan.grpo.rows if plan.grpo is not None else plan.sft.batch
         candidates = [r for r in _halvings(rows) if batch % r == 0]
@@ -181,6 +183,24 @@ def report(cfg, fv) -> dict[str, Any]:
                     sft_micro=fv.sft_micro)
     if not fv.sampler_rows:  # the sub-batch rows the sampler chooses on the target, by its memory
         plan = plan_lib.on_target(plan, target)
+    device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
+    compiled: dict[tuple[str, int], Any] = {}
+
+    def compile_at(name: str, rows: int):
+        if (name, rows) not in compiled:
+            compiled[name, rows] = plan_lib.compile_phase(plan, name, rows, target)
+        return compiled[name, rows]
+
+    if plan.grpo is not None and not fv.micro_batch_rows and not plan.loss.micro_batch_rows:
+        # loss.micro_batch_rows=0 (auto): the rows the run would pick before its weights load
+        # (`jaxmath.aot.device.fit_micro_batch_rows`), within JAX's share where vLLM shares the device.
+        from jaxmath.aot import fit
+
+        budget = device.jax_budget_bytes if device is not None else None
+        plan = fit.with_micro_batch_rows(plan, target, budget=budget,
+                                         peak=lambda name, rows: compile_at(name, rows).peak_bytes)
+        print(f"loss.micro_batch_rows=0 (auto): {plan.loss.micro_batch_rows} rows per train micro-batch fit "
+              f"{target.name}" + (f" within JAX's {_gb(budget)} GB" if budget else ""), flush=True)
     names = [p for p in plan.phases if not fv.phases or p in fv.phases]
     unknown = sorted(set(fv.phases) - set(plan.phases))
     if unknown:
@@ -191,14 +211,13 @@ def report(cfg, fv) -> dict[str, Any]:
     memories, fitting = [], {}
     budget = target.capacity_bytes - fv.headroom_bytes
     for name in names:
-        m = plan_lib.compile_phase(plan, name, plan.phases[name], target)
+        m = compile_at(name, plan.phases[name])
         memories.append(m)
         print(f"  {name}" + (f" at {m.rows} rows: peak {_gb(m.peak_bytes)} GB, attention {m.attention} "
                              f"(compiled in {m.compile_seconds} s)" if m.rows else
                              f" (estimate, not a compiled program): peak {_gb(m.peak_bytes)} GB"), flush=True)
         if fv.fit and m.rows and m.peak_bytes > budget:
             fitting[name] = rows_that_fit(plan, name, m.rows, target, budget)
-    device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
     if device is not None:  # vLLM colocated: its holdings beside each JAX phase, and its own phases
         if device.jax_budget_bytes:  # a run with JAX programs (an evaluation has none)
             device = device.with_jax_programs({m.phase: m.peak_bytes for m in memories})
