@@ -71,7 +71,8 @@ def prepare_device(cfg):
 def fit_micro_batch_rows(cfg, loss_cfg, target=None):
     """loss_cfg with loss.micro_batch_rows fitted to the device, before any weight loads: 0 (auto)
     becomes the largest that fits, a value that cannot fit is refused (ConfigError naming the knob
-    and the largest value that fits; `jaxmath.aot.fit`). target: the device (default: this process's
+    and the largest value that fits; `jaxmath.aot.fit`). A run on the JAX sampler of which not even
+    one generation row fits is refused first (`fit.check_generation`, naming the KV cache). target: the device (default: this process's
     GPU); on a CPU, or over a mesh of several devices (one device's plan would overstate a sharded
     step), loss_cfg is returned as it is (0: the whole batch at once)."""
     import dataclasses
@@ -91,6 +92,8 @@ def fit_micro_batch_rows(cfg, loss_cfg, target=None):
         return loss_cfg
     _, model_cfg = run_lib.model_config(cfg)
     plan = run_lib.run_plan(cfg, model_cfg)
+    if plan.sampler is not None:  # the JAX sampler: one row of its rollout or evaluation must fit
+        fit.check_generation(plan, target)
     rows = fit.micro_batch_rows(plan, target, loss_cfg.micro_batch_rows, budget=budget)
     if rows != loss_cfg.micro_batch_rows:
         logging.info("loss.micro_batch_rows: %d rows per micro-batch fit %s", rows, target.description)

@@ -182,6 +182,10 @@ def report(cfg, fv) -> dict[str, Any]:
     plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
                     sft_micro=fv.sft_micro)
     if not fv.sampler_rows:  # the sub-batch rows the sampler chooses on the target, by its memory
+        from jaxmath.aot import fit
+
+        if plan.sampler is not None:  # refused as the run refuses it when not even one row fits
+            fit.check_generation(plan, target)
         plan = plan_lib.on_target(plan, target)
     device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
     compiled: dict[tuple[str, int], Any] = {}
@@ -197,8 +201,7 @@ def report(cfg, fv) -> dict[str, Any]:
         from jaxmath.aot import fit
 
         budget = device.jax_budget_bytes if device is not None else None
-        plan = fit.with_micro_batch_rows(plan, target, budget=budget,
-                                         peak=lambda name, rows: compile_at(name, rows).peak_bytes)
+        plan = fit.with_micro_batch_rows(plan, target, budget=budget, compile=compile_at)
         print(f"loss.micro_batch_rows=0 (auto): {plan.loss.micro_batch_rows} rows per train micro-batch fit "
               f"{target.name}" + (f" within JAX's {_gb(budget)} GB" if budget else ""), flush=True)
     names = [p for p in plan.phases if not fv.phases or p in fv.phases]
