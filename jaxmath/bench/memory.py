@@ -6,7 +6,9 @@ The run is read from its config file with overrides exactly as `python -m jaxmat
 prefill and decode loop (one sub-batch at the rows the sampler chooses on the target by memory,
 `jaxmath.aot.plan.generation_rows`, at most `sampler.max_batch_rows`; the rollout's cache length,
 every decode window), the old-policy / reference logprob pass where the run needs one, the
-train step (micro-batches of `loss.micro_batch_rows`), the weight sync's LoRA merge (an estimate: it
+train step (micro-batches of `loss.micro_batch_rows`; its 0, "auto" as the study configs ship, is
+fitted to the target as the run fits it before weights load, `jaxmath.aot.fit`, within JAX's share
+where vLLM shares the device), the weight sync's LoRA merge (an estimate: it
 runs eagerly) and periodic evaluation's generation; for SFT the train step (`sft.micro_batch_size`)
 and the held-out loss; for the eval config its generation. Each is compiled for the target
 (`--target=h100|h200` with the CUDA plugin of the `aot` extra, no GPU needed; `cpu` for this
@@ -37,6 +39,7 @@ GB = 1e9
 STUDY = {"full": dict(weights=8e9, optimizer=32e9, gradients=8e9, activations=10e9, kv_cache=8e9, peak=66e9),
          "lora_r64": dict(weights=8e9, optimizer=0.5e9, gradients=0.3e9, activations=10e9, kv_cache=8e9,
                           peak=27e9)}
+SWEEP_MICRO_ROWS = 16  # --sweep's rows per micro-batch when neither the flag nor the config sets them
 FIELDS = ("weights", "optimizer", "gradients", "activations", "kv_cache", "peak")
 
 
@@ -55,8 +58,8 @@ def _flags(argv: list[str]):
     flags.DEFINE_enum("target", "cpu", TARGETS, "the device to compile for", flag_values=fv)
     flags.DEFINE_string("preset", "", f"model preset (default: model.preset, model.path's config.json, "
                                       f"else {run_lib.DEFAULT_PRESET})", flag_values=fv)
-    flags.DEFINE_integer("micro_batch_rows", 0, "GRPO rows per train micro-batch (0: loss.micro_batch_rows)",
-                         flag_values=fv)
+    flags.DEFINE_integer("micro_batch_rows", 0, "GRPO rows per train micro-batch (0: loss.micro_batch_rows, "
+                         "whose 0 is fitted to the target; --sweep: 16)", flag_values=fv)
     flags.DEFINE_integer("sampler_rows", 0, "rows per sampler sub-batch (0: as sampler.max_batch_rows gives)",
                          flag_values=fv)
     flags.DEFINE_integer("sft_micro", 0, "SFT rows per micro-batch (0: sft.micro_batch_size)", flag_values=fv)
@@ -328,7 +331,10 @@ def sweep(cfg, fv) -> dict[str, dict]:
     target = load_target(fv.target)
     model_name, model_cfg = model_config(cfg, fv.preset)
     prompts, prompt_tokens = cfg.rl.prompts_per_step, cfg.rl.max_prompt_tokens
-    micro, chunk, rank = fv.micro_batch_rows or cfg.loss.micro_batch_rows, cfg.loss.logprob_chunk, cfg.lora.rank or 64
+    # One micro-batch size for every cell, so the cells compare: --micro_batch_rows, the config's, else
+    # SWEEP_MICRO_ROWS (the configs pick theirs per device and length: loss.micro_batch_rows=0).
+    micro = fv.micro_batch_rows or cfg.loss.micro_batch_rows or SWEEP_MICRO_ROWS
+    chunk, rank = cfg.loss.logprob_chunk, cfg.lora.rank or 64
     print(f"memory sweep: {model_name} for {target.name}, {prompts} prompts x K, prompt {prompt_tokens} tokens, "
           f"micro-batch {micro} rows", flush=True)
     results: dict[str, dict] = {}
