@@ -129,8 +129,9 @@ def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg):
 
 
 def test_sft_chunked_loss_and_gradients_equal_unchunked():
-    """SFT's summed NLL and its gradient with the LM head in chunks of 5 positions and remat equal
-    those of full logits in one piece without remat."""
+    """SFT's summed NLL and its gradient with the LM head in chunks of 5 positions and remat ("full",
+    and "offload": each layer's saved input in host memory) equal those of full logits in one piece
+    without remat."""
     from flax import nnx
 
     rng = np.random.RandomState(2)
@@ -143,8 +144,10 @@ def test_sft_chunked_loss_and_gradients_equal_unchunked():
              "loss_mask": real & (np.arange(seq)[None] >= 2) & (np.arange(seq)[None] < lengths[:, None] - 1)}
     batch = jax.tree.map(jnp.asarray, batch)
     graphdef, trainable, frozen = step_lib.split_trainable(_model(with_lora=False))
+    # model.remat "offload": each layer's saved input in host memory, the same gradient
+    offload_graphdef, _, _ = step_lib.split_trainable(_model(remat="offload", with_lora=False))
 
-    def chunked(t):
+    def chunked(t, graphdef=graphdef):
         return sft_step.token_nll(graphdef, t, frozen, batch, chunk_size=5, remat=True, one_document_per_row=True)[0]
 
     def full(t):
@@ -154,8 +157,11 @@ def test_sft_chunked_loss_and_gradients_equal_unchunked():
         return -jnp.sum(jnp.where(batch["loss_mask"], logprobs, 0.0))
 
     np.testing.assert_allclose(chunked(trainable), full(trainable), rtol=1e-5)
-    for g, w in zip(jax.tree.leaves(jax.grad(chunked)(trainable)), jax.tree.leaves(jax.grad(full)(trainable))):
-        np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
+    want = jax.tree.leaves(jax.grad(full)(trainable))
+    for remat_graphdef in (graphdef, offload_graphdef):
+        got = jax.grad(lambda t: chunked(t, remat_graphdef))(trainable)
+        for g, w in zip(jax.tree.leaves(got), want):
+            np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -106,29 +106,56 @@ def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = 
     if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
     is 0. The train step and, where the run has one, the logprob pass must both fit. budget: the
     bytes JAX's programs may peak at (default `budget_bytes(target)`; a device shared with vLLM
-    passes JAX's share from `jaxmath.aot.colocate`). compile: (phase, rows) -> PhaseMemory (default
-    `jaxmath.aot.plan.compile_phase` on `target`; a caller that keeps its compiles passes its own)."""
-    import functools
-
+    passes JAX's share from `jaxmath.aot.colocate`). compile: (plan, phase, rows) -> PhaseMemory
+    (default `jaxmath.aot.plan.compile_phase` on `target`; a caller that keeps its compiles passes its own)."""
     from jaxmath.aot import plan as plan_lib
 
     phases = [p for p in ("train/logprobs", "train/step") if p in plan.phases]
-    compile = compile or functools.cache(lambda phase, rows: plan_lib.compile_phase(plan, phase, rows, target))
+    compile = compile or _compiler(target)
     budget = budget_bytes(target) if budget is None else budget
 
     def peak_of(rows: int) -> int:
-        return max(compile(p, rows).peak_bytes for p in phases)
+        return max(compile(plan, p, rows).peak_bytes for p in phases)
 
     def what(rows: int) -> str:
-        return phase_term(plan, max((compile(p, rows) for p in phases), key=lambda m: m.peak_bytes))
+        return phase_term(plan, max((compile(plan, p, rows) for p in phases), key=lambda m: m.peak_bytes))
 
     return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget, what=what)
 
 
+def _compiler(target: Target) -> Callable:
+    from jaxmath.aot import plan as plan_lib
+
+    cache = {}
+
+    def compile(plan, phase, rows):
+        key = (plan.model.remat, phase, rows)
+        if key not in cache:
+            cache[key] = plan_lib.compile_phase(plan, phase, rows, target)
+        return cache[key]
+
+    return compile
+
+
 def with_micro_batch_rows(plan, target: Target, budget: int | None = None, compile: Callable | None = None):
     """`plan` with its train phases at the rows `micro_batch_rows` chooses (the configured
-    loss.micro_batch_rows, checked, or the largest that fits when it is 0)."""
-    rows = micro_batch_rows(plan, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+    loss.micro_batch_rows, checked, or the largest that fits when it is 0). Where not even one row fits
+    with model.remat "full" on a GPU, the plan moves each layer's saved input to host memory
+    (remat "offload": the same update, the device keeps one layer's working set) and takes the rows
+    that fit so; the returned plan's model carries that choice, which the run then trains with."""
+    compile = compile or _compiler(target)
+    try:
+        rows = micro_batch_rows(plan, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+    except ConfigError as refused:
+        if not (plan.model.remat == "full" and target.is_gpu):
+            raise
+        offloaded = dataclasses.replace(plan, model=plan.model.replace(remat="offload"))
+        try:
+            rows = micro_batch_rows(offloaded, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+        except ConfigError:
+            raise ConfigError(f"{refused} (nor with each layer's saved input offloaded to host memory, "
+                              "model.remat=offload)") from None
+        plan = offloaded
     phases = {name: rows if name in ("train/logprobs", "train/step") else r for name, r in plan.phases.items()}
     return dataclasses.replace(plan, phases=phases, loss=dataclasses.replace(plan.loss, micro_batch_rows=rows))
 

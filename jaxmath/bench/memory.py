@@ -191,12 +191,13 @@ def report(cfg, fv) -> dict[str, Any]:
             fit.check_generation(plan, target)
         plan = plan_lib.on_target(plan, target)
     device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
-    compiled: dict[tuple[str, int], Any] = {}
+    compiled: dict[tuple[str, str, int], Any] = {}
 
-    def compile_at(name: str, rows: int):
-        if (name, rows) not in compiled:
-            compiled[name, rows] = plan_lib.compile_phase(plan, name, rows, target)
-        return compiled[name, rows]
+    def compile_at(plan_, name: str, rows: int):
+        key = (plan_.model.remat, name, rows)
+        if key not in compiled:
+            compiled[key] = plan_lib.compile_phase(plan_, name, rows, target)
+        return compiled[key]
 
     if plan.grpo is not None and not fv.micro_batch_rows and not plan.loss.micro_batch_rows:
         # loss.micro_batch_rows=0 (auto): the rows the run would pick before its weights load
@@ -206,7 +207,9 @@ def report(cfg, fv) -> dict[str, Any]:
         budget = device.jax_budget_bytes if device is not None else None
         plan = fit.with_micro_batch_rows(plan, target, budget=budget, compile=compile_at)
         print(f"loss.micro_batch_rows=0 (auto): {plan.loss.micro_batch_rows} rows per train micro-batch fit "
-              f"{target.name}" + (f" within JAX's {_gb(budget)} GB" if budget else ""), flush=True)
+              f"{target.name}" + (f" within JAX's {_gb(budget)} GB" if budget else "")
+              + (", each layer's saved input in host memory (model.remat=offload)"
+                 if plan.model.remat == "offload" and cfg.model.remat != "offload" else ""), flush=True)
     names = [p for p in plan.phases if not fv.phases or p in fv.phases]
     unknown = sorted(set(fv.phases) - set(plan.phases))
     if unknown:
@@ -217,7 +220,7 @@ def report(cfg, fv) -> dict[str, Any]:
     memories, fitting = [], {}
     budget = target.capacity_bytes - fv.headroom_bytes
     for name in names:
-        m = compile_at(name, plan.phases[name])
+        m = compile_at(plan, name, plan.phases[name])
         memories.append(m)
         print(f"  {name}" + (f" at {m.rows} rows: peak {_gb(m.peak_bytes)} GB, attention {m.attention} "
                              f"(compiled in {m.compile_seconds} s)" if m.rows else
@@ -275,6 +278,7 @@ def report(cfg, fv) -> dict[str, Any]:
             "phases": {**vllm_phases, **{m.phase: {"peak_bytes": int(m.peak_bytes), "attention": m.attention, "rows": m.rows,
                                  "arguments": m.arguments, "temporaries": m.temporaries, "outputs": m.outputs,
                                  "aliased": m.aliased, "resident": m.resident,
+                                 "host_temporaries": m.host_temporaries, "remat": plan.model.remat,
                                  "compile_seconds": m.compile_seconds,
                                  "copies": m.traffic and {k: v for k, v in m.traffic.items() if k != "loops"},
                                  **({"decode_steps": steps[m.phase]} if m.phase in steps else {}),
