@@ -51,7 +51,11 @@ nobody mistakes them for the study's:
 What every row sets on top: rollouts and the periodic evaluation on vLLM colocated with the JAX trainer
 (the design card's path: `rollout.engine = "vllm"`; `--config.rollout.engine=jax` runs them on the
 in-process JAX sampler instead, with nothing more to install), the device split between the two by
-`jaxmath.aot.colocate`, 16 rows per train micro-batch, and the periodic evaluation on MATH-500.
+`jaxmath.aot.colocate`, the rows per train micro-batch chosen by the plan for the device before weights
+load (`loss.micro_batch_rows = 0`, `jaxmath.aot.fit`; on an H100 beside the sleeping vLLM: 32 rows for
+grpo_v2 at its 4,096 completion tokens, 1 at 131,072, 8 for local_full at 2,048, 1 at 32,768;
+docs/BENCHMARKS.md, "Long completions"; results do not depend on them), and the periodic evaluation on
+MATH-500.
 """
 
 import dataclasses
@@ -127,7 +131,6 @@ def study_row(name: str, *, learning_rate: float) -> ml_collections.ConfigDict:
         if _dataclass_default(section, field) != value:  # the defaults already hold the rest
             c[section][field] = value
     c.rollout.engine = "vllm"
-    c.loss.micro_batch_rows = 16
     c.eval.benchmarks = "math500"
     return c
 

@@ -15,9 +15,6 @@ def get_config():
     c.data.train = "math_train_hard"
     c.lora.rank = 0  # full-parameter training
     c.optimizer.master_fp32 = True
-    # 8 rows per micro-batch (the same update as 16): at 16 the step peaks at 72.0 GB on an H100, over
-    # the 68.1 GB JAX may take beside the sleeping vLLM (docs/BENCHMARKS.md, "vLLM beside the trainer").
-    c.loss.micro_batch_rows = 8
     c.eval.max_new_tokens = 2048  # evaluate at the training budget
     c.lock()
     return c

@@ -102,7 +102,8 @@ def test_each_config_lists_the_programs_its_run_executes():
     jax_engine = "--config.rollout.engine=jax"
     grpo = _plan("--config=configs/grpo_v2.py", jax_engine)
     assert list(grpo.phases) == ["rollout/prefill", "rollout/decode", "train/step", "sync/merge"]
-    assert grpo.phases["rollout/decode"] == 128 and grpo.phases["train/step"] == 16  # 8 prompts x 16; loss
+    # 8 prompts x 16; loss.micro_batch_rows=0 (auto): the whole batch until fitted to a device (jaxmath.aot.fit)
+    assert grpo.phases["rollout/decode"] == 128 and grpo.phases["train/step"] == 128 and grpo.loss.micro_batch_rows == 0
     assert grpo.grpo.prompt_tokens == 1024 and grpo.grpo.completion_tokens == 4096
     # importance correction needs the old-policy pass; periodic evaluation generates with the sampler
     assert "train/logprobs" in _plan("--config=configs/grpo_v2.py", "--config.loss.tis_cap=2.0").phases
@@ -198,6 +199,71 @@ def test_largest_fitting_rows_for_a_capacity():
         fit.choose_rows("loss.micro_batch_rows", 32, candidates, peak_of, 72e9)
     with pytest.raises(ConfigError, match=r"loss\.micro_batch_rows=0 \(auto\): not even 1 row"):
         fit.choose_rows("loss.micro_batch_rows", 0, candidates, peak_of, 11e9)
+    # a refusal names the term that does not fit, in one line
+    with pytest.raises(ConfigError) as refused:
+        fit.choose_rows("loss.micro_batch_rows", 0, candidates, peak_of, 11e9,
+                        what=lambda rows: f"the step's activations at {rows} row")
+    assert "\n" not in str(refused.value) and "fits a 11.0 GB budget: the step's activations at 1 row;" in str(refused.value)
+
+
+def test_the_plan_offloads_layer_inputs_only_where_not_one_row_fits_otherwise():
+    """`fit.with_micro_batch_rows` on GRPO v2's plan with made-up compiled peaks (no compile): where one
+    row fits with model.remat "full" it stays; where none does on a GPU target, the plan retries with
+    each layer's saved input in host memory ("offload") and carries that choice; where neither fits,
+    one line says so; on a CPU target there is no retry."""
+    from jaxmath.aot import fit
+    from jaxmath.config import ConfigError
+
+    plan = _grpo_v2_plan(loss=__import__("jaxmath.rl.step", fromlist=["x"]).LossConfig(micro_batch_rows=0))
+    h100 = targets.load_target("h100")
+    calls = []
+
+    def compiler(per_row):
+        def compile(plan_, phase, rows):
+            calls.append((plan_.model.remat, rows))
+            peak = int(10e9 + per_row[plan_.model.remat] * rows)
+            return SimpleNamespace(phase=phase, rows=rows, peak_bytes=peak, temporaries=peak - int(10e9))
+        return compile
+
+    fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 20e9, "offload": 9e9}))
+    assert fitted.model.remat == "full" and fitted.loss.micro_batch_rows == 2 and fitted.phases["train/step"] == 2
+    assert {remat for remat, _ in calls} == {"full"}
+    fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 80e9, "offload": 25e9}))
+    assert fitted.model.remat == "offload" and fitted.loss.micro_batch_rows == 2
+    with pytest.raises(ConfigError) as refused:
+        fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 80e9, "offload": 70e9}))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("loss.micro_batch_rows=0 (auto): not even 1 row fits")
+    assert message.endswith("(nor with each layer's saved input offloaded to host memory, model.remat=offload)")
+    cpu = fit.with_capacity(targets.load_target("cpu"), 80e9)
+    with pytest.raises(ConfigError, match="not even 1 row") as refused:
+        fit.with_micro_batch_rows(plan, cpu, budget=int(70e9), compile=compiler({"full": 80e9, "offload": 25e9}))
+    assert "offload" not in str(refused.value)
+
+
+def test_a_generation_of_which_not_one_row_fits_is_refused_naming_the_kv_cache():
+    """The JAX sampler at GRPO v2's shapes (Qwen3-4B, K=16) on an 80 GB device: at 32,768 and 131,072
+    completion tokens fewer rows than K fit, and the plan takes them (the sampler spreads a group over
+    admissions, `JaxSampler.plan`); at 259,072 not one row does, and the run is refused before any
+    weight loads, in one line naming the KV cache (abstract shapes only, no compile)."""
+    from jaxmath.aot import fit
+    from jaxmath.config import ConfigError
+    from jaxmath.rollout.jax_sampler import rows_that_fit, sub_batch_cost
+
+    device = fit.with_capacity(targets.load_target("cpu"), 80e9)
+    rows = {}
+    for tokens in (4096, 32768, 131072):
+        plan = _grpo_v2_plan(max_completion_tokens=tokens)
+        rows[tokens] = plan_lib.generation_rows(plan, "rollout/decode", device)
+        fit.check_generation(plan, device)  # does not raise
+        cost = sub_batch_cost(plan.model, prompt_len=1024, max_new_tokens=tokens)
+        assert rows[tokens] == min(rows_that_fit(cost, plan_lib.sampler_budget(plan, device), 16), 64)
+    assert rows[4096] == 64 and 1 <= rows[131072] < rows[32768] < 16
+    with pytest.raises(ConfigError) as refused:
+        fit.check_generation(_grpo_v2_plan(max_completion_tokens=259072), device)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("rollout/decode: not even one row fits")
+    assert "KV cache of 260,096 positions" in message and "rl.max_completion_tokens" in message
 
 
 @pytest.mark.slow
@@ -335,3 +401,29 @@ def test_grpo_v2_fits_a_device_by_construction():
         assert m.peak_bytes <= budget, (phase, rows, m.peak_bytes)
         if phase == "train/step":
             assert m.attention == "cudnn"
+
+
+@pytest.mark.aot
+@pytest.mark.slow  # compiles Qwen3-4B's train step (and logprob pass) for an H100 a few times: minutes
+@needs_plugin
+@config_loader
+@pytest.mark.parametrize("config,tokens,rows,remat", [("grpo_v2", 131072, 1, "full"), ("local_full", 32768, 1, "full"),
+                                                      ("local_full", 65536, 1, "offload")])
+def test_long_completions_fit_an_h100_by_construction(config, tokens, rows, remat):
+    """The command of issue 27 as a user runs it: GRPO v2 (LoRA) at 131,072 completion tokens and
+    local_full (full-parameter) at 32,768 on one H100, the study's model and vLLM colocated as
+    shipped: the plan picks the rows per micro-batch itself and every phase fits. local_full at
+    65,536 fits only with each layer's saved input in host memory, which the plan picks."""
+    cmd = [sys.executable, "-m", "jaxmath.bench", "memory", f"--config=configs/{config}.py", "--target=h100",
+           f"--config.rl.max_completion_tokens={tokens}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fits"] and result["peak_bytes"] <= H100_BUDGET
+    step = result["phases"]["train/step"]
+    assert step["rows"] == rows and step["attention"] == "cudnn" and step["remat"] == remat
+    assert (step["host_temporaries"] > 0) == (remat == "offload")
+    assert result["kv_cache_rows"] >= 1 and result["device_plan"]["max_model_len"] >= tokens
+    for phase in ("train/step", "train/logprobs"):
+        if phase in result["phases"]:
+            assert result["phases"][phase]["holds"]["jax/program"] <= result["jax_budget_bytes"]

@@ -71,7 +71,10 @@ def prepare_device(cfg):
 def fit_micro_batch_rows(cfg, loss_cfg, target=None):
     """loss_cfg with loss.micro_batch_rows fitted to the device, before any weight loads: 0 (auto)
     becomes the largest that fits, a value that cannot fit is refused (ConfigError naming the knob
-    and the largest value that fits; `jaxmath.aot.fit`). target: the device (default: this process's
+    and the largest value that fits; `jaxmath.aot.fit`). A run on the JAX sampler of which not even
+    one generation row fits is refused first (`fit.check_generation`, naming the KV cache). Where not
+    one train row fits with model.remat "full", the plan's "offload" is written into cfg.model.remat,
+    which the model is then built with (`fit.with_micro_batch_rows`). target: the device (default: this process's
     GPU); on a CPU, or over a mesh of several devices (one device's plan would overstate a sharded
     step), loss_cfg is returned as it is (0: the whole batch at once)."""
     import dataclasses
@@ -91,9 +94,16 @@ def fit_micro_batch_rows(cfg, loss_cfg, target=None):
         return loss_cfg
     _, model_cfg = run_lib.model_config(cfg)
     plan = run_lib.run_plan(cfg, model_cfg)
-    rows = fit.micro_batch_rows(plan, target, loss_cfg.micro_batch_rows, budget=budget)
+    if plan.sampler is not None:  # the JAX sampler: one row of its rollout or evaluation must fit
+        fit.check_generation(plan, target)
+    plan = fit.with_micro_batch_rows(dataclasses.replace(plan, loss=loss_cfg), target, budget=budget)
+    rows = plan.loss.micro_batch_rows
     if rows != loss_cfg.micro_batch_rows:
         logging.info("loss.micro_batch_rows: %d rows per micro-batch fit %s", rows, target.description)
+    if plan.model.remat != cfg.model.remat:  # the plan moved each layer's saved input to the host
+        logging.info("model.remat: %s (each layer's saved input in host memory) to fit %s", plan.model.remat,
+                     target.description)
+        cfg.model.remat = plan.model.remat
     return dataclasses.replace(loss_cfg, micro_batch_rows=rows)
 
 

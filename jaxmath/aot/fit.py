@@ -11,7 +11,9 @@ Candidates are the divisors of the step's rows (a micro-batch must divide the ba
 bisection since memory grows with rows: a handful of compiles.
 
 The sampler's sub-batch rows are chosen by the sampler itself at every request (`JaxSampler.plan`,
-`rows_that_fit`); `jaxmath.aot.plan.generation_rows` is the same choice for a target.
+`rows_that_fit`; fewer rows than a group's K when not one group fits, the group then spread over
+admissions); `jaxmath.aot.plan.generation_rows` is the same choice for a target, and `check_generation`
+refuses, before any weight loads, a run of which not even one row fits.
 
 `local_target()` is the device this process runs on, as a Target: on a GPU its capacity is what the
 device reports (`memory_stats()["bytes_limit"]`, which follows XLA_PYTHON_CLIENT_MEM_FRACTION); on a
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Sequence
+
+import numpy as np
 
 from jaxmath.aot.targets import Target
 from jaxmath.config import ConfigError
@@ -58,9 +62,11 @@ def largest_fitting(candidates: Sequence[int], peak_of: Callable[[int], int], bu
 
 
 def choose_rows(knob: str, requested: int, candidates: Sequence[int], peak_of: Callable[[int], int],
-                budget: int) -> int:
+                budget: int, *, what: Callable[[int], str] | None = None) -> int:
     """`requested` rows when they fit `budget`, the largest candidate that fits when requested is 0
-    (auto); ConfigError naming the knob, its value and the largest value that fits otherwise."""
+    (auto); ConfigError naming the knob, its value and the largest value that fits otherwise.
+    what: the term that does not fit at `rows` (`phase_term`), named when not even the smallest
+    candidate fits."""
     gb = 1e9
     if requested:
         peak = peak_of(requested)
@@ -70,29 +76,116 @@ def choose_rows(knob: str, requested: int, candidates: Sequence[int], peak_of: C
         raise ConfigError(
             f"{knob}={requested} does not fit: its peak is {peak / gb:.1f} GB of a {budget / gb:.1f} GB budget; "
             + (f"the largest value that fits is {fit} (or 0 to choose it)" if fit else
-               "no value fits; shorten the sequences or train fewer parameters"))
+               "no value fits; " + (f"{what(candidates[0])}; " if what else "")
+               + "shorten the sequences or train fewer parameters"))
     fit, _ = largest_fitting(candidates, peak_of, budget)
     if not fit:
-        raise ConfigError(f"{knob}=0 (auto): not even 1 row fits a {budget / gb:.1f} GB budget; shorten the "
-                          "sequences or train fewer parameters")
+        term = what(candidates[0]) if what else f"its peak at {candidates[0]} row is {peak_of(candidates[0]) / gb:.1f} GB"
+        raise ConfigError(f"{knob}=0 (auto): not even {candidates[0]} row fits a {budget / gb:.1f} GB budget: "
+                          f"{term}; shorten the sequences (rl.max_completion_tokens, rl.max_prompt_tokens) or "
+                          "train fewer parameters (lora.rank)")
     return fit
 
 
-def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None) -> int:
+def phase_term(plan, memory) -> str:
+    """The term of a compiled phase (`jaxmath.aot.plan.PhaseMemory`) that grows with the sequence, for
+    a refusal: the program's temporaries (activations, gradients, a chunk of logits) beside the state
+    it holds."""
+    gb = 1e9
+    g = plan.grpo
+    positions = g.prompt_tokens + g.completion_tokens - 1
+    return (f"{memory.phase} at {memory.rows} row of {positions:,} positions peaks at {memory.peak_bytes / gb:.1f} GB, "
+            f"of which its temporaries (activations, gradients, a chunk of logits) are "
+            f"{memory.temporaries / gb:.1f} GB beside {(memory.peak_bytes - memory.temporaries) / gb:.1f} GB of "
+            "weights, optimizer state and batch")
+
+
+def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None,
+                     compile: Callable | None = None) -> int:
     """Rows per GRPO train micro-batch for `plan` (`jaxmath.aot.plan.RunPlan`) on `target`: requested
     if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
     is 0. The train step and, where the run has one, the logprob pass must both fit. budget: the
     bytes JAX's programs may peak at (default `budget_bytes(target)`; a device shared with vLLM
-    passes JAX's share from `jaxmath.aot.colocate`)."""
+    passes JAX's share from `jaxmath.aot.colocate`). compile: (plan, phase, rows) -> PhaseMemory
+    (default `jaxmath.aot.plan.compile_phase` on `target`; a caller that keeps its compiles passes its own)."""
     from jaxmath.aot import plan as plan_lib
 
     phases = [p for p in ("train/logprobs", "train/step") if p in plan.phases]
+    compile = compile or _compiler(target)
+    budget = budget_bytes(target) if budget is None else budget
 
     def peak_of(rows: int) -> int:
-        return max(plan_lib.compiled_peak_bytes(plan, p, rows, target) for p in phases)
+        return max(compile(plan, p, rows).peak_bytes for p in phases)
 
-    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of,
-                       budget_bytes(target) if budget is None else budget)
+    def what(rows: int) -> str:
+        return phase_term(plan, max((compile(plan, p, rows) for p in phases), key=lambda m: m.peak_bytes))
+
+    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget, what=what)
+
+
+def _compiler(target: Target) -> Callable:
+    from jaxmath.aot import plan as plan_lib
+
+    cache = {}
+
+    def compile(plan, phase, rows):
+        key = (plan.model.remat, phase, rows)
+        if key not in cache:
+            cache[key] = plan_lib.compile_phase(plan, phase, rows, target)
+        return cache[key]
+
+    return compile
+
+
+def with_micro_batch_rows(plan, target: Target, budget: int | None = None, compile: Callable | None = None):
+    """`plan` with its train phases at the rows `micro_batch_rows` chooses (the configured
+    loss.micro_batch_rows, checked, or the largest that fits when it is 0). Where not even one row fits
+    with model.remat "full" on a GPU, the plan moves each layer's saved input to host memory
+    (remat "offload": the same update, the device keeps one layer's working set) and takes the rows
+    that fit so; the returned plan's model carries that choice, which the run then trains with."""
+    compile = compile or _compiler(target)
+    try:
+        rows = micro_batch_rows(plan, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+    except ConfigError as refused:
+        if not (plan.model.remat == "full" and target.is_gpu):
+            raise
+        offloaded = dataclasses.replace(plan, model=plan.model.replace(remat="offload"))
+        try:
+            rows = micro_batch_rows(offloaded, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+        except ConfigError:
+            raise ConfigError(f"{refused} (nor with each layer's saved input offloaded to host memory, "
+                              "model.remat=offload)") from None
+        plan = offloaded
+    phases = {name: rows if name in ("train/logprobs", "train/step") else r for name, r in plan.phases.items()}
+    return dataclasses.replace(plan, phases=phases, loss=dataclasses.replace(plan.loss, micro_batch_rows=rows))
+
+
+def check_generation(plan, target: Target) -> None:
+    """ConfigError, in one line naming the term that does not fit, when not even one row of a
+    generation phase of `plan` (the JAX sampler's rollout or evaluation) fits `target`: one sample's
+    KV cache and its prompt's prefill beside what the run holds (`jaxmath.aot.plan.generation_rows`,
+    the choice `JaxSampler.plan` makes on the device). Fewer rows than K are fine: the sampler spreads
+    a group over admissions."""
+    from jaxmath.aot import plan as plan_lib
+    from jaxmath.model.config import dtype_from_name
+    from jaxmath.model.qwen3 import KVCache
+
+    gb = 1e9
+    for phase in [p for p in plan.phases if p.endswith("/decode")]:
+        if plan_lib.generation_rows(plan, phase, target):
+            continue
+        gen = plan.rollout if phase.startswith("rollout/") else plan.evaluation
+        cfg = plan.sampler
+        cache_dtype = dtype_from_name(cfg.cache_dtype) if cfg.cache_dtype else plan.model.dtype
+        cache_len = plan_lib.sampler_bucket(cfg, gen.prompt_tokens) + gen.max_new_tokens
+        row = KVCache.nbytes_for(plan.model, 1, cache_len, cache_dtype)
+        knob = "rl.max_completion_tokens" if phase.startswith("rollout/") else "eval.max_new_tokens"
+        raise ConfigError(
+            f"{phase}: not even one row fits {target.description}: one sample's KV cache of {cache_len:,} "
+            f"positions ({row / gb:.1f} GB in {np.dtype(cache_dtype).name}), held twice while its prompt is "
+            f"prefilled, does not fit the sampler's {plan_lib.sampler_budget(plan, target) / gb:.1f} GB beside "
+            f"the trainer's state; lower {knob}" + (", set sampler.cache_dtype=bfloat16" if np.dtype(cache_dtype).itemsize > 2
+                                                     else "") + " or train fewer parameters (lora.rank)")
 
 
 def local_target(capacity_bytes: int = 0) -> Target | None:

@@ -311,6 +311,7 @@ class PhaseMemory:
     attention: str
     compile_seconds: float
     traffic: dict | None = None  # `jaxmath.aot.hlo.program_traffic` of the compiled program
+    host_temporaries: int = 0  # temporaries in host memory (remat "offload": each layer's saved input)
     compiled: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -356,6 +357,7 @@ def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep:
     text = compiled.as_text()
     return PhaseMemory(phase=phase, rows=rows, arguments=int(stats.argument_size_in_bytes),
                        temporaries=int(stats.temp_size_in_bytes), outputs=int(stats.output_size_in_bytes),
+                       host_temporaries=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
                        aliased=int(stats.alias_size_in_bytes), resident=resident,
                        attention=hlo.attention_kernel(text), compile_seconds=round(seconds, 1),
                        traffic=hlo.program_traffic(text), compiled=compiled if keep else None)

@@ -6,7 +6,9 @@ The run is read from its config file with overrides exactly as `python -m jaxmat
 prefill and decode loop (one sub-batch at the rows the sampler chooses on the target by memory,
 `jaxmath.aot.plan.generation_rows`, at most `sampler.max_batch_rows`; the rollout's cache length,
 every decode window), the old-policy / reference logprob pass where the run needs one, the
-train step (micro-batches of `loss.micro_batch_rows`), the weight sync's LoRA merge (an estimate: it
+train step (micro-batches of `loss.micro_batch_rows`; its 0, "auto" as the study configs ship, is
+fitted to the target as the run fits it before weights load, `jaxmath.aot.fit`, within JAX's share
+where vLLM shares the device), the weight sync's LoRA merge (an estimate: it
 runs eagerly) and periodic evaluation's generation; for SFT the train step (`sft.micro_batch_size`)
 and the held-out loss; for the eval config its generation. Each is compiled for the target
 (`--target=h100|h200` with the CUDA plugin of the `aot` extra, no GPU needed; `cpu` for this
@@ -37,6 +39,7 @@ GB = 1e9
 STUDY = {"full": dict(weights=8e9, optimizer=32e9, gradients=8e9, activations=10e9, kv_cache=8e9, peak=66e9),
          "lora_r64": dict(weights=8e9, optimizer=0.5e9, gradients=0.3e9, activations=10e9, kv_cache=8e9,
                           peak=27e9)}
+SWEEP_MICRO_ROWS = 16  # --sweep's rows per micro-batch when neither the flag nor the config sets them
 FIELDS = ("weights", "optimizer", "gradients", "activations", "kv_cache", "peak")
 
 
@@ -55,8 +58,8 @@ def _flags(argv: list[str]):
     flags.DEFINE_enum("target", "cpu", TARGETS, "the device to compile for", flag_values=fv)
     flags.DEFINE_string("preset", "", f"model preset (default: model.preset, model.path's config.json, "
                                       f"else {run_lib.DEFAULT_PRESET})", flag_values=fv)
-    flags.DEFINE_integer("micro_batch_rows", 0, "GRPO rows per train micro-batch (0: loss.micro_batch_rows)",
-                         flag_values=fv)
+    flags.DEFINE_integer("micro_batch_rows", 0, "GRPO rows per train micro-batch (0: loss.micro_batch_rows, "
+                         "whose 0 is fitted to the target; --sweep: 16)", flag_values=fv)
     flags.DEFINE_integer("sampler_rows", 0, "rows per sampler sub-batch (0: as sampler.max_batch_rows gives)",
                          flag_values=fv)
     flags.DEFINE_integer("sft_micro", 0, "SFT rows per micro-batch (0: sft.micro_batch_size)", flag_values=fv)
@@ -143,13 +146,15 @@ def decode_step(plan, phase: str, steps_to: int, window: int, loop: dict) -> dic
 
 def rows_that_fit(plan, phase: str, rows: int, target, budget: float) -> tuple[int, int]:
     """(rows, peak) of the largest halving of `rows` at which `phase` fits `budget` bytes, (0, 0) when
-    none does. Sampler rows stay a multiple of the samples per prompt, train rows divide the batch."""
+    none does. Sampler rows are those `JaxSampler.plan` can run (whole groups of K, or fewer rows than
+    K with a group spread over admissions: `plan.sub_batch_rows`), train rows divide the batch."""
     from jaxmath.aot import plan as plan_lib
 
     kind = phase.split("/", 1)[1]
     if kind in ("prefill", "decode"):
-        k = (plan.rollout if phase.startswith("rollout/") else plan.evaluation).num_samples
-        candidates = [r for r in _halvings(rows) if r % k == 0]
+        gen = plan.rollout if phase.startswith("rollout/") else plan.evaluation
+        candidates = sorted({plan_lib.sub_batch_rows(plan.sampler, gen, r) for r in _halvings(rows)} - {0},
+                            reverse=True)
     else:
         batch = plan.grpo.rows if plan.grpo is not None else plan.sft.batch
         candidates = [r for r in _halvings(rows) if batch % r == 0]
@@ -180,7 +185,31 @@ def report(cfg, fv) -> dict[str, Any]:
     plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
                     sft_micro=fv.sft_micro)
     if not fv.sampler_rows:  # the sub-batch rows the sampler chooses on the target, by its memory
+        from jaxmath.aot import fit
+
+        if plan.sampler is not None:  # refused as the run refuses it when not even one row fits
+            fit.check_generation(plan, target)
         plan = plan_lib.on_target(plan, target)
+    device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
+    compiled: dict[tuple[str, str, int], Any] = {}
+
+    def compile_at(plan_, name: str, rows: int):
+        key = (plan_.model.remat, name, rows)
+        if key not in compiled:
+            compiled[key] = plan_lib.compile_phase(plan_, name, rows, target)
+        return compiled[key]
+
+    if plan.grpo is not None and not fv.micro_batch_rows and not plan.loss.micro_batch_rows:
+        # loss.micro_batch_rows=0 (auto): the rows the run would pick before its weights load
+        # (`jaxmath.aot.device.fit_micro_batch_rows`), within JAX's share where vLLM shares the device.
+        from jaxmath.aot import fit
+
+        budget = device.jax_budget_bytes if device is not None else None
+        plan = fit.with_micro_batch_rows(plan, target, budget=budget, compile=compile_at)
+        print(f"loss.micro_batch_rows=0 (auto): {plan.loss.micro_batch_rows} rows per train micro-batch fit "
+              f"{target.name}" + (f" within JAX's {_gb(budget)} GB" if budget else "")
+              + (", each layer's saved input in host memory (model.remat=offload)"
+                 if plan.model.remat == "offload" and cfg.model.remat != "offload" else ""), flush=True)
     names = [p for p in plan.phases if not fv.phases or p in fv.phases]
     unknown = sorted(set(fv.phases) - set(plan.phases))
     if unknown:
@@ -191,14 +220,13 @@ def report(cfg, fv) -> dict[str, Any]:
     memories, fitting = [], {}
     budget = target.capacity_bytes - fv.headroom_bytes
     for name in names:
-        m = plan_lib.compile_phase(plan, name, plan.phases[name], target)
+        m = compile_at(plan, name, plan.phases[name])
         memories.append(m)
         print(f"  {name}" + (f" at {m.rows} rows: peak {_gb(m.peak_bytes)} GB, attention {m.attention} "
                              f"(compiled in {m.compile_seconds} s)" if m.rows else
                              f" (estimate, not a compiled program): peak {_gb(m.peak_bytes)} GB"), flush=True)
         if fv.fit and m.rows and m.peak_bytes > budget:
             fitting[name] = rows_that_fit(plan, name, m.rows, target, budget)
-    device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
     if device is not None:  # vLLM colocated: its holdings beside each JAX phase, and its own phases
         if device.jax_budget_bytes:  # a run with JAX programs (an evaluation has none)
             device = device.with_jax_programs({m.phase: m.peak_bytes for m in memories})
@@ -250,6 +278,7 @@ def report(cfg, fv) -> dict[str, Any]:
             "phases": {**vllm_phases, **{m.phase: {"peak_bytes": int(m.peak_bytes), "attention": m.attention, "rows": m.rows,
                                  "arguments": m.arguments, "temporaries": m.temporaries, "outputs": m.outputs,
                                  "aliased": m.aliased, "resident": m.resident,
+                                 "host_temporaries": m.host_temporaries, "remat": plan.model.remat,
                                  "compile_seconds": m.compile_seconds,
                                  "copies": m.traffic and {k: v for k, v in m.traffic.items() if k != "loops"},
                                  **({"decode_steps": steps[m.phase]} if m.phase in steps else {}),
@@ -306,7 +335,10 @@ def sweep(cfg, fv) -> dict[str, dict]:
     target = load_target(fv.target)
     model_name, model_cfg = model_config(cfg, fv.preset)
     prompts, prompt_tokens = cfg.rl.prompts_per_step, cfg.rl.max_prompt_tokens
-    micro, chunk, rank = fv.micro_batch_rows or cfg.loss.micro_batch_rows, cfg.loss.logprob_chunk, cfg.lora.rank or 64
+    # One micro-batch size for every cell, so the cells compare: --micro_batch_rows, the config's, else
+    # SWEEP_MICRO_ROWS (the configs pick theirs per device and length: loss.micro_batch_rows=0).
+    micro = fv.micro_batch_rows or cfg.loss.micro_batch_rows or SWEEP_MICRO_ROWS
+    chunk, rank = cfg.loss.logprob_chunk, cfg.lora.rank or 64
     print(f"memory sweep: {model_name} for {target.name}, {prompts} prompts x K, prompt {prompt_tokens} tokens, "
           f"micro-batch {micro} rows", flush=True)
     results: dict[str, dict] = {}

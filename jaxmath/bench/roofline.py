@@ -68,6 +68,10 @@ def jax_programs(cfg, fv, target):
                            sft_micro=fv.sft_micro)
     if not fv.sampler_rows:  # the sampler's rows by the target's memory, as it chooses them
         plan = plan_lib.on_target(plan, target)
+    if plan.grpo is not None and not fv.micro_batch_rows and not plan.loss.micro_batch_rows:
+        from jaxmath.aot import fit  # loss.micro_batch_rows=0 (auto): the rows the run picks on the target
+
+        plan = fit.with_micro_batch_rows(plan, target)
     return model_name, plan, [p for p in plan.phases if plan.phases[p] and (not fv.phases or p in fv.phases)]
 
 

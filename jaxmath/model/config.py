@@ -17,6 +17,9 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+REMAT_MODES = ("none", "full", "dots", "offload")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     """Shapes and numerics of a dense Qwen3 model.
@@ -44,7 +47,9 @@ class Qwen3Config:
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
     # Rematerialization of each decoder layer in training: "none", "full" (save nothing inside a
-    # layer) or "dots" (save matmul outputs without batch dims, recompute the rest).
+    # layer) or "dots" (save matmul outputs without batch dims, recompute the rest); "offload" is
+    # "full" with each layer's input kept in pinned host memory instead of the device's (what the
+    # memory plan picks where not even one row fits otherwise: `jaxmath.aot.fit`).
     remat: str = "full"
     # Training attention kernel, "xla" or "cudnn". None = auto, decided by the platform the model is
     # placed on (`for_platform`, which `init_model` and `from_pretrained` call with their mesh's devices,
@@ -57,8 +62,8 @@ class Qwen3Config:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl must be 'xla', 'cudnn' or empty (auto), got {self.attention_impl!r}")
 

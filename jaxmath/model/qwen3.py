@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmath.model.config import Qwen3Config
 from jaxmath.model.sharding import constrain
@@ -427,13 +428,20 @@ class Qwen3(nnx.Module):
     def _scan_layers(self, body, carry, extra_xs=None, remat: bool = False):
         graphdef, state = nnx.split(self.layers)
 
+        offload = remat and self.config.remat == "offload"
+
         def step(carry, xs):
             layer_state, extra = xs
+            if offload:  # the layer's input, the one thing its backward pass keeps, goes to the host
+                carry = jax.tree.map(lambda x: checkpoint_name(x, "layer_input"), carry)
             return body(nnx.merge(graphdef, layer_state), carry, extra), None
 
         if remat and self.config.remat != "none":
-            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.config.remat == "dots"
-                      else jax.checkpoint_policies.nothing_saveable)
+            policy = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                      "full": jax.checkpoint_policies.nothing_saveable,
+                      "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+                          names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+                          offload_src="device", offload_dst="pinned_host")}[self.config.remat]
             step = jax.checkpoint(step, policy=policy, prevent_cse=False)
         carry, _ = jax.lax.scan(step, carry, (state, extra_xs))
         return carry
