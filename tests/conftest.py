@@ -53,3 +53,18 @@ def full_data_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> pathlib.Path:
     return TOKENIZER_DIR
+
+
+# Tests marked `long` repeat a path another test already covers at other settings, or plan a case past
+# the issues' done-when; together they would take CI past its 50-minute budget on 2 cores, so they run
+# only with JAXMATH_LONG_TESTS=1 (DEVELOPERS.md lists them).
+LONG_TESTS = os.environ.get("JAXMATH_LONG_TESTS", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if LONG_TESTS:
+        return
+    skip = pytest.mark.skip(reason="a `long` test, outside CI's time budget: set JAXMATH_LONG_TESTS=1 to run it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

@@ -408,7 +408,8 @@ def test_grpo_v2_fits_a_device_by_construction():
 @needs_plugin
 @config_loader
 @pytest.mark.parametrize("config,tokens,rows,remat", [("grpo_v2", 131072, 1, "full"), ("local_full", 32768, 1, "full"),
-                                                      ("local_full", 65536, 1, "offload")])
+                                                      pytest.param("local_full", 65536, 1, "offload",
+                                                                   marks=pytest.mark.long)])
 def test_long_completions_fit_an_h100_by_construction(config, tokens, rows, remat):
     """The command of issue 27 as a user runs it: GRPO v2 (LoRA) at 131,072 completion tokens and
     local_full (full-parameter) at 32,768 on one H100, the study's model and vLLM colocated as

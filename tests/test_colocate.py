@@ -334,6 +334,7 @@ def test_colocated_engine_wakes_weights_then_kv_cache_around_a_merged_lora_sync(
 
 @pytest.mark.aot
 @pytest.mark.slow  # ~1-2 min: the 4B train steps compile for an H100
+@pytest.mark.long
 @pytest.mark.skipif(not __import__("jaxmath.aot.targets", fromlist=["x"]).plugin_installed(),
                     reason="JAX's CUDA plugin is not installed (pip install -e '.[aot]')")
 def test_every_study_config_plans_vllm_beside_jax_on_an_h100():

@@ -143,6 +143,7 @@ GRPO_V2 = ["--config=configs/grpo_v2.py", "--config.rollout.engine=jax", "--conf
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_grpo_v2_step_two_processes_as_one(tmp_path):
     model = write_tiny_qwen3(tmp_path / "model", answers_boxed=True)
     common = GRPO_V2 + [f"--config.model.path={model}", f"--config.data.dir={_gold_seven_data(tmp_path)}"]
@@ -164,6 +165,7 @@ def test_grpo_v2_step_two_processes_as_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sft_two_processes_as_one(tmp_path):
     """Config B's SFT (LoRA) for one small step, then its export (LoRA merged, HF safetensors)."""
     import numpy as np
@@ -190,6 +192,7 @@ def test_sft_two_processes_as_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_eval_two_processes_as_one(tmp_path):
     model = write_tiny_qwen3(tmp_path / "model", answers_briefly=True)
     args = ["--config=configs/eval.py", "--config.eval.backend=jax", f"--config.model.path={model}",
@@ -206,6 +209,7 @@ def test_eval_two_processes_as_one(tmp_path):
             _records(two / "eval" / "completions_math500.jsonl"))
 
 
+@pytest.mark.slow  # two processes join a job: ~10-15 s
 def test_a_mesh_that_leaves_a_process_out_is_refused(tmp_path):
     """The demo's own mesh is one device: in a job of two processes the other could not take part."""
     args = [a for a in DEMO if a != "--config.mesh.fsdp=-1"] + ["--config.mesh.fsdp=1", f"--workdir={tmp_path}"]
@@ -216,6 +220,7 @@ def test_a_mesh_that_leaves_a_process_out_is_refused(tmp_path):
         assert "Traceback" not in err
 
 
+@pytest.mark.slow  # two processes join a job: ~10-15 s
 def test_an_error_in_process_0_ends_process_1(tmp_path):
     """Process 0 alone checks the workdir (a config.json that is not a config): process 1, waiting for
     it, ends with the same one line and exit code."""

@@ -142,6 +142,7 @@ def test_grpo_and_sft_steps_sharded_match_one_device():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_grpo_and_sft_steps_sharded_match_one_device_other_meshes():
     _run('CASES = [("grpo", 0, "fsdp8"), ("grpo", 4, "fsdp4_tp2"), ("sft", 0, "fsdp4_tp2"), ("sft", 4, "fsdp8")]\n'
          + STEPS)

@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory):
     return str(write_tiny_qwen3(tmp_path_factory.mktemp("tiny")))
 
 
-@pytest.mark.parametrize("lora_rank", [8, 0])
+@pytest.mark.parametrize("lora_rank", [8, pytest.param(0, marks=pytest.mark.long)])
 def test_grpo_with_vllm_engine(tmp_path, tiny_model, data_dir, lora_rank):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "XLA_FLAGS": ""}
     cmd = [sys.executable, "-m", "jaxmath.main", "--config=configs/grpo_v2.py", f"--config.model.path={tiny_model}",
