@@ -9,30 +9,18 @@ from flax import nnx
 
 import jaxmath.model as jm
 from jaxmath import optim
-from jaxmath.model import lora
 from jaxmath.rl import step as step_lib
 from jaxmath.rollout.types import Rollout
+from tests.grpo_fixtures import random_rollout, tiny_model
 
 
 def _model(with_lora: bool):
-    model = jm.init_model(jm.preset("tiny", vocab_size=128, dtype=jnp.float32, param_dtype=jnp.float32,
-                                    remat="full"), seed=3)
-    if with_lora:
-        lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8), seed=1)
-        for i, (_, dense) in enumerate(lora.projections(model)):  # non-zero B, so A gets gradients
-            dense.lora_b.set_value(0.02 * jax.random.normal(jax.random.key(i), dense.lora_b.get_value().shape))
-    return model
+    return tiny_model(vocab=128, seed=3, with_lora=with_lora)
 
 
 def _rollout(rows=8, group=4, prompt_lens=(3, 6), completion_len=5, seed=0) -> Rollout:
-    rng = np.random.RandomState(seed)
-    prompts = [list(rng.randint(2, 128, n)) for n in prompt_lens]
-    lengths = rng.randint(1, completion_len + 1, rows)
-    mask = np.arange(completion_len)[None] < lengths[:, None]
-    return Rollout(prompt_ids=prompts, completion_ids=np.where(mask, rng.randint(2, 128, (rows, completion_len)), 0),
-                   logprobs=np.where(mask, -rng.rand(rows, completion_len) * 3, 0).astype(np.float32),
-                   completion_mask=mask, finish_reason=np.zeros(rows, np.int8),
-                   prompt_index=np.repeat(np.arange(len(prompts)), group).astype(np.int32))
+    return random_rollout(vocab=128, rows=rows, group=group, prompt_lens=prompt_lens, completion_len=completion_len,
+                          seed=seed)
 
 
 @pytest.mark.parametrize("loss_agg,with_lora", [

@@ -24,6 +24,7 @@ from jaxmath.rl import grpo
 from jaxmath.rl import step as step_lib
 from jaxmath.rollout.types import Rollout
 from jaxmath.sft import step as sft_step
+from tests.grpo_fixtures import random_rollout, tiny_model
 
 
 def test_token_logprobs_at_any_chunking_equal_the_full_log_softmax():
@@ -54,24 +55,12 @@ def test_token_logprobs_at_any_chunking_equal_the_full_log_softmax():
 
 
 def _model(remat: str = "full", with_lora: bool = True):
-    model = jm.init_model(jm.preset("tiny", vocab_size=320, dtype=jnp.float32, param_dtype=jnp.float32,
-                                    remat=remat), seed=5)
-    if with_lora:
-        lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8), seed=1)
-        for i, (_, dense) in enumerate(lora.projections(model)):  # non-zero B, so A gets gradients too
-            dense.lora_b.set_value(0.02 * jax.random.normal(jax.random.key(i), dense.lora_b.get_value().shape))
-    return model
+    return tiny_model(vocab=320, seed=5, remat=remat, with_lora=with_lora)
 
 
 def _rollout(rows=6, group=3, prompt_lens=(4, 7), completion_len=9, seed=0) -> Rollout:
-    rng = np.random.RandomState(seed)
-    prompts = [list(rng.randint(2, 320, n)) for n in prompt_lens]
-    lengths = rng.randint(1, completion_len + 1, rows)
-    mask = np.arange(completion_len)[None] < lengths[:, None]
-    return Rollout(prompt_ids=prompts, completion_ids=np.where(mask, rng.randint(2, 320, (rows, completion_len)), 0),
-                   logprobs=np.where(mask, -rng.rand(rows, completion_len) * 3, 0).astype(np.float32),
-                   completion_mask=mask, finish_reason=np.zeros(rows, np.int8),
-                   prompt_index=np.repeat(np.arange(len(prompts)), group).astype(np.int32))
+    return random_rollout(vocab=320, rows=rows, group=group, prompt_lens=prompt_lens, completion_len=completion_len,
+                          seed=seed)
 
 
 def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, temperature: float):
