@@ -354,6 +354,7 @@ def test_h100_decode_window_reads_what_it_must_and_updates_the_cache_in_place():
     assert loop["written"] <= 0.1 * must, loop["written"] / must
 
 
+@pytest.mark.slow
 @pytest.mark.aot
 @needs_plugin
 @config_loader

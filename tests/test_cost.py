@@ -137,6 +137,7 @@ def test_h100_gemm_and_cudnn_attention_flops():
     assert [k.flops for k in cost.kernel_costs(causal) if k.kind == "attention"] == [2 * b * h * s * s * d]
 
 
+@pytest.mark.slow
 @pytest.mark.aot
 @needs_plugin
 def test_roofline_cli_on_a_tiny_model():

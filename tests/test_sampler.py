@@ -241,7 +241,7 @@ def test_a_plan_keeps_its_rows_while_they_fit(model):
         assert sampler.plan(PROMPTS, params).rows == rows
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), 1.0])
 def test_a_request_split_by_memory_gives_the_tokens_and_logprobs_of_one_batch(model, sampler, temperature):
     """3 prompts x 3 samples in one prefill and 16 slots, then under budgets that hold one group (3
     slots, a prefill per prompt) and two rows (each group spread over two admissions: 6 prefills)."""
