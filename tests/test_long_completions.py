@@ -11,6 +11,8 @@ the rows that fit at 32K-128K tokens on an H100) is in tests/test_aot.py.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ import pytest
 
 import jaxmath.model as jm
 from jaxmath.model import lora
-from jaxmath.model.head import token_logprobs
+from jaxmath.model.head import token_logprobs, weighted_token_logprobs
 from jaxmath.rl import grpo
 from jaxmath.rl import step as step_lib
 from jaxmath.rollout.types import Rollout
@@ -54,6 +56,60 @@ def test_token_logprobs_at_any_chunking_equal_the_full_log_softmax():
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"chunk {chunk}/{vocab_chunk}")
 
 
+def _head_dots(loss, argnums, *args) -> int:
+    """Matmuls in the compiled gradient program of `loss` (XLA's CPU HLO keeps them as `dot`)."""
+    text = jax.jit(jax.grad(loss, argnums=argnums)).lower(*args).compile().as_text()
+    return sum(1 for line in text.splitlines() if re.search(r"\bdot\(", line))
+
+
+def test_weighted_logprobs_take_the_head_gradient_in_the_forward_pass():
+    """`weighted_token_logprobs` (SFT's NLL, on-policy GRPO): its objective sum(w * logprob) and the
+    objective's gradient in the hidden states and the head equal those through `token_logprobs` at
+    chunkings that do and do not divide the tokens and the vocabulary; its logprobs and entropy are
+    token_logprobs'. Its gradient program runs three logits-sized matmuls per vocabulary tile (logits,
+    d hidden, d head) where token_logprobs' runs four (logits, their recomputation, d hidden, d head),
+    and two with a frozen head (LoRA), where the recomputation's three remain."""
+    rng = np.random.RandomState(0)
+    hidden = jnp.asarray(rng.randn(3, 11, 16), jnp.float32)
+    head = jnp.asarray(0.3 * rng.randn(300, 16), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 300, (3, 11)), jnp.int32)
+    weights = jnp.asarray(rng.randn(3, 11), jnp.float32)
+
+    def through_logprobs(h, w, chunk, vocab_chunk):
+        return jnp.sum(weights * token_logprobs(h, w, targets, temperature=0.7, chunk_size=chunk,
+                                                vocab_chunk=vocab_chunk)[0])
+
+    def fused(h, w, chunk, vocab_chunk):
+        return weighted_token_logprobs(h, w, targets, weights, temperature=0.7, chunk_size=chunk,
+                                       vocab_chunk=vocab_chunk, with_entropy=True)
+
+    for chunk, vocab_chunk in ((1, 4096), (4, 64), (7, 128), (1024, 96)):
+        want, want_grads = jax.value_and_grad(through_logprobs, argnums=(0, 1))(hidden, head, chunk, vocab_chunk)
+        got, got_grads = jax.value_and_grad(lambda h, w: fused(h, w, chunk, vocab_chunk)[0], argnums=(0, 1))(
+            hidden, head)
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"chunk {chunk}/{vocab_chunk}")
+        for g, w in zip(got_grads, want_grads):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f"chunk {chunk}/{vocab_chunk}")
+        got_h = jax.grad(lambda h: fused(h, head, chunk, vocab_chunk)[0])(hidden)  # a frozen head
+        np.testing.assert_allclose(got_h, want_grads[0], rtol=1e-4, atol=1e-6)
+        logprobs, entropy = token_logprobs(hidden, head, targets, temperature=0.7, chunk_size=chunk,
+                                           vocab_chunk=vocab_chunk, with_entropy=True)
+        _, got_logprobs, got_entropy = fused(hidden, head, chunk, vocab_chunk)
+        np.testing.assert_allclose(got_logprobs, logprobs, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got_entropy, entropy, rtol=1e-5, atol=1e-6)
+
+    def chunked(h, w):
+        return through_logprobs(h, w, 8, 64)
+
+    def one_pass(h, w):
+        return fused(h, w, 8, 64)[0]
+
+    assert _head_dots(chunked, (0, 1), hidden, head) == 4
+    assert _head_dots(one_pass, (0, 1), hidden, head) == 3
+    assert _head_dots(lambda h: chunked(h, head), 0, hidden) == 3
+    assert _head_dots(lambda h: one_pass(h, head), 0, hidden) == 2
+
+
 def _model(remat: str = "full", with_lora: bool = True):
     return tiny_model(vocab=320, seed=5, remat=remat, with_lora=with_lora)
 
@@ -63,9 +119,11 @@ def _rollout(rows=6, group=3, prompt_lens=(4, 7), completion_len=9, seed=0) -> R
                           seed=seed)
 
 
-def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, temperature: float):
+def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, temperature: float,
+                           on_policy: bool = False):
     """The GRPO loss from full [rows, P + T, vocab] logits of the model's plain forward (no remat, no
-    chunks, no row shift: left padding masked), as a reference."""
+    chunks, no row shift: left padding masked), as a reference; on_policy: against the logprobs
+    themselves (under stop_gradient) instead of the batch's old_logprobs."""
     from flax import nnx
 
     completion_len = batch.completion_mask.shape[1]
@@ -77,7 +135,8 @@ def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, te
         logits = model(batch.tokens, attention_mask=batch.valid) / temperature
         logprobs = jax.nn.log_softmax(logits[:, prompt_len - 1:-1], -1)
         logprobs = jnp.take_along_axis(logprobs, batch.tokens[:, prompt_len:, None], -1)[..., 0]
-        value, _ = grpo.policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.completion_mask,
+        old = jax.lax.stop_gradient(logprobs) if on_policy else batch.old_logprobs
+        value, _ = grpo.policy_loss(logprobs, old, batch.advantages, batch.completion_mask,
                                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_agg=cfg.loss_agg,
                                     is_level=cfg.is_level, beta=cfg.beta, normalizer=normalizer)
         return value
@@ -85,11 +144,14 @@ def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, te
     return loss
 
 
-@pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", pytest.param("token_mean", marks=pytest.mark.slow)])
-def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg):
+@pytest.mark.parametrize("loss_agg,on_policy", [("seq_mean_token_mean", False), ("seq_mean_token_mean", True),
+                                               pytest.param("token_mean", False, marks=pytest.mark.slow)])
+def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg, on_policy):
     """The train step's gradient (its SGD update at learning rate 1) with the LM head in chunks of 4
     positions, remat of every layer and micro-batches of 2 rows equals the gradient of the same loss
-    from full logits in one piece; and its logprobs equal the full log-softmax's."""
+    from full logits in one piece; and its logprobs equal the full log-softmax's. On policy the step's
+    LM head takes its gradient in its forward pass (`weighted_token_logprobs`); off policy (some
+    ratios clipped) it does not."""
     from flax import nnx
 
     rollout = _rollout()
@@ -98,10 +160,10 @@ def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg):
     batch = step_lib.Batch(**{**vars(batch), "old_logprobs": batch.engine_logprobs + 0.05})  # some clipped
     cfg = step_lib.LossConfig(loss_agg=loss_agg, micro_batch_rows=2, logprob_chunk=4, with_entropy=False)
     graphdef, trainable, frozen = step_lib.split_trainable(_model())
-    reference = _full_logits_grpo_loss(graphdef, frozen, batch, cfg, temperature=0.8)
+    reference = _full_logits_grpo_loss(graphdef, frozen, batch, cfg, temperature=0.8, on_policy=on_policy)
     want = jax.grad(reference)(trainable)
     opt = optax.sgd(1.0)
-    step = step_lib.make_train_step(graphdef, opt, cfg, on_policy=False, temperature=0.8)
+    step = step_lib.make_train_step(graphdef, opt, cfg, on_policy=on_policy, temperature=0.8)
     before = jax.device_get(trainable)
     after, _, metrics, logprobs = step(jax.tree.map(jnp.copy, trainable), frozen, opt.init(trainable), batch)
     got = jax.tree.map(lambda b, a: b - a, before, jax.device_get(after))

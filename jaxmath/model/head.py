@@ -133,3 +133,136 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
 
     _, (lp, ent) = jax.lax.scan(step, None, (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk)))
     return lp.reshape(-1)[:n].reshape(b, t), ent.reshape(-1)[:n].reshape(b, t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The head with a known cotangent: SFT's loss and on-policy GRPO's (whose ratio is exactly 1) give
+# d loss / d logprob per token before the logits exist, so the gradient can be taken in the same pass
+# over the vocabulary as the logprob, instead of recomputing every logits tile in the backward.
+
+
+def _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, want_dw):
+    """One chunk of c positions: logprobs [c], entropy [c], d(sum gc * logprob)/d hc [c, d] (or None)
+    and the head gradient of the softmax part in the padded chunked layout [chunks, chunk, d] (or None).
+
+    Pass 1 writes each [c, chunk] logits tile into a [chunks, c, chunk] buffer while it keeps the
+    online max and sum; pass 2 reads the tiles back for p = exp(logits - lse) and the two gradient
+    matmuls. Three matmuls per tile instead of four (forward, recompute, d hidden, d head), for one
+    [c, vocab] float32 buffer per position chunk."""
+    c = hc.shape[0]
+    indices = jnp.arange(w_chunks.shape[0], dtype=jnp.int32)
+
+    def tile(carry, xs):
+        run_max, run_sum, run_dot = carry
+        wt, index = xs
+        logits = _tile_logits(hc, wt, index, vocab, inv_t)
+        new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+        rescale = jnp.exp(run_max - new_max)
+        e = jnp.exp(logits - new_max[:, None])
+        run_sum = run_sum * rescale + jnp.sum(e, axis=-1)
+        if with_entropy:
+            run_dot = run_dot * rescale + jnp.sum(jnp.where(e > 0, e * logits, 0.0), axis=-1)
+        return (new_max, run_sum, run_dot), (logits if want_dh or want_dw else None)  # the buffer
+
+    init = (jnp.full((c,), -jnp.inf, F32), jnp.zeros((c,), F32), jnp.zeros((c,), F32))
+    (run_max, run_sum, run_dot), tiles = jax.lax.scan(tile, init, (w_chunks, indices))
+    lse = run_max + jnp.log(run_sum)
+    entropy = lse - run_dot / run_sum if with_entropy else jnp.zeros_like(lse)
+    w_picked = jnp.take(w, yc, axis=0)
+    logprobs = jnp.einsum("cd,cd->c", hc, w_picked, preferred_element_type=F32) * inv_t - lse
+    if not (want_dh or want_dw):
+        return logprobs, entropy, None, None
+    scale = gc * inv_t  # d(g * logprob) / d logit = g * inv_t * (onehot - p)
+
+    def backward(dh, xs):
+        logits, wt = xs
+        dlogits = (jnp.exp(logits - lse[:, None]) * -scale[:, None]).astype(hc.dtype)
+        if want_dh:
+            dh = dh + jnp.einsum("cv,vd->cd", dlogits, wt, preferred_element_type=F32)
+        dw = jnp.einsum("cv,cd->vd", dlogits, hc, preferred_element_type=F32) if want_dw else None
+        return dh, dw
+
+    dh, dw = jax.lax.scan(backward, jnp.zeros(hc.shape, F32), (tiles, w_chunks))
+    if want_dh:  # stored per chunk in the hidden states' dtype: [n, d] float32 would be twice that
+        dh = (dh + scale[:, None] * w_picked.astype(F32)).astype(hc.dtype)
+    return logprobs, entropy, (dh if want_dh else None), dw
+
+
+def _fused_scan(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk, want_dh, want_dw):
+    """h [n, d] (n a multiple of chunk), w [vocab, d], y, g [n] -> logprobs [n], entropy [n],
+    dh [n, d] in h's dtype or None, dw [vocab, d] in w's dtype or None."""
+    n, d = h.shape
+    w_chunks = _split_vocab(w, vocab_chunk)
+
+    def step(dw_acc, xs):
+        hc, yc, gc = xs
+        lp, ent, dh, dw = _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, want_dw)
+        if want_dw:  # summed over position chunks in the head's dtype, as the backward of token_logprobs does
+            dw_acc = dw_acc + dw.astype(w.dtype)
+        return dw_acc, (lp, ent, dh)
+
+    init = jnp.zeros(w_chunks.shape, w.dtype) if want_dw else None
+    dw, (lp, ent, dh) = jax.lax.scan(step, init, (h.reshape(-1, chunk, d), y.reshape(-1, chunk),
+                                                  g.reshape(-1, chunk)))
+    if want_dw:  # the one-hot part: + g * inv_t * h at each picked row
+        dw = dw.reshape(-1, d)[:vocab].at[y].add(((g * inv_t)[:, None] * h.astype(F32)).astype(w.dtype))
+    return lp.reshape(n), ent.reshape(n), (dh.reshape(n, d) if want_dh else None), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _weighted_logprobs(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk):
+    """(sum(g * logprobs), logprobs, entropy); only the first output carries a gradient."""
+    lp, ent, _, _ = _fused_scan(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk, False, False)
+    return jnp.sum(g * lp), lp, ent
+
+
+def _weighted_logprobs_fwd(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk):
+    # symbolic_zeros: each argument arrives as (value, perturbed); a frozen head (LoRA) or hidden
+    # states that need no gradient skip their matmul and buffer entirely.
+    want_dh, want_dw = h.perturbed, w.perturbed
+    hv, wv, yv, gv = h.value, w.value, y.value, g.value
+    lp, ent, dh, dw = _fused_scan(hv, wv, yv, gv, inv_t, vocab, with_entropy, chunk, vocab_chunk, want_dh, want_dw)
+    residuals = (dh, dw)
+    return (jnp.sum(gv * lp), lp, ent), residuals
+
+
+def _weighted_logprobs_bwd(inv_t, vocab, with_entropy, chunk, vocab_chunk, residuals, cotangents):
+    dh, dw = residuals
+    ct = cotangents[0]  # the scalar's; logprobs and entropy are returned under stop_gradient
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        ct = jnp.zeros((), F32)
+    scale = lambda x: None if x is None else (ct * x).astype(x.dtype)  # noqa: E731
+    return scale(dh), scale(dw), None, None
+
+
+_weighted_logprobs.defvjp(_weighted_logprobs_fwd, _weighted_logprobs_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "chunk_size", "with_entropy", "vocab_chunk"))
+def weighted_token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                            temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                            vocab_chunk: int = 4096) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`token_logprobs` for a loss whose gradient in each logprob is known in advance.
+
+    Returns (objective, logprobs, entropy): objective = sum(weights * logprobs), a float32 scalar whose
+    gradient (in hidden and head_weight) is computed in the forward pass, tile by tile, with the
+    logprobs; logprobs [batch, seq] and entropy [batch, seq] carry no gradient. A loss L(logprobs)
+    with dL/dlogprobs == weights at the current logprobs trains the same as
+    `L(stop_gradient(logprobs)) + objective - stop_gradient(objective)`: SFT's negative log-likelihood
+    (weights = -loss mask) and the on-policy GRPO surrogate, whose ratio is exactly 1 (weights = its
+    gradient at ratio 1). Same results as `token_logprobs` up to float rounding, three logits-sized
+    matmuls per vocabulary tile instead of four, and a [chunk_size, vocab] float32 buffer per chunk.
+    """
+    b, t, d = hidden.shape
+    vocab = head_weight.shape[0]
+    n = b * t
+    chunk = min(chunk_size, n)
+    pad = -n % chunk
+    flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
+    flat_y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad))
+    flat_g = jnp.pad(jax.lax.stop_gradient(weights).reshape(n).astype(F32), (0, pad))
+    objective, lp, ent = _weighted_logprobs(flat_h, head_weight.astype(hidden.dtype), flat_y, flat_g,
+                                            1.0 / temperature, vocab, with_entropy, chunk, vocab_chunk)
+    lp = jax.lax.stop_gradient(lp)[:n].reshape(b, t)
+    ent = jax.lax.stop_gradient(ent)[:n].reshape(b, t)
+    return objective, lp, ent

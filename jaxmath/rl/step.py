@@ -29,11 +29,13 @@ import optax
 from flax import nnx
 
 from jaxmath.model import sharding
-from jaxmath.model.head import token_logprobs
+from jaxmath.model.head import token_logprobs, weighted_token_logprobs
 from jaxmath.model.lora import split_trainable  # noqa: F401  (the step's callers split with it)
 from jaxmath.model.qwen3 import Qwen3
 from jaxmath.rl import grpo
 from jaxmath.train_state import accumulate_and_apply, micro_batches
+
+F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,17 +113,9 @@ jax.tree_util.register_dataclass(
                         "ref_logprobs"], meta_fields=[])
 
 
-def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *,
-                        temperature: float, chunk: int, with_entropy: bool, lora: bool = True,
-                        remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Logprobs [rows, T] and entropy [rows, T] of the completion tokens under the model.
-
-    tokens, valid [rows, P + T] in the Batch layout; each row's real tokens are one run (its prompt,
-    then its completion) holding at least one prompt token. The model sees each row moved left by its
-    prompt padding, one right-padded sequence of known length: cuDNN's attention takes the lengths
-    (no mask, no dense bias, any length), XLA the equivalent mask. The hidden states before the
-    completion tokens are then read at each row's own offset.
-    """
+def _completion_hidden(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *, lora: bool,
+                       remat: bool) -> tuple[jax.Array, jax.Array]:
+    """(hidden, head) operands of the LM head for the completion tokens (`completion_logprobs`)."""
     width = tokens.shape[1]
     prompt_len = width - completion_len
     lead = jnp.argmax(valid, axis=1).astype(jnp.int32)  # left padding of each row's prompt
@@ -133,9 +127,35 @@ def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, compl
     # Completion token j sits at prompt_len + j - lead; the hidden state one position earlier predicts it.
     hidden = jax.vmap(lambda h, start: jax.lax.dynamic_slice_in_dim(h, start, completion_len))(
         hidden, prompt_len - 1 - lead)
-    hidden, head = model.head_operands(hidden, lora)
-    return token_logprobs(hidden, head, tokens[:, prompt_len:], temperature=temperature,
+    return model.head_operands(hidden, lora)
+
+
+def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *,
+                        temperature: float, chunk: int, with_entropy: bool, lora: bool = True,
+                        remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Logprobs [rows, T] and entropy [rows, T] of the completion tokens under the model.
+
+    tokens, valid [rows, P + T] in the Batch layout; each row's real tokens are one run (its prompt,
+    then its completion) holding at least one prompt token. The model sees each row moved left by its
+    prompt padding, one right-padded sequence of known length: cuDNN's attention takes the lengths
+    (no mask, no dense bias, any length), XLA the equivalent mask. The hidden states before the
+    completion tokens are then read at each row's own offset.
+    """
+    hidden, head = _completion_hidden(model, tokens, valid, completion_len, lora=lora, remat=remat)
+    return token_logprobs(hidden, head, tokens[:, -completion_len:], temperature=temperature,
                           chunk_size=chunk, with_entropy=with_entropy)
+
+
+def weighted_completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, weights: jax.Array, *,
+                                 temperature: float, chunk: int, with_entropy: bool,
+                                 remat: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`completion_logprobs` with the LM head's gradient taken in its forward pass
+    (`jaxmath.model.head.weighted_token_logprobs`): (sum(weights * logprobs), logprobs, entropy), where
+    only the first carries a gradient. weights [rows, T] = d loss / d logprob, known in advance."""
+    completion_len = weights.shape[1]
+    hidden, head = _completion_hidden(model, tokens, valid, completion_len, lora=True, remat=remat)
+    return weighted_token_logprobs(hidden, head, tokens[:, -completion_len:], weights, temperature=temperature,
+                                   chunk_size=chunk, with_entropy=with_entropy)
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, cfg: LossConfig, *, temperature: float = 1.0) -> Callable:
@@ -172,19 +192,35 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     if temperature <= 0:
         raise ValueError("training needs temperature > 0 (greedy rollouts have no policy gradient)")
 
+    # On policy, without a KL term or engine weights, the ratio is exactly 1 and d loss / d logprob
+    # does not depend on the logprobs: the LM head then takes its gradient in its forward pass.
+    fused_head = on_policy and cfg.beta == 0 and cfg.tis_cap == 0
+
     def micro_loss(trainable, frozen, mb: Batch, normalizer: grpo.Normalizer):
         model = nnx.merge(graphdef, trainable, frozen)
+
+        def loss_of(logprobs, old, entropy):
+            tis = None
+            if cfg.tis_cap > 0:
+                tis = jnp.minimum(jnp.exp(jnp.where(mb.completion_mask, old - mb.engine_logprobs, 0.0)), cfg.tis_cap)
+            return grpo.policy_loss(
+                logprobs, old, mb.advantages, mb.completion_mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                loss_agg=cfg.loss_agg, is_level=cfg.is_level, beta=cfg.beta, ref_logprobs=mb.ref_logprobs,
+                normalizer=normalizer, tis_weights=tis, entropy=entropy)
+
+        if fused_head:
+            weights = jax.grad(lambda x: loss_of(x, jax.lax.stop_gradient(x), None)[0])(
+                jnp.zeros(mb.completion_mask.shape, F32))
+            objective, logprobs, entropy = weighted_completion_logprobs(
+                model, mb.tokens, mb.valid, weights, temperature=temperature, chunk=cfg.logprob_chunk,
+                with_entropy=cfg.with_entropy, remat=True)
+            loss, metrics = loss_of(logprobs, logprobs, entropy if cfg.with_entropy else None)
+            return loss + objective - jax.lax.stop_gradient(objective), (metrics, logprobs)
         logprobs, entropy = completion_logprobs(
             model, mb.tokens, mb.valid, mb.completion_mask.shape[1], temperature=temperature,
             chunk=cfg.logprob_chunk, with_entropy=cfg.with_entropy, remat=True)
         old = jax.lax.stop_gradient(logprobs) if on_policy else mb.old_logprobs
-        tis = None
-        if cfg.tis_cap > 0:
-            tis = jnp.minimum(jnp.exp(jnp.where(mb.completion_mask, old - mb.engine_logprobs, 0.0)), cfg.tis_cap)
-        loss, metrics = grpo.policy_loss(
-            logprobs, old, mb.advantages, mb.completion_mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-            loss_agg=cfg.loss_agg, is_level=cfg.is_level, beta=cfg.beta, ref_logprobs=mb.ref_logprobs,
-            normalizer=normalizer, tis_weights=tis, entropy=entropy if cfg.with_entropy else None)
+        loss, metrics = loss_of(logprobs, old, entropy if cfg.with_entropy else None)
         return loss, (metrics, logprobs)
 
     def train_step(trainable, frozen, opt_state, batch: Batch):

@@ -1,7 +1,8 @@
 """The jitted SFT step: cross-entropy on the assistant tokens, through the shared accumulated update.
 
 Loss: the summed negative log-likelihood of the loss-masked targets, through the chunked LM head
-(`jaxmath.model.head.token_logprobs`), so [batch, seq, vocab] float32 logits never exist.
+(`jaxmath.model.head.weighted_token_logprobs`, which takes the head's gradient in its forward pass),
+so [batch, seq, vocab] float32 logits never exist.
 
 Gradient accumulation: a step's batch arrives laid out [accum, micro, seq] (`stack_micro` on the
 host, rows split over the mesh's batch axes on dimension 1, so every micro-batch spans every
@@ -21,7 +22,7 @@ import optax
 from flax import nnx
 
 from jaxmath.model import sharding
-from jaxmath.model.head import token_logprobs
+from jaxmath.model.head import weighted_token_logprobs
 from jaxmath.train_state import accumulate_and_apply
 
 F32 = jnp.float32
@@ -47,9 +48,10 @@ def token_nll(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, b
         hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"], remat=remat)
     hidden, head = model.head_operands(hidden)
-    logprobs, _ = token_logprobs(hidden, head, batch["targets"], chunk_size=chunk_size)
     weights = batch["loss_mask"].astype(F32)
-    return -jnp.sum(logprobs * weights), jnp.sum(weights)
+    # The NLL's gradient in each logprob is -mask: the head takes its gradient in its forward pass.
+    nll, _, _ = weighted_token_logprobs(hidden, head, batch["targets"], -weights, chunk_size=chunk_size)
+    return nll, jnp.sum(weights)
 
 
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, chunk_size: int = 1024,
