@@ -25,12 +25,14 @@ def odd_length(ids) -> str:
     return f"\\boxed{{{len(ids) % 2}}}"
 
 
-def run(workdir, steps, *, engine_wrapper=None, mesh=None, **overrides):
+def run(workdir, steps, *, engine_wrapper=None, mesh=None, sampler_mesh=None, **overrides):
+    """mesh: the trainer's (None: the default device); sampler_mesh: the sampler's (None: mesh)."""
     model = init_model(demo.model_config(SMALL, TOKENIZER.vocab_size), seed=0, mesh=mesh)
     cfg = loop.GRPOConfig(**{**dict(steps=steps, prompts_per_step=2, num_generations=4, max_completion_tokens=6,
                                     checkpoint_every=0, plot_every=0, prompt_bucket=8, warn_zero_std=1.0,
                                     warn_truncation=1.0, seed=1), **overrides})
-    engine = JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0))
+    engine = JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0),
+                        mesh=mesh if sampler_mesh is None else sampler_mesh)
     if engine_wrapper is not None:
         engine = engine_wrapper(engine)
     loop.train(model, TRAIN, encode=lambda batch: [TOKENIZER.encode(e.problem) for e in batch], decode=odd_length,

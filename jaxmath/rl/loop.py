@@ -102,6 +102,10 @@ class GRPOConfig:
                            generated in a background thread, with the weights the engine holds (the policy
                            of this step's start), while this step trains; it then trains one policy
                            version behind, with the ratio taken against the policy that sampled (`train`)
+    rollout_devices:       0: the sampler shares the trainer's devices. N > 0: the JAX sampler runs on the
+                           last N devices (a mesh of its own, fsdp over them) and the trainer on the
+                           others; the engine's update_weights moves each update's weights (LoRA merged)
+                           to the sampler's mesh. Read where the meshes are built (jaxmath.runs), not here
     on_damaged:            when the newest checkpoint of the workdir is damaged on resume: "fall_back"
                            (one warning line, rename it `<step>.damaged`, resume from the newest good
                            one) or "refuse" (stop with one line; nothing is moved)
@@ -136,6 +140,7 @@ class GRPOConfig:
     warn_truncation: float = 0.5
     warn_zero_std: float = 0.8
     max_staleness: int = 0
+    rollout_devices: int = 0
     seed: int = 0
 
     def __post_init__(self):
