@@ -222,8 +222,10 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     its compiled calls, so sampling and training run at once. The engine is only ever touched by one
     thread at a time: the main thread waits for the rollout before `update_weights`, an evaluation
     or a return. Step t+1 then trains one version behind, so it is off-policy: its old_logprobs come
-    from a logprob pass with step t's starting weights, kept (one copy of the trainable params) for
-    that pass. That is the exact pi_old of the loss: the trainer's own computation of the sampling
+    from a logprob pass with step t's starting weights, kept for that pass. The engine samples from a
+    copy of the trainable params (the train step donates the trainer's buffers), and that copy is what
+    is kept: with a rollout in flight the loop holds two such copies (the one sampling, the one just
+    given to the engine) beside the trainer's own. That is the exact pi_old of the loss: the trainer's own computation of the sampling
     policy, so the ratio measures only the policy's change between versions. The engine's logprobs
     are the same policy through other numerics (a KV cache, bf16 decode, vLLM's kernels); they stay
     what they are in the synchronous loop: the `mismatch/*` metrics (here against that pass) and
