@@ -465,6 +465,8 @@ RULES: dict[str, tuple] = {
                                          "early_stop_reward", "early_stop_grad_norm", "early_stop_ratio")},
     "rl.num_generations": Range(2, None, ">= 2 (GRPO compares the completions of a prompt)"),
     "rl.num_iterations": _AT_LEAST_1,
+    "rl.rollout_devices": Range(0, None, ">= 0 (0: the sampler shares the trainer's devices)"),
+    "rl.max_staleness": Range(0, 1, "0 (synchronous) or 1 (the next rollout overlaps this step's training)"),
     "rl.temperature": Range(1e-300, None, "> 0 (greedy rollouts have no policy gradient)"),
     "rl.oversample": Range(1.0, None, ">= 1.0 (prompts sampled per group kept)"),
     "rl.adv_scale": ("group_std", "none"),

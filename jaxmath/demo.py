@@ -199,10 +199,11 @@ class HeldOutLog:
 
 
 def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.LossConfig,
-             optim_cfg: optim.OptimizerConfig, workdir: str, *, seed: int = 0, mesh=None,
+             optim_cfg: optim.OptimizerConfig, workdir: str, *, seed: int = 0, mesh=None, sampler_mesh=None,
              run_config: dict | None = None) -> dict[str, Any]:
     """Runs both arms (resuming whatever a previous run in `workdir` left), writes demo_results.json
-    and the plots, prints the table and returns the results."""
+    and the plots, prints the table and returns the results. sampler_mesh: the sampler's own devices
+    (rl.rollout_devices; None: `mesh`'s)."""
     from jaxmath.sft import run_sft
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -227,7 +228,8 @@ def run_demo(cfg: DemoConfig, grpo_cfg: rl_loop.GRPOConfig, loss_cfg: step_lib.L
                                                                                   ("optimizer", optim_cfg))
                                                  for k, v in dataclasses.asdict(c).items()}})
     model = init_model(model_config(cfg, tokenizer.vocab_size), seed=seed, mesh=mesh)
-    engine = JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0), mesh=mesh)
+    engine = JaxSampler(model, SamplerConfig(min_bucket=8, vocab_chunk=0),
+                        mesh=mesh if sampler_mesh is None else sampler_mesh)
     log = HeldOutLog(workdir / "held_out.jsonl")
 
     def evaluate(arm: str, step: int, weights) -> dict:

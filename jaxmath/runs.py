@@ -15,18 +15,43 @@ from jaxmath.sections import distill_config, eval_config, grpo_configs, sft_conf
 from jaxmath.validate import NO_MODEL
 
 
-def build_mesh(cfg):
-    """The device mesh of mesh.data / fsdp / tp; ConfigError when the devices cannot make it."""
+def build_meshes(cfg):
+    """(trainer mesh, sampler mesh): with rl.rollout_devices=N > 0 the sampler takes the last N devices
+    (fsdp over them) and the trainer's mesh.data / fsdp / tp is made of the others; with 0 both are
+    the one mesh of build_mesh."""
+    import jax
+
+    from jaxmath.config import ConfigError
+    from jaxmath.model import sharding
+
+    n = int(cfg.get("rl", {}).get("rollout_devices", 0))
+    if not n:
+        mesh = build_mesh(cfg)
+        return mesh, mesh
+    devices = jax.devices()
+    if jax.process_count() > 1:
+        raise ConfigError(f"rl.rollout_devices={n} runs in one process only ({jax.process_count()} here): set "
+                          "rl.rollout_devices=0")
+    if n >= len(devices):
+        raise ConfigError(f"rl.rollout_devices={n} leaves the trainer none of the {len(devices)} devices; set it "
+                          f"below {len(devices)}")
+    return build_mesh(cfg, devices[:-n]), sharding.make_mesh(1, -1, 1, devices=devices[-n:])
+
+
+def build_mesh(cfg, devices=None):
+    """The device mesh of mesh.data / fsdp / tp (over `devices`, default all); ConfigError when the
+    devices cannot make it."""
     import jax
 
     from jaxmath.config import ConfigError, MeshConfig, build
     from jaxmath.model import sharding
 
     m = build(MeshConfig, cfg.get("mesh", {}), prefix="mesh")
+    count = len(devices) if devices is not None else jax.device_count()
     try:
-        mesh = sharding.make_mesh(m.data, m.fsdp, m.tp)
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.tp, devices=devices)
     except ValueError as e:
-        raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tp to fit the {jax.device_count()} devices "
+        raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tp to fit the {count} devices "
                           "(one of them -1 takes the rest)") from e
     if mesh.size < jax.device_count() and jax.process_count() > 1:
         # A process with no device in the mesh could not take part in its programs.
@@ -161,7 +186,7 @@ def _run_grpo(cfg, workdir: str) -> dict:
     from jaxmath.aot.device import fit_micro_batch_rows
 
     loss_cfg = fit_micro_batch_rows(cfg, loss_cfg)
-    mesh = build_mesh(cfg)
+    mesh, sampler_mesh = build_meshes(cfg)
     model, tokenizer = load_model(cfg, mesh)
     if tokenizer is None:
         raise SystemExit("GRPO on math problems needs the model's tokenizer: set model.path to an HF folder")
@@ -177,7 +202,7 @@ def _run_grpo(cfg, workdir: str) -> dict:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     # vLLM syncs LoRA runs through its own adapter support, full runs through in-memory weights
-    engine = _rollout_engine(cfg, rollout.engine, model, mesh, lora_cfg)
+    engine = _rollout_engine(cfg, rollout.engine, model, sampler_mesh, lora_cfg)
     stop = tuple(dict.fromkeys(prompts.stop_token_ids(tokenizer) + model.config.stop_token_ids))
     evaluate = None
     if eval_cfg is not None:
@@ -220,8 +245,10 @@ def _run_demo(cfg, workdir: str) -> dict:
     from jaxmath.demo import DemoConfig, run_demo
 
     grpo_cfg, loss_cfg, optim_cfg = grpo_configs(cfg)
+    mesh, sampler_mesh = build_meshes(cfg)
     return run_demo(build(DemoConfig, cfg.demo, prefix="demo"), grpo_cfg, loss_cfg, optim_cfg, workdir,
-                    seed=cfg.seed, mesh=build_mesh(cfg), run_config=json.loads(cfg.to_json_best_effort()))
+                    seed=cfg.seed, mesh=mesh, sampler_mesh=sampler_mesh,
+                    run_config=json.loads(cfg.to_json_best_effort()))
 
 
 MODES = {

@@ -68,6 +68,12 @@ def validate(cfg) -> None:
         build(PromptConfig, cfg.prompt, prefix="prompt")
         init = build(InitConfig, cfg.init, prefix="init")
         engine = build(RolloutConfig, cfg.rollout, prefix="rollout").engine
+        if engine == "vllm" and grpo_cfg.rollout_devices:
+            raise ConfigError("rl.rollout_devices places the JAX sampler; vLLM is placed by its own settings: "
+                              "set rl.rollout_devices=0")
+        if engine == "vllm" and grpo_cfg.max_staleness and cfg.vllm.mode == "colocated":
+            raise ConfigError("rl.max_staleness=1 cannot overlap a colocated vLLM, which shares the device and "
+                              "sleeps through the train phase: set rl.max_staleness=0 or vllm.mode=server")
         eval_config(cfg, progress=False)  # checked even where rl.eval_every=0 leaves it unused
         if init.checkpoint and not os.path.isdir(init.checkpoint):
             raise ConfigError(f"init.checkpoint {init.checkpoint} is not a directory; point it at the earlier "

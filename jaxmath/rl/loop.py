@@ -8,7 +8,10 @@ Where it departs from the study (TRL GRPOTrainer / tinker-cookbook):
 - groups whose rewards all match are counted every step, and optionally replaced by informative
   groups from an oversampled batch at a static shape (DAPO's dynamic sampling);
 - a checkpoint holds everything the run needs (trainable params, optimizer, step, data cursor,
-  PRNG key, config), so a resumed run continues bit for bit.
+  PRNG key, config), so a resumed run continues bit for bit;
+- `max_staleness=1` overlaps the next step's rollout with this step's training (one policy version
+  behind, the importance ratio taken against the policy that sampled; see `train`), and every step
+  writes its rollout and train intervals (`timeline/*`) so the overlap can be seen.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import jax
@@ -94,6 +98,14 @@ class GRPOConfig:
                              few tokens in a step one token is that quantile, and a mean ratio stays ~1
                              in expectation under the engine's own samples, so it never reaches 0.1.)
       early_stop_patience:   consecutive steps a signal must hold before the run stops
+    max_staleness:         0: synchronous (sample, then train, then sample). 1: the next step's rollout is
+                           generated in a background thread, with the weights the engine holds (the policy
+                           of this step's start), while this step trains; it then trains one policy
+                           version behind, with the ratio taken against the policy that sampled (`train`)
+    rollout_devices:       0: the sampler shares the trainer's devices. N > 0: the JAX sampler runs on the
+                           last N devices (a mesh of its own, fsdp over them) and the trainer on the
+                           others; the engine's update_weights moves each update's weights (LoRA merged)
+                           to the sampler's mesh. Read where the meshes are built (jaxmath.runs), not here
     on_damaged:            when the newest checkpoint of the workdir is damaged on resume: "fall_back"
                            (one warning line, rename it `<step>.damaged`, resume from the newest good
                            one) or "refuse" (stop with one line; nothing is moved)
@@ -127,6 +139,8 @@ class GRPOConfig:
     early_stop_patience: int = 3
     warn_truncation: float = 0.5
     warn_zero_std: float = 0.8
+    max_staleness: int = 0
+    rollout_devices: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -142,6 +156,9 @@ class GRPOConfig:
                              f"rl.early_stop_patience >= 1, got patience {self.early_stop_patience}")
         if self.filter_groups and self.oversample < 1.0:
             raise ValueError("filter_groups needs oversample >= 1.0 (prompts sampled per group kept)")
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"rl.max_staleness must be 0 (synchronous) or 1 (one step of overlap), "
+                             f"got {self.max_staleness}")
         if self.on_damaged not in ckpt_lib.ON_DAMAGED:
             raise ValueError(f"rl.on_damaged must be one of {ckpt_lib.ON_DAMAGED}, got {self.on_damaged!r}")
 
@@ -199,12 +216,37 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
     engine: generates rollouts; `update_weights(model)` after every update, `sleep` / `wake_up` around
       the train phase (see `RolloutEngine`).
     evaluate: (model, step) -> metrics such as {"eval_accuracy": ...}, every `cfg.eval_every` steps.
+
+    cfg.max_staleness=1 (overlap): step t+1's rollout is generated in a background thread with the
+    weights the engine holds (step t's starting policy) while step t trains; JAX releases the GIL in
+    its compiled calls, so sampling and training run at once. The engine is only ever touched by one
+    thread at a time: the main thread waits for the rollout before `update_weights`, an evaluation
+    or a return. Step t+1 then trains one version behind, so it is off-policy: its old_logprobs come
+    from a logprob pass with step t's starting weights, kept for that pass. The engine samples from a
+    copy of the trainable params (the train step donates the trainer's buffers), and that copy is what
+    is kept: with a rollout in flight the loop holds two such copies (the one sampling, the one just
+    given to the engine) beside the trainer's own. That is the exact pi_old of the loss: the trainer's own computation of the sampling
+    policy, so the ratio measures only the policy's change between versions. The engine's logprobs
+    are the same policy through other numerics (a KV cache, bf16 decode, vLLM's kernels); they stay
+    what they are in the synchronous loop: the `mismatch/*` metrics (here against that pass) and
+    `loss.tis_cap`'s truncated importance weights. The first step, and the step after every
+    checkpoint, sample with the current weights (the pipeline drains before a checkpoint): a
+    checkpoint never has a rollout in flight, so a resumed run regenerates nothing and continues
+    exactly as the uninterrupted run does. The engine does not sleep in the train phase (it is
+    generating). Refused: more than one process (the two threads' collectives could interleave
+    differently on each process).
     """
     if loss_cfg.beta > 0 and not (lora_cfg.enabled or lora_lib.has_lora(model)):
         from jaxmath.config import ConfigError
 
         raise ConfigError("a KL term (loss.beta > 0) needs LoRA: the reference policy is the base model with "
                          "adapters off; full-parameter KL (a second copy of the weights) is not supported")
+    overlap = cfg.max_staleness > 0
+    if overlap and jax.process_count() > 1:
+        from jaxmath.config import ConfigError
+
+        raise ConfigError(f"rl.max_staleness=1 runs in one process only ({jax.process_count()} here): set "
+                          "rl.max_staleness=0")
     manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
                                          keep_best=cfg.keep_best,
                                          best_metric="eval_accuracy" if cfg.keep_best else None,
@@ -218,13 +260,30 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
         trainable, opt_state, start_step, key = (setup.state.params, setup.state.opt_state, setup.state.step,
                                                  setup.state.rng_key)
         data = PromptIterator(examples, cfg.seed, setup.state.data_cursor if setup.restored else None)
-        on_policy = cfg.num_iterations == 1 and loss_cfg.tis_cap == 0.0
+        # Overlapped steps always take old_logprobs from a logprob pass (the sampling policy's).
+        on_policy = not overlap and cfg.num_iterations == 1 and loss_cfg.tis_cap == 0.0
         train_step = step_lib.make_train_step(graphdef, setup.optimizer, loss_cfg, on_policy=on_policy,
                                               temperature=cfg.temperature,
                                               max_completion_tokens=cfg.max_completion_tokens)
         logprob_fn = step_lib.make_logprob_fn(graphdef, loss_cfg, temperature=cfg.temperature)
         fallback = cfg.answer_fallback or None
-        engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+        # Overlapped, the engine samples from a copy of the weights (the layers it does not copy itself,
+        # the embedding, would otherwise be the buffers the train step donates while it reads them); the
+        # copy is also the sampling policy whose logprobs the next step's loss compares against.
+        engine_policy = _copy(trainable) if overlap else trainable
+        engine.update_weights(nnx.merge(graphdef, engine_policy, frozen))
+
+        def sampling(batch_examples, seed) -> tuple[list[list[int]], SamplingParams]:
+            return encode(batch_examples), SamplingParams(
+                max_new_tokens=cfg.max_completion_tokens, num_samples=cfg.num_generations,
+                temperature=cfg.temperature, seed=seed, stop_token_ids=tuple(stop_token_ids))
+
+        origin = time.perf_counter()  # the timeline's zero: this invocation's start
+
+        def timed_generate(prompt_ids, params):
+            began = time.perf_counter()
+            rollout = engine.generate(prompt_ids, params)
+            return rollout, (began - origin, time.perf_counter() - origin)
 
         # metrics lines are numbered from 1; the checkpointed step itself was already written
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step + 1)
@@ -234,16 +293,31 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
         stopped_early = ""
         bar = metrics_lib.progress(cfg.steps, desc="grpo")
         bar.update(start_step)
+        background = ThreadPoolExecutor(1, thread_name_prefix="rollout") if overlap else None
+        # The next step's rollout in flight: its examples, seed, future and the weights that sample it.
+        pending: tuple[list[Example], int, Future, Any] | None = None
         try:
             for step in range(start_step, cfg.steps):
                 t0 = time.perf_counter()
-                key, seed = _rollout_seed(key)
-                batch_examples = data.next(cfg.prompts_sampled)
-                prompt_ids = encode(batch_examples)
-                params = SamplingParams(max_new_tokens=cfg.max_completion_tokens, num_samples=cfg.num_generations,
-                                        temperature=cfg.temperature, seed=seed, stop_token_ids=tuple(stop_token_ids))
-                with timer.phase("rollout"):
-                    rollout = engine.generate(prompt_ids, params)
+                step_no = step + 1
+                if pending is None:  # sample now, with the current weights
+                    key, seed = _rollout_seed(key)
+                    batch_examples = data.next(cfg.prompts_sampled)
+                    with timer.phase("rollout"):
+                        rollout, rollout_span = timed_generate(*sampling(batch_examples, seed))
+                    behind, staleness = None, 0
+                else:  # sampled in the background while the previous step trained
+                    batch_examples, seed, future, behind = pending
+                    rollout, rollout_span = future.result()
+                    pending, staleness = None, 1
+                # What a checkpoint of this step holds: the cursor and key before the next step's draw.
+                cursor, saved_key = data.cursor, key
+                due = bool(cfg.checkpoint_every and step_no % cfg.checkpoint_every == 0)  # 0: at the end only
+                if overlap and step_no < cfg.steps and not due:
+                    key, next_seed = _rollout_seed(key)
+                    next_examples = data.next(cfg.prompts_sampled)
+                    pending = (next_examples, next_seed,
+                               background.submit(timed_generate, *sampling(next_examples, next_seed)), engine_policy)
                 texts = [decode(ids) for ids in rollout.completion_token_lists()]
                 golds = [batch_examples[i].answer for i in rollout.prompt_index]
                 with timer.phase("reward"):
@@ -265,17 +339,22 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 batch = step_lib.build_batch(rollout, prompt_len, advantages, completion_len=width)
                 device_batch = sharding.shard_batch(batch, mesh)
                 completion_len = batch.completion_len
-                # A colocated engine frees its memory for JAX's programs (the device plan time-shares it).
-                asleep = engine.sleep()
+                # A colocated engine frees its memory for JAX's programs (the device plan time-shares it);
+                # an overlapped one is generating.
+                asleep = False if overlap else engine.sleep()
+                # The timeline's train interval: the trainer's device work (logprob passes and updates).
+                train_began = time.perf_counter() - origin
                 if not on_policy or loss_cfg.beta > 0:
                     with timer.phase("logprob"):
                         if not on_policy:
-                            device_batch.old_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
+                            policy = trainable if behind is None else behind  # the weights that sampled
+                            device_batch.old_logprobs = logprob_fn(policy, frozen, device_batch.tokens,
                                                                    device_batch.valid, completion_len)
                         if loss_cfg.beta > 0:
                             device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
                                                                    device_batch.valid, completion_len, lora=False)
                         jax.block_until_ready(device_batch.old_logprobs)
+                    behind = None
                 with timer.phase("train"):
                     for iteration in range(cfg.num_iterations):
                         trainable, opt_state, step_metrics, logprobs = train_step(trainable, frozen, opt_state,
@@ -283,11 +362,20 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                         if iteration == 0:  # the policy that the engine sampled from, before any update
                             trainer_logprobs = logprobs
                     step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                train_span = (train_began, time.perf_counter() - origin)
+                if overlap:  # the trainer's logprobs of the sampling policy, whichever version that was
+                    trainer_logprobs = device_batch.old_logprobs
+                if pending is not None:
+                    with timer.phase("rollout_wait"):  # the engine takes no weights while it generates
+                        pending[2].exception()
                 with timer.phase("sync"):
                     if asleep:
                         engine.wake_up()
-                    sync = engine.update_weights(nnx.merge(graphdef, trainable, frozen))
+                    engine_policy = _copy(trainable) if overlap else trainable
+                    sync = engine.update_weights(nnx.merge(graphdef, engine_policy, frozen))
                 phases = timer.pop()
+                if "time/rollout" not in phases:  # sampled in the background
+                    phases["time/rollout"] = rollout_span[1] - rollout_span[0]
                 lengths = rollout.completion_lengths
                 tokens = int(lengths.sum())
                 m: dict[str, Any] = {
@@ -302,11 +390,14 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                     "tokens_per_s/rollout": tokens / max(phases.get("time/rollout", 0.0), 1e-9),
                     "tokens_per_s/train": tokens * cfg.num_iterations / max(phases.get("time/train", 0.0), 1e-9),
                     "epoch": data.epoch,
+                    "completion_tokens": tokens,
+                    "staleness": staleness,  # policy versions between the sampling weights and these
+                    "timeline/rollout_start": rollout_span[0], "timeline/rollout_end": rollout_span[1],
+                    "timeline/train_start": train_span[0], "timeline/train_end": train_span[1],
                 }
-                step_no = step + 1
                 if evaluate is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or step_no == cfg.steps):
                     with timer.phase("eval"):
-                        m.update(evaluate(nnx.merge(graphdef, trainable, frozen), step_no))
+                        m.update(evaluate(nnx.merge(graphdef, engine_policy, frozen), step_no))
                     m.update(timer.pop())
                 m["step_seconds"] = time.perf_counter() - t0
                 writer.write(step_no, m)
@@ -317,9 +408,8 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                 metrics_lib.log_line(step_no, m, ("loss", "reward_mean", "grad_norm", "frac_mixed",  # logs it once
                                                   "completion_len_mean", "mismatch/abs_mean"), seconds_key="step_seconds")
                 stopped_early = early_stop_reason(m, cfg, streak)
-                due = cfg.checkpoint_every and step_no % cfg.checkpoint_every == 0  # 0: at the end only
                 if stopped_early or due or step_no == cfg.steps:
-                    _save(manager, step_no, trainable, opt_state, data, key, run_config, m)
+                    _save(manager, step_no, trainable, opt_state, cursor, saved_key, run_config, m)
                 if cfg.plot_every and step_no % cfg.plot_every == 0:
                     metrics_lib.plot_metrics(workdir)
                 if stopped_early:
@@ -327,11 +417,18 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                                     stopped_early, step_no)
                     break
         finally:
+            if background is not None:  # no thread outlives the loop (its rollout is dropped)
+                background.shutdown(wait=True)
             bar.close()
             writer.close()
     nnx.update(model, trainable)
     metrics_lib.plot_metrics(workdir)
     return {**last, "stopped_early": stopped_early}
+
+
+def _copy(state):
+    """A copy of `state`'s arrays in new buffers (same shardings)."""
+    return jax.tree.map(lambda x: x.copy(), state)
 
 
 def _select_rows(rollout, rows: np.ndarray):
@@ -346,8 +443,8 @@ def _select_rows(rollout, rows: np.ndarray):
         prompt_index=np.asarray([remap[int(g)] for g in groups], np.int32))
 
 
-def _save(manager, step, trainable, opt_state, data, key, run_config, m) -> None:
-    state = ckpt_lib.TrainState(trainable, opt_state, step, data.cursor, key, run_config or {})
+def _save(manager, step, trainable, opt_state, cursor, key, run_config, m) -> None:
+    state = ckpt_lib.TrainState(trainable, opt_state, step, cursor, key, run_config or {})
     metrics = {k: v for k, v in m.items() if isinstance(v, (int, float)) and np.isfinite(v)}
     manager.save(step, state, metrics=metrics, force=True)
 

@@ -586,6 +586,23 @@ def _pow2(n: int) -> int:
 # --- the engine -----------------------------------------------------------------------------------
 
 
+def _place(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+    """`x` on `mesh` with the partition spec it had on its own mesh (the axis names are the same), or
+    replicated where that spec does not divide it on this mesh."""
+    spec = x.sharding.spec if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.sharding.PartitionSpec()
+    target = jax.sharding.NamedSharding(mesh, spec)
+    try:
+        target.shard_shape(x.shape)
+    except ValueError:
+        target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(x, target)
+
+
+def _devices(state) -> set:
+    """Every device holding an array of `state`."""
+    return {d for x in jax.tree.leaves(state) if isinstance(x, jax.Array) for d in x.devices()}
+
+
 class JaxSampler(RolloutEngine):
     """A RolloutEngine running the model in this process.
 
@@ -621,6 +638,9 @@ class JaxSampler(RolloutEngine):
         if has_lora(copy) and self.config.lora_mode in ("merge", "auto"):
             merge_lora(copy)
         graphdef, state = nnx.split(copy)
+        if self.mesh is not None and _devices(state) - set(self.mesh.devices.flat):
+            # The sampler has devices of its own (rl.rollout_devices): its copy moves there.
+            state = jax.tree.map(functools.partial(_place, mesh=self.mesh), state)
         # Wait for the merge, so a caller timing the weight sync times the real work.
         self._graphdef, self._state = graphdef, jax.block_until_ready(state)
         return {}
