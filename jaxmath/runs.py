@@ -27,6 +27,13 @@ def build_meshes(cfg):
     n = int(cfg.get("rl", {}).get("rollout_devices", 0))
     if not n:
         mesh = build_mesh(cfg)
+        jax_engine = cfg.get("rollout", {}).get("engine", "jax") == "jax"
+        if cfg.get("rl", {}).get("max_staleness", 0) and jax_engine and mesh.devices.flat[0].platform == "gpu":
+            # The sampler's KV cache and the train step's temporaries would be live at once on the same
+            # accelerator, which no memory plan (`jaxmath.aot`) covers.
+            raise ConfigError("rl.max_staleness=1 with the JAX sampler on the trainer's GPUs would run both at once "
+                              "in one device's memory, which is not planned: give the sampler GPUs of its own "
+                              "(rl.rollout_devices=N) or set rl.max_staleness=0")
         return mesh, mesh
     devices = jax.devices()
     if jax.process_count() > 1:

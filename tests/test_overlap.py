@@ -159,3 +159,28 @@ def test_a_colocated_vllm_is_refused_with_overlap():
     cfg.optimizer.learning_rate = 1e-6
     with pytest.raises(ConfigError, match="cannot overlap a colocated vLLM"):
         validate(cfg)
+
+
+def test_overlap_on_the_trainers_gpus_is_refused(monkeypatch):
+    """With the JAX sampler on the trainer's own GPUs, an overlapped step would hold the sampler's KV
+    cache and the train step's temporaries at once, which no memory plan covers: refused in one line.
+    Synchronous, or on CPU devices, it runs."""
+    from jaxmath import runs
+
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    class Mesh:
+        def __init__(self, platform):
+            self.devices = np.array([Device(platform)], dtype=object)
+
+    for platform in ("gpu", "cpu"):
+        monkeypatch.setattr(runs, "build_mesh", lambda cfg, devices=None, platform=platform: Mesh(platform))
+        overlapped = {"rl": {"rollout_devices": 0, "max_staleness": 1}, "rollout": {"engine": "jax"}}
+        if platform == "gpu":
+            with pytest.raises(ConfigError, match=r"^rl.max_staleness=1 with the JAX sampler on the trainer's GPUs"):
+                runs.build_meshes(overlapped)
+        else:
+            runs.build_meshes(overlapped)
+        runs.build_meshes({"rl": {"rollout_devices": 0, "max_staleness": 0}, "rollout": {"engine": "jax"}})
