@@ -176,6 +176,7 @@ def _demo(workdir: Path, *mesh_flags: str) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the sharded steps are held to one device's in the test above; the demo across processes in test_processes.py
 def test_demo_sharded_writes_the_same_losses(tmp_path):
     # The acceptance command of issue 9, at 3 GRPO steps (and its 20-step SFT warm-up): on 8 devices
     # with fsdp=4 x tp=2 it must log what the one-device run logs.
