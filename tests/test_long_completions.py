@@ -144,7 +144,8 @@ def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, te
     return loss
 
 
-@pytest.mark.parametrize("loss_agg,on_policy", [("seq_mean_token_mean", False), ("seq_mean_token_mean", True),
+@pytest.mark.parametrize("loss_agg,on_policy", [pytest.param("seq_mean_token_mean", False, marks=pytest.mark.slow),
+                                               ("seq_mean_token_mean", True),
                                                pytest.param("token_mean", False, marks=pytest.mark.slow)])
 def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg, on_policy):
     """The train step's gradient (its SGD update at learning rate 1) with the LM head in chunks of 4
@@ -179,6 +180,7 @@ def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg, on_policy):
     np.testing.assert_allclose(np.asarray(logprobs)[mask], np.asarray(full)[mask], atol=2e-5)
 
 
+@pytest.mark.slow  # ~20 s; the head's chunking stays in the fast subset (the weighted and token_logprobs tests)
 def test_sft_chunked_loss_and_gradients_equal_unchunked():
     """SFT's summed NLL and its gradient with the LM head in chunks of 5 positions and remat ("full",
     and "offload": each layer's saved input in host memory) equal those of full logits in one piece

@@ -369,7 +369,7 @@ def _varying_stops(free: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     return stops, ends
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
+@pytest.mark.parametrize("temperature", [pytest.param(0.7, marks=pytest.mark.slow), 1.0])
 def test_finished_rows_free_their_slots_for_waiting_rows(model, temperature):
     """Rows that end at different steps: with 4 slots for 12 rows, a finished row's slot takes a waiting
     row; with 16 slots, the live rows are compacted into 8. Both give the tokens and
