@@ -42,8 +42,9 @@ def _tile_logits(h: jax.Array, w: jax.Array, index: jax.Array, vocab: int, inv_t
     return jnp.where(ids[None, :] < vocab, logits, -jnp.inf)
 
 
-def _lse_entropy_fwd_impl(h, w_chunks, inv_t, vocab, with_entropy):
-    """Online logsumexp (and sum p * logit for the entropy) over the vocabulary chunks."""
+def _online_lse(h, w_chunks, inv_t, vocab, with_entropy, keep_tiles=False):
+    """Online logsumexp (and sum p * logit for the entropy) over the vocabulary chunks: (lse [c],
+    entropy [c], and with keep_tiles the logits tiles [chunks, c, chunk], else None)."""
     c = h.shape[0]
 
     def step(carry, xs):
@@ -57,25 +58,25 @@ def _lse_entropy_fwd_impl(h, w_chunks, inv_t, vocab, with_entropy):
         if with_entropy:
             # Padded entries have e == 0 and logit -inf; keep their product out of the sum.
             run_dot = run_dot * rescale + jnp.sum(jnp.where(e > 0, e * logits, 0.0), axis=-1)
-        return (new_max, run_sum, run_dot), None
+        return (new_max, run_sum, run_dot), (logits if keep_tiles else None)
 
     init = (jnp.full((c,), -jnp.inf, F32), jnp.zeros((c,), F32), jnp.zeros((c,), F32))
     indices = jnp.arange(w_chunks.shape[0], dtype=jnp.int32)
-    (run_max, run_sum, run_dot), _ = jax.lax.scan(step, init, (w_chunks, indices))
+    (run_max, run_sum, run_dot), tiles = jax.lax.scan(step, init, (w_chunks, indices))
     lse = run_max + jnp.log(run_sum)
     entropy = lse - run_dot / run_sum if with_entropy else jnp.zeros_like(lse)
-    return lse, entropy
+    return lse, entropy, tiles
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _lse_entropy(h, w_chunks, inv_t, vocab, with_entropy):
     """h [c, d], w_chunks [chunks, chunk, d] -> logsumexp [c], entropy [c] of the tempered logits.
     The entropy carries no gradient (its cotangent is ignored)."""
-    return _lse_entropy_fwd_impl(h, w_chunks, inv_t, vocab, with_entropy)
+    return _online_lse(h, w_chunks, inv_t, vocab, with_entropy)[:2]
 
 
 def _lse_entropy_fwd(h, w_chunks, inv_t, vocab, with_entropy):
-    lse, entropy = _lse_entropy_fwd_impl(h, w_chunks, inv_t, vocab, with_entropy)
+    lse, entropy, _ = _online_lse(h, w_chunks, inv_t, vocab, with_entropy)
     return (lse, entropy), (h, w_chunks, lse)
 
 
@@ -149,25 +150,7 @@ def _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, w
     online max and sum; pass 2 reads the tiles back for p = exp(logits - lse) and the two gradient
     matmuls. Three matmuls per tile instead of four (forward, recompute, d hidden, d head), for one
     [c, vocab] float32 buffer per position chunk."""
-    c = hc.shape[0]
-    indices = jnp.arange(w_chunks.shape[0], dtype=jnp.int32)
-
-    def tile(carry, xs):
-        run_max, run_sum, run_dot = carry
-        wt, index = xs
-        logits = _tile_logits(hc, wt, index, vocab, inv_t)
-        new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
-        rescale = jnp.exp(run_max - new_max)
-        e = jnp.exp(logits - new_max[:, None])
-        run_sum = run_sum * rescale + jnp.sum(e, axis=-1)
-        if with_entropy:
-            run_dot = run_dot * rescale + jnp.sum(jnp.where(e > 0, e * logits, 0.0), axis=-1)
-        return (new_max, run_sum, run_dot), (logits if want_dh or want_dw else None)  # the buffer
-
-    init = (jnp.full((c,), -jnp.inf, F32), jnp.zeros((c,), F32), jnp.zeros((c,), F32))
-    (run_max, run_sum, run_dot), tiles = jax.lax.scan(tile, init, (w_chunks, indices))
-    lse = run_max + jnp.log(run_sum)
-    entropy = lse - run_dot / run_sum if with_entropy else jnp.zeros_like(lse)
+    lse, entropy, tiles = _online_lse(hc, w_chunks, inv_t, vocab, with_entropy, keep_tiles=want_dh or want_dw)
     w_picked = jnp.take(w, yc, axis=0)
     logprobs = jnp.einsum("cd,cd->c", hc, w_picked, preferred_element_type=F32) * inv_t - lse
     if not (want_dh or want_dw):
