@@ -14,7 +14,9 @@ from jaxmath.rl import loop
 from tests import overlap_helpers as helpers
 
 # The synchronous loop's figures for helpers.run(workdir, 3), recorded with the code before
-# rl.max_staleness existed (commit 2eba35d): the default path must still give them.
+# rl.max_staleness existed (commit 2eba35d): the default path must still give them. Since each group's
+# prompt passes the layers once (tests/test_shared_prompt.py), sums run in another order: step 3's
+# grad_norm moved by 4e-6 relative (the per-row layout still gave these figures to 1e-6), hence rel=1e-5.
 BEFORE = [
     {"loss": 7.450580596923828e-09, "grad_norm": 1.5902150869369507, "reward_mean": 0.125, "ratio_mean": 1.0,
      "completion_len_mean": 5.125},
@@ -68,7 +70,7 @@ def test_the_synchronous_default_is_unchanged_and_its_intervals_do_not_overlap(t
     _, ms = helpers.run(tmp_path, 3)
     for m, before in zip(ms, BEFORE, strict=True):
         for key, value in before.items():
-            assert m[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (key, m["step"])
+            assert m[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, m["step"])
         assert m["staleness"] == 0
         rollout, train = _span(m, "rollout"), _span(m, "train")
         assert 0 <= rollout[0] < rollout[1] <= train[0] < train[1]

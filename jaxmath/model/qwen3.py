@@ -271,6 +271,21 @@ class DecoderLayer(nnx.Module):
         h = h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths)
         return h + self.mlp(self.post_attn_norm(h), lora)
 
+    def shared_prompt(self, prompt_h, h, prompt_rope, rope, prompt_mask, mask, group_size: int, lora: bool = True):
+        """__call__ for groups of sequences that share their prompt: `prompt_h` [g, p, d] one prompt per
+        group (causal under `prompt_mask` [g, 1, p, p]); `h` [g * group_size, t, d] the groups'
+        continuations, row i of group i // group_size, each attending to its group's prompt keys and
+        causally to its own (`mask` [g * group_size, 1, t, p + t]). Each prompt passes the layer once,
+        not group_size times; the keys and values it gives are broadcast to its continuations."""
+        q, k, v = self.attn.qkv(self.input_norm(prompt_h), *prompt_rope, lora)
+        prompt_h = prompt_h + self.attn.attend(q, k, v, prompt_mask, lora, causal=True)
+        q_rows, k_rows, v_rows = self.attn.qkv(self.input_norm(h), *rope, lora)
+        keys = jnp.concatenate([jnp.repeat(k, group_size, axis=0), k_rows], axis=1)
+        values = jnp.concatenate([jnp.repeat(v, group_size, axis=0), v_rows], axis=1)
+        h = h + self.attn.attend(q_rows, keys, values, mask, lora)
+        return (prompt_h + self.mlp(self.post_attn_norm(prompt_h), lora),
+                h + self.mlp(self.post_attn_norm(h), lora))
+
     def decode(self, h, cos, sin, mask, k_cache, v_cache, write_index, lora: bool = True):
         """Like __call__, but writes this chunk's k/v into this layer's caches (k [b, k, s, h], v
         [b, k, h, s]) at slot `write_index` ([] shared, or [b] one per row for a single token) and
@@ -482,6 +497,41 @@ class Qwen3(nnx.Module):
         h = self._scan_layers(lambda layer, h, _: layer(h, cos, sin, mask, lora, seq_lengths),
                               self.embed_tokens(input_ids), remat=remat)
         return self.final_norm(h[:, :t] if extra else h)
+
+    def shared_prompt_hidden_states(self, prompt_ids: jax.Array, prompt_lengths: jax.Array, continuation_ids: jax.Array,
+                                    *, lora: bool = True, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Final-normed hidden states of groups of sequences that share a prompt, each prompt run once.
+
+        prompt_ids [g, p] int: one prompt per group, right-padded, its first prompt_lengths[i] (>= 1)
+        tokens real; continuation_ids [g * k, t] int: the k sequences of group i (rows i*k ... i*k + k - 1)
+        go on from position prompt_lengths[i]. Returns (prompt hidden [g, p, d], continuation hidden
+        [g * k, t, d]): what `hidden_states` gives each whole sequence [prompt | continuation] at those
+        positions, up to float rounding. For GRPO's K completions of a prompt (jaxmath.rl.step), whose
+        prompts would otherwise pass every layer K times.
+
+        Attention takes masks here (XLA's kernel; cuDNN's would turn them into dense biases), so the
+        callers keep `hidden_states` where the model attends with cuDNN."""
+        g, p = prompt_ids.shape
+        rows, t = continuation_ids.shape
+        if rows % g:
+            raise ValueError(f"{rows} continuation rows are not a whole number of groups of the {g} prompts")
+        group_size = rows // g
+        prompt_segments = (jnp.arange(p, dtype=jnp.int32)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
+        prompt_rope = rope_cos_sin(jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (g, p)), self.config)
+        lengths = jnp.repeat(prompt_lengths, group_size)
+        rope = rope_cos_sin(lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], self.config)
+        # Continuation query j sees its group's real prompt tokens and its own tokens up to j.
+        sees_prompt = jnp.broadcast_to((jnp.arange(p) < lengths[:, None])[:, None, :], (rows, t, p))
+        sees_own = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (rows, t, t))
+        mask = jnp.concatenate([sees_prompt, sees_own], axis=-1)[:, None]
+        prompt_mask = segment_mask(prompt_segments)
+
+        def body(layer, carry, _):
+            return layer.shared_prompt(*carry, prompt_rope, rope, prompt_mask, mask, group_size, lora)
+
+        prompt_h, h = self._scan_layers(body, (self.embed_tokens(prompt_ids), self.embed_tokens(continuation_ids)),
+                                        remat=remat)
+        return self.final_norm(prompt_h), self.final_norm(h)
 
     def logits(self, hidden: jax.Array, lora: bool = True) -> jax.Array:
         """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training

@@ -349,10 +349,12 @@ def train(model: Qwen3, examples: Sequence[Example], *, encode: Callable[[Sequen
                         if not on_policy:
                             policy = trainable if behind is None else behind  # the weights that sampled
                             device_batch.old_logprobs = logprob_fn(policy, frozen, device_batch.tokens,
-                                                                   device_batch.valid, completion_len)
+                                                                   device_batch.valid, completion_len,
+                                                                   group_size=device_batch.group_size)
                         if loss_cfg.beta > 0:
                             device_batch.ref_logprobs = logprob_fn(trainable, frozen, device_batch.tokens,
-                                                                   device_batch.valid, completion_len, lora=False)
+                                                                   device_batch.valid, completion_len, lora=False,
+                                                                   group_size=device_batch.group_size)
                         jax.block_until_ready(device_batch.old_logprobs)
                     behind = None
                 with timer.phase("train"):

@@ -93,6 +93,8 @@ class Batch:
     old_logprobs:    [rows, T] float32, log pi_old (zeros when the on-policy shortcut applies)
     engine_logprobs: [rows, T] float32, the rollout engine's logprobs (for mismatch and TIS)
     ref_logprobs:    [rows, T] float32 or None, the reference policy's (KL term)
+    group_size:      static: rows come in runs of this many sharing one prompt (GRPO's K; 1: no
+                     grouping known), so the step runs each prompt through the layers once
     """
 
     tokens: Any
@@ -102,6 +104,7 @@ class Batch:
     old_logprobs: Any
     engine_logprobs: Any
     ref_logprobs: Any = None
+    group_size: int = 1
 
     @property
     def completion_len(self) -> int:
@@ -110,14 +113,34 @@ class Batch:
 
 jax.tree_util.register_dataclass(
     Batch, data_fields=["tokens", "valid", "completion_mask", "advantages", "old_logprobs", "engine_logprobs",
-                        "ref_logprobs"], meta_fields=[])
+                        "ref_logprobs"], meta_fields=["group_size"])
+
+
+def shares_prompts(model: Qwen3, rows: int, completion_len: int, group_size: int) -> bool:
+    """Whether the step runs each group's prompt through the layers once (`Qwen3.shared_prompt_hidden_states`):
+    with groups known, whole groups in the rows, and the XLA attention kernel (cuDNN's takes the
+    per-row layout's lengths, where the shared prompt's keys would need a dense mask)."""
+    return (group_size > 1 and rows % group_size == 0 and completion_len > 1
+            and model.layers.attn.implementation_for(cached=False) != "cudnn")
 
 
 def _completion_hidden(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *, lora: bool,
-                       remat: bool) -> tuple[jax.Array, jax.Array]:
+                       remat: bool, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
     """(hidden, head) operands of the LM head for the completion tokens (`completion_logprobs`)."""
     width = tokens.shape[1]
     prompt_len = width - completion_len
+    if shares_prompts(model, tokens.shape[0], completion_len, group_size):
+        # Row 0 of each group holds the group's prompt; its hidden state at the last prompt token
+        # predicts completion token 0, the completion's own positions the rest.
+        prompt_valid = valid[::group_size, :prompt_len]
+        prompt_lead = jnp.argmax(prompt_valid, axis=1).astype(jnp.int32)
+        prompt_lengths = jnp.sum(prompt_valid, axis=1, dtype=jnp.int32)
+        prompts = jax.vmap(lambda row, shift: jnp.roll(row, -shift))(tokens[::group_size, :prompt_len], prompt_lead)
+        prompt_hidden, hidden = model.shared_prompt_hidden_states(
+            prompts, prompt_lengths, tokens[:, prompt_len:-1], lora=lora, remat=remat)
+        last = jnp.take_along_axis(prompt_hidden, (prompt_lengths - 1)[:, None, None], axis=1)
+        hidden = jnp.concatenate([jnp.repeat(last, group_size, axis=0), hidden], axis=1)
+        return model.head_operands(hidden, lora)
     lead = jnp.argmax(valid, axis=1).astype(jnp.int32)  # left padding of each row's prompt
     lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
     packed = jax.vmap(lambda row, shift: jnp.roll(row, -shift))(tokens, lead)
@@ -132,7 +155,7 @@ def _completion_hidden(model: Qwen3, tokens: jax.Array, valid: jax.Array, comple
 
 def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *,
                         temperature: float, chunk: int, with_entropy: bool, lora: bool = True,
-                        remat: bool = False) -> tuple[jax.Array, jax.Array]:
+                        remat: bool = False, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
     """Logprobs [rows, T] and entropy [rows, T] of the completion tokens under the model.
 
     tokens, valid [rows, P + T] in the Batch layout; each row's real tokens are one run (its prompt,
@@ -140,41 +163,48 @@ def completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, compl
     prompt padding, one right-padded sequence of known length: cuDNN's attention takes the lengths
     (no mask, no dense bias, any length), XLA the equivalent mask. The hidden states before the
     completion tokens are then read at each row's own offset.
+    group_size: rows come in runs of this many sharing one prompt; where `shares_prompts`, each
+    prompt passes the layers once (`Qwen3.shared_prompt_hidden_states`), the same logprobs up to float
+    rounding.
     """
-    hidden, head = _completion_hidden(model, tokens, valid, completion_len, lora=lora, remat=remat)
+    hidden, head = _completion_hidden(model, tokens, valid, completion_len, lora=lora, remat=remat,
+                                      group_size=group_size)
     return token_logprobs(hidden, head, tokens[:, -completion_len:], temperature=temperature,
                           chunk_size=chunk, with_entropy=with_entropy)
 
 
 def weighted_completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Array, weights: jax.Array, *,
-                                 temperature: float, chunk: int, with_entropy: bool,
-                                 remat: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                                 temperature: float, chunk: int, with_entropy: bool, remat: bool = False,
+                                 group_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`completion_logprobs` with the LM head's gradient taken in its forward pass
     (`jaxmath.model.head.weighted_token_logprobs`): (sum(weights * logprobs), logprobs, entropy), where
     only the first carries a gradient. weights [rows, T] = d loss / d logprob, known in advance."""
     completion_len = weights.shape[1]
-    hidden, head = _completion_hidden(model, tokens, valid, completion_len, lora=True, remat=remat)
+    hidden, head = _completion_hidden(model, tokens, valid, completion_len, lora=True, remat=remat,
+                                      group_size=group_size)
     return weighted_token_logprobs(hidden, head, tokens[:, -completion_len:], weights, temperature=temperature,
                                    chunk_size=chunk, with_entropy=with_entropy)
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, cfg: LossConfig, *, temperature: float = 1.0) -> Callable:
-    """Jitted (trainable, frozen, tokens, valid, completion_len, lora) -> logprobs [rows, T] under
-    softmax(logits / temperature): the 'old policy' pass when num_iterations > 1 or importance
-    correction needs it, and the reference policy pass (lora=False) for a KL term. Runs under the
-    mesh its arguments are on."""
+    """Jitted (trainable, frozen, tokens, valid, completion_len, lora, group_size) -> logprobs [rows, T]
+    (0 past each completion's end) under softmax(logits / temperature): the 'old policy' pass when num_iterations > 1 or importance
+    correction needs it, and the reference policy pass (lora=False) for a KL term. group_size: the
+    batch's `Batch.group_size` (its prompts then pass the layers once). Runs under the mesh its
+    arguments are on."""
 
-    def logprobs_fn(trainable, frozen, tokens, valid, completion_len: int, lora: bool = True):
+    def logprobs_fn(trainable, frozen, tokens, valid, completion_len: int, lora: bool = True, group_size: int = 1):
         model = nnx.merge(graphdef, trainable, frozen)
 
         def one(xs):
             return completion_logprobs(model, xs[0], xs[1], completion_len, temperature=temperature,
-                                       chunk=cfg.logprob_chunk, with_entropy=False, lora=lora)[0]
+                                       chunk=cfg.logprob_chunk, with_entropy=False, lora=lora,
+                                       group_size=group_size)[0]
 
-        return jax.lax.map(one, micro_batches((tokens, valid), cfg.micro_batch_rows)).reshape(tokens.shape[0],
-                                                                                             completion_len)
+        logprobs = jax.lax.map(one, micro_batches((tokens, valid), cfg.micro_batch_rows))
+        return jnp.where(valid[:, -completion_len:], logprobs.reshape(tokens.shape[0], completion_len), 0.0)
 
-    return sharding.jit_on_mesh(logprobs_fn, static_argnames=("completion_len", "lora"))
+    return sharding.jit_on_mesh(logprobs_fn, static_argnames=("completion_len", "lora", "group_size"))
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: LossConfig, *,
@@ -187,7 +217,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     max_completion_tokens: Dr. GRPO's constant normalizer for loss_agg="constant" (0: the batch's T).
     cfg.tis_cap > 0: truncated importance sampling weights min(exp(old - engine), tis_cap) per token.
     metrics: float32 scalars (loss, clip fractions, ratio stats, KL, entropy, grad_norm, ...).
-    logprobs: [rows, T] float32, the trainer's logprobs before the update (for mismatch logging).
+    logprobs: [rows, T] float32, the trainer's logprobs before the update (for mismatch logging), 0
+              past each completion's end.
     """
     if temperature <= 0:
         raise ValueError("training needs temperature > 0 (greedy rollouts have no policy gradient)")
@@ -213,12 +244,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                 jnp.zeros(mb.completion_mask.shape, F32))
             objective, logprobs, entropy = weighted_completion_logprobs(
                 model, mb.tokens, mb.valid, weights, temperature=temperature, chunk=cfg.logprob_chunk,
-                with_entropy=cfg.with_entropy, remat=True)
+                with_entropy=cfg.with_entropy, remat=True, group_size=mb.group_size)
             loss, metrics = loss_of(logprobs, logprobs, entropy if cfg.with_entropy else None)
             return loss + objective - jax.lax.stop_gradient(objective), (metrics, logprobs)
         logprobs, entropy = completion_logprobs(
             model, mb.tokens, mb.valid, mb.completion_mask.shape[1], temperature=temperature,
-            chunk=cfg.logprob_chunk, with_entropy=cfg.with_entropy, remat=True)
+            chunk=cfg.logprob_chunk, with_entropy=cfg.with_entropy, remat=True, group_size=mb.group_size)
         old = jax.lax.stop_gradient(logprobs) if on_policy else mb.old_logprobs
         loss, metrics = loss_of(logprobs, old, entropy if cfg.with_entropy else None)
         return loss, (metrics, logprobs)
@@ -230,7 +261,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             functools.partial(micro_loss, normalizer=normalizer), optimizer, trainable, frozen, opt_state,
             micro_batches(batch, cfg.micro_batch_rows))
         return (trainable, opt_state, {**grpo.finalize(grpo.combine_stacked(metrics)), **norms},
-                logprobs.reshape(rows, completion_len))
+                jnp.where(batch.completion_mask, logprobs.reshape(rows, completion_len), 0.0))
 
     return sharding.jit_on_mesh(train_step, donate_argnums=(0, 2))
 
@@ -268,7 +299,21 @@ def build_batch(rollout, prompt_len: int, advantages: np.ndarray, old_logprobs: 
     return Batch(tokens=tokens, valid=valid, completion_mask=mask,
                  advantages=np.asarray(advantages, np.float32),
                  old_logprobs=engine if old_logprobs is None else np.asarray(old_logprobs, np.float32),
-                 engine_logprobs=engine, ref_logprobs=ref_logprobs)
+                 engine_logprobs=engine, ref_logprobs=ref_logprobs,
+                 group_size=group_size(np.asarray(rollout.prompt_index)))
+
+
+def group_size(prompt_index: np.ndarray) -> int:
+    """The K of rows laid out in runs of K that each share a prompt (a rollout's groups, whole groups
+    selected), or 1 where the rows are not so laid out."""
+    rows = len(prompt_index)
+    if rows == 0:
+        return 1
+    starts = np.flatnonzero(np.r_[True, prompt_index[1:] != prompt_index[:-1]])
+    runs = np.diff(np.r_[starts, rows])
+    if len(set(runs.tolist())) != 1 or len(set(prompt_index[starts].tolist())) != len(starts):
+        return 1
+    return int(runs[0])
 
 
 def completion_bucket(longest: int, max_width: int, smallest: int = 64) -> int:
