@@ -4,7 +4,11 @@ same model directory and the same token batch, in one process.
 
 jaxmath runs `jaxmath.sft.make_sft_step` (chunked fused LM head, donated state); transformers runs
 `model(ids, labels=ids).loss.backward()`, `clip_grad_norm_(1.0)` and `torch.optim.AdamW.step()`.
-Both train every parameter in float32 on the CPU by default, with the loss on all B * T tokens.
+Both train every parameter in float32 on the CPU by default, with the loss on all B * T tokens, and
+both recompute each decoder layer's forward in the backward pass by default (`--remat=full`; HF's
+`gradient_checkpointing_enable()`, per decoder layer like jaxmath's scan): with `--remat=none` neither
+does. (Before 2026-12-07 HF kept every activation while jaxmath recomputed: the ratios on record from
+then compare unlike work.)
 Timing alternates jaxmath and HF rounds, so load from other users of a shared machine hits both
 alike; rates are medians over rounds, compile time is reported apart.
 
@@ -120,6 +124,8 @@ def _hf_side(args: argparse.Namespace, ids_np):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+    if args.remat != "none":  # the same recomputation as jaxmath's (whole layers; HF has no "dots")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     ids = torch.as_tensor(ids_np, dtype=torch.long)
 
@@ -131,7 +137,7 @@ def _hf_side(args: argparse.Namespace, ids_np):
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return step
+    return step, bool(model.is_gradient_checkpointing)
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -156,7 +162,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             raise SystemExit("the HF comparison needs --model=DIR (or pass --skip_hf)")
         import torch
 
-        hf_step = _hf_side(args, ids)
+        hf_step, result["hf_gradient_checkpointing"] = _hf_side(args, ids)
         result["hf_loss"] = hf_step()  # warm-up; one update, like jaxmath's
         # Same weights, same tokens: the first (pre-update) losses agree in float32, or the two sides
         # do different work.
