@@ -223,7 +223,7 @@ def _vllm_kv_config(tmp_path, max_model_len: int, available: int):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["grpo_v2", "local_full"])
+@pytest.mark.parametrize("name", [pytest.param("grpo_v2", marks=pytest.mark.slow), "local_full"])
 def test_kv_cache_plan_matches_vllms_block_arithmetic(tmp_path, name):
     pytest.importorskip("vllm")
     plan = run_lib.device_plan(_study(name), load_target("h100"))

@@ -143,6 +143,7 @@ class _OneOutlierToken:
         return getattr(self.engine, name)
 
 
+@pytest.mark.slow  # a GRPO run; the ratio signal's rule is tested alone below
 def test_one_outlier_token_does_not_stop_a_run(tmp_path):
     """The early-stop option at the study's ratio threshold (0.1, patience 3) on a run whose every step
     has one token at ratio e^-10: the smallest token ratio of each step is below 0.1 (the old signal,

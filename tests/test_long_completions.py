@@ -145,7 +145,7 @@ def _full_logits_grpo_loss(graphdef, frozen, batch, cfg: step_lib.LossConfig, te
 
 
 @pytest.mark.parametrize("loss_agg,on_policy", [pytest.param("seq_mean_token_mean", False, marks=pytest.mark.slow),
-                                               ("seq_mean_token_mean", True),
+                                               pytest.param("seq_mean_token_mean", True, marks=pytest.mark.slow),
                                                pytest.param("token_mean", False, marks=pytest.mark.slow)])
 def test_grpo_chunked_loss_and_gradients_equal_unchunked(loss_agg, on_policy):
     """The train step's gradient (its SGD update at learning rate 1) with the LM head in chunks of 4

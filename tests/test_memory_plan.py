@@ -47,6 +47,7 @@ def test_full_parameter_state_bytes_match_hand_calculation():
     assert 0 <= without_master["optimizer"] - 2 * 2 * PARAMS_4B <= COUNTERS  # bf16 moments
 
 
+@pytest.mark.slow  # compiles the train step
 def test_memory_report_on_a_tiny_model_compiles_the_step(capsys):
     out = memory.main(["--config=configs/grpo_v2.py", "--sweep", "--preset=tiny", "--methods=lora_r64", "--ks=2",
                        "--tokens=16", "--no_sft"])

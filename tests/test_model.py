@@ -348,6 +348,7 @@ def test_init_model_is_sharded_at_creation():
     assert tuple(model.embed.get_value().sharding.spec) == ("tp", "fsdp")
 
 
+@pytest.mark.slow  # compiles two initializations
 def test_init_rng_impl_cuts_the_init_temporary():
     """rbg (used by the benchmarks' random-weight presets) needs a fraction of threefry's init memory."""
     from jaxmath.model.qwen3 import Qwen3

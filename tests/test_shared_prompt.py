@@ -28,12 +28,17 @@ def test_shared_prompt_hidden_states_equal_each_whole_sequences():
     continuations = rng.randint(2, VOCAB, (3 * group, t))
     prompt_hidden, hidden = model.shared_prompt_hidden_states(jnp.asarray(prompts), jnp.asarray(prompt_lengths),
                                                               jnp.asarray(continuations))
+    # each whole sequence [prompt | continuation], right-padded into one batch
+    lengths = np.repeat(prompt_lengths, group) + t
+    seqs = np.zeros((3 * group, width + t), np.int32)
     for row in range(3 * group):
         n = prompt_lengths[row // group]
-        seq = np.concatenate([prompts[row // group, :n], continuations[row]])
-        whole = np.asarray(model.hidden_states(jnp.asarray(seq[None])))[0]
-        np.testing.assert_allclose(np.asarray(hidden[row]), whole[n:], atol=2e-5)
-        np.testing.assert_allclose(np.asarray(prompt_hidden[row // group, :n]), whole[:n], atol=2e-5)
+        seqs[row, :n + t] = np.concatenate([prompts[row // group, :n], continuations[row]])
+    whole = np.asarray(model.hidden_states(jnp.asarray(seqs), seq_lengths=jnp.asarray(lengths)))
+    for row in range(3 * group):
+        n = prompt_lengths[row // group]
+        np.testing.assert_allclose(np.asarray(hidden[row]), whole[row, n:n + t], atol=2e-5)
+        np.testing.assert_allclose(np.asarray(prompt_hidden[row // group, :n]), whole[row, :n], atol=2e-5)
 
 
 def test_group_size_is_read_from_the_rollouts_layout():
@@ -65,7 +70,8 @@ def _batch(seed=0, prompt_lens=(3, 8), group=4, completion_len=6):
     return step_lib.build_batch(rollout, prompt_len=8, advantages=advantages)
 
 
-@pytest.mark.parametrize("on_policy", [True, False])
+# Off policy, shared against per-row also runs in tests/test_grpo_step.py (micro-batches of half a group).
+@pytest.mark.parametrize("on_policy", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_step_with_shared_prompts_gives_the_per_row_update(on_policy):
     """The fused head (on policy) and the plain one (off policy, ratios away from 1): the same
     update, metrics and logprobs with each prompt run once as with every row whole."""
