@@ -405,21 +405,21 @@ class Qwen3(nnx.Module):
             return w
         return (w.astype(F32) + self.head_lora.delta()).astype(w.dtype)
 
-    def head_operands(self, hidden: jax.Array, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+    def head_operands(self, hidden: jax.Array, lora: bool = True) -> tuple[Any, Any]:
         """(hidden, head) whose product hidden @ head.T is the logits, for `jaxmath.model.head.token_logprobs`.
 
         Without a head adapter (or with lora=False): the hidden states and the head itself. With one:
-        [h, scale * h @ A] and [W, B.T], concatenated along the embedding, so one matmul gives
-        h @ W.T + scale * (h @ A) @ B exactly as a PEFT LoRA layer computes it (the low-rank product in
-        the compute dtype, never rounded into W), and gradients reach A and B."""
+        the blocks (h, scale * h @ A) and (W, B.T), which `jaxmath.model.head` joins along the embedding,
+        so one matmul gives h @ W.T + scale * (h @ A) @ B exactly as a PEFT LoRA layer computes it (the
+        low-rank product in the compute dtype, never rounded into W), and gradients reach A and B; kept
+        as blocks, the frozen W's block takes no gradient matmul in the one-pass head."""
         w = self.base_head_weight()
         if not lora or self.head_lora is None:
             return hidden, w
         a = self.head_lora.lora_a.get_value().astype(hidden.dtype)
         b = self.head_lora.lora_b.get_value()
         low = (self.head_lora.lora_scale * jnp.einsum("...d,dr->...r", hidden, a)).astype(hidden.dtype)
-        return (jnp.concatenate([hidden, low], axis=-1),
-                jnp.concatenate([w.astype(hidden.dtype), b.T.astype(hidden.dtype)], axis=-1))
+        return (hidden, low), (w.astype(hidden.dtype), b.T.astype(hidden.dtype))
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embed.get_value(), input_ids, axis=0).astype(self.config.dtype)
@@ -486,7 +486,7 @@ class Qwen3(nnx.Module):
     def logits(self, hidden: jax.Array, lora: bool = True) -> jax.Array:
         """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training
         use `jaxmath.model.head.token_logprobs`, which never does for a whole batch."""
-        h, w = self.head_operands(hidden, lora)
+        h, w = (x if isinstance(x, jax.Array) else jnp.concatenate(x, axis=-1) for x in self.head_operands(hidden, lora))
         return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=F32)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
