@@ -171,9 +171,10 @@ class Attention(nnx.Module):
         self.implementation = c.attention_impl
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, lora: bool) -> tuple[jax.Array, ...]:
-        q = apply_rope(self.q_norm(self.q_proj(x, lora)), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj(x, lora)), cos, sin)
-        v = self.v_proj(x, lora)
+        # The projections' outputs (before the norms): what the "attention" remat policies keep.
+        q = apply_rope(self.q_norm(checkpoint_name(self.q_proj(x, lora), "qkv_proj")), cos, sin)
+        k = apply_rope(self.k_norm(checkpoint_name(self.k_proj(x, lora), "qkv_proj")), cos, sin)
+        v = checkpoint_name(self.v_proj(x, lora), "qkv_proj")
         return (constrain(q, ("batch", "seq", "heads", "head_dim")),
                 constrain(k, ("batch", "seq", "kv_heads", "head_dim")),
                 constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
@@ -247,7 +248,8 @@ class MLP(nnx.Module):
         self.down_proj = Dense("btf,fd->btd", (f, d), ("ffw", "embed"), 1, **kw)
 
     def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)
+        gate, up = (checkpoint_name(p(x, lora), "mlp_gate_up") for p in (self.gate_proj, self.up_proj))
+        hidden = jax.nn.silu(gate) * up
         return self.down_proj(constrain(hidden, ("batch", "seq", "ffw")), lora)
 
 
@@ -268,7 +270,8 @@ class DecoderLayer(nnx.Module):
         """Causal self-attention over the sequence (further restricted by `mask`, or for cuDNN by
         right-padded `seq_lengths`, when given) and the MLP."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        h = h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths)
+        h = checkpoint_name(h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths),
+                            "attention_residual")
         return h + self.mlp(self.post_attn_norm(h), lora)
 
     def decode(self, h, cos, sin, mask, k_cache, v_cache, write_index, lora: bool = True):
@@ -377,6 +380,18 @@ class HeadLoRA(nnx.Module):
         return self.lora_scale * (a @ b).T
 
 
+def _remat_saving(*names: str):
+    """A remat policy that keeps the values named `names` (`checkpoint_name`) and the outputs of cuDNN's
+    attention forward (its output and softmax statistics, which its backward reads) and recomputes the
+    rest of the layer: the projections whose outputs are kept are not recomputed, nor is the attention."""
+    named = jax.checkpoint_policies.save_only_these_names(*names)
+
+    def policy(prim, *args, **params):
+        return prim.name.startswith("dot_product_attention_fwd") or named(prim, *args, **params)
+
+    return policy
+
+
 class Qwen3(nnx.Module):
     """A Qwen3 causal LM. `model(input_ids)` returns float32 logits [batch, seq, vocab]."""
 
@@ -438,6 +453,8 @@ class Qwen3(nnx.Module):
 
         if remat and self.config.remat != "none":
             policy = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                      "attention": _remat_saving("qkv_proj", "attention_residual"),
+                      "attention_mlp": _remat_saving("qkv_proj", "attention_residual", "mlp_gate_up"),
                       "full": jax.checkpoint_policies.nothing_saveable,
                       "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
                           names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
