@@ -35,6 +35,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmath.model.config import Qwen3Config
+from jaxmath.model.projection import joined_matmul, joins
 from jaxmath.model.sharding import constrain
 
 F32 = jnp.float32
@@ -148,12 +149,15 @@ class Dense(nnx.Module):
         return f"{lhs},{k_in}r->{prefix}r", f"{prefix}r,r{k_out}->{out}"
 
     def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
-        y = jnp.einsum(self.equation, x, self.kernel.get_value().astype(x.dtype))
+        kernel = self.kernel.get_value().astype(x.dtype)
         if lora and self.lora_a is not None:
             eq_a, eq_b = self.lora_equations()
             low = jnp.einsum(eq_a, x, self.lora_a.get_value().astype(x.dtype))
-            y = y + self.lora_scale * jnp.einsum(eq_b, low, self.lora_b.get_value().astype(x.dtype))
-        return y
+            b = self.lora_b.get_value().astype(x.dtype)
+            if joins(self.equation, kernel.shape, b.shape[0], math.prod(x.shape[:-1])):  # one matmul
+                return joined_matmul(self.equation, x, (self.lora_scale * low).astype(x.dtype), kernel, b)
+            return jnp.einsum(self.equation, x, kernel) + self.lora_scale * jnp.einsum(eq_b, low, b)
+        return jnp.einsum(self.equation, x, kernel)
 
 
 class Attention(nnx.Module):
