@@ -104,10 +104,11 @@ def phase_term(plan, memory) -> str:
 
 
 def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None,
-                     compile: Callable | None = None) -> int:
+                     compile: Callable | None = None, most: int = 0) -> int:
     """Rows per GRPO train micro-batch for `plan` (`jaxmath.aot.plan.RunPlan`) on `target`: requested
     if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
-    is 0. The train step and, where the run has one, the logprob pass must both fit. budget: the
+    is 0 (at most `most` rows when given). The train step and, where the run has one, the logprob pass
+    must both fit. budget: the
     bytes JAX's programs may peak at (default `budget_bytes(target)`; a device shared with vLLM
     passes JAX's share from `jaxmath.aot.colocate`). compile: (plan, phase, rows) -> PhaseMemory
     (default `jaxmath.aot.plan.compile_phase` on `target`; a caller that keeps its compiles passes its own)."""
@@ -123,7 +124,8 @@ def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = 
     def what(rows: int) -> str:
         return phase_term(plan, max((compile(plan, p, rows) for p in phases), key=lambda m: m.peak_bytes))
 
-    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget, what=what)
+    candidates = [d for d in divisors(plan.grpo.rows) if not most or d <= most]
+    return choose_rows(KNOB, requested, candidates, peak_of, budget, what=what)
 
 
 def _compiler(target: Target) -> Callable:
@@ -179,7 +181,9 @@ def faster_remat(plan, rows: int, target: Target, budget: int | None, compile: C
     for remat in SAVING_REMATS:
         candidate = dataclasses.replace(plan, model=plan.model.replace(remat=remat))
         try:
-            fitted = micro_batch_rows(candidate, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+            # a policy that keeps more fits no more rows than "full": the bisection looks no higher
+            fitted = micro_batch_rows(candidate, target, plan.loss.micro_batch_rows, budget=budget, compile=compile,
+                                      most=rows)
         except ConfigError:  # not one row (or not the configured rows) fits with this policy
             continue
         seconds = compile(candidate, "train/step", fitted).modeled_seconds
