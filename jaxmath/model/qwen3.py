@@ -507,7 +507,8 @@ class Qwen3(nnx.Module):
     def logits(self, hidden: jax.Array, lora: bool = True) -> jax.Array:
         """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training
         use `jaxmath.model.head.token_logprobs`, which never does for a whole batch."""
-        h, w = (x if isinstance(x, jax.Array) else jnp.concatenate(x, axis=-1) for x in self.head_operands(hidden, lora))
+        h, w = (x if isinstance(x, jax.Array) else jnp.concatenate(x, axis=-1)
+                for x in self.head_operands(hidden, lora))
         return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=F32)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
