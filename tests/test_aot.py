@@ -439,3 +439,17 @@ def test_long_completions_fit_an_h100_by_construction(config, tokens, rows, rema
     for phase in ("train/step", "train/logprobs"):
         if phase in result["phases"]:
             assert result["phases"][phase]["holds"]["jax/program"] <= result["jax_budget_bytes"]
+
+
+def test_the_roofline_peaks_of_this_process_gpu_follow_its_name():
+    """A run on its own GPU (`fit.local_target`, named "local") weighs remat policies by the peaks of the
+    named GPU its device kind names (an H200's bandwidth for an H200), else the H100's; a CPU has none."""
+    from jaxmath.aot.targets import Target, peaks
+
+    def local(kind):
+        return Target("local", "gpu", int(80e9), f"{kind} (this process's device)", int(80e9))
+
+    assert plan_lib.roofline_peaks(local("NVIDIA H200")) == peaks("h200") != peaks("h100")
+    assert plan_lib.roofline_peaks(local("NVIDIA A100-SXM4-80GB")) == peaks("h100")
+    assert plan_lib.roofline_peaks(targets.load_target("h100")) == peaks("h100")
+    assert plan_lib.roofline_peaks(targets.load_target("cpu")) is None

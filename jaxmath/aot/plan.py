@@ -366,11 +366,25 @@ def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep:
 
 
 def _modeled_seconds(hlo_text: str, target: Target) -> float:
-    """The roofline model's seconds of a program compiled for a GPU target (0 for others: no peaks)."""
+    """The roofline model's seconds of a program compiled for a GPU target (0 for a CPU: no peaks)."""
     from jaxmath.aot import cost
+
+    rates = roofline_peaks(target)
+    return cost.program_cost(hlo_text, rates, top=0)["modeled_s"] if rates else 0.0
+
+
+def roofline_peaks(target: Target) -> dict | None:
+    """The peak rates (`jaxmath.aot.targets.peaks`) to model `target`'s programs with: a named GPU's own;
+    for this process's GPU ("local") those of the named GPU its description names, else the H100's
+    (the plan only compares variants of one program by them); None for a CPU."""
     from jaxmath.aot.targets import GPU_TARGETS, peaks
 
-    return cost.program_cost(hlo_text, peaks(target.name), top=0)["modeled_s"] if target.name in GPU_TARGETS else 0.0
+    if not target.is_gpu:
+        return None
+    if target.name in GPU_TARGETS:
+        return peaks(target.name)
+    named = [name for name in GPU_TARGETS if name in target.description.lower()]
+    return peaks(named[0] if named else "h100")
 
 
 def _merge_estimate(plan: RunPlan, state: _State, phase: str) -> PhaseMemory:
