@@ -157,9 +157,13 @@ class ModelConfig:
     dtype:          the dtype the model computes in ("bfloat16", "float16" or "float32")
     param_dtype:    the dtype its weights are stored in; empty: same as dtype
     remat:          what the backward pass recomputes instead of storing: "full" (each layer's
-                    activations), "dots" (all but the matmul outputs), "none", or "offload" ("full"
-                    with each layer's input in host memory; on a GPU the GRPO run switches "full" to
-                    it before weights load where not even one row fits otherwise, `jaxmath.aot.fit`)
+                    activations), "dots" (all but the matmul outputs), "none", "attention" (all but
+                    the q, k, v projections, the attention's output and the residual after it),
+                    "attention_mlp" (those and the MLP's gate and up projections), or "offload" ("full"
+                    with each layer's input in host memory). On a GPU the GRPO run's plan weighs
+                    "full" against "attention" and "attention_mlp" at the rows each fits and takes the
+                    fastest by the roofline model, or switches to "offload" where not even one row
+                    fits otherwise (`jaxmath.aot.fit`), before weights load
     attention_impl: "" = auto (cuDNN for training on a GPU, XLA elsewhere); "xla" or "cudnn"
     """
 
@@ -452,7 +456,7 @@ RULES: dict[str, tuple] = {
     "checkpoint_every": Range(0, None, ">= 1, or 0 to save at the end only"),
     "model.dtype": ("bfloat16", "float16", "float32"),
     "model.param_dtype": ("", "bfloat16", "float16", "float32"),
-    "model.remat": ("none", "full", "dots", "offload"),
+    "model.remat": ("none", "full", "dots", "offload", "attention", "attention_mlp"),
     "model.attention_impl": ("", "xla", "cudnn"),
     "data.limit": _AT_LEAST_0,
     "prompt.few_shot": Range(0, _FEW_SHOT, f"in [0, {_FEW_SHOT}] (the stored worked examples)"),

@@ -208,9 +208,10 @@ def test_largest_fitting_rows_for_a_capacity():
 
 def test_the_plan_offloads_layer_inputs_only_where_not_one_row_fits_otherwise():
     """`fit.with_micro_batch_rows` on GRPO v2's plan with made-up compiled peaks (no compile): where one
-    row fits with model.remat "full" it stays; where none does on a GPU target, the plan retries with
-    each layer's saved input in host memory ("offload") and carries that choice; where neither fits,
-    one line says so; on a CPU target there is no retry."""
+    row fits with model.remat "full" it stays (the policies that save more, `fit.SAVING_REMATS`, fit no
+    row here); where none does on a GPU target, the plan retries with each layer's saved input in host
+    memory ("offload") and carries that choice; where neither fits, one line says so; on a CPU target
+    there is no retry."""
     from jaxmath.aot import fit
     from jaxmath.config import ConfigError
 
@@ -218,16 +219,25 @@ def test_the_plan_offloads_layer_inputs_only_where_not_one_row_fits_otherwise():
     h100 = targets.load_target("h100")
     calls = []
 
-    def compiler(per_row):
+    def compiler(per_row, seconds=None):
         def compile(plan_, phase, rows):
             calls.append((plan_.model.remat, rows))
-            peak = int(10e9 + per_row[plan_.model.remat] * rows)
-            return SimpleNamespace(phase=phase, rows=rows, peak_bytes=peak, temporaries=peak - int(10e9))
+            peak = int(10e9 + per_row.get(plan_.model.remat, 100e9) * rows)
+            return SimpleNamespace(phase=phase, rows=rows, peak_bytes=peak, temporaries=peak - int(10e9),
+                                   modeled_seconds=(seconds or {}).get(plan_.model.remat, 1.0) * (1 + 1 / rows))
         return compile
 
     fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 20e9, "offload": 9e9}))
     assert fitted.model.remat == "full" and fitted.loss.micro_batch_rows == 2 and fitted.phases["train/step"] == 2
-    assert {remat for remat, _ in calls} == {"full"}
+    assert {remat for remat, _ in calls} == {"full", *fit.SAVING_REMATS}
+    # A policy that saves more is taken at the rows it fits where its step is modeled faster, else not
+    peaks = {"full": 5e9, "attention": 12e9, "attention_mlp": 50e9}
+    fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9),
+                                       compile=compiler(peaks, {"full": 1.0, "attention": 0.8, "attention_mlp": 0.6}))
+    assert (fitted.model.remat, fitted.loss.micro_batch_rows) == ("attention", 4)  # 0.8 x 1.25 < 1.0 x 1.125 < 0.6 x 2
+    fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9),
+                                       compile=compiler(peaks, {"full": 1.0, "attention": 1.2, "attention_mlp": 1.2}))
+    assert (fitted.model.remat, fitted.loss.micro_batch_rows) == ("full", 8)
     fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 80e9, "offload": 25e9}))
     assert fitted.model.remat == "offload" and fitted.loss.micro_batch_rows == 2
     with pytest.raises(ConfigError) as refused:
@@ -429,3 +439,17 @@ def test_long_completions_fit_an_h100_by_construction(config, tokens, rows, rema
     for phase in ("train/step", "train/logprobs"):
         if phase in result["phases"]:
             assert result["phases"][phase]["holds"]["jax/program"] <= result["jax_budget_bytes"]
+
+
+def test_the_roofline_peaks_of_this_process_gpu_follow_its_name():
+    """A run on its own GPU (`fit.local_target`, named "local") weighs remat policies by the peaks of the
+    named GPU its device kind names (an H200's bandwidth for an H200), else the H100's; a CPU has none."""
+    from jaxmath.aot.targets import Target, peaks
+
+    def local(kind):
+        return Target("local", "gpu", int(80e9), f"{kind} (this process's device)", int(80e9))
+
+    assert plan_lib.roofline_peaks(local("NVIDIA H200")) == peaks("h200") != peaks("h100")
+    assert plan_lib.roofline_peaks(local("NVIDIA A100-SXM4-80GB")) == peaks("h100")
+    assert plan_lib.roofline_peaks(targets.load_target("h100")) == peaks("h100")
+    assert plan_lib.roofline_peaks(targets.load_target("cpu")) is None

@@ -151,3 +151,34 @@ def test_qwen3_4b_rank64_with_the_head_adapter_count():
     adapters = nnx.state(nnx.eval_shape(build), jm.LoRAParam)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
     assert total == 132_120_576 + 64 * (2560 + 151_936) == 142_008_320
+
+
+def test_the_one_pass_head_takes_no_gradient_matmul_for_the_frozen_base_head():
+    """`weighted_token_logprobs` (on-policy GRPO, SFT) on an adapted head's blocks, (h, scale h A) and
+    (W, B.T) as `head_operands` gives them: A's and B's gradients equal those through `token_logprobs`,
+    and the frozen W's block takes no gradient: the compiled gradient program holds no [vocab, embed +
+    rank] head gradient, only the adapter block's [vocab, rank] (docs/BENCHMARKS.md, the GRPO v2 step)."""
+    import re
+
+    from jaxmath.model.head import weighted_token_logprobs
+
+    model = _adapted()
+    graphdef, adapters, frozen = lora.split_trainable(model)
+    weights = jnp.asarray(np.random.RandomState(1).randn(*IDS.shape), jnp.float32)
+
+    def objective(adapters, fused):
+        m = nnx.merge(graphdef, adapters, frozen)
+        hh, ww = m.head_operands(m.hidden_states(IDS))
+        if fused:
+            return weighted_token_logprobs(hh, ww, IDS, weights, temperature=0.7)[0]
+        return jnp.sum(weights * token_logprobs(hh, ww, IDS, temperature=0.7)[0])
+
+    want = nnx.to_pure_dict(jax.grad(objective)(adapters, False))["head_lora"]
+    got = nnx.to_pure_dict(jax.grad(objective)(adapters, True))["head_lora"]
+    for name in ("lora_a", "lora_b"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    text = jax.jit(jax.grad(objective), static_argnums=1).lower(adapters, True).compile().as_text()
+    dots = [line.split("=")[1].split()[0] for line in text.splitlines() if re.search(r"\bdot\(", line)]
+    d, r = model.config.hidden_size, model.head_lora.lora_a.get_value().shape[1]
+    assert any(s.startswith(f"f32[{VOCAB},{r}]") for s in dots), dots
+    assert not any(s.startswith(f"f32[{VOCAB},{d + r}]") for s in dots), dots

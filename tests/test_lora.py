@@ -106,3 +106,54 @@ def test_float32_adapters_on_a_bf16_base_merge_export_sync_and_restore(tmp_path)
     merged = np.asarray(model(ids))
     # bf16 rounding of the merged kernels, small against what the adapters changed.
     assert np.abs(merged - adapted).max() < 0.1 * np.abs(adapted - base).max()
+
+
+def test_a_wide_projection_joins_its_low_rank_term_to_the_matmul():
+    """`jaxmath.model.projection`: at enough rows a projection wider out than in (q, gate, up) computes
+    x W + s (x A) B as one matmul [x, s x A] [W; B]: its output and the gradients of x, A and B equal the
+    two products' (float32), no gradient of the frozen W is computed (the compiled gradient program has
+    no [in + rank, out] matmul), and narrower projections and a decode step's few rows keep two products."""
+    import re
+
+    from jaxmath.model.projection import joined_matmul, joins
+
+    rng = np.random.RandomState(0)
+    rows, d_in, d_out, rank = 64, 16, 48, 4
+    x = jnp.asarray(rng.randn(2, rows, d_in), jnp.float32)
+    w, a, b = (jnp.asarray(rng.randn(*s) / 4, jnp.float32) for s in ((d_in, d_out), (d_in, rank), (rank, d_out)))
+    dy = jnp.asarray(rng.randn(2, rows, d_out), jnp.float32)
+
+    def two(x, a, b):
+        return jnp.sum(dy * (jnp.einsum("btd,df->btf", x, w) + 0.5 * jnp.einsum("btr,rf->btf", x @ a, b)))
+
+    def joined(x, a, b):
+        return jnp.sum(dy * joined_matmul("btd,df->btf", x, 0.5 * (x @ a), w, b))
+
+    want, want_grads = jax.value_and_grad(two, argnums=(0, 1, 2))(x, a, b)
+    got, got_grads = jax.value_and_grad(joined, argnums=(0, 1, 2))(x, a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, e in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    text = jax.jit(jax.grad(joined, argnums=(1, 2))).lower(x, a, b).compile().as_text()
+    shapes = [line.split("=")[1].split()[0] for line in text.splitlines() if re.search(r"\bdot\(", line)]
+    assert not any(s.startswith(f"f32[{d_in + rank},{d_out}]") for s in shapes), shapes
+    # Qwen3-4B's shapes: q, gate and up join over a train micro-batch; k, v, down and o never; a
+    # decode step's 64 rows never
+    for equation, shape, at_train in (("btd,dnh->btnh", (2560, 32, 128), True), ("btd,df->btf", (2560, 9728), True),
+                                      ("btd,dkh->btkh", (2560, 8, 128), False), ("btf,fd->btd", (9728, 2560), False),
+                                      ("btnh,nhd->btd", (32, 128, 2560), False)):
+        assert joins(equation, shape, 64, 16 * 5120) == at_train, equation
+        assert not joins(equation, shape, 64, 64), equation
+    # a tiny model's LoRA layer at train shapes runs the joined matmul, with the two products' output
+    config = jm.preset("tiny", dtype=jnp.float32, param_dtype=jnp.float32)
+    model = jm.init_model(config, seed=0)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
+    up = model.layers.mlp.up_proj
+    graphdef, state = nnx.split(up)
+    single = nnx.merge(graphdef, jax.tree.map(lambda v: v[0], state))
+    single.lora_b.set_value(jnp.asarray(rng.randn(*single.lora_b.get_value().shape), jnp.float32))
+    h = jnp.asarray(rng.randn(4, 1024, config.hidden_size), jnp.float32)
+    assert joins(single.equation, single.kernel.get_value().shape, 4, 4 * 1024)
+    expected = (jnp.einsum(single.equation, h, single.kernel.get_value())
+                + single.lora_scale * (h @ single.lora_a.get_value()) @ single.lora_b.get_value())
+    np.testing.assert_allclose(single(h), expected, rtol=1e-5, atol=1e-5)

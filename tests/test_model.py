@@ -294,16 +294,27 @@ def test_token_logprobs_match_full_log_softmax():
 
 @pytest.mark.slow  # two backward compiles
 def test_remat_does_not_change_gradients():
+    """Every model.remat policy gives the gradients of none; "attention" and "attention_mlp" keep the
+    q, k, v projections and the residual after attention (and the MLP's gate and up) for the backward
+    pass, so their compiled gradient programs recompute fewer matmuls than "full"'s."""
+    import re
+
     cfg = jm.preset("tiny", vocab_size=300, dtype=jnp.float32, param_dtype=jnp.float32)
     ids = jnp.asarray(np.random.RandomState(8).randint(0, 300, (2, 9)))
-    grads = {}
-    for remat in ("none", "full", "dots"):
-        model = jm.init_model(cfg.replace(remat=remat), seed=1)
-        grads[remat] = nnx.grad(lambda m: m.hidden_states(ids, remat=True).sum())(model)
-    for remat in ("full", "dots"):
+    grads, dots = {}, {}
+    model = jm.init_model(cfg, seed=1)
+    for remat in ("none", "full", "dots", "attention", "attention_mlp"):
+        model.config = model.config.replace(remat=remat)
+        graphdef, state = nnx.split(model)
+        compiled = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s).hidden_states(ids, remat=True).sum())
+                           ).lower(state).compile()
+        grads[remat] = compiled(state)
+        dots[remat] = len(re.findall(r"\bdot\(", compiled.as_text()))
+    for remat in ("full", "dots", "attention", "attention_mlp"):
         for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat])):
             # recomputation may fuse differently, so float32 rounding differs slightly
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert dots["full"] > dots["attention"] > dots["attention_mlp"], dots
 
 
 def test_sharded_forward_matches_one_device(tmp_path):

@@ -74,7 +74,8 @@ def fit_micro_batch_rows(cfg, loss_cfg, target=None):
     and the largest value that fits; `jaxmath.aot.fit`). A run on the JAX sampler of which not even
     one generation row fits is refused first (`fit.check_generation`, naming the KV cache). Where not
     one train row fits with model.remat "full", the plan's "offload" is written into cfg.model.remat,
-    which the model is then built with (`fit.with_micro_batch_rows`). target: the device (default: this process's
+    which the model is then built with, as is a policy that keeps more for the backward where the plan
+    models it faster (`fit.with_micro_batch_rows`). target: the device (default: this process's
     GPU); on a CPU, or over a mesh of several devices (one device's plan would overstate a sharded
     step), loss_cfg is returned as it is (0: the whole batch at once)."""
     import dataclasses
@@ -100,9 +101,10 @@ def fit_micro_batch_rows(cfg, loss_cfg, target=None):
     rows = plan.loss.micro_batch_rows
     if rows != loss_cfg.micro_batch_rows:
         logging.info("loss.micro_batch_rows: %d rows per micro-batch fit %s", rows, target.description)
-    if plan.model.remat != cfg.model.remat:  # the plan moved each layer's saved input to the host
-        logging.info("model.remat: %s (each layer's saved input in host memory) to fit %s", plan.model.remat,
-                     target.description)
+    if plan.model.remat != cfg.model.remat:  # the plan chose another policy (`fit.with_micro_batch_rows`)
+        why = ("each layer's saved input in host memory, to fit" if plan.model.remat == "offload" else
+               "the fastest modeled train step that fits")
+        logging.info("model.remat: %s (%s %s)", plan.model.remat, why, target.description)
         cfg.model.remat = plan.model.remat
     return dataclasses.replace(loss_cfg, micro_batch_rows=rows)
 

@@ -31,6 +31,9 @@ import numpy as np
 from jaxmath.aot.targets import Target
 from jaxmath.config import ConfigError
 
+# Remat policies a GPU plan weighs against "full" (`jaxmath.model.qwen3`): each keeps more of a layer's
+# forward pass for its backward, so fewer rows fit and less is recomputed; the plan takes the fastest.
+SAVING_REMATS = ("attention", "attention_mlp")
 # The share of the device left outside the plan: allocator fragmentation, cuDNN workspaces, the
 # runtime's own buffers (as the sampler's MEMORY_MARGIN).
 MARGIN = 0.1
@@ -101,10 +104,11 @@ def phase_term(plan, memory) -> str:
 
 
 def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = None,
-                     compile: Callable | None = None) -> int:
+                     compile: Callable | None = None, most: int = 0) -> int:
     """Rows per GRPO train micro-batch for `plan` (`jaxmath.aot.plan.RunPlan`) on `target`: requested
     if it fits (else ConfigError), or the largest divisor of the step's rows that fits when requested
-    is 0. The train step and, where the run has one, the logprob pass must both fit. budget: the
+    is 0 (at most `most` rows when given). The train step and, where the run has one, the logprob pass
+    must both fit. budget: the
     bytes JAX's programs may peak at (default `budget_bytes(target)`; a device shared with vLLM
     passes JAX's share from `jaxmath.aot.colocate`). compile: (plan, phase, rows) -> PhaseMemory
     (default `jaxmath.aot.plan.compile_phase` on `target`; a caller that keeps its compiles passes its own)."""
@@ -120,7 +124,8 @@ def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = 
     def what(rows: int) -> str:
         return phase_term(plan, max((compile(plan, p, rows) for p in phases), key=lambda m: m.peak_bytes))
 
-    return choose_rows(KNOB, requested, divisors(plan.grpo.rows), peak_of, budget, what=what)
+    candidates = [d for d in divisors(plan.grpo.rows) if not most or d <= most]
+    return choose_rows(KNOB, requested, candidates, peak_of, budget, what=what)
 
 
 def _compiler(target: Target) -> Callable:
@@ -139,13 +144,19 @@ def _compiler(target: Target) -> Callable:
 
 def with_micro_batch_rows(plan, target: Target, budget: int | None = None, compile: Callable | None = None):
     """`plan` with its train phases at the rows `micro_batch_rows` chooses (the configured
-    loss.micro_batch_rows, checked, or the largest that fits when it is 0). Where not even one row fits
-    with model.remat "full" on a GPU, the plan moves each layer's saved input to host memory
-    (remat "offload": the same update, the device keeps one layer's working set) and takes the rows
-    that fit so; the returned plan's model carries that choice, which the run then trains with."""
+    loss.micro_batch_rows, checked, or the largest that fits when it is 0). With model.remat "full" on
+    a GPU target the plan also fits each of SAVING_REMATS (which keep the attention's projections and
+    output for the backward pass instead of recomputing them) and takes the policy and rows whose train
+    step the roofline model (`jaxmath.aot.cost`) times fastest (`faster_remat`). Where not even one row
+    fits with "full", the plan moves each layer's saved input to host memory (remat "offload": the same
+    update, the device keeps one layer's working set) and takes the rows that fit so. The returned
+    plan's model carries the choice, which the run then trains with; every policy computes the same
+    update."""
     compile = compile or _compiler(target)
     try:
         rows = micro_batch_rows(plan, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
+        if plan.model.remat == "full" and target.is_gpu:
+            plan, rows = faster_remat(plan, rows, target, budget, compile)
     except ConfigError as refused:
         if not (plan.model.remat == "full" and target.is_gpu):
             raise
@@ -158,6 +169,27 @@ def with_micro_batch_rows(plan, target: Target, budget: int | None = None, compi
         plan = offloaded
     phases = {name: rows if name in ("train/logprobs", "train/step") else r for name, r in plan.phases.items()}
     return dataclasses.replace(plan, phases=phases, loss=dataclasses.replace(plan.loss, micro_batch_rows=rows))
+
+
+def faster_remat(plan, rows: int, target: Target, budget: int | None, compile: Callable):
+    """(plan, rows): of `plan` at `rows` and each of SAVING_REMATS at the rows that fit it (the configured
+    rows, or the largest when auto), the one whose train step has the least modeled time
+    (`PhaseMemory.modeled_seconds`); `plan` itself where the target has no roofline (no peaks)."""
+    best = (getattr(compile(plan, "train/step", rows), "modeled_seconds", 0.0), plan, rows)
+    if not best[0]:
+        return plan, rows
+    for remat in SAVING_REMATS:
+        candidate = dataclasses.replace(plan, model=plan.model.replace(remat=remat))
+        try:
+            # a policy that keeps more fits no more rows than "full": the bisection looks no higher
+            fitted = micro_batch_rows(candidate, target, plan.loss.micro_batch_rows, budget=budget, compile=compile,
+                                      most=rows)
+        except ConfigError:  # not one row (or not the configured rows) fits with this policy
+            continue
+        seconds = compile(candidate, "train/step", fitted).modeled_seconds
+        if seconds < best[0]:
+            best = (seconds, candidate, fitted)
+    return best[1], best[2]
 
 
 def check_generation(plan, target: Target) -> None:

@@ -313,6 +313,7 @@ class PhaseMemory:
     traffic: dict | None = None  # `jaxmath.aot.hlo.program_traffic` of the compiled program
     host_temporaries: int = 0  # temporaries in host memory (remat "offload": each layer's saved input)
     compiled: Any = dataclasses.field(default=None, repr=False)
+    modeled_seconds: float = 0.0  # the roofline model's time of the program (`jaxmath.aot.cost`); 0 off a GPU target
 
     @property
     def peak_bytes(self) -> int:
@@ -360,7 +361,30 @@ def compile_phase(plan: RunPlan, phase: str, rows: int, target: Target, *, keep:
                        host_temporaries=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
                        aliased=int(stats.alias_size_in_bytes), resident=resident,
                        attention=hlo.attention_kernel(text), compile_seconds=round(seconds, 1),
-                       traffic=hlo.program_traffic(text), compiled=compiled if keep else None)
+                       traffic=hlo.program_traffic(text), compiled=compiled if keep else None,
+                       modeled_seconds=_modeled_seconds(text, target))
+
+
+def _modeled_seconds(hlo_text: str, target: Target) -> float:
+    """The roofline model's seconds of a program compiled for a GPU target (0 for a CPU: no peaks)."""
+    from jaxmath.aot import cost
+
+    rates = roofline_peaks(target)
+    return cost.program_cost(hlo_text, rates, top=0)["modeled_s"] if rates else 0.0
+
+
+def roofline_peaks(target: Target) -> dict | None:
+    """The peak rates (`jaxmath.aot.targets.peaks`) to model `target`'s programs with: a named GPU's own;
+    for this process's GPU ("local") those of the named GPU its description names, else the H100's
+    (the plan only compares variants of one program by them); None for a CPU."""
+    from jaxmath.aot.targets import GPU_TARGETS, peaks
+
+    if not target.is_gpu:
+        return None
+    if target.name in GPU_TARGETS:
+        return peaks(target.name)
+    named = [name for name in GPU_TARGETS if name in target.description.lower()]
+    return peaks(named[0] if named else "h100")
 
 
 def _merge_estimate(plan: RunPlan, state: _State, phase: str) -> PhaseMemory:

@@ -11,7 +11,9 @@ run on vLLM (the study configs) is costed with the JAX sampler's programs in the
 kernels are not jaxmath's programs.
 
 Reported per program: FLOPs, bytes, modeled seconds, kernel launches and the five costliest kernels.
-The train step's modeled MFU: model FLOPs counted as docs/BENCHMARKS.md counts them
+The train step's remat policy and rows are those the run's plan chooses on the target
+(`jaxmath.aot.fit.with_micro_batch_rows`: the fastest modeled step that fits). Its modeled MFU: model
+FLOPs counted as docs/BENCHMARKS.md counts them
 (`jaxmath.bench.grpo_step.train_flops`, every row at full length) over the modeled time and the
 target's bf16 peak. The decode loop is one program per attention window (the largest is the
 program's entry in `programs`); per window, one step: the bytes it must read (every weight once, the
@@ -93,14 +95,15 @@ def report(cfg, fv) -> dict:
         text = m.compiled.as_text()
         summary = cost.program_cost(text, rates)
         loops = summary.pop("loops")
-        programs[name] = {**summary, "rows": m.rows}
+        programs[name] = {**summary, "rows": m.rows, "peak_bytes": m.peak_bytes}
         line = (f"  {name} at {m.rows} rows: {summary['flops'] / 1e12:.2f} TFLOP, {summary['bytes'] / 1e9:.1f} GB, "
-                f"modeled {summary['modeled_s'] * 1e3:.1f} ms over {summary['kernels']} kernels")
+                f"modeled {summary['modeled_s'] * 1e3:.1f} ms over {summary['kernels']} kernels, "
+                f"peak {m.peak_bytes / 1e9:.1f} GB")
         flops = _model_flops(plan, name, m.rows)
         if flops:
             mfu[name] = flops / summary["modeled_s"] / rates["flops"]["bf16"]
-            programs[name]["model_flops"] = flops
-            line += f"; modeled MFU {mfu[name]:.1%}"
+            programs[name].update(model_flops=flops, remat=plan.model.remat)
+            line += f"; modeled MFU {mfu[name]:.1%} (model.remat={plan.model.remat})"
         print(line, flush=True)
         if name.endswith("/decode"):  # one program per attention window
             decode[name] = []

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-REMAT_MODES = ("none", "full", "dots", "offload")
+REMAT_MODES = ("none", "full", "dots", "offload", "attention", "attention_mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,9 @@ class Qwen3Config:
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
     # Rematerialization of each decoder layer in training: "none", "full" (save nothing inside a
-    # layer) or "dots" (save matmul outputs without batch dims, recompute the rest); "offload" is
+    # layer), "dots" (save matmul outputs without batch dims, recompute the rest), "attention" (save
+    # the q/k/v projections, cuDNN attention's output and statistics and the residual after attention)
+    # or "attention_mlp" (those and the MLP's gate and up projections); "offload" is
     # "full" with each layer's input kept in pinned host memory instead of the device's (what the
     # memory plan picks where not even one row fits otherwise: `jaxmath.aot.fit`).
     remat: str = "full"

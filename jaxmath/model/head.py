@@ -26,6 +26,13 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
+def _joined(parts) -> jax.Array:
+    """An operand given whole or as parts along its last (embedding) axis (`Qwen3.head_operands`), whole."""
+    if not isinstance(parts, (tuple, list)):
+        return parts
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 def _split_vocab(w: jax.Array, vocab_chunk: int) -> jax.Array:
     """[vocab, d] -> [chunks, chunk, d] with chunks as even as possible (zero rows pad the last)."""
     vocab, d = w.shape
@@ -107,13 +114,15 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
                    vocab_chunk: int = 4096) -> tuple[jax.Array, jax.Array]:
     """Logprob of `targets` under softmax(hidden @ head_weight.T / temperature).
 
-    hidden:      [batch, seq, embed] (compute dtype; accumulation in float32)
-    head_weight: [vocab, embed]
+    hidden:      [batch, seq, embed] (compute dtype; accumulation in float32), or a tuple of blocks
+                 along embed (`Qwen3.head_operands`), joined here
+    head_weight: [vocab, embed], or a tuple of blocks along embed
     targets:     [batch, seq] int
     chunk_size:  token positions per step; vocab_chunk: vocabulary rows per logits tile
     returns:     logprobs [batch, seq] float32, entropy [batch, seq] float32 (zeros unless with_entropy;
                  entropy carries no gradient)
     """
+    hidden, head_weight = _joined(hidden), _joined(head_weight)
     b, t, d = hidden.shape
     vocab = head_weight.shape[0]
     n = b * t
@@ -142,19 +151,22 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
 # over the vocabulary as the logprob, instead of recomputing every logits tile in the backward.
 
 
-def _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, want_dw):
+def _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, dw_columns):
     """One chunk of c positions: logprobs [c], entropy [c], d(sum gc * logprob)/d hc [c, d] (or None)
-    and the head gradient of the softmax part in the padded chunked layout [chunks, chunk, d] (or None).
+    and the head gradient of the softmax part in the padded chunked layout, one [chunks, chunk, b - a]
+    per (a, b) range of embedding columns in dw_columns (a tuple, empty for none: a frozen head's
+    columns take no matmul).
 
     Pass 1 writes each [c, chunk] logits tile into a [chunks, c, chunk] buffer while it keeps the
     online max and sum; pass 2 reads the tiles back for p = exp(logits - lse) and the two gradient
     matmuls. Three matmuls per tile instead of four (forward, recompute, d hidden, d head), for one
     [c, vocab] float32 buffer per position chunk."""
+    want_dw = bool(dw_columns)
     lse, entropy, tiles = _online_lse(hc, w_chunks, inv_t, vocab, with_entropy, keep_tiles=want_dh or want_dw)
     w_picked = jnp.take(w, yc, axis=0)
     logprobs = jnp.einsum("cd,cd->c", hc, w_picked, preferred_element_type=F32) * inv_t - lse
     if not (want_dh or want_dw):
-        return logprobs, entropy, None, None
+        return logprobs, entropy, None, ()
     scale = gc * inv_t  # d(g * logprob) / d logit = g * inv_t * (onehot - p)
 
     def backward(dh, xs):
@@ -162,7 +174,7 @@ def _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, w
         dlogits = (jnp.exp(logits - lse[:, None]) * -scale[:, None]).astype(hc.dtype)
         if want_dh:
             dh = dh + jnp.einsum("cv,vd->cd", dlogits, wt, preferred_element_type=F32)
-        dw = jnp.einsum("cv,cd->vd", dlogits, hc, preferred_element_type=F32) if want_dw else None
+        dw = tuple(jnp.einsum("cv,cd->vd", dlogits, hc[:, a:b], preferred_element_type=F32) for a, b in dw_columns)
         return dh, dw
 
     dh, dw = jax.lax.scan(backward, jnp.zeros(hc.shape, F32), (tiles, w_chunks))
@@ -171,39 +183,48 @@ def _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, w
     return logprobs, entropy, (dh if want_dh else None), dw
 
 
-def _fused_scan(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk, want_dh, want_dw):
-    """h [n, d] (n a multiple of chunk), w [vocab, d], y, g [n] -> logprobs [n], entropy [n],
-    dh [n, d] in h's dtype or None, dw [vocab, d] in w's dtype or None."""
+def _fused_scan(h, w_parts, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk, want_dh, want_dw):
+    """h [n, d] (n a multiple of chunk), w_parts: the head [vocab, d] as a tuple of column blocks, y, g [n]
+    -> logprobs [n], entropy [n], dh [n, d] in h's dtype or None, and per part its gradient in the
+    part's dtype, or None where want_dw (a bool per part) is False."""
     n, d = h.shape
+    w = _joined(w_parts)
     w_chunks = _split_vocab(w, vocab_chunk)
+    ends = [sum(p.shape[-1] for p in w_parts[:i + 1]) for i in range(len(w_parts))]
+    dw_columns = tuple((end - p.shape[-1], end) for p, end, want in zip(w_parts, ends, want_dw) if want)
 
     def step(dw_acc, xs):
         hc, yc, gc = xs
-        lp, ent, dh, dw = _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, want_dw)
-        if want_dw:  # summed over position chunks in the head's dtype, as the backward of token_logprobs does
-            dw_acc = dw_acc + dw.astype(w.dtype)
+        lp, ent, dh, dw = _fused_chunk(hc, yc, gc, w, w_chunks, inv_t, vocab, with_entropy, want_dh, dw_columns)
+        # summed over position chunks in the head's dtype, as the backward of token_logprobs does
+        dw_acc = tuple(acc + part.astype(w.dtype) for acc, part in zip(dw_acc, dw))
         return dw_acc, (lp, ent, dh)
 
-    init = jnp.zeros(w_chunks.shape, w.dtype) if want_dw else None
+    init = tuple(jnp.zeros(w_chunks.shape[:2] + (b - a,), w.dtype) for a, b in dw_columns)
     dw, (lp, ent, dh) = jax.lax.scan(step, init, (h.reshape(-1, chunk, d), y.reshape(-1, chunk),
                                                   g.reshape(-1, chunk)))
-    if want_dw:  # the one-hot part: + g * inv_t * h at each picked row
-        dw = dw.reshape(-1, d)[:vocab].at[y].add(((g * inv_t)[:, None] * h.astype(F32)).astype(w.dtype))
-    return lp.reshape(n), ent.reshape(n), (dh.reshape(n, d) if want_dh else None), dw
+    picked = (g * inv_t)[:, None] * h.astype(F32)  # the one-hot part: + g * inv_t * h at each picked row
+    dw = iter(acc.reshape(-1, b - a)[:vocab].at[y].add(picked[:, a:b].astype(w.dtype))
+              for acc, (a, b) in zip(dw, dw_columns))
+    dw_parts = tuple(next(dw) if want else None for want in want_dw)
+    return lp.reshape(n), ent.reshape(n), (dh.reshape(n, d) if want_dh else None), dw_parts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _weighted_logprobs(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk):
-    """(sum(g * logprobs), logprobs, entropy); only the first output carries a gradient."""
-    lp, ent, _, _ = _fused_scan(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk, False, False)
+def _weighted_logprobs(h, w_parts, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk):
+    """(sum(g * logprobs), logprobs, entropy); only the first output carries a gradient. w_parts: the
+    head as a tuple of column blocks (a frozen base head and its adapter's block, `Qwen3.head_operands`)."""
+    lp, ent, _, _ = _fused_scan(h, w_parts, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk, False,
+                                (False,) * len(w_parts))
     return jnp.sum(g * lp), lp, ent
 
 
-def _weighted_logprobs_fwd(h, w, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk):
+def _weighted_logprobs_fwd(h, w_parts, y, g, inv_t, vocab, with_entropy, chunk, vocab_chunk):
     # symbolic_zeros: each argument arrives as (value, perturbed); a frozen head (LoRA) or hidden
-    # states that need no gradient skip their matmul and buffer entirely.
-    want_dh, want_dw = h.perturbed, w.perturbed
-    hv, wv, yv, gv = h.value, w.value, y.value, g.value
+    # states that need no gradient skip their matmul and buffer entirely, and of a head given in
+    # blocks only the blocks that train (a head adapter's) take a gradient.
+    want_dh, want_dw = h.perturbed, tuple(p.perturbed for p in w_parts)
+    hv, wv, yv, gv = h.value, tuple(p.value for p in w_parts), y.value, g.value
     lp, ent, dh, dw = _fused_scan(hv, wv, yv, gv, inv_t, vocab, with_entropy, chunk, vocab_chunk, want_dh, want_dw)
     residuals = (dh, dw)
     return (jnp.sum(gv * lp), lp, ent), residuals
@@ -215,7 +236,7 @@ def _weighted_logprobs_bwd(inv_t, vocab, with_entropy, chunk, vocab_chunk, resid
     if isinstance(ct, jax.custom_derivatives.SymbolicZero):
         ct = jnp.zeros((), F32)
     scale = lambda x: None if x is None else (ct * x).astype(x.dtype)  # noqa: E731
-    return scale(dh), scale(dw), None, None
+    return scale(dh), tuple(scale(x) for x in dw), None, None
 
 
 _weighted_logprobs.defvjp(_weighted_logprobs_fwd, _weighted_logprobs_bwd, symbolic_zeros=True)
@@ -235,16 +256,20 @@ def weighted_token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: 
     (weights = -loss mask) and the on-policy GRPO surrogate, whose ratio is exactly 1 (weights = its
     gradient at ratio 1). Same results as `token_logprobs` up to float rounding, three logits-sized
     matmuls per vocabulary tile instead of four, and a [chunk_size, vocab] float32 buffer per chunk.
+    hidden and head_weight may each be a tuple of blocks along the embedding (`Qwen3.head_operands` of an
+    adapted head): a block that takes no gradient (the frozen base head) costs no gradient matmul.
     """
+    head_parts = tuple(head_weight) if isinstance(head_weight, (tuple, list)) else (head_weight,)
+    hidden = _joined(hidden)
     b, t, d = hidden.shape
-    vocab = head_weight.shape[0]
+    vocab = head_parts[0].shape[0]
     n = b * t
     chunk = min(chunk_size, n)
     pad = -n % chunk
     flat_h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     flat_y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad))
     flat_g = jnp.pad(jax.lax.stop_gradient(weights).reshape(n).astype(F32), (0, pad))
-    objective, lp, ent = _weighted_logprobs(flat_h, head_weight.astype(hidden.dtype), flat_y, flat_g,
+    objective, lp, ent = _weighted_logprobs(flat_h, tuple(p.astype(hidden.dtype) for p in head_parts), flat_y, flat_g,
                                             1.0 / temperature, vocab, with_entropy, chunk, vocab_chunk)
     lp = jax.lax.stop_gradient(lp)[:n].reshape(b, t)
     ent = jax.lax.stop_gradient(ent)[:n].reshape(b, t)

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmath.model.config import Qwen3Config
+from jaxmath.model.projection import joined_matmul, joins
 from jaxmath.model.sharding import constrain
 
 F32 = jnp.float32
@@ -148,12 +149,15 @@ class Dense(nnx.Module):
         return f"{lhs},{k_in}r->{prefix}r", f"{prefix}r,r{k_out}->{out}"
 
     def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
-        y = jnp.einsum(self.equation, x, self.kernel.get_value().astype(x.dtype))
+        kernel = self.kernel.get_value().astype(x.dtype)
         if lora and self.lora_a is not None:
             eq_a, eq_b = self.lora_equations()
             low = jnp.einsum(eq_a, x, self.lora_a.get_value().astype(x.dtype))
-            y = y + self.lora_scale * jnp.einsum(eq_b, low, self.lora_b.get_value().astype(x.dtype))
-        return y
+            b = self.lora_b.get_value().astype(x.dtype)
+            if joins(self.equation, kernel.shape, b.shape[0], math.prod(x.shape[:-1])):  # one matmul
+                return joined_matmul(self.equation, x, (self.lora_scale * low).astype(x.dtype), kernel, b)
+            return jnp.einsum(self.equation, x, kernel) + self.lora_scale * jnp.einsum(eq_b, low, b)
+        return jnp.einsum(self.equation, x, kernel)
 
 
 class Attention(nnx.Module):
@@ -171,9 +175,10 @@ class Attention(nnx.Module):
         self.implementation = c.attention_impl
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, lora: bool) -> tuple[jax.Array, ...]:
-        q = apply_rope(self.q_norm(self.q_proj(x, lora)), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj(x, lora)), cos, sin)
-        v = self.v_proj(x, lora)
+        # The projections' outputs (before the norms): what the "attention" remat policies keep.
+        q = apply_rope(self.q_norm(checkpoint_name(self.q_proj(x, lora), "qkv_proj")), cos, sin)
+        k = apply_rope(self.k_norm(checkpoint_name(self.k_proj(x, lora), "qkv_proj")), cos, sin)
+        v = checkpoint_name(self.v_proj(x, lora), "qkv_proj")
         return (constrain(q, ("batch", "seq", "heads", "head_dim")),
                 constrain(k, ("batch", "seq", "kv_heads", "head_dim")),
                 constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
@@ -247,7 +252,8 @@ class MLP(nnx.Module):
         self.down_proj = Dense("btf,fd->btd", (f, d), ("ffw", "embed"), 1, **kw)
 
     def __call__(self, x: jax.Array, lora: bool = True) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)
+        gate, up = (checkpoint_name(p(x, lora), "mlp_gate_up") for p in (self.gate_proj, self.up_proj))
+        hidden = jax.nn.silu(gate) * up
         return self.down_proj(constrain(hidden, ("batch", "seq", "ffw")), lora)
 
 
@@ -268,7 +274,8 @@ class DecoderLayer(nnx.Module):
         """Causal self-attention over the sequence (further restricted by `mask`, or for cuDNN by
         right-padded `seq_lengths`, when given) and the MLP."""
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin, lora)
-        h = h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths)
+        h = checkpoint_name(h + self.attn.attend(q, k, v, mask, lora, causal=True, seq_lengths=seq_lengths),
+                            "attention_residual")
         return h + self.mlp(self.post_attn_norm(h), lora)
 
     def shared_prompt(self, prompt_h, h, prompt_rope, rope, prompt_mask, mask, group_size: int, lora: bool = True):
@@ -392,6 +399,18 @@ class HeadLoRA(nnx.Module):
         return self.lora_scale * (a @ b).T
 
 
+def _remat_saving(*names: str):
+    """A remat policy that keeps the values named `names` (`checkpoint_name`) and the outputs of cuDNN's
+    attention forward (its output and softmax statistics, which its backward reads) and recomputes the
+    rest of the layer: the projections whose outputs are kept are not recomputed, nor is the attention."""
+    named = jax.checkpoint_policies.save_only_these_names(*names)
+
+    def policy(prim, *args, **params):
+        return prim.name.startswith("dot_product_attention_fwd") or named(prim, *args, **params)
+
+    return policy
+
+
 class Qwen3(nnx.Module):
     """A Qwen3 causal LM. `model(input_ids)` returns float32 logits [batch, seq, vocab]."""
 
@@ -420,21 +439,21 @@ class Qwen3(nnx.Module):
             return w
         return (w.astype(F32) + self.head_lora.delta()).astype(w.dtype)
 
-    def head_operands(self, hidden: jax.Array, lora: bool = True) -> tuple[jax.Array, jax.Array]:
+    def head_operands(self, hidden: jax.Array, lora: bool = True) -> tuple[Any, Any]:
         """(hidden, head) whose product hidden @ head.T is the logits, for `jaxmath.model.head.token_logprobs`.
 
         Without a head adapter (or with lora=False): the hidden states and the head itself. With one:
-        [h, scale * h @ A] and [W, B.T], concatenated along the embedding, so one matmul gives
-        h @ W.T + scale * (h @ A) @ B exactly as a PEFT LoRA layer computes it (the low-rank product in
-        the compute dtype, never rounded into W), and gradients reach A and B."""
+        the blocks (h, scale * h @ A) and (W, B.T), which `jaxmath.model.head` joins along the embedding,
+        so one matmul gives h @ W.T + scale * (h @ A) @ B exactly as a PEFT LoRA layer computes it (the
+        low-rank product in the compute dtype, never rounded into W), and gradients reach A and B; kept
+        as blocks, the frozen W's block takes no gradient matmul in the one-pass head."""
         w = self.base_head_weight()
         if not lora or self.head_lora is None:
             return hidden, w
         a = self.head_lora.lora_a.get_value().astype(hidden.dtype)
         b = self.head_lora.lora_b.get_value()
         low = (self.head_lora.lora_scale * jnp.einsum("...d,dr->...r", hidden, a)).astype(hidden.dtype)
-        return (jnp.concatenate([hidden, low], axis=-1),
-                jnp.concatenate([w.astype(hidden.dtype), b.T.astype(hidden.dtype)], axis=-1))
+        return (hidden, low), (w.astype(hidden.dtype), b.T.astype(hidden.dtype))
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embed.get_value(), input_ids, axis=0).astype(self.config.dtype)
@@ -453,6 +472,8 @@ class Qwen3(nnx.Module):
 
         if remat and self.config.remat != "none":
             policy = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                      "attention": _remat_saving("qkv_proj", "attention_residual"),
+                      "attention_mlp": _remat_saving("qkv_proj", "attention_residual", "mlp_gate_up"),
                       "full": jax.checkpoint_policies.nothing_saveable,
                       "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
                           names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
@@ -536,7 +557,8 @@ class Qwen3(nnx.Module):
     def logits(self, hidden: jax.Array, lora: bool = True) -> jax.Array:
         """[..., embed] -> float32 logits [..., vocab]. Materializes the full vocabulary: for training
         use `jaxmath.model.head.token_logprobs`, which never does for a whole batch."""
-        h, w = self.head_operands(hidden, lora)
+        h, w = (x if isinstance(x, jax.Array) else jnp.concatenate(x, axis=-1)
+                for x in self.head_operands(hidden, lora))
         return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=F32)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
