@@ -285,11 +285,12 @@ class DecoderLayer(nnx.Module):
         causally to its own (`mask` [g * group_size, 1, t, p + t]). Each prompt passes the layer once,
         not group_size times; the keys and values it gives are broadcast to its continuations."""
         q, k, v = self.attn.qkv(self.input_norm(prompt_h), *prompt_rope, lora)
-        prompt_h = prompt_h + self.attn.attend(q, k, v, prompt_mask, lora, causal=True)
+        prompt_h = checkpoint_name(prompt_h + self.attn.attend(q, k, v, prompt_mask, lora, causal=True),
+                                   "attention_residual")
         q_rows, k_rows, v_rows = self.attn.qkv(self.input_norm(h), *rope, lora)
         keys = jnp.concatenate([jnp.repeat(k, group_size, axis=0), k_rows], axis=1)
         values = jnp.concatenate([jnp.repeat(v, group_size, axis=0), v_rows], axis=1)
-        h = h + self.attn.attend(q_rows, keys, values, mask, lora)
+        h = checkpoint_name(h + self.attn.attend(q_rows, keys, values, mask, lora), "attention_residual")
         return (prompt_h + self.mlp(self.post_attn_norm(prompt_h), lora),
                 h + self.mlp(self.post_attn_norm(h), lora))
 
