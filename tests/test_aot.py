@@ -328,6 +328,7 @@ def _grpo_v2_plan(**changes):
 
 @pytest.mark.aot
 @needs_plugin
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_h100_grpo_v2_step_fits_with_cudnn_attention():
     """GRPO v2's train step (Qwen3-4B, LoRA r64, prompt bucket 1,024 + 4,096 completion tokens: 5,119
     positions, which JAX's cuDNN wrapper refuses as it is) compiles for an H100 at the config's 16
@@ -340,6 +341,7 @@ def test_h100_grpo_v2_step_fits_with_cudnn_attention():
 
 @pytest.mark.aot
 @needs_plugin
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_h100_decode_window_reads_what_it_must_and_updates_the_cache_in_place():
     """GRPO v2's rollout decode (Qwen3-4B, 64 rows, 1,024-token prompt bucket, a cache of 5,120 slots)
     at its first attention window (1,088 slots) compiled for an H100: it fits, the cache is updated in

@@ -292,6 +292,7 @@ class _RecordingLLM:
         self.calls.append("reset_prefix_cache")
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_colocated_engine_wakes_weights_then_kv_cache_around_a_merged_lora_sync(monkeypatch):
     import importlib.machinery
     import types

@@ -47,6 +47,7 @@ def hf_dir(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_hf_orbax_hf_round_trip_is_bit_exact(hf_dir, tmp_path):
     src, hf_model = hf_dir
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"

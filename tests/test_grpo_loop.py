@@ -112,6 +112,7 @@ def test_each_early_stop_signal_at_the_studys_thresholds():
         loop.GRPOConfig(early_stop_ratio=-0.1)
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_the_loop_stops_on_the_ratio_with_a_log_line_and_a_final_checkpoint(tmp_path, caplog):
     """The ratios of the JAX sampler vs the trainer are ~1, so a threshold of 2 holds from step 1."""
     import logging

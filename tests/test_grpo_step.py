@@ -108,6 +108,7 @@ def test_trainable_split_is_lora_only_when_adapters_exist():
     assert sum(x.size for x in jax.tree.leaves(trainable)) == jm.preset("tiny", vocab_size=128).num_params()
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_a_step_moves_probability_toward_rewarded_completions():
     rollout = _rollout(seed=4)
     advantages = np.array([1, -1, 1, -1, 1, -1, 1, -1], np.float32)

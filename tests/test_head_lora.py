@@ -55,6 +55,7 @@ def test_head_adapter_logits_are_exact_and_leave_the_embedding_alone(tie):
                                atol=2e-4)
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_gradients_reach_the_head_adapter_through_the_fused_logprobs():
     model = _adapted()
     graphdef, adapters, frozen = lora.split_trainable(model)
@@ -153,6 +154,7 @@ def test_qwen3_4b_rank64_with_the_head_adapter_count():
     assert total == 132_120_576 + 64 * (2560 + 151_936) == 142_008_320
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_the_one_pass_head_takes_no_gradient_matmul_for_the_frozen_base_head():
     """`weighted_token_logprobs` (on-policy GRPO, SFT) on an adapted head's blocks, (h, scale h A) and
     (W, B.T) as `head_operands` gives them: A's and B's gradients equal those through `token_logprobs`,

@@ -62,6 +62,7 @@ def _head_dots(loss, argnums, *args) -> int:
     return sum(1 for line in text.splitlines() if re.search(r"\bdot\(", line))
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_weighted_logprobs_take_the_head_gradient_in_the_forward_pass():
     """`weighted_token_logprobs` (SFT's NLL, on-policy GRPO): its objective sum(w * logprob) and the
     objective's gradient in the hidden states and the head equal those through `token_logprobs` at

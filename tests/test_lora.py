@@ -41,6 +41,7 @@ def test_targets_select_projections_and_bad_targets_fail():
         lora.LoRAConfig(rank=2, targets="(q_proj")
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_split_by_type_gives_only_adapters_and_gradients_flow_to_them():
     model = _model()
     lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
@@ -66,6 +67,7 @@ def test_qwen3_4b_rank64_adapter_count():
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters)) == 132_120_576
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_float32_adapters_on_a_bf16_base_merge_export_sync_and_restore(tmp_path):
     """Adapters stay float32 on a bf16 model; everything that leaves the trainer still works: merging
     (export and the sampler's copy) keeps the kernels bf16, PEFT writes float32 (vLLM casts to its

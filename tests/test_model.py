@@ -317,6 +317,7 @@ def test_remat_does_not_change_gradients():
     assert dots["full"] > dots["attention"] > dots["attention_mlp"], dots
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_sharded_forward_matches_one_device(tmp_path):
     # A fresh process, so the 8 fake devices exist whatever this process's jax was started with.
     d = str(tmp_path / "m")

@@ -78,6 +78,7 @@ def test_the_synchronous_default_is_unchanged_and_its_intervals_do_not_overlap(t
         assert _span(m, "train")[1] <= _span(following, "rollout")[0]
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_the_next_rollout_overlaps_this_steps_training_one_version_behind(tmp_path):
     recorder = {}
 
@@ -104,6 +105,7 @@ def test_the_next_rollout_overlaps_this_steps_training_one_version_behind(tmp_pa
     assert all(abs(m["ratio_mean"] - 1.0) > 1e-3 for m in ms[1:])
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_a_stale_step_trains_with_the_sampling_policys_logprobs_not_the_current_ones(tmp_path, monkeypatch):
     """The pass that gives an overlapped step its old_logprobs runs on the weights that sampled."""
     calls = []

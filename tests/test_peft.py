@@ -98,6 +98,7 @@ def test_peft_loads_the_adapter_and_matches_jaxmath(tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_adapter_only_cli_exports_a_runs_adapters(tmp_path):
     import os
     import pathlib

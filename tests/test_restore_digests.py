@@ -34,6 +34,7 @@ def _demo_model(seed: int):
     return init_model(demo.model_config(cfg, demo_task.CharTokenizer().vocab_size), seed=seed)
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_a_flipped_byte_in_the_demo_branch_weights_is_refused(tmp_path):
     branch = tmp_path / "branch"
     trained = _demo_model(seed=1)

@@ -241,7 +241,7 @@ def test_a_plan_keeps_its_rows_while_they_fit(model):
         assert sampler.plan(PROMPTS, params).rows == rows
 
 
-@pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), 1.0])
+@pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow)])
 def test_a_request_split_by_memory_gives_the_tokens_and_logprobs_of_one_batch(model, sampler, temperature):
     """3 prompts x 3 samples in one prefill and 16 slots, then under budgets that hold one group (3
     slots, a prefill per prompt) and two rows (each group spread over two admissions: 6 prefills)."""
@@ -369,7 +369,7 @@ def _varying_stops(free: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     return stops, ends
 
 
-@pytest.mark.parametrize("temperature", [pytest.param(0.7, marks=pytest.mark.slow), 1.0])
+@pytest.mark.parametrize("temperature", [pytest.param(0.7, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow)])
 def test_finished_rows_free_their_slots_for_waiting_rows(model, temperature):
     """Rows that end at different steps: with 4 slots for 12 rows, a finished row's slot takes a waiting
     row; with 16 slots, the live rows are compacted into 8. Both give the tokens and

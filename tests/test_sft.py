@@ -130,6 +130,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss():
 # --- the step --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_accumulated_micro_batches_equal_one_batch_and_no_full_logits():
     docs = _documents(4, seed=2, low=4, high=30)  # unequal loss-token counts per row
     arrays = sft.pack_examples(docs, 32, rows=[[0], [1], [2], [3]])
@@ -162,6 +163,7 @@ def test_accumulated_micro_batches_equal_one_batch_and_no_full_logits():
 # --- the loop --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 8-17 s: out of the fast subset's 10 minutes (the whole suite runs it)
 def test_sft_overfits_a_small_fixed_set(tmp_path):
     docs = _documents(8, seed=3)
     cfg = SFTConfig(batch_size=8, micro_batch_size=4, max_seq_len=24, pack=False, steps=40,
