@@ -367,6 +367,7 @@ def test_h100_decode_window_reads_what_it_must_and_updates_the_cache_in_place():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 106 s since the plan weighs remat policies; the CLI over fit/plan, tested here without it
 @pytest.mark.aot
 @needs_plugin
 @config_loader

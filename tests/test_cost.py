@@ -138,6 +138,7 @@ def test_h100_gemm_and_cudnn_attention_flops():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 127 s since the plan weighs remat policies; launch/gpu_checks.sh --smoke runs the roofline in CI
 @pytest.mark.aot
 @needs_plugin
 def test_roofline_cli_on_a_tiny_model():
