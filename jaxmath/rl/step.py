@@ -124,6 +124,13 @@ def shares_prompts(model: Qwen3, rows: int, completion_len: int, group_size: int
             and model.layers.attn.implementation_for(cached=False) != "cudnn")
 
 
+def _to_start(tokens: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens moved left by each row's left padding, that padding, each row's count of real tokens)."""
+    lead = jnp.argmax(valid, axis=1).astype(jnp.int32)
+    moved = jax.vmap(lambda row, shift: jnp.roll(row, -shift))(tokens, lead)
+    return moved, lead, jnp.sum(valid, axis=1, dtype=jnp.int32)
+
+
 def _completion_hidden(model: Qwen3, tokens: jax.Array, valid: jax.Array, completion_len: int, *, lora: bool,
                        remat: bool, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
     """(hidden, head) operands of the LM head for the completion tokens (`completion_logprobs`)."""
@@ -132,18 +139,13 @@ def _completion_hidden(model: Qwen3, tokens: jax.Array, valid: jax.Array, comple
     if shares_prompts(model, tokens.shape[0], completion_len, group_size):
         # Row 0 of each group holds the group's prompt; its hidden state at the last prompt token
         # predicts completion token 0, the completion's own positions the rest.
-        prompt_valid = valid[::group_size, :prompt_len]
-        prompt_lead = jnp.argmax(prompt_valid, axis=1).astype(jnp.int32)
-        prompt_lengths = jnp.sum(prompt_valid, axis=1, dtype=jnp.int32)
-        prompts = jax.vmap(lambda row, shift: jnp.roll(row, -shift))(tokens[::group_size, :prompt_len], prompt_lead)
+        prompts, _, prompt_lengths = _to_start(tokens[::group_size, :prompt_len], valid[::group_size, :prompt_len])
         prompt_hidden, hidden = model.shared_prompt_hidden_states(
             prompts, prompt_lengths, tokens[:, prompt_len:-1], lora=lora, remat=remat)
         last = jnp.take_along_axis(prompt_hidden, (prompt_lengths - 1)[:, None, None], axis=1)
         hidden = jnp.concatenate([jnp.repeat(last, group_size, axis=0), hidden], axis=1)
         return model.head_operands(hidden, lora)
-    lead = jnp.argmax(valid, axis=1).astype(jnp.int32)  # left padding of each row's prompt
-    lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
-    packed = jax.vmap(lambda row, shift: jnp.roll(row, -shift))(tokens, lead)
+    packed, lead, lengths = _to_start(tokens, valid)  # lead: the left padding of each row's prompt
     # The last position predicts nothing, so the model sees width - 1 of them.
     hidden = model.hidden_states(packed[:, :-1], seq_lengths=jnp.minimum(lengths, width - 1), lora=lora,
                                  remat=remat)
@@ -188,8 +190,8 @@ def weighted_completion_logprobs(model: Qwen3, tokens: jax.Array, valid: jax.Arr
 
 def make_logprob_fn(graphdef: nnx.GraphDef, cfg: LossConfig, *, temperature: float = 1.0) -> Callable:
     """Jitted (trainable, frozen, tokens, valid, completion_len, lora, group_size) -> logprobs [rows, T]
-    (0 past each completion's end) under softmax(logits / temperature): the 'old policy' pass when num_iterations > 1 or importance
-    correction needs it, and the reference policy pass (lora=False) for a KL term. group_size: the
+    (0 past each completion's end) under softmax(logits / temperature): the 'old policy' pass when
+    num_iterations > 1 or importance correction needs it, and the reference policy pass (lora=False) for a KL term. group_size: the
     batch's `Batch.group_size` (its prompts then pass the layers once). Runs under the mesh its
     arguments are on."""
 
