@@ -209,9 +209,10 @@ def test_largest_fitting_rows_for_a_capacity():
 def test_the_plan_offloads_layer_inputs_only_where_not_one_row_fits_otherwise():
     """`fit.with_micro_batch_rows` on GRPO v2's plan with made-up compiled peaks (no compile): where one
     row fits with model.remat "full" it stays (the policies that save more, `fit.SAVING_REMATS`, fit no
-    row here); where none does on a GPU target, the plan retries with each layer's saved input in host
-    memory ("offload") and carries that choice; where neither fits, one line says so; on a CPU target
-    there is no retry."""
+    row here, and the search stops at the first that fits none); a policy that saves more is taken at the
+    rows it fits where its step (the whole batch) is modeled faster; where none fits on a GPU target,
+    the plan retries with each layer's saved input in host memory ("offload") and carries that choice;
+    where neither fits, one line says so; on a CPU target there is no retry."""
     from jaxmath.aot import fit
     from jaxmath.config import ConfigError
 
@@ -219,24 +220,42 @@ def test_the_plan_offloads_layer_inputs_only_where_not_one_row_fits_otherwise():
     h100 = targets.load_target("h100")
     calls = []
 
-    def compiler(per_row, seconds=None):
+    def compiler(per_row, seconds=None, at=None):
         def compile(plan_, phase, rows):
             calls.append((plan_.model.remat, rows))
             peak = int(10e9 + per_row.get(plan_.model.remat, 100e9) * rows)
+            modeled = (at or {}).get((plan_.model.remat, rows),
+                                     (seconds or {}).get(plan_.model.remat, 1.0) * (1 + 1 / rows))
             return SimpleNamespace(phase=phase, rows=rows, peak_bytes=peak, temporaries=peak - int(10e9),
-                                   modeled_seconds=(seconds or {}).get(plan_.model.remat, 1.0) * (1 + 1 / rows))
+                                   modeled_seconds=modeled)
         return compile
 
     fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 20e9, "offload": 9e9}))
     assert fitted.model.remat == "full" and fitted.loss.micro_batch_rows == 2 and fitted.phases["train/step"] == 2
-    assert {remat for remat, _ in calls} == {"full", *fit.SAVING_REMATS}
+    assert {remat for remat, _ in calls} == {"full", "attention"}  # "attention" fits no row: the search stops
     # A policy that saves more is taken at the rows it fits where its step is modeled faster, else not
     peaks = {"full": 5e9, "attention": 12e9, "attention_mlp": 50e9}
+    calls.clear()
     fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9),
                                        compile=compiler(peaks, {"full": 1.0, "attention": 0.8, "attention_mlp": 0.6}))
     assert (fitted.model.remat, fitted.loss.micro_batch_rows) == ("attention", 4)  # 0.8 x 1.25 < 1.0 x 1.125 < 0.6 x 2
+    # each policy's bisection looks no higher than the rows the policy before it fit (8, then 4)
+    assert max(rows for remat, rows in calls if remat == "attention") <= 8
+    assert max(rows for remat, rows in calls if remat == "attention_mlp") <= 4
     fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9),
                                        compile=compiler(peaks, {"full": 1.0, "attention": 1.2, "attention_mlp": 1.2}))
+    assert (fitted.model.remat, fitted.loss.micro_batch_rows) == ("full", 8)
+    # where the largest rows that fit model slower (XLA rematerializing inside the program), the divisor
+    # below them is taken: "full" at 4 rows (1.25) beats "full" at 8 (made 3.0) and "attention" at 4 (1.5)
+    fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9),
+                                       compile=compiler(peaks, {"full": 1.0, "attention": 1.2, "attention_mlp": 1.2},
+                                                        at={("full", 8): 3.0}))
+    assert (fitted.model.remat, fitted.loss.micro_batch_rows) == ("full", 4)
+    # rows the user configured stay: only the policy is chosen
+    configured = dataclasses.replace(plan, loss=dataclasses.replace(plan.loss, micro_batch_rows=8))
+    fitted = fit.with_micro_batch_rows(configured, h100, budget=int(70e9),
+                                       compile=compiler(peaks, {"full": 1.0, "attention": 1.2, "attention_mlp": 1.2},
+                                                        at={("full", 8): 3.0}))
     assert (fitted.model.remat, fitted.loss.micro_batch_rows) == ("full", 8)
     fitted = fit.with_micro_batch_rows(plan, h100, budget=int(70e9), compile=compiler({"full": 80e9, "offload": 25e9}))
     assert fitted.model.remat == "offload" and fitted.loss.micro_batch_rows == 2
@@ -249,6 +268,62 @@ def test_the_plan_offloads_layer_inputs_only_where_not_one_row_fits_otherwise():
     with pytest.raises(ConfigError, match="not even 1 row") as refused:
         fit.with_micro_batch_rows(plan, cpu, budget=int(70e9), compile=compiler({"full": 80e9, "offload": 25e9}))
     assert "offload" not in str(refused.value)
+
+
+def test_the_plans_compiler_compiles_a_forward_pass_once_for_every_remat_policy(monkeypatch):
+    """`fit.phase_compiler`: each (policy, phase, rows) once; the phases without a backward pass (the
+    logprob pass, generation) once whatever the policy, since a remat policy only changes a backward."""
+    from jaxmath.aot import fit
+
+    compiled = []
+    monkeypatch.setattr(plan_lib, "compile_phase", lambda plan, phase, rows, target, keep=False:
+                        compiled.append((plan.model.remat, phase, rows, keep)) or SimpleNamespace(rows=rows))
+    plan = _grpo_v2_plan()
+    compile = fit.phase_compiler(targets.load_target("h100"), keep=True)
+    for remat in ("full", *fit.SAVING_REMATS, "full"):
+        policy = dataclasses.replace(plan, model=plan.model.replace(remat=remat))
+        for phase in ("train/logprobs", "train/step", "rollout/decode"):
+            assert compile(policy, phase, 4).rows == 4
+    assert compiled == [("full", "train/logprobs", 4, True), ("full", "train/step", 4, True),
+                        ("full", "rollout/decode", 4, True), ("attention", "train/step", 4, True),
+                        ("attention_mlp", "train/step", 4, True)]
+
+
+@pytest.mark.aot
+@needs_plugin
+def test_the_logprob_pass_compiles_to_one_program_under_every_remat_policy():
+    """The premise of `fit.phase_compiler`'s cache: the logprob pass (no backward) of a tiny run,
+    compiled for an H100, is one optimized program whatever model.remat says."""
+    fv = memory._flags(["--config=configs/local_full.py", "--config.model.preset=tiny",
+                        "--config.rl.max_prompt_tokens=64", "--config.rl.max_completion_tokens=32"])
+    plan = memory.run_plan(fv.config, memory.model_config(fv.config)[1])
+    texts = {remat: plan_lib.compile_phase(dataclasses.replace(plan, model=plan.model.replace(remat=remat)),
+                                           "train/logprobs", 2, targets.load_target("h100"), keep=True
+                                           ).compiled.as_text()
+             for remat in ("full", "attention_mlp", "offload")}
+    assert texts["full"] == texts["attention_mlp"] == texts["offload"]
+
+
+def test_a_synchronous_run_holds_no_sampler_copy_through_the_train_phase():
+    """The JAX sampler sleeps through a synchronous run's train phase (`JaxSampler.sleep`), so the plan's
+    logprob pass and train step hold no copy of its layers; with the next rollout overlapping the
+    training (rl.max_staleness=1) they hold it, and the step trains off policy after a logprob pass."""
+    plans = {}
+    for staleness in (0, 1):
+        fv = memory._flags(["--config=configs/local_full.py", "--config.model.preset=tiny",
+                            "--config.rollout.engine=jax", f"--config.rl.max_staleness={staleness}",
+                            "--config.rl.max_prompt_tokens=64", "--config.rl.max_completion_tokens=32"])
+        plans[staleness] = memory.run_plan(fv.config, memory.model_config(fv.config)[1])
+    sync, overlap = plans[0], plans[1]
+    assert not sync.grpo.overlap and overlap.grpo.overlap and not overlap.grpo.on_policy
+    assert "train/logprobs" in overlap.phases
+    state = plan_lib._abstract_state(sync, sync.model, None)
+    assert state.sampler_copy_bytes > 0
+    assert plan_lib._train_phase_sampler_bytes(sync, state) == 0
+    assert plan_lib._train_phase_sampler_bytes(overlap, state) == state.sampler_copy_bytes
+    # what the train step's program holds beside its arguments (lowered, not compiled)
+    resident = {k: plan_lib._grpo_step(p, state, p.phases["train/step"], None)[1] for k, p in plans.items()}
+    assert resident == {0: 0, 1: state.sampler_copy_bytes}
 
 
 def test_a_generation_of_which_not_one_row_fits_is_refused_naming_the_kv_cache():

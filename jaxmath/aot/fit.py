@@ -115,7 +115,7 @@ def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = 
     from jaxmath.aot import plan as plan_lib
 
     phases = [p for p in ("train/logprobs", "train/step") if p in plan.phases]
-    compile = compile or _compiler(target)
+    compile = compile or phase_compiler(target)
     budget = budget_bytes(target) if budget is None else budget
 
     def peak_of(rows: int) -> int:
@@ -128,15 +128,23 @@ def micro_batch_rows(plan, target: Target, requested: int, budget: int | None = 
     return choose_rows(KNOB, requested, candidates, peak_of, budget, what=what)
 
 
-def _compiler(target: Target) -> Callable:
+# The phases with a backward pass: the only programs a remat policy changes (a forward pass computes
+# the same with any policy, so the plan's search compiles the logprob pass once, not once per policy).
+BACKWARD_PHASES = ("train/step", "train/sft_step")
+
+
+def phase_compiler(target: Target, *, keep: bool = False) -> Callable:
+    """compile(plan, phase, rows) -> PhaseMemory for `target`, each (remat policy, phase, rows) compiled
+    once (`jaxmath.aot.plan.compile_phase`; keep: with the compiled program, for its HLO). The plans
+    passed must differ only in model.remat: the plan's search and the reports that print it."""
     from jaxmath.aot import plan as plan_lib
 
     cache = {}
 
     def compile(plan, phase, rows):
-        key = (plan.model.remat, phase, rows)
+        key = (plan.model.remat if phase in BACKWARD_PHASES else None, phase, rows)
         if key not in cache:
-            cache[key] = plan_lib.compile_phase(plan, phase, rows, target)
+            cache[key] = plan_lib.compile_phase(plan, phase, rows, target, keep=keep)
         return cache[key]
 
     return compile
@@ -152,7 +160,7 @@ def with_micro_batch_rows(plan, target: Target, budget: int | None = None, compi
     update, the device keeps one layer's working set) and takes the rows that fit so. The returned
     plan's model carries the choice, which the run then trains with; every policy computes the same
     update."""
-    compile = compile or _compiler(target)
+    compile = compile or phase_compiler(target)
     try:
         rows = micro_batch_rows(plan, target, plan.loss.micro_batch_rows, budget=budget, compile=compile)
         if plan.model.remat == "full" and target.is_gpu:
@@ -172,23 +180,38 @@ def with_micro_batch_rows(plan, target: Target, budget: int | None = None, compi
 
 
 def faster_remat(plan, rows: int, target: Target, budget: int | None, compile: Callable):
-    """(plan, rows): of `plan` at `rows` and each of SAVING_REMATS at the rows that fit it (the configured
-    rows, or the largest when auto), the one whose train step has the least modeled time
-    (`PhaseMemory.modeled_seconds`); `plan` itself where the target has no roofline (no peaks)."""
-    best = (getattr(compile(plan, "train/step", rows), "modeled_seconds", 0.0), plan, rows)
-    if not best[0]:
+    """(plan, rows): of `plan` and each of SAVING_REMATS, the policy and rows whose train step (the whole
+    batch, in micro-batches of those rows) has the least modeled time (`PhaseMemory.modeled_seconds`);
+    `plan` at `rows` itself where the target has no roofline (no peaks). The rows are the configured
+    ones, or in auto mode the largest that fit each policy or the divisor below them, whichever models
+    faster: past its own memory limit (below the plan's budget on an H100) XLA rematerializes inside
+    the program, and the larger micro-batch then costs more than the extra launches of the smaller.
+    Each policy keeps more than the one before it, so fits no more rows: its bisection looks no
+    higher than the rows the one before it fit, and the search stops at the first policy of which not
+    one row fits."""
+    if not getattr(compile(plan, "train/step", rows), "modeled_seconds", 0.0):
         return plan, rows
+    auto = not plan.loss.micro_batch_rows
+    smaller = {r: max([d for d in divisors(plan.grpo.rows) if d < r], default=r) for r in divisors(plan.grpo.rows)}
+
+    def fastest(policy, fitted: int) -> tuple[float, int]:
+        # the bisection compiled most of these already (`phase_compiler` keeps them)
+        return min((compile(policy, "train/step", r).modeled_seconds, r)
+                   for r in ({fitted, smaller[fitted]} if auto else {fitted}))
+
+    seconds, best_rows = fastest(plan, rows)
+    best, most = (seconds, plan, best_rows), rows
     for remat in SAVING_REMATS:
         candidate = dataclasses.replace(plan, model=plan.model.replace(remat=remat))
         try:
-            # a policy that keeps more fits no more rows than "full": the bisection looks no higher
-            fitted = micro_batch_rows(candidate, target, plan.loss.micro_batch_rows, budget=budget, compile=compile,
-                                      most=rows)
-        except ConfigError:  # not one row (or not the configured rows) fits with this policy
-            continue
-        seconds = compile(candidate, "train/step", fitted).modeled_seconds
+            fitted = micro_batch_rows(candidate, target, plan.loss.micro_batch_rows, budget=budget,
+                                      compile=compile, most=most)
+        except ConfigError:  # not one row (or not the configured rows) fits, nor will with the next
+            break
+        seconds, fastest_rows = fastest(candidate, fitted)
         if seconds < best[0]:
-            best = (seconds, candidate, fitted)
+            best = (seconds, candidate, fastest_rows)
+        most = fitted
     return best[1], best[2]
 
 

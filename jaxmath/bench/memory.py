@@ -175,6 +175,7 @@ def _halvings(rows: int) -> list[int]:
 
 
 def report(cfg, fv) -> dict[str, Any]:
+    from jaxmath.aot import fit
     from jaxmath.aot import plan as plan_lib
     from jaxmath.aot.targets import load_target
 
@@ -185,25 +186,14 @@ def report(cfg, fv) -> dict[str, Any]:
     plan = run_plan(cfg, model_cfg, micro_batch_rows=fv.micro_batch_rows, sampler_rows=fv.sampler_rows,
                     sft_micro=fv.sft_micro)
     if not fv.sampler_rows:  # the sub-batch rows the sampler chooses on the target, by its memory
-        from jaxmath.aot import fit
-
         if plan.sampler is not None:  # refused as the run refuses it when not even one row fits
             fit.check_generation(plan, target)
         plan = plan_lib.on_target(plan, target)
     device = run_lib.device_plan(cfg, target, model_cfg) if target.is_gpu else None
-    compiled: dict[tuple[str, str, int], Any] = {}
-
-    def compile_at(plan_, name: str, rows: int):
-        key = (plan_.model.remat, name, rows)
-        if key not in compiled:
-            compiled[key] = plan_lib.compile_phase(plan_, name, rows, target)
-        return compiled[key]
-
+    compile_at = fit.phase_compiler(target)  # the plan's search and the report below share their compiles
     if plan.grpo is not None and not fv.micro_batch_rows and not plan.loss.micro_batch_rows:
         # loss.micro_batch_rows=0 (auto): the rows the run would pick before its weights load
         # (`jaxmath.aot.device.fit_micro_batch_rows`), within JAX's share where vLLM shares the device.
-        from jaxmath.aot import fit
-
         budget = device.jax_budget_bytes if device is not None else None
         plan = fit.with_micro_batch_rows(plan, target, budget=budget, compile=compile_at)
         print(f"loss.micro_batch_rows=0 (auto): {plan.loss.micro_batch_rows} rows per train micro-batch fit "

@@ -28,6 +28,8 @@ bounds for the compiled programs, to compare programs by, not a prediction of wa
 
 from __future__ import annotations
 
+import dataclasses
+
 
 def _model_flops(plan, phase: str, rows: int) -> float:
     """Model FLOPs of one execution of a training program at full-length rows (0 where none apply)."""
@@ -54,10 +56,11 @@ def _model_flops(plan, phase: str, rows: int) -> float:
     return 0.0
 
 
-def jax_programs(cfg, fv, target):
+def jax_programs(cfg, fv, target, compile=None):
     """(model name, RunPlan, phase names) of the programs jaxmath runs for `cfg` on `target`, with the flags
     of `python -m jaxmath.bench memory`. A config that generates on vLLM is planned with the JAX sampler's
-    programs in vLLM's place: vLLM's kernels are not jaxmath's."""
+    programs in vLLM's place: vLLM's kernels are not jaxmath's. compile: the plan's search compiles with it
+    (`jaxmath.aot.fit.phase_compiler`), so a caller that keeps it reuses the chosen programs."""
     from jaxmath.aot import plan as plan_lib
     from jaxmath.bench import memory
 
@@ -70,28 +73,34 @@ def jax_programs(cfg, fv, target):
                            sft_micro=fv.sft_micro)
     if not fv.sampler_rows:  # the sampler's rows by the target's memory, as it chooses them
         plan = plan_lib.on_target(plan, target)
-    if plan.grpo is not None and not fv.micro_batch_rows and not plan.loss.micro_batch_rows:
-        from jaxmath.aot import fit  # loss.micro_batch_rows=0 (auto): the rows the run picks on the target
+    if plan.grpo is not None:
+        from jaxmath.aot import fit
 
-        plan = fit.with_micro_batch_rows(plan, target)
+        # as the run plans it before its weights load (`jaxmath.aot.device.fit_micro_batch_rows`): rows
+        # configured (or --micro_batch_rows) are checked, 0 (auto) become the largest that fit, and the
+        # remat policy is the one whose step models fastest at the rows it fits
+        if fv.micro_batch_rows:
+            plan = dataclasses.replace(plan, loss=dataclasses.replace(plan.loss, micro_batch_rows=fv.micro_batch_rows))
+        plan = fit.with_micro_batch_rows(plan, target, compile=compile)
     return model_name, plan, [p for p in plan.phases if plan.phases[p] and (not fv.phases or p in fv.phases)]
 
 
 def report(cfg, fv) -> dict:
-    from jaxmath.aot import cost
+    from jaxmath.aot import cost, fit
     from jaxmath.aot import plan as plan_lib
     from jaxmath.aot.targets import load_target, peaks
     from jaxmath.bench import memory
 
     target = load_target(fv.target)
     rates = peaks(fv.target)
-    model_name, plan, names = jax_programs(cfg, fv, target)
+    compile = fit.phase_compiler(target, keep=True)  # the train programs the plan's search chose, compiled once
+    model_name, plan, names = jax_programs(cfg, fv, target, compile)
     print(f"roofline: the {cfg.mode} run of {fv['config'].config_filename} with {model_name}, for {target.name} "
           f"({rates['bandwidth'] / 1e12:.2f} TB/s, {rates['flops']['bf16'] / 1e12:.1f} TFLOP/s bf16); "
           f"programs {', '.join(names)}", flush=True)
     programs, decode, mfu = {}, {}, {}
     for name in names:
-        m = plan_lib.compile_phase(plan, name, plan.phases[name], target, keep=True)
+        m = compile(plan, name, plan.phases[name])
         text = m.compiled.as_text()
         summary = cost.program_cost(text, rates)
         loops = summary.pop("loops")
