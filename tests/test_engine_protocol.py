@@ -41,7 +41,10 @@ def test_jax_sampler_follows_the_protocol():
     assert not np.array_equal(moved.completion_ids, rollout.completion_ids)
     sampler.update_weights(first)
     np.testing.assert_array_equal(sampler.generate(prompts, greedy).completion_ids, rollout.completion_ids)
-    assert sampler.sleep() is False and sampler.wake_up() is False  # nothing to free
+    # sleep frees its copy of the layers for a train phase; the next update_weights makes it again
+    assert sampler.sleep() is True and sampler.wake_up() is True
+    sampler.update_weights(first)
+    np.testing.assert_array_equal(sampler.generate(prompts, greedy).completion_ids, rollout.completion_ids)
 
 
 def test_what_the_loop_calls_is_declared_on_the_protocol():

@@ -121,6 +121,28 @@ def test_seeded_reproducible_and_independent_of_batching(model, sampler):
     np.testing.assert_allclose(split.logprobs, first.logprobs, atol=1e-5)
 
 
+def test_sleep_frees_the_copy_of_the_layers_until_the_next_weights(model):
+    """`JaxSampler.sleep` (the GRPO loop's synchronous train phase): the sampler's own copy of the layers
+    is freed, the device's live bytes dropping by its size; generate is refused while asleep; the next
+    update_weights makes the copy again, which samples the same tokens and logprobs as before."""
+    sampler = JaxSampler(model, SamplerConfig(vocab_chunk=128, decode_window=8))
+    params = SamplingParams(max_new_tokens=NEW, num_samples=K, temperature=1.0, seed=11)
+    before = sampler.generate(PROMPTS, params)
+    shared = {id(x) for x in jax.tree.leaves(nnx.state(model))}  # the embedding and head are the trainer's
+    copy = sum(x.nbytes for x in jax.tree.leaves(sampler._state) if id(x) not in shared)
+    assert copy > 0
+    live = sum(x.nbytes for x in jax.live_arrays())
+    assert sampler.sleep() is True
+    assert live - sum(x.nbytes for x in jax.live_arrays()) == copy
+    with pytest.raises(RuntimeError, match=r"asleep.*update_weights"):
+        sampler.generate(PROMPTS, params)
+    assert sampler.wake_up() is True
+    sampler.update_weights(model)
+    after = sampler.generate(PROMPTS, params)
+    np.testing.assert_array_equal(after.completion_ids, before.completion_ids)
+    np.testing.assert_array_equal(after.logprobs, before.logprobs)
+
+
 def _chi_square_p(counts, probs):
     keep = probs > 0
     return stats.chisquare(counts[keep], counts.sum() * probs[keep] / probs[keep].sum()).pvalue

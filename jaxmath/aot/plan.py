@@ -75,6 +75,9 @@ class GRPOShapes:
     on_policy: bool
     tis_cap: float = 0.0
     logprob_pass: bool = False  # old-policy or reference logprobs are computed before the step
+    # rl.max_staleness=1: the next rollout runs during the train phase, so the JAX sampler keeps its copy
+    # of the layers there; a synchronous run's sampler frees it for the train phase (`JaxSampler.sleep`)
+    overlap: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +194,18 @@ def grpo_plan(model: Qwen3Config, *, lora: LoRAConfig, optimizer: OptimizerConfi
               prompts: int, num_generations: int, max_prompt_tokens: int, max_completion_tokens: int,
               prompt_bucket: int, temperature: float, on_policy: bool,
               sampler: SamplerConfig | None, evaluation: Generation | None = None,
-              rollout_prompts: int = 0) -> RunPlan:
+              rollout_prompts: int = 0, overlap: bool = False) -> RunPlan:
     """The GRPO run's phases: rollout prefill and decode (JAX sampler), the old-policy / reference
     logprob pass when the run needs one, the train step, and periodic evaluation's generation.
     prompts: groups per train step; rollout_prompts: prompts sampled per step (more with DAPO-style
-    group filtering; 0: the same)."""
+    group filtering; 0: the same). overlap: rl.max_staleness=1 (the next rollout generates during the
+    train phase, which then trains off policy)."""
     rows = prompts * num_generations
+    on_policy = on_policy and not overlap
     logprob_pass = not on_policy or loss.beta > 0
     grpo = GRPOShapes(rows=rows, prompt_tokens=bucket(max_prompt_tokens, prompt_bucket),
                       completion_tokens=max_completion_tokens, on_policy=on_policy, tis_cap=loss.tis_cap,
-                      logprob_pass=logprob_pass)
+                      logprob_pass=logprob_pass, overlap=overlap)
     rollout = Generation(rollout_prompts or prompts, num_generations, max_prompt_tokens, max_completion_tokens,
                          temperature)
     micro = loss.micro_batch_rows or rows
@@ -390,7 +395,8 @@ def roofline_peaks(target: Target) -> dict | None:
 def _merge_estimate(plan: RunPlan, state: _State, phase: str) -> PhaseMemory:
     """The weight sync of a LoRA run (`JaxSampler.update_weights`): a new per-layer copy of the layers,
     into which `merge_lora` folds the adapters eagerly, one projection at a time, while the sampler still
-    holds the previous copy. Not a compiled program, so an estimate: the new copy plus three float32
+    holds the previous copy where the rollout overlaps the training (a synchronous run's sampler freed
+    it for the train phase). Not a compiled program, so an estimate: the new copy plus three float32
     arrays of the largest projection (its kernel, its delta and their sum; of all layers, an upper bound
     of one layer's) as temporaries."""
     from flax import nnx
@@ -403,7 +409,7 @@ def _merge_estimate(plan: RunPlan, state: _State, phase: str) -> PhaseMemory:
     largest = max(int(np.prod(dense.kernel.get_value().shape)) for path, dense in lora_lib.projections(base)
                   if pattern.search(path))
     return PhaseMemory(phase=phase, rows=0, arguments=0, temporaries=state.sampler_copy_bytes + 3 * 4 * largest,
-                       outputs=0, aliased=0, resident=_trainer_bytes(state) + state.sampler_copy_bytes,
+                       outputs=0, aliased=0, resident=_trainer_bytes(state) + _train_phase_sampler_bytes(plan, state),
                        attention="none", compile_seconds=0.0)
 
 
@@ -479,7 +485,13 @@ def _grpo_step(plan: RunPlan, state: _State, rows: int, sharding):
     step = make_train_step(state.graphdef, state.optimizer, _loss_at(plan, rows), on_policy=plan.grpo.on_policy,
                            temperature=plan.rollout.temperature, max_completion_tokens=plan.grpo.completion_tokens)
     lowered = step.lower(state.trainable, state.frozen, state.opt_state, _batch(plan, sharding))
-    return lowered, state.sampler_copy_bytes
+    return lowered, _train_phase_sampler_bytes(plan, state)
+
+
+def _train_phase_sampler_bytes(plan: RunPlan, state: _State) -> int:
+    """What the JAX sampler holds through the train phase: its copy of the layers where the next
+    rollout overlaps the training, nothing in a synchronous run (it sleeps, `JaxSampler.sleep`)."""
+    return state.sampler_copy_bytes if plan.grpo.overlap else 0
 
 
 def _logprobs(plan: RunPlan, state: _State, rows: int, sharding):
@@ -489,7 +501,7 @@ def _logprobs(plan: RunPlan, state: _State, rows: int, sharding):
     fn = make_logprob_fn(state.graphdef, _loss_at(plan, rows), temperature=plan.rollout.temperature)
     lowered = fn.lower(state.trainable, state.frozen, batch.tokens, batch.valid, plan.grpo.completion_tokens)
     rest = nbytes(batch) - nbytes((batch.tokens, batch.valid))
-    return lowered, nbytes(state.opt_state) + state.sampler_copy_bytes + rest
+    return lowered, nbytes(state.opt_state) + _train_phase_sampler_bytes(plan, state) + rest
 
 
 def _sft_batch(shape, sharding) -> dict:

@@ -57,7 +57,7 @@ def run_plan(cfg, model_cfg, *, micro_batch_rows: int = 0, sampler_rows: int = 0
             max_prompt_tokens=grpo.max_prompt_tokens, max_completion_tokens=grpo.max_completion_tokens,
             prompt_bucket=grpo.prompt_bucket, temperature=grpo.temperature,
             on_policy=grpo.num_iterations == 1 and loss.tis_cap == 0.0, sampler=sampler,
-            evaluation=evaluation)
+            evaluation=evaluation, overlap=grpo.max_staleness > 0)
     elif mode == "sft":
         s = sft_config(cfg)
         # The schedule's length changes no buffer; any length past the warmup compiles the same program.

@@ -645,6 +645,19 @@ class JaxSampler(RolloutEngine):
         self._graphdef, self._state = graphdef, jax.block_until_ready(state)
         return {}
 
+    def sleep(self) -> bool:
+        """Free the sampler's copy of the layers for the train phase (the GRPO loop's synchronous path,
+        whose update replaces the weights anyway): the trainer's saved activations get that memory
+        (`jaxmath.aot.plan`'s train phases count no sampler copy where the run does not overlap). The
+        next `update_weights` makes a new copy; `generate` before it is refused. True: memory was freed."""
+        self._state = None
+        return True
+
+    def wake_up(self) -> bool:
+        """Nothing to take back: the copy returns with the next `update_weights` (the loop calls it right
+        after waking the engine). True, as `sleep` freed memory."""
+        return True
+
     # --- planning -------------------------------------------------------------------------------
 
     def bucket_for(self, length: int) -> int:
@@ -725,6 +738,9 @@ class JaxSampler(RolloutEngine):
         the live rows are compacted into half the slots whenever half are free (down to
         `SamplerConfig.compact_min_rows`), so the decode's cost follows the tokens generated rather
         than the longest row of a batch."""
+        if self._state is None:
+            raise RuntimeError("the sampler is asleep: its copy of the layers was freed for the train phase "
+                               "(JaxSampler.sleep); call update_weights(model) before generate")
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
             raise ValueError("generate needs at least one prompt")
