@@ -41,7 +41,11 @@ if [[ -n $SMOKE ]]; then
     # Tiny shapes on the CPU: every check's pipeline runs, in CI, so the script cannot rot.
     export JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1
     M="--preset=tiny"
-    GRPO="--config.rl.max_prompt_tokens=64 --config.rl.max_completion_tokens=32 --config.sampler.decode_window=16"
+    # One prompt of 4 samples per step (the decode check asks for 4 prompts) in micro-batches of 4 rows:
+    # the roofline checks' plan weighs each remat policy at those rows (one compile each; the search
+    # over rows is tests/test_aot.py's)
+    GRPO="--config.rl.max_prompt_tokens=64 --config.rl.max_completion_tokens=32 --config.sampler.decode_window=16
+          --config.rl.prompts_per_step=1 --config.rl.num_generations=4 --config.loss.micro_batch_rows=4"
     SFT="--config.sft.max_seq_len=128 --config.sft.batch_size=4 --config.sft.micro_batch_size=2"
     TARGET=h100
     SYNC="--preset=tiny"

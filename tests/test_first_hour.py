@@ -59,12 +59,14 @@ def test_the_quickstart_test_command_is_the_whole_suite_with_its_time_and_the_fa
     lines = _read("README.md").splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("python -m pytest"))
     command, _, comment = lines[first].partition("  #")
-    assert command == "python -m pytest -q tests"
+    # two pytest-xdist workers, each taking whole modules (their module fixtures are built once)
+    assert command == "python -m pytest -q -n 2 --dist loadscope tests"
     assert re.search(r"whole suite: \d+ min \d+ s", comment)
     fast, _, fast_comment = lines[first + 1].partition("  #")
-    assert fast == 'python -m pytest -q -m "not slow" tests' and re.search(r"\d+ min \d+ s", fast_comment)
+    assert fast == 'python -m pytest -q -n 2 --dist loadscope -m "not slow" tests'
+    assert re.search(r"\d+ min \d+ s", fast_comment)
     ran = subprocess.run(["bash", "-c", f"eval 'echo {lines[first]}'"], capture_output=True, text=True)
-    assert ran.stdout.strip() == "python -m pytest -q tests"  # the comment does not reach pytest
+    assert ran.stdout.strip() == command  # the comment does not reach pytest
 
 
 def _balanced(text: str) -> bool:

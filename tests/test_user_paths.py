@@ -92,8 +92,8 @@ COVERAGE = {
         "tests/test_demo.py::test_demo_command_contract_and_rerun (the demo's own sizes shrunk)",
     "python -m jaxmath.main --config=configs/demo.py --config.steps=3 --workdir=/tmp/demo_smoke":
         "tests/test_demo.py::test_demo_command_contract_and_rerun",
-    "python -m pytest -q tests": "the test suite itself",
-    'python -m pytest -q -m "not slow" tests': "the test suite itself",
+    "python -m pytest -q -n 2 --dist loadscope tests": "the test suite itself",
+    'python -m pytest -q -n 2 --dist loadscope -m "not slow" tests': "the test suite itself",
     "python -m jaxmath.bench memory --config=configs/grpo_v2.py --target=h100 "
     "[--config.rl.max_prompt_tokens=1500] [--fit]": "tests/test_aot.py (needs JAX's CUDA plugin, the aot extra)",
     "python -m jaxmath.bench cluster --config=configs/local_full.py --target=h100 --devices=8":
