@@ -191,13 +191,11 @@ def faster_remat(plan, rows: int, target: Target, budget: int | None, compile: C
     one row fits."""
     if not getattr(compile(plan, "train/step", rows), "modeled_seconds", 0.0):
         return plan, rows
-    auto = not plan.loss.micro_batch_rows
-    smaller = {r: max([d for d in divisors(plan.grpo.rows) if d < r], default=r) for r in divisors(plan.grpo.rows)}
 
     def fastest(policy, fitted: int) -> tuple[float, int]:
-        # the bisection compiled most of these already (`phase_compiler` keeps them)
-        return min((compile(policy, "train/step", r).modeled_seconds, r)
-                   for r in ({fitted, smaller[fitted]} if auto else {fitted}))
+        # in auto mode the divisor below too; the bisection compiled most of these already (`phase_compiler`)
+        below = [] if plan.loss.micro_batch_rows else [d for d in divisors(plan.grpo.rows) if d < fitted][-1:]
+        return min((compile(policy, "train/step", r).modeled_seconds, r) for r in [fitted, *below])
 
     seconds, best_rows = fastest(plan, rows)
     best, most = (seconds, plan, best_rows), rows
